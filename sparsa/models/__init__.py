@@ -1,0 +1,3 @@
+from .llama import ModelOutput, SparsaLM
+
+__all__ = ["ModelOutput", "SparsaLM"]

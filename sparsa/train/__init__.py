@@ -1,0 +1,3 @@
+from .ssa import TrainConfig, train
+
+__all__ = ["TrainConfig", "train"]

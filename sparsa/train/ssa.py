@@ -1,0 +1,269 @@
+"""`sparsa train`: full, sparse-only and SSA training of a SparsaLM on a text corpus.
+
+SSA: each step draws the main mode (full with probability `full_ratio`, one draw for all layers of
+a micro-batch); every layer also computes the other mode; loss = CE(main) + alpha * mean over
+layers of [SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full))].
+Data and mode draws are functions of (seed, step, micro-step), so `--resume` reproduces an
+uninterrupted run exactly on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import OPTIMIZER_FILE, STATE_FILE, atomic_write, load_model, save_model, write_json
+from ..config import ModelConfig, preset
+from ..data import ByteTokenizer, TokenStream, load_documents, random_batch, sequential_batches, split_documents
+from ..models.llama import SparsaLM
+
+METHODS = ("full", "sparse", "ssa")
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    preset: str = "tiny"
+    method: str = "ssa"
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the preset's max_seq_len
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    alpha: float = 10.0
+    full_ratio: float = 0.5
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50
+    seed: int = 0
+    data: str | None = None
+    device: str | None = None
+    topk: int | None = None
+    block_size: int | None = None
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this run
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.full_ratio <= 1.0:
+            raise ValueError(f"full_ratio must be in [0, 1], got {self.full_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def draw_mode(cfg: TrainConfig, step: int, micro: int) -> str:
+    """The main mode of one micro-batch (identical on every rank: it depends on seed and step only)."""
+    if cfg.method != "ssa":
+        return cfg.method
+    rng = np.random.default_rng([cfg.seed, 7, step, micro])
+    return "full" if rng.random() < cfg.full_ratio else "sparse"
+
+
+def batch_seed(cfg: TrainConfig, step: int, micro: int, rank: int = 0) -> list[int]:
+    return [cfg.seed, 11, step, micro, rank]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def model_config_for(cfg: TrainConfig) -> ModelConfig:
+    overrides = {}
+    if cfg.topk is not None:
+        overrides["topk"] = cfg.topk
+    if cfg.block_size is not None:
+        overrides["block_size"] = cfg.block_size
+    config = preset(cfg.preset, **overrides)
+    if cfg.seq_len is not None:
+        config.max_seq_len = max(config.max_seq_len, cfg.seq_len)
+    return config
+
+
+def load_streams(data: str | None, tokenizer=None) -> tuple[TokenStream, TokenStream]:
+    tokenizer = tokenizer or ByteTokenizer()
+    train_texts, val_texts = split_documents(load_documents(data))
+    return TokenStream.from_texts(train_texts, tokenizer), TokenStream.from_texts(val_texts, tokenizer)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, stream: TokenStream, seq_len: int, batch_size: int, max_batches: int, mode: str,
+                 device, topk: int | None = None) -> float:
+    """Bits per byte (byte tokenizer: per token) of `model` on `stream` in `mode`."""
+    model.eval()
+    total_nats, total_targets = 0.0, 0
+    for batch in sequential_batches(stream, batch_size, seq_len, max_batches):
+        batch = batch.to(device)
+        with autocast_for(device):
+            out = model(batch.tokens, targets=batch.targets, mode=mode, cu_seqlens=batch.cu_seqlens, topk=topk)
+        total_nats += float(out.ce) * out.n_targets
+        total_targets += out.n_targets
+    model.train()
+    return total_nats / max(total_targets, 1) / math.log(2)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png: training CE (and alignment loss) and validation bits per byte against step."""
+    records = read_metrics(out / METRICS_FILE)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot([r["step"] for r in train], [r["ce"] for r in train], label="train CE (nats)")
+    if any(r.get("align") is not None for r in train):
+        axes[0].plot([r["step"] for r in train], [r["align"] or 0.0 for r in train], label="align loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    for key in ("val_bpb_full", "val_bpb_sparse"):
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=key)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("bits per byte")
+    axes[1].legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def save_training_checkpoint(out: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, step: int):
+    save_model(out, model, model_config, extra={"train": dataclasses.asdict(cfg), "method": cfg.method})
+    atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp))
+    write_json(out / STATE_FILE, {"step": step, "method": cfg.method, "time": time.time()})
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains (or resumes) and returns a summary dict; writes checkpoints, metrics.jsonl, loss.png to cfg.out."""
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train_stream, val_stream = load_streams(cfg.data)
+    start_step = 0
+    if cfg.resume and (out / STATE_FILE).exists():
+        model, meta = load_model(out, device)
+        model_config = model.config
+        optimizer = make_optimizer(model, cfg)
+        state = torch.load(out / OPTIMIZER_FILE, map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        kept = [r for r in read_metrics(out / METRICS_FILE) if r["step"] < start_step or
+                (r["kind"] == "eval" and r["step"] <= start_step)]
+        atomic_write(out / METRICS_FILE, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+    else:
+        if (out / STATE_FILE).exists():
+            raise ValueError(f"out {str(out)!r} already holds a checkpoint: pass --resume or choose another --out")
+        model_config = model_config_for(cfg)
+        model = SparsaLM(model_config).to(device)
+        optimizer = make_optimizer(model, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    seq_len = cfg.seq_len or model_config.max_seq_len
+    model.train()
+    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    bar = tqdm(range(start_step, end_step), desc=f"train {cfg.method}", disable=not cfg.progress,
+               initial=start_step, total=cfg.steps, dynamic_ncols=True)
+    last = {}
+    for step in bar:
+        started = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [random_batch(train_stream, cfg.batch_size, seq_len, batch_seed(cfg, step, m)).to(device)
+                   for m in range(cfg.grad_accum)]
+        total_targets = sum(int((b.targets != -100).sum()) for b in batches)
+        ce_sum, align_sum, modes = 0.0, 0.0, []
+        for micro, batch in enumerate(batches):
+            mode = draw_mode(cfg, step, micro)
+            modes.append(mode)
+            with autocast_for(device):
+                result = model(batch.tokens, targets=batch.targets, mode=mode, align=cfg.method == "ssa",
+                               cu_seqlens=batch.cu_seqlens)
+            # token-weighted CE over the whole step; alignment averaged over micro-batches
+            loss = result.ce * (result.n_targets / total_targets)
+            if result.align is not None:
+                loss = loss + cfg.alpha * result.align / cfg.grad_accum
+                align_sum += float(result.align.detach()) / cfg.grad_accum
+            loss.backward()
+            ce_sum += float(result.ce.detach()) * result.n_targets / total_targets
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        last = {"kind": "train", "step": step, "lr": lr, "ce": ce_sum, "align": align_sum if cfg.method == "ssa" else None,
+                "grad_norm": grad_norm, "modes": modes, "tokens_per_s": tokens_per_step / elapsed}
+        append_metrics(out / METRICS_FILE, last)
+        bar.set_postfix(ce=f"{ce_sum:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record = {"kind": "eval", "step": done}
+            for mode in ("full", "sparse"):
+                record[f"val_bpb_{mode}"] = evaluate_bpb(model, val_stream, seq_len, cfg.batch_size,
+                                                         cfg.eval_batches, mode, device)
+            append_metrics(out / METRICS_FILE, record)
+            bar.write(f"step {done}: val bpb full {record['val_bpb_full']:.4f} sparse {record['val_bpb_sparse']:.4f}")
+        if done % cfg.save_every == 0 or done == end_step:
+            save_training_checkpoint(out, model, optimizer, model_config, cfg, done)
+    bar.close()
+    plot_losses(out)
+    return {"out": str(out), "steps": end_step, "last": last, "n_params": model.n_params()}
