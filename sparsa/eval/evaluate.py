@@ -1,0 +1,132 @@
+"""`sparsa eval CHECKPOINT`: quality in both modes, a topk sweep, attention diagnostics, passkey."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write, load_model
+from ..data import ByteTokenizer, sequential_batches
+from ..train.ssa import autocast_for, evaluate_bpb, load_streams, resolve_device
+from .metrics import attention_diagnostics
+from .passkey import passkey_accuracy
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    data: str | None = None
+    seq_len: int | None = None
+    batch_size: int = 4
+    max_batches: int = 8
+    topk_sweep: tuple[int, ...] | None = None
+    diag_windows: int = 2
+    passkey_lengths: tuple[int, ...] | None = None
+    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    device: str | None = None
+    figure: bool = True
+
+
+def default_topk_sweep(topk: int) -> tuple[int, ...]:
+    values = sorted({max(1, topk // 4), max(1, topk // 2), topk, topk * 2, topk * 4})
+    return tuple(values)
+
+
+@torch.no_grad()
+def layer_diagnostics(model, stream, seq_len: int, n_windows: int, device) -> list[dict]:
+    """Per-layer AttnSparsity, delta, entropy and Theorem 1 residual from full-mode activations."""
+    sc = model.config.sparse
+    rf = sc.topk * sc.block_size
+    sums: list[dict] = [dict() for _ in model.layers]
+    count = 0
+    for batch in sequential_batches(stream, 1, seq_len, n_windows):
+        batch = batch.to(device)
+        records = [dict() for _ in model.layers]
+        for layer, record in zip(model.layers, records):
+            layer.attn.record = record
+        try:
+            model(batch.tokens, mode="full", cu_seqlens=batch.cu_seqlens)
+        finally:
+            for layer in model.layers:
+                layer.attn.record = None
+        for i, (layer, record) in enumerate(zip(model.layers, records)):
+            q, k, v = record["q"], record["k"], record["v"]
+            idx = layer.attn.select(q, k)
+            diag = attention_diagnostics(q, k, v, idx, sc.block_size, min_position=rf)
+            for key, value in diag.items():
+                if key == "theorem1_residual":
+                    sums[i][key] = max(sums[i].get(key, 0.0), value)
+                else:
+                    sums[i][key] = sums[i].get(key, 0.0) + value
+        count += 1
+    out = []
+    for i, acc in enumerate(sums):
+        row = {"layer": i}
+        for key, value in acc.items():
+            row[key] = value if key in ("theorem1_residual",) else value / max(count, 1)
+        out.append(row)
+    return out
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> dict:
+    device = resolve_device(cfg.device)
+    model, meta = load_model(Path(cfg.checkpoint), device)
+    model.eval()
+    config = model.config
+    seq_len = cfg.seq_len or config.max_seq_len
+    _, val_stream = load_streams(cfg.data)
+    result = {"checkpoint": str(cfg.checkpoint), "method": meta.get("method"), "seq_len": seq_len,
+              "block_size": config.sparse.block_size, "topk": config.sparse.topk}
+    bpb = {}
+    for mode in ("full", "sparse"):
+        bpb[mode] = evaluate_bpb(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, mode, device)
+    result["bpb"] = bpb
+    result["perplexity"] = {m: math.exp(v * math.log(2)) for m, v in bpb.items()}  # per byte token
+    sweep = cfg.topk_sweep or default_topk_sweep(config.sparse.topk)
+    result["topk_sweep"] = {
+        str(k): evaluate_bpb(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, "sparse", device, topk=k)
+        for k in sweep if k >= config.sparse.init_blocks + config.sparse.local_blocks
+    }
+    layers = layer_diagnostics(model, val_stream, seq_len, cfg.diag_windows, device)
+    result["layers"] = layers
+    for key in ("attn_sparsity", "delta", "entropy_bits"):
+        result[key] = sum(r[key] for r in layers) / len(layers)
+    result["theorem1_max_residual"] = max(r["theorem1_residual"] for r in layers)
+    # prompts end 8 tokens short of the context so the answer fits
+    lengths = cfg.passkey_lengths or tuple(sorted({max(128, seq_len // 2) - 8, seq_len - 8}))
+    filler = ByteTokenizer().decode(val_stream.tokens[: 4 * max(lengths)].tolist())
+    result["passkey"] = {
+        mode: passkey_accuracy(model, filler, ByteTokenizer(), lengths, cfg.passkey_depths, mode, device)
+        for mode in ("full", "sparse")
+    }
+    if cfg.figure:
+        result["figure"] = str(plot_eval(result, Path(cfg.checkpoint) / "eval.png"))
+    return result
+
+
+def plot_eval(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ks = [int(k) for k in result["topk_sweep"]]
+    axes[0].plot(ks, list(result["topk_sweep"].values()), marker="o", label="sparse mode")
+    axes[0].axhline(result["bpb"]["full"], color="k", linestyle="--", label="full mode")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("topk (blocks)")
+    axes[0].set_ylabel("bits per byte")
+    axes[0].legend()
+    layers = [r["layer"] for r in result["layers"]]
+    axes[1].bar(layers, [r["attn_sparsity"] for r in result["layers"]])
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("AttnSparsity (kept full-attention mass)")
+    axes[1].set_ylim(0, 1)
+    fig.suptitle(f"{result.get('method')}: {Path(result['checkpoint']).name}")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
