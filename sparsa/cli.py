@@ -111,7 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+    for module_name in PLUGIN_MODULES:
+        register_plugin(sub, module_name)
     return parser
+
+
+# Feature modules that add sub-commands through `register_cli(subparsers)`; each sets
+# `func` on its parsers. Commands: distill-forecast, generate, bench, experiment, convert, ...
+PLUGIN_MODULES = (
+    "sparsa.train.forecast",
+    "sparsa.serve.cli",
+    "sparsa.hf.cli",
+    "sparsa.experiments",
+)
+
+
+def register_plugin(sub, module_name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            return  # the feature is not part of this install
+        raise
+    register = getattr(module, "register_cli", None)
+    if register is not None:
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
