@@ -1,0 +1,647 @@
+"""StreamKL Triton kernels: fused attention KL forward and backward without N x N buffers.
+
+Notation inside the kernels: the KL is always KL(P || Q) between a "P side" (first argument of the
+KL) and a "Q side". The public wrapper maps (teacher, student) to (P, Q) for direction="forward"
+and to (Q, P) for direction="reverse", so one set of kernels serves both directions.
+
+Forward (one pass, 5 fp32 running values per row, exp2 domain):
+    A2 = (q_p . k_p) * scale_p * log2(e),  B2 = (q_q . k_q) * scale_q * log2(e)
+    m_p, l_p (online max / sum of 2^A2), acc = sum 2^(A2 - m_p) * (A2 - B2), m_q, l_q
+    KL = ln2 * (acc / l_p - (m_p + log2 l_p) + (m_q + log2 l_q))
+Saved: KL (nats), LSE_p and LSE_q in the log2 domain (fp32, 12 bytes per row and head).
+Backward (recomputes tiles from the saved LSEs, no atomics, deterministic):
+    p = 2^(A2 - LSE_p2), q = 2^(B2 - LSE_q2)
+    dB = g (q - p)                                   (Q-side logit gradient)
+    dA = g p ((A2 - LSE_p2 - B2 + LSE_q2) ln2 - KL)  (P-side logit gradient)
+    dQ kernel: grid over (query tile, head);  dK kernel: grid over (key tile, KV head), looping over
+    the query heads of the KV group and the query tiles (causal: from the diagonal on).
+Group variant (teacher = mean of the G softmaxes of a KV group, frozen): a first pass computes the
+teacher's per-head LSE, then pbar tiles are exact: pbar = mean_h 2^(A2_h - LSE_h2).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, rows, stride, n_rows, D: tl.constexpr, BD: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """rows [R] of a [*, D] matrix (row stride `stride`, unit column stride) -> [R, BD], zero padded."""
+    offs_d = tl.arange(0, BD)
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if CHECK_ROWS:
+        if D == BD:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+    else:
+        if D == BD:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, rows, stride, n_rows, x, D: tl.constexpr, BD: tl.constexpr):
+    offs_d = tl.arange(0, BD)
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if D == BD:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _doc_bounds(CU, b, n_q, n_k, VARLEN: tl.constexpr):
+    """(batch index for pointers, first query row, query length, first key row, key length)."""
+    if VARLEN:
+        q_start = tl.load(CU + b)
+        q_len = tl.load(CU + b + 1) - q_start
+        k_start = q_start
+        k_len = q_len
+        batch = b * 0
+    else:
+        q_start = b * 0
+        q_len = b * 0 + n_q
+        k_start = b * 0
+        k_len = b * 0 + n_k
+        batch = b
+    return batch, q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _query_tile_ranges(m0, q_len, k_len, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Key ranges of a query tile [m0, m0 + BM): [0, n_full) needs no mask, [n_full, hi) does."""
+    off = k_len - q_len
+    if CAUSAL:
+        n_full = tl.maximum(m0 + off + 1, 0) // BN * BN
+        hi = tl.minimum(tl.maximum(m0 + BM + off, 0), k_len)
+        n_full = tl.minimum(n_full, hi)
+    else:
+        n_full = k_len // BN * BN
+        hi = k_len
+    return n_full, hi
+
+
+@triton.jit
+def _key_tile_ranges(n0, q_len, k_len, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Query ranges of a key tile [n0, n0 + BN): [m_lo, m_mid) needs the causal mask, [m_mid, q_len) not.
+
+    Rows beyond q_len and keys beyond k_len need no mask here: their loads are zero and their
+    contributions vanish (g = 0 for rows) or land in dK rows that are never stored (keys)."""
+    off = k_len - q_len
+    if CAUSAL:
+        m_lo = tl.maximum(n0 - off, 0) // BM * BM
+        m_full = (tl.maximum(n0 + BN - 1 - off, 0) + BM - 1) // BM * BM
+        m_mid = tl.minimum(m_full, q_len)
+        m_mid = tl.maximum(m_mid, m_lo)
+    else:
+        m_lo = n0 * 0
+        m_mid = n0 * 0
+    return m_lo, m_mid
+
+
+# ----------------------------------------------------------------------------------------------
+# attention KL: forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_step(
+    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off,
+    m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BN: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BN)
+    kp = _load_rows(KPb, offs_n, skp_t, k_len, DP, BDP, MASK)
+    a = tl.dot(qp, tl.trans(kp), input_precision=PREC_P) * scale_p2  # [BM, BN]
+    if MASK:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+        a = tl.where(valid, a, float("-inf"))
+    m_new = tl.maximum(m_p, tl.max(a, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # safe max: fully masked so far
+    alpha = tl.exp2(m_p - m_use)
+    w = tl.exp2(a - m_use[:, None])
+    l_p = l_p * alpha + tl.sum(w, 1)
+    if not ONLY_P:
+        kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, MASK)
+        b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q) * scale_q2
+        diff = a - b
+        if MASK:
+            b = tl.where(valid, b, float("-inf"))
+            diff = tl.where(valid, diff, 0.0)  # (-inf) - (-inf) would be NaN
+        acc = acc * alpha + tl.sum(w * diff, 1)
+        mq_new = tl.maximum(m_q, tl.max(b, 1))
+        mq_use = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+        l_q = l_q * tl.exp2(m_q - mq_use) + tl.sum(tl.exp2(b - mq_use[:, None]), 1)
+        m_q = mq_new
+    return m_new, l_p, acc, m_q, l_q
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    QP, KP, QQ, KQ, KL, LSEP, LSEQ, CU,
+    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h,
+    sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+    skl_b, skl_t, skl_h, slse_b, slse_h,
+    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, tune_key,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
+    pid_bh = tl.program_id(1)
+    h = pid_bh % n_heads
+    b = pid_bh // n_heads
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    m0 = pid_m * BM
+    if m0 < q_len:
+        off = k_len - q_len
+        offs_m = m0 + tl.arange(0, BM)
+        batch64 = batch.to(tl.int64)
+        QPb = QP + batch64 * sqp_b + h.to(tl.int64) * sqp_h + q_start.to(tl.int64) * sqp_t
+        KPb = KP + batch64 * skp_b + (h // group_p).to(tl.int64) * skp_h + k_start.to(tl.int64) * skp_t
+        qp = _load_rows(QPb, offs_m, sqp_t, q_len, DP, BDP, True)
+        if ONLY_P:
+            qq = qp
+            KQb = KPb
+        else:
+            QQb = QQ + batch64 * sqq_b + h.to(tl.int64) * sqq_h + q_start.to(tl.int64) * sqq_t
+            KQb = KQ + batch64 * skq_b + (h // group_q).to(tl.int64) * skq_h + k_start.to(tl.int64) * skq_t
+            qq = _load_rows(QQb, offs_m, sqq_t, q_len, DQ, BDQ, True)
+        m_p = tl.full([BM], float("-inf"), tl.float32)
+        l_p = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM], tl.float32)
+        m_q = tl.full([BM], float("-inf"), tl.float32)
+        l_q = tl.zeros([BM], tl.float32)
+        n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = n_full * 0 + 0
+            while n0 < n_full:
+                m_p, l_p, acc, m_q, l_q = _fwd_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                )
+                n0 += BN
+        else:
+            for n0 in range(0, n_full, BN):
+                m_p, l_p, acc, m_q, l_q = _fwd_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                )
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = hi * 0 + n_full
+            while n0 < hi:
+                m_p, l_p, acc, m_q, l_q = _fwd_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                )
+                n0 += BN
+        else:
+            for n0 in range(n_full, hi, BN):
+                m_p, l_p, acc, m_q, l_q = _fwd_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                )
+        row_ok = offs_m < q_len
+        has = l_p > 0.0  # fully masked rows: KL = 0, LSE = 0
+        l_p_safe = tl.where(has, l_p, 1.0)
+        lse_p = tl.where(has, m_p + tl.log2(l_p_safe), 0.0)
+        lse_off = batch64 * slse_b + h.to(tl.int64) * slse_h + q_start + offs_m
+        tl.store(LSEP + lse_off, lse_p, mask=row_ok)
+        if not ONLY_P:
+            l_q_safe = tl.where(has, l_q, 1.0)
+            lse_q = tl.where(has, m_q + tl.log2(l_q_safe), 0.0)
+            kl = tl.where(has, (acc / l_p_safe - lse_p + lse_q) * 0.6931471805599453, 0.0)
+            tl.store(LSEQ + lse_off, lse_q, mask=row_ok)
+            kl_off = batch64 * skl_b + h.to(tl.int64) * skl_h + (q_start + offs_m).to(tl.int64) * skl_t
+            tl.store(KL + kl_off, kl, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention KL: backward, dQ (grid over query tiles and heads)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_step(
+    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g,
+    dqp, dqq, scale_p2, scale_q2,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BN: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BN)
+    kp = _load_rows(KPb, offs_n, skp_t, k_len, DP, BDP, MASK)
+    kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, MASK)
+    a = tl.dot(qp, tl.trans(kp), input_precision=PREC_P) * scale_p2 - lse_p[:, None]  # log2 p
+    b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q) * scale_q2 - lse_q[:, None]  # log2 q
+    p = tl.exp2(a)
+    q = tl.exp2(b)
+    if MASK:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+        p = tl.where(valid, p, 0.0)
+        q = tl.where(valid, q, 0.0)
+    if NEED_Q:
+        ds = g[:, None] * (q - p)
+        dqq += tl.dot(ds.to(kq.dtype), kq, input_precision=PREC_Q)
+    if NEED_P:
+        t = (a - b) * 0.6931471805599453 - kl[:, None]
+        if MASK:
+            t = tl.where(valid, t, 0.0)
+        da = g[:, None] * p * t
+        dqp += tl.dot(da.to(kp.dtype), kp, input_precision=PREC_P)
+    return dqp, dqq
+
+
+@triton.jit
+def _kl_bwd_dq_kernel(
+    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, DQP, DQQ, CU,
+    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h,
+    sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
+    sdqp_b, sdqp_t, sdqp_h, sdqq_b, sdqq_t, sdqq_h,
+    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, scale_p, scale_q, tune_key,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % n_heads
+    b = pid_bh // n_heads
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    m0 = pid_m * BM
+    if m0 < q_len:
+        off = k_len - q_len
+        offs_m = m0 + tl.arange(0, BM)
+        row_ok = offs_m < q_len
+        batch64 = batch.to(tl.int64)
+        h64 = h.to(tl.int64)
+        QPb = QP + batch64 * sqp_b + h64 * sqp_h + q_start.to(tl.int64) * sqp_t
+        KPb = KP + batch64 * skp_b + (h // group_p).to(tl.int64) * skp_h + k_start.to(tl.int64) * skp_t
+        QQb = QQ + batch64 * sqq_b + h64 * sqq_h + q_start.to(tl.int64) * sqq_t
+        KQb = KQ + batch64 * skq_b + (h // group_q).to(tl.int64) * skq_h + k_start.to(tl.int64) * skq_t
+        qp = _load_rows(QPb, offs_m, sqp_t, q_len, DP, BDP, True)
+        qq = _load_rows(QQb, offs_m, sqq_t, q_len, DQ, BDQ, True)
+        rows64 = (q_start + offs_m).to(tl.int64)
+        lse_off = batch64 * slse_b + h64 * slse_h + rows64
+        lse_p = tl.load(LSEP + lse_off, mask=row_ok, other=0.0)
+        lse_q = tl.load(LSEQ + lse_off, mask=row_ok, other=0.0)
+        g = tl.load(GRAD + batch64 * sg_b + h64 * sg_h + rows64 * sg_t, mask=row_ok, other=0.0).to(tl.float32)
+        if NEED_P:
+            kl = tl.load(KL + batch64 * skl_b + h64 * skl_h + rows64 * skl_t, mask=row_ok, other=0.0)
+        else:
+            kl = lse_p
+        dqp = tl.zeros([BM, BDP], tl.float32)
+        dqq = tl.zeros([BM, BDQ], tl.float32)
+        n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = n_full * 0 + 0
+            while n0 < n_full:
+                dqp, dqq = _dq_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+                )
+                n0 += BN
+        else:
+            for n0 in range(0, n_full, BN):
+                dqp, dqq = _dq_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+                )
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = hi * 0 + n_full
+            while n0 < hi:
+                dqp, dqq = _dq_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+                )
+                n0 += BN
+        else:
+            for n0 in range(n_full, hi, BN):
+                dqp, dqq = _dq_step(
+                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+                )
+        if NEED_Q:
+            base = DQQ + batch64 * sdqq_b + h64 * sdqq_h + q_start.to(tl.int64) * sdqq_t
+            _store_rows(base, offs_m, sdqq_t, q_len, (dqq * scale_q).to(DQQ.dtype.element_ty), DQ, BDQ)
+        if NEED_P:
+            base = DQP + batch64 * sdqp_b + h64 * sdqp_h + q_start.to(tl.int64) * sdqp_t
+            _store_rows(base, offs_m, sdqp_t, q_len, (dqp * scale_p).to(DQP.dtype.element_ty), DP, BDP)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention KL: backward, dK (grid over key tiles and KV heads; loops over the group and query tiles)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dk_step(
+    kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off,
+    LSEPb, LSEQb, KLb, Gb, skl_t, sg_t, dkp, dkq, scale_p2, scale_q2,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BM: tl.constexpr,
+    MASK: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+):
+    offs_m = m0 + tl.arange(0, BM)
+    row_ok = offs_m < q_len
+    qp = _load_rows(QPb, offs_m, sqp_t, q_len, DP, BDP, True)
+    qq = _load_rows(QQb, offs_m, sqq_t, q_len, DQ, BDQ, True)
+    lse_p = tl.load(LSEPb + offs_m, mask=row_ok, other=0.0)
+    lse_q = tl.load(LSEQb + offs_m, mask=row_ok, other=0.0)
+    g = tl.load(Gb + offs_m.to(tl.int64) * sg_t, mask=row_ok, other=0.0).to(tl.float32)
+    a = tl.dot(kp, tl.trans(qp), input_precision=PREC_P) * scale_p2 - lse_p[None, :]  # [BN, BM] log2 p^T
+    b = tl.dot(kq, tl.trans(qq), input_precision=PREC_Q) * scale_q2 - lse_q[None, :]
+    p = tl.exp2(a)
+    q = tl.exp2(b)
+    if MASK:
+        valid = offs_n[:, None] <= offs_m[None, :] + off
+        p = tl.where(valid, p, 0.0)
+        q = tl.where(valid, q, 0.0)
+    if NEED_Q:
+        ds = g[None, :] * (q - p)
+        dkq += tl.dot(ds.to(qq.dtype), qq, input_precision=PREC_Q)
+    if NEED_P:
+        kl = tl.load(KLb + offs_m.to(tl.int64) * skl_t, mask=row_ok, other=0.0)
+        t = (a - b) * 0.6931471805599453 - kl[None, :]
+        if MASK:
+            t = tl.where(valid, t, 0.0)
+        da = g[None, :] * p * t
+        dkp += tl.dot(da.to(qp.dtype), qp, input_precision=PREC_P)
+    return dkp, dkq
+
+
+@triton.jit
+def _dk_head(
+    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, h, batch64, q_start, q_len, k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
+    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
+    NEED_P: tl.constexpr, NEED_Q: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+    BM: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Adds query head h's contribution to the dK tile of its KV head."""
+    off = k_len - q_len
+    h64 = h.to(tl.int64)
+    KPb = KP + batch64 * skp_b + (h // group_p).to(tl.int64) * skp_h + k_start.to(tl.int64) * skp_t
+    KQb = KQ + batch64 * skq_b + (h // group_q).to(tl.int64) * skq_h + k_start.to(tl.int64) * skq_t
+    kp = _load_rows(KPb, offs_n, skp_t, k_len, DP, BDP, True)
+    kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, True)
+    QPb = QP + batch64 * sqp_b + h64 * sqp_h + q_start.to(tl.int64) * sqp_t
+    QQb = QQ + batch64 * sqq_b + h64 * sqq_h + q_start.to(tl.int64) * sqq_t
+    LSEPb = LSEP + batch64 * slse_b + h64 * slse_h + q_start
+    LSEQb = LSEQ + batch64 * slse_b + h64 * slse_h + q_start
+    KLb = KL + batch64 * skl_b + h64 * skl_h + q_start.to(tl.int64) * skl_t
+    Gb = GRAD + batch64 * sg_b + h64 * sg_h + q_start.to(tl.int64) * sg_t
+    if INTERPRET:
+        m0 = m_mid * 0 + m_lo
+        while m0 < m_mid:
+            dkp, dkq = _dk_step(
+                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, True, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
+            m0 += BM
+    else:
+        for m0 in range(m_lo, m_mid, BM):
+            dkp, dkq = _dk_step(
+                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, True, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
+    if INTERPRET:
+        m0 = q_len * 0 + m_mid
+        while m0 < q_len:
+            dkp, dkq = _dk_step(
+                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, False, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
+            m0 += BM
+    else:
+        for m0 in range(m_mid, q_len, BM):
+            dkp, dkq = _dk_step(
+                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, False, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
+    return dkp, dkq
+
+
+@triton.jit
+def _kl_bwd_dk_kernel(
+    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, DKP, DKQ, CU,
+    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h,
+    sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
+    sdkp_b, sdkp_t, sdkp_h, sdkq_b, sdkq_t, sdkq_h,
+    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, scale_p, scale_q, tune_key,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # early key tiles carry the most causal work: first
+    pid_bh = tl.program_id(1)
+    hk = pid_bh % n_kv_grid
+    b = pid_bh // n_kv_grid
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    n0 = pid_n * BN
+    if n0 < k_len:
+        off = k_len - q_len
+        offs_n = n0 + tl.arange(0, BN)
+        batch64 = batch.to(tl.int64)
+        dkp = tl.zeros([BN, BDP], tl.float32)
+        dkq = tl.zeros([BN, BDQ], tl.float32)
+        m_lo, m_mid = _key_tile_ranges(n0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            gi = group_grid * 0
+            while gi < group_grid:
+                dkp, dkq = _dk_head(
+                    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
+                    k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
+                    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+                    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
+                    DP, DQ, BDP, BDQ, NEED_P, NEED_Q, PREC_P, PREC_Q, BM, INTERPRET,
+                )
+                gi += 1
+        else:
+            for gi in range(0, group_grid):
+                dkp, dkq = _dk_head(
+                    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
+                    k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
+                    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+                    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
+                    DP, DQ, BDP, BDQ, NEED_P, NEED_Q, PREC_P, PREC_Q, BM, INTERPRET,
+                )
+        hk64 = hk.to(tl.int64)
+        if NEED_Q:
+            base = DKQ + batch64 * sdkq_b + hk64 * sdkq_h + k_start.to(tl.int64) * sdkq_t
+            _store_rows(base, offs_n, sdkq_t, k_len, (dkq * scale_q).to(DKQ.dtype.element_ty), DQ, BDQ)
+        if NEED_P:
+            base = DKP + batch64 * sdkp_b + hk64 * sdkp_h + k_start.to(tl.int64) * sdkp_t
+            _store_rows(base, offs_n, sdkp_t, k_len, (dkp * scale_p).to(DKP.dtype.element_ty), DP, BDP)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+def _configs(pairs):
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+
+
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)])
+_DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3)])
+_DK_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3)])
+_TUNE_KEYS = {
+    "fwd": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "ONLY_P"],
+    "dq": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "NEED_P", "NEED_Q"],
+    "dk": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "NEED_P", "NEED_Q"],
+}
+
+# interpreter (CPU tests): small fixed tiles, BM != BN to exercise the diagonal logic
+_INTERPRET_META = {"fwd": dict(BM=32, BN=16), "dq": dict(BM=16, BN=32), "dk": dict(BM=32, BN=16)}
+# fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0)
+_DEFAULT_META = {
+    "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
+    "dq": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    "dk": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+}
+
+
+def _autotune_enabled() -> bool:
+    return not _INTERPRET and os.environ.get("SPARSA_KL_AUTOTUNE", "1") != "0"
+
+
+_TUNED = {}
+
+
+def _kernel(name: str, fn, configs):
+    """The kernel to launch and the extra meta-parameters to pass (none when autotuned)."""
+    if _INTERPRET:
+        return fn, dict(_INTERPRET_META[name])
+    if not _autotune_enabled():
+        return fn, dict(_DEFAULT_META[name])
+    if name not in _TUNED:
+        _TUNED[name] = triton.autotune(configs=configs, key=_TUNE_KEYS[name])(fn)
+    return _TUNED[name], {}
+
+
+def _tune_key(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 17)
+
+
+def _prec(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides3(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _Docs:
+    """Batch/document layout shared by the launches."""
+
+    def __init__(self, batch: int, n_q: int, n_k: int, cu_seqlens, max_len):
+        self.varlen = cu_seqlens is not None
+        self.cu = cu_seqlens
+        if self.varlen:
+            self.n_seq = cu_seqlens.numel() - 1
+            self.max_q = self.max_k = int(max_len)
+        else:
+            self.n_seq = batch
+            self.max_q, self.max_k = n_q, n_k
+
+
+def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max_len=None, only_p=False):
+    """Returns (kl [B, T, H] fp32 nats, lse_p2 [B, H, T], lse_q2 [B, H, T]) (log2 domain).
+
+    With only_p the Q side is ignored and only lse_p2 is meaningful (teacher LSE pass)."""
+    qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
+    batch, n_q, n_heads, dp = qp.shape
+    n_k = kp.shape[1]
+    dq = qq.shape[3]
+    docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
+    dev = qp.device
+    kl = torch.full((batch, n_q, n_heads), float("nan"), dtype=torch.float32, device=dev)
+    lse_p = torch.full((batch, n_heads, n_q), float("nan"), dtype=torch.float32, device=dev)
+    lse_q = lse_p if only_p else torch.full_like(lse_p, float("nan"))
+    cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
+    kernel, meta = _kernel("fwd", _kl_fwd_kernel, _FWD_CONFIGS)
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)  # noqa: E731
+    kernel[grid](
+        qp, kp, qq, kq, kl, lse_p, lse_q, cu,
+        *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
+        *_strides3(kl), lse_p.stride(0), lse_p.stride(1),
+        n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
+        scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q),
+        DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
+        PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET, **meta,
+    )
+    return kl, lse_p, lse_q
+
+
+def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scale_q, need_p, need_q,
+                cu_seqlens=None, max_len=None):
+    """grad [B, T, H] (any strides, stride 0 allowed) -> (dqp, dkp, dqq, dkq), None where not needed."""
+    qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
+    batch, n_q, n_heads, dp = qp.shape
+    n_k, n_kv_p = kp.shape[1], kp.shape[2]
+    dq, n_kv_q = qq.shape[3], kq.shape[2]
+    group_p, group_q = n_heads // n_kv_p, n_heads // n_kv_q
+    docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
+    cu = cu_seqlens if cu_seqlens is not None else lse_p
+    dqp = torch.full_like(qp, float("nan")) if need_p else None
+    dkp = torch.full_like(kp, float("nan")) if need_p else None
+    dqq = torch.full_like(qq, float("nan")) if need_q else None
+    dkq = torch.full_like(kq, float("nan")) if need_q else None
+    dummy_p = dqp if need_p else qp
+    dummy_kp = dkp if need_p else kp
+    dummy_q = dqq if need_q else qq
+    dummy_kq = dkq if need_q else kq
+    common = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen,
+                  PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
+    head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
+                 *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
+    kernel, meta = _kernel("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS)
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)  # noqa: E731
+    kernel[grid](
+        qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
+        *_strides3(dummy_p), *_strides3(dummy_q),
+        n_q, n_k, n_heads, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
+        _tune_key(docs.max_q), NEED_P=need_p, NEED_Q=need_q, **common, **meta,
+    )
+    # dK: one launch when both sides are needed and share the KV grouping, else one per side
+    launches = []
+    if need_p and need_q and group_p == group_q:
+        launches.append((True, True, n_kv_q, group_q))
+    else:
+        if need_q:
+            launches.append((False, True, n_kv_q, group_q))
+        if need_p:
+            launches.append((True, False, n_kv_p, group_p))
+    kernel, meta = _kernel("dk", _kl_bwd_dk_kernel, _DK_CONFIGS)
+    for with_p, with_q, n_kv, group in launches:
+        grid = lambda m, n_kv=n_kv: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)  # noqa: E731
+        kernel[grid](
+            qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
+            *_strides3(dummy_kp), *_strides3(dummy_kq),
+            n_q, n_k, n_kv, group, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
+            _tune_key(docs.max_q), NEED_P=with_p, NEED_Q=with_q, **common, **meta,
+        )
+    return dqp, dkp, dqq, dkq
