@@ -28,8 +28,6 @@ from . import naive
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
 
-_GROUP_TRITON = False  # set once the group kernels exist
-
 __all__ = ["attention_kl", "group_attention_kl", "block_attention_kl"]
 
 
@@ -146,6 +144,37 @@ class _AttentionKLTriton(torch.autograd.Function):
         return dqp, dkp, dqq, dkq, None, None, None, None, None
 
 
+class _GroupKLTriton(torch.autograd.Function):
+    """KL(pbar_teacher || q_student) per (row, group); the teacher (q_t, k_t) is frozen."""
+
+    @staticmethod
+    def forward(ctx, q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu_seqlens, max_len):
+        from . import triton_ops
+
+        kl, lse_s, lse_t = triton_ops.group_forward(
+            q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens,
+            max_len=max_len,
+        )
+        ctx.save_for_backward(q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens)
+        ctx.config = (causal, scale_t, scale_s, max_len)
+        ctx.mark_non_differentiable(lse_s)
+        return kl, lse_s
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_lse):
+        from . import triton_ops
+
+        q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens = ctx.saved_tensors
+        causal, scale_t, scale_s, max_len = ctx.config
+        if grad_kl is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            return (None,) * 9
+        dqs, dks = triton_ops.group_backward(
+            q_t, k_t, q_s, k_s, lse_t, lse_s, grad_kl, causal=causal, scale_t=scale_t, scale_s=scale_s,
+            cu_seqlens=cu_seqlens, max_len=max_len,
+        )
+        return None, None, dqs, dks, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +289,7 @@ def group_attention_kl(
     q_t, k_t = q_t.detach(), k_t.detach()
     batch, n_q = q_t.shape[:2]
     fp64 = torch.float64 in (q_t.dtype, q_s.dtype)
-    if use_triton(q_t) and not fp64 and _GROUP_TRITON:
+    if use_triton(q_t) and not fp64:
         kl, lse_s2 = _GroupKLTriton.apply(q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu, max_len)
         if return_lse:
             from .triton_ops import LN2

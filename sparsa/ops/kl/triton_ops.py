@@ -490,6 +490,317 @@ def _kl_bwd_dk_kernel(
             _store_rows(base, offs_n, sdkp_t, k_len, (dkp * scale_p).to(DKP.dtype.element_ty), DP, BDP)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# group (head-averaged teacher) KL: teacher pbar = mean_h 2^(A2_h - LSE_h2), one student head per group
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _group_pbar(
+    QTb, LSETb, kt, offs_m, q_len, sqt_t, sqt_h, slt_h, scale_t2,
+    DT: tl.constexpr, BDT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC_T: tl.constexpr, TRANS: tl.constexpr,
+):
+    """Exact group-mean teacher probabilities of a tile: [BM, BN] (or [BN, BM] with TRANS).
+
+    Entries of masked keys are garbage (possibly inf, never NaN): the caller masks them."""
+    row_ok = offs_m < q_len
+    if TRANS:
+        pbar = tl.zeros([BN, BM], tl.float32)
+    else:
+        pbar = tl.zeros([BM, BN], tl.float32)
+    for hi in range(0, GROUP):
+        qt = _load_rows(QTb + hi * sqt_h, offs_m, sqt_t, q_len, DT, BDT, True)
+        lse = tl.load(LSETb + hi * slt_h + offs_m, mask=row_ok, other=0.0)
+        if TRANS:
+            pbar += tl.exp2(tl.dot(kt, tl.trans(qt), input_precision=PREC_T) * scale_t2 - lse[None, :])
+        else:
+            pbar += tl.exp2(tl.dot(qt, tl.trans(kt), input_precision=PREC_T) * scale_t2 - lse[:, None])
+    return pbar * (1.0 / GROUP)
+
+
+@triton.jit
+def _group_fwd_step(
+    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BN)
+    kt = _load_rows(KTb, offs_n, skt_t, k_len, DT, BDT, MASK)
+    ks = _load_rows(KSb, offs_n, sks_t, k_len, DS, BDS, MASK)
+    pbar = _group_pbar(QTb, LSETb, kt, offs_m, q_len, sqt_t, sqt_h, slt_h, scale_t2, DT, BDT, GROUP, BM, BN,
+                       PREC_T, False)
+    b = tl.dot(qs, tl.trans(ks), input_precision=PREC_S) * scale_s2
+    if MASK:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+        pbar = tl.where(valid, pbar, 0.0)
+        bz = tl.where(valid, b, 0.0)
+        b = tl.where(valid, b, float("-inf"))
+    else:
+        bz = b
+    acc_pb += tl.sum(pbar * bz, 1)
+    acc_ent += tl.sum(pbar * tl.log2(tl.where(pbar > 0.0, pbar, 1.0)), 1)  # 0 log 0 = 0
+    mass += tl.sum(pbar, 1)
+    m_new = tl.maximum(m_s, tl.max(b, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_s = l_s * tl.exp2(m_s - m_use) + tl.sum(tl.exp2(b - m_use[:, None]), 1)
+    return acc_pb, acc_ent, mass, m_new, l_s
+
+
+@triton.jit
+def _group_fwd_kernel(
+    QT, KT, QS, KS, LSET, KL, LSES, CU,
+    sqt_b, sqt_t, sqt_h, skt_b, skt_t, skt_h, sqs_b, sqs_t, sqs_h, sks_b, sks_t, sks_h,
+    slt_b, slt_h, skl_b, skl_t, skl_h, sls_b, sls_h,
+    n_q, n_k, n_kv, scale_t2, scale_s2, tune_key,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    g = pid_bh % n_kv
+    b = pid_bh // n_kv
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    m0 = pid_m * BM
+    if m0 < q_len:
+        off = k_len - q_len
+        offs_m = m0 + tl.arange(0, BM)
+        batch64 = batch.to(tl.int64)
+        g64 = g.to(tl.int64)
+        QTb = QT + batch64 * sqt_b + g64 * GROUP * sqt_h + q_start.to(tl.int64) * sqt_t
+        LSETb = LSET + batch64 * slt_b + g64 * GROUP * slt_h + q_start
+        KTb = KT + batch64 * skt_b + g64 * skt_h + k_start.to(tl.int64) * skt_t
+        QSb = QS + batch64 * sqs_b + g64 * sqs_h + q_start.to(tl.int64) * sqs_t
+        KSb = KS + batch64 * sks_b + g64 * sks_h + k_start.to(tl.int64) * sks_t
+        qs = _load_rows(QSb, offs_m, sqs_t, q_len, DS, BDS, True)
+        acc_pb = tl.zeros([BM], tl.float32)
+        acc_ent = tl.zeros([BM], tl.float32)
+        mass = tl.zeros([BM], tl.float32)
+        m_s = tl.full([BM], float("-inf"), tl.float32)
+        l_s = tl.zeros([BM], tl.float32)
+        n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = n_full * 0 + 0
+            while n0 < n_full:
+                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                    DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+                )
+                n0 += BN
+        else:
+            for n0 in range(0, n_full, BN):
+                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                    DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+                )
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = hi * 0 + n_full
+            while n0 < hi:
+                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                    DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+                )
+                n0 += BN
+        else:
+            for n0 in range(n_full, hi, BN):
+                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                    DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+                )
+        row_ok = offs_m < q_len
+        has = l_s > 0.0
+        lse_s = tl.where(has, m_s + tl.log2(tl.where(has, l_s, 1.0)), 0.0)
+        kl = tl.where(has, (acc_ent - acc_pb + lse_s * mass) * 0.6931471805599453, 0.0)
+        rows64 = (q_start + offs_m).to(tl.int64)
+        tl.store(LSES + batch64 * sls_b + g64 * sls_h + rows64, lse_s, mask=row_ok)
+        tl.store(KL + batch64 * skl_b + g64 * skl_h + rows64 * skl_t, kl, mask=row_ok)
+
+
+@triton.jit
+def _group_dq_step(
+    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+    lse_s, gr, dqs, scale_t2, scale_s2,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BN)
+    kt = _load_rows(KTb, offs_n, skt_t, k_len, DT, BDT, MASK)
+    ks = _load_rows(KSb, offs_n, sks_t, k_len, DS, BDS, MASK)
+    pbar = _group_pbar(QTb, LSETb, kt, offs_m, q_len, sqt_t, sqt_h, slt_h, scale_t2, DT, BDT, GROUP, BM, BN,
+                       PREC_T, False)
+    q = tl.exp2(tl.dot(qs, tl.trans(ks), input_precision=PREC_S) * scale_s2 - lse_s[:, None])
+    if MASK:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+        pbar = tl.where(valid, pbar, 0.0)
+        q = tl.where(valid, q, 0.0)
+    ds = gr[:, None] * (q - pbar)
+    dqs += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC_S)
+    return dqs
+
+
+@triton.jit
+def _group_bwd_dq_kernel(
+    QT, KT, QS, KS, LSET, LSES, GRAD, DQS, CU,
+    sqt_b, sqt_t, sqt_h, skt_b, skt_t, skt_h, sqs_b, sqs_t, sqs_h, sks_b, sks_t, sks_h,
+    slt_b, slt_h, sls_b, sls_h, sg_b, sg_t, sg_h, sdq_b, sdq_t, sdq_h,
+    n_q, n_k, n_kv, scale_t2, scale_s2, scale_s, tune_key,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    g = pid_bh % n_kv
+    b = pid_bh // n_kv
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    m0 = pid_m * BM
+    if m0 < q_len:
+        off = k_len - q_len
+        offs_m = m0 + tl.arange(0, BM)
+        row_ok = offs_m < q_len
+        batch64 = batch.to(tl.int64)
+        g64 = g.to(tl.int64)
+        QTb = QT + batch64 * sqt_b + g64 * GROUP * sqt_h + q_start.to(tl.int64) * sqt_t
+        LSETb = LSET + batch64 * slt_b + g64 * GROUP * slt_h + q_start
+        KTb = KT + batch64 * skt_b + g64 * skt_h + k_start.to(tl.int64) * skt_t
+        QSb = QS + batch64 * sqs_b + g64 * sqs_h + q_start.to(tl.int64) * sqs_t
+        KSb = KS + batch64 * sks_b + g64 * sks_h + k_start.to(tl.int64) * sks_t
+        qs = _load_rows(QSb, offs_m, sqs_t, q_len, DS, BDS, True)
+        rows64 = (q_start + offs_m).to(tl.int64)
+        lse_s = tl.load(LSES + batch64 * sls_b + g64 * sls_h + rows64, mask=row_ok, other=0.0)
+        gr = tl.load(GRAD + batch64 * sg_b + g64 * sg_h + rows64 * sg_t, mask=row_ok, other=0.0).to(tl.float32)
+        dqs = tl.zeros([BM, BDS], tl.float32)
+        n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = n_full * 0 + 0
+            while n0 < n_full:
+                dqs = _group_dq_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+                )
+                n0 += BN
+        else:
+            for n0 in range(0, n_full, BN):
+                dqs = _group_dq_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+                )
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            n0 = hi * 0 + n_full
+            while n0 < hi:
+                dqs = _group_dq_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+                )
+                n0 += BN
+        else:
+            for n0 in range(n_full, hi, BN):
+                dqs = _group_dq_step(
+                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+                )
+        base = DQS + batch64 * sdq_b + g64 * sdq_h + q_start.to(tl.int64) * sdq_t
+        _store_rows(base, offs_m, sdq_t, q_len, (dqs * scale_s).to(DQS.dtype.element_ty), DS, BDS)
+
+
+@triton.jit
+def _group_dk_step(
+    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+    dks, scale_t2, scale_s2,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+):
+    offs_m = m0 + tl.arange(0, BM)
+    row_ok = offs_m < q_len
+    qs = _load_rows(QSb, offs_m, sqs_t, q_len, DS, BDS, True)
+    lse_s = tl.load(LSESb + offs_m, mask=row_ok, other=0.0)
+    gr = tl.load(Gb + offs_m.to(tl.int64) * sg_t, mask=row_ok, other=0.0).to(tl.float32)
+    pbar = _group_pbar(QTb, LSETb, kt, offs_m, q_len, sqt_t, sqt_h, slt_h, scale_t2, DT, BDT, GROUP, BM, BN,
+                       PREC_T, True)  # [BN, BM]
+    q = tl.exp2(tl.dot(ks, tl.trans(qs), input_precision=PREC_S) * scale_s2 - lse_s[None, :])
+    if MASK:
+        valid = offs_n[:, None] <= offs_m[None, :] + off
+        pbar = tl.where(valid, pbar, 0.0)
+        q = tl.where(valid, q, 0.0)
+    ds = gr[None, :] * (q - pbar)
+    dks += tl.dot(ds.to(qs.dtype), qs, input_precision=PREC_S)
+    return dks
+
+
+@triton.jit
+def _group_bwd_dk_kernel(
+    QT, KT, QS, KS, LSET, LSES, GRAD, DKS, CU,
+    sqt_b, sqt_t, sqt_h, skt_b, skt_t, skt_h, sqs_b, sqs_t, sqs_h, sks_b, sks_t, sks_h,
+    slt_b, slt_h, sls_b, sls_h, sg_b, sg_t, sg_h, sdk_b, sdk_t, sdk_h,
+    n_q, n_k, n_kv, scale_t2, scale_s2, scale_s, tune_key,
+    DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    g = pid_bh % n_kv
+    b = pid_bh // n_kv
+    batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
+    n0 = pid_n * BN
+    if n0 < k_len:
+        off = k_len - q_len
+        offs_n = n0 + tl.arange(0, BN)
+        batch64 = batch.to(tl.int64)
+        g64 = g.to(tl.int64)
+        QTb = QT + batch64 * sqt_b + g64 * GROUP * sqt_h + q_start.to(tl.int64) * sqt_t
+        LSETb = LSET + batch64 * slt_b + g64 * GROUP * slt_h + q_start
+        KTb = KT + batch64 * skt_b + g64 * skt_h + k_start.to(tl.int64) * skt_t
+        QSb = QS + batch64 * sqs_b + g64 * sqs_h + q_start.to(tl.int64) * sqs_t
+        KSb = KS + batch64 * sks_b + g64 * sks_h + k_start.to(tl.int64) * sks_t
+        LSESb = LSES + batch64 * sls_b + g64 * sls_h + q_start
+        Gb = GRAD + batch64 * sg_b + g64 * sg_h + q_start.to(tl.int64) * sg_t
+        kt = _load_rows(KTb, offs_n, skt_t, k_len, DT, BDT, True)
+        ks = _load_rows(KSb, offs_n, sks_t, k_len, DS, BDS, True)
+        dks = tl.zeros([BN, BDS], tl.float32)
+        m_lo, m_mid = _key_tile_ranges(n0, q_len, k_len, CAUSAL, BM, BN)
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            m0 = m_mid * 0 + m_lo
+            while m0 < m_mid:
+                dks = _group_dk_step(
+                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, PREC_T, PREC_S,
+                )
+                m0 += BM
+        else:
+            for m0 in range(m_lo, m_mid, BM):
+                dks = _group_dk_step(
+                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, PREC_T, PREC_S,
+                )
+        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
+            m0 = q_len * 0 + m_mid
+            while m0 < q_len:
+                dks = _group_dk_step(
+                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
+                )
+                m0 += BM
+        else:
+            for m0 in range(m_mid, q_len, BM):
+                dks = _group_dk_step(
+                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
+                )
+        base = DKS + batch64 * sdk_b + g64 * sdk_h + k_start.to(tl.int64) * sdk_t
+        _store_rows(base, offs_n, sdk_t, k_len, (dks * scale_s).to(DKS.dtype.element_ty), DS, BDS)
+
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
@@ -500,19 +811,31 @@ def _configs(pairs):
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)])
 _DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3)])
 _DK_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3)])
+_GROUP_FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)])
+_GROUP_DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)])
+_GROUP_DK_CONFIGS = _configs([(64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)])
 _TUNE_KEYS = {
     "fwd": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "ONLY_P"],
     "dq": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "NEED_P", "NEED_Q"],
     "dk": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "NEED_P", "NEED_Q"],
+    "group_fwd": ["tune_key", "DT", "DS", "GROUP", "CAUSAL", "VARLEN"],
+    "group_dq": ["tune_key", "DT", "DS", "GROUP", "CAUSAL", "VARLEN"],
+    "group_dk": ["tune_key", "DT", "DS", "GROUP", "CAUSAL", "VARLEN"],
 }
 
 # interpreter (CPU tests): small fixed tiles, BM != BN to exercise the diagonal logic
-_INTERPRET_META = {"fwd": dict(BM=32, BN=16), "dq": dict(BM=16, BN=32), "dk": dict(BM=32, BN=16)}
+_INTERPRET_META = {
+    "fwd": dict(BM=32, BN=16), "dq": dict(BM=16, BN=32), "dk": dict(BM=32, BN=16),
+    "group_fwd": dict(BM=16, BN=32), "group_dq": dict(BM=32, BN=16), "group_dk": dict(BM=16, BN=32),
+}
 # fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0)
 _DEFAULT_META = {
     "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
     "dq": dict(BM=64, BN=64, num_warps=4, num_stages=3),
     "dk": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    "group_fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    "group_dq": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    "group_dk": dict(BM=64, BN=64, num_warps=4, num_stages=3),
 }
 
 
@@ -645,3 +968,53 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
             _tune_key(docs.max_q), NEED_P=with_p, NEED_Q=with_q, **common, **meta,
         )
     return dqp, dkp, dqq, dkq
+
+
+
+def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, max_len=None):
+    """Returns (kl [B, T, Hkv] fp32 nats, lse_s2 [B, Hkv, T], lse_t2 [B, Hq, T]) (LSEs in the log2 domain)."""
+    qt, kt, qs, ks = (_unit_last(x) for x in (qt, kt, qs, ks))
+    _, lse_t, _ = kl_forward(qt, kt, qt, kt, causal=causal, scale_p=scale_t, scale_q=scale_t,
+                             cu_seqlens=cu_seqlens, max_len=max_len, only_p=True)
+    batch, n_q, n_heads_q, dt = qt.shape
+    n_k, n_kv = kt.shape[1], kt.shape[2]
+    ds = qs.shape[3]
+    docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
+    kl = torch.full((batch, n_q, n_kv), float("nan"), dtype=torch.float32, device=qt.device)
+    lse_s = torch.full((batch, n_kv, n_q), float("nan"), dtype=torch.float32, device=qt.device)
+    cu = cu_seqlens if cu_seqlens is not None else lse_s
+    kernel, meta = _kernel("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS)
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)  # noqa: E731
+    kernel[grid](
+        qt, kt, qs, ks, lse_t, kl, lse_s, cu,
+        *_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
+        lse_t.stride(0), lse_t.stride(1), *_strides3(kl), lse_s.stride(0), lse_s.stride(1),
+        n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, _tune_key(docs.max_q),
+        DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
+        VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET, **meta,
+    )
+    return kl, lse_s, lse_t
+
+
+def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale_s, cu_seqlens=None, max_len=None):
+    """grad [B, T, Hkv] (any strides) -> (dqs, dks)."""
+    qt, kt, qs, ks = (_unit_last(x) for x in (qt, kt, qs, ks))
+    batch, n_q, n_heads_q, dt = qt.shape
+    n_k, n_kv = kt.shape[1], kt.shape[2]
+    ds = qs.shape[3]
+    docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
+    cu = cu_seqlens if cu_seqlens is not None else lse_s
+    dqs = torch.full_like(qs, float("nan"))
+    dks = torch.full_like(ks, float("nan"))
+    common = dict(DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
+                  VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET)
+    args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
+            lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
+    scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s, _tune_key(docs.max_q))
+    kernel, meta = _kernel("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS)
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)  # noqa: E731
+    kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales, **common, **meta)
+    kernel, meta = _kernel("group_dk", _group_bwd_dk_kernel, _GROUP_DK_CONFIGS)
+    grid = lambda m: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)  # noqa: E731
+    kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dks, cu, *args, *_strides3(dks), *scales, **common, **meta)
+    return dqs, dks
