@@ -1,0 +1,199 @@
+"""Backward of selected-block attention, KV-outer for every G (deterministic, no atomics).
+
+delta[t, g] = rowsum(dO * O)  (fp32)
+DKDV   one program per work item = (KV head, block, up to MAXP pairs): the block's K, V stay in
+       registers; for each tile of gathered rows (PAIRS tokens x G heads):
+         P = exp2(S - lse2); dV += P^T dO; dP = dO V^T; dS = P (dP - delta);
+         dK += dS^T Q * scale; dQ_pair = dS K * scale -> fp32 per-(pair, head) buffer.
+       A group cut into several items (hot blocks such as block 0) writes fp32 partial dK/dV
+       slots that SPLIT_REDUCE sums in a fixed order; other groups write dK/dV directly.
+DQ     per (token, KV head): dq = sum over the token's slots of dQ_pair (fixed order).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .index import PairIndex, group_split_info, work_list
+from .q_outer import LOG2E, _pow2, precision_for
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = tl.arange(0, BLOCK_DV)
+    mask = (r < R)[:, None] & (offs < DV)[None, :]
+    o = tl.load(O + r[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + r[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < R)
+
+
+@triton.jit
+def _kv_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQP, DK, DVv, DKP, DVP, WORK, TOKS, BLKSTART, BLKLEN,
+    scale, qk_scale,
+    Hq, Hkv, NBG, h0,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    w = tl.program_id(0).to(tl.int64)
+    start = tl.load(WORK + w * 4)
+    end = tl.load(WORK + w * 4 + 1)
+    if start >= end:
+        return
+    grp = tl.load(WORK + w * 4 + 2)
+    slot = tl.load(WORK + w * 4 + 3)
+    gb = grp % NBG
+    h = h0 + grp // NBG
+    kst = tl.load(BLKSTART + gb)
+    blen = tl.load(BLKLEN + gb)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    kpos = kst + offs_n
+    kmask = offs_n < blen
+    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    pr = offs_m // G
+    g = offs_m % G
+    hq = h * G + g
+    for p0 in range(start, end, PAIRS):
+        pidx = p0 + pr
+        rmask = (pr < PAIRS) & (pidx < end)
+        tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+        qrow = tok * Hq + hq
+        q = tl.load(Q + qrow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(DO + qrow[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & dvmask[None, :], other=0.0)
+        lse2 = tl.load(LSE + qrow, mask=rmask, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + qrow, mask=rmask, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        row = pidx * G + g
+        tl.store(DQP + row[:, None] * D + offs_d[None, :], dq, mask=rmask[:, None] & dmask[None, :])
+    dk = dk * scale
+    if slot < 0:
+        tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None] & dmask[None, :])
+        tl.store(DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], dv.to(DVv.dtype.element_ty), mask=kmask[:, None] & dvmask[None, :])
+    else:
+        tl.store(DKP + slot * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk)
+        tl.store(DVP + slot * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    DK, DVv, DKP, DVP, SPLIT, BLKSTART, BLKLEN,
+    Hkv, NBG, h0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    grp = tl.program_id(0).to(tl.int64)
+    nitems = tl.load(SPLIT + grp * 2)
+    if nitems == 0:
+        return
+    base = tl.load(SPLIT + grp * 2 + 1)
+    gb = grp % NBG
+    h = h0 + grp // NBG
+    kst = tl.load(BLKSTART + gb)
+    blen = tl.load(BLKLEN + gb)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for i in range(nitems):
+        sl = base + i
+        dk += tl.load(DKP + sl * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :])
+        dv += tl.load(DVP + sl * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :])
+    kpos = kst + offs_n
+    kmask = offs_n < blen
+    tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None] & (offs_d < D)[None, :])
+    tl.store(DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], dv.to(DVv.dtype.element_ty), mask=kmask[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _dq_reduce_kernel(
+    DQ, DQP, POS, N, Hq, h0, TOPK: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hl = tl.program_id(1).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_g < G)[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    pos_row = POS + (hl * N + t) * TOPK
+    for s in range(TOPK):
+        pp = tl.load(pos_row + s).to(tl.int64)
+        if pp >= 0:
+            rows = pp * G + offs_g
+            acc += tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    hq = (h0 + hl) * G + offs_g
+    tl.store(DQ + (t * Hq + hq)[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=mask)
+
+
+# pairs per dK/dV work item: hot blocks (block 0, ...) are cut into items of this size for balance
+MAX_PAIRS_PER_ITEM = 2048
+
+
+def bwd_config(group: int, head_dim: int, block_size: int):
+    block_m = 64 if max(head_dim, block_size) <= 128 else 32
+    block_m = max(block_m, _pow2(group))
+    return block_m, 8 if max(head_dim, block_size) >= 128 else 4
+
+
+def compute_delta(o, do):
+    n_rows = o.shape[0] * o.shape[1]
+    head_dim_v = o.shape[2]
+    delta = torch.empty(o.shape[0], o.shape[1], dtype=torch.float32, device=o.device)
+    block_r = 16
+    _delta_kernel[(triton.cdiv(n_rows, block_r),)](o, do, delta, n_rows, DV=head_dim_v, BLOCK_R=block_r, BLOCK_DV=_pow2(head_dim_v))
+    return delta
+
+
+def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_size: int, scale: float, dq, dk, dv):
+    """Fills dq [N, Hq, D], dk, dv [N, Hkv, *] (dk, dv zero-initialised) for the heads of `index`."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    topk = index.pos.shape[-1]
+    block_m, warps = bwd_config(group, head_dim, block_size)
+    pairs = block_m // group
+    per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
+    work, n_slots = work_list(index, per_item, with_slots=True)
+    split = group_split_info(index, per_item)
+    block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
+    dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=torch.float32, device=q.device)
+    dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
+    dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
+    _kv_bwd_kernel[(work.shape[0],)](
+        q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index.toks, meta.blk_start, meta.blk_len,
+        scale, scale * LOG2E,
+        n_heads_q, n_heads_kv, meta.n_blocks, index.h0,
+        G=group, D=head_dim, DV=head_dim_v,
+        BLOCK_M=block_m, PAIRS=pairs, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=precision_for(q.dtype),
+        num_warps=warps, num_stages=2,
+    )
+    _split_reduce_kernel[(split.shape[0],)](
+        dk, dv, dkp, dvp, split, meta.blk_start, meta.blk_len,
+        n_heads_kv, meta.n_blocks, index.h0,
+        D=head_dim, DV=head_dim_v, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=4,
+    )
+    _dq_reduce_kernel[(n_tokens, index.n_heads)](
+        dq, dqp, index.pos, n_tokens, n_heads_q, index.h0, TOPK=topk,
+        G=group, D=head_dim, BLOCK_G=_pow2(group, 2), BLOCK_D=block_d,
+        num_warps=4 if block_d * _pow2(group, 2) >= 1024 else 2,
+    )

@@ -1,0 +1,186 @@
+"""Block -> token index for the KV-outer kernels, built by a sort over the (token, slot) pairs.
+
+All tensors live on the device of the inputs; nothing here synchronises with the host
+(grid sizes use host-side upper bounds; programs with no work exit at once).
+
+Terms (every document / batch row is flattened into one packed sequence of N tokens):
+  global block gb: the c-th block of a document, numbered over all documents (NBG in all);
+  blk_start[gb]  : global token index of its first key, blk_len[gb] its number of keys (<= bs);
+  group          : (local KV head hl, global block gb) -> hl * NBG + gb;
+  pair           : one valid (head, token, slot) of block_indices; a slot is valid when it is
+                   >= 0, its block starts at or before the token (local positions) and it does not
+                   repeat the previous slot. Pairs are sorted by (group, token), so every group owns a
+                   contiguous range of the sorted list (a CSR without dense [blocks x N] tables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DocMeta:
+    n_tokens: int
+    n_blocks: int  # NBG
+    tok_docstart: torch.Tensor  # [N] int64: global index of the token's document start
+    tok_blockbase: torch.Tensor  # [N] int64: global block id of its document's block 0
+    blk_start: torch.Tensor  # [NBG] int64
+    blk_len: torch.Tensor  # [NBG] int32
+
+
+def doc_meta(batch: int, seqlen: int, cu_seqlens, block_size: int, device) -> DocMeta:
+    """Document layout of the flattened [B*T] token axis (batch rows are documents too)."""
+    if cu_seqlens is None:
+        lens = [seqlen] * batch
+    else:
+        offs = [int(x) for x in cu_seqlens.tolist()]
+        lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
+    n_tokens = sum(lens)
+    nblk = [-(-n // block_size) for n in lens]
+    starts, bases, s, bb = [], [], 0, 0
+    for n, nb in zip(lens, nblk):
+        starts.append(s)
+        bases.append(bb)
+        s += n
+        bb += nb
+    n_blocks = bb
+    lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
+    nblk_t = torch.tensor(nblk, dtype=torch.int64, device=device)
+    starts_t = torch.tensor(starts, dtype=torch.int64, device=device)
+    bases_t = torch.tensor(bases, dtype=torch.int64, device=device)
+    tok_docstart = torch.repeat_interleave(starts_t, lens_t, output_size=n_tokens)
+    tok_blockbase = torch.repeat_interleave(bases_t, lens_t, output_size=n_tokens)
+    blk_doc_start = torch.repeat_interleave(starts_t, nblk_t, output_size=n_blocks)
+    blk_doc_len = torch.repeat_interleave(lens_t, nblk_t, output_size=n_blocks)
+    blk_local = torch.arange(n_blocks, device=device) - torch.repeat_interleave(bases_t, nblk_t, output_size=n_blocks)
+    blk_start = blk_doc_start + blk_local * block_size
+    blk_len = torch.clamp(blk_doc_len - blk_local * block_size, max=block_size).to(torch.int32)
+    return DocMeta(n_tokens, n_blocks, tok_docstart, tok_blockbase, blk_start, blk_len)
+
+
+def valid_slots(idx: torch.Tensor, meta: DocMeta, block_size: int) -> torch.Tensor:
+    """idx [N, H, K] int32 -> bool [N, H, K]: slot holds a block with at least one visible key, not a repeat."""
+    n_tokens = idx.shape[0]
+    tloc = torch.arange(n_tokens, device=idx.device) - meta.tok_docstart  # [N]
+    valid = (idx >= 0) & (idx.long() * block_size <= tloc[:, None, None])
+    if idx.shape[-1] > 1:
+        valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    return valid
+
+
+@dataclass
+class PairIndex:
+    h0: int  # first KV head of this slice
+    n_heads: int  # KV heads in this slice
+    n_pairs_max: int  # Hs * N * K (upper bound on the valid pairs)
+    counts: torch.Tensor  # [Hs * NBG] int64 pairs per group
+    gstart: torch.Tensor  # [Hs * NBG] int64 first sorted position of each group
+    toks: torch.Tensor  # [Hs * N * K] int32 token of each sorted position (valid ones first)
+    pos: torch.Tensor  # [Hs, N, K] int32 sorted position of each slot, -1 if the slot is invalid
+
+
+def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
+    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads)."""
+    n_tokens, _, topk = idx.shape
+    device = idx.device
+    sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
+    valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
+    n_groups = n_heads * meta.n_blocks
+    head = torch.arange(n_heads, device=device, dtype=torch.int64)
+    gid = head[None, :, None] * meta.n_blocks + meta.tok_blockbase[:, None, None] + sl.long()
+    gid = torch.where(valid, gid, torch.full_like(gid, n_groups))  # invalid slots sort last
+    gid = gid.permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
+    valid_flat = valid.permute(1, 0, 2).reshape(-1)
+    key_dtype = torch.int32 if n_groups < 2**31 - 1 else torch.int64
+    _, perm = torch.sort(gid.to(key_dtype), stable=True)
+    counts = torch.bincount(gid, minlength=n_groups + 1)[:n_groups]
+    gstart = torch.cumsum(counts, 0) - counts
+    n_pairs = gid.numel()
+    pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
+    pos[perm] = torch.arange(n_pairs, dtype=torch.int32, device=device)
+    pos = torch.where(valid_flat, pos, torch.full_like(pos, -1)).view(n_heads, n_tokens, topk)
+    toks = ((perm // topk) % n_tokens).to(torch.int32)
+    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos)
+
+
+def work_list(index: PairIndex, per_item: int, with_slots: bool = False):
+    """Flat work list: each group's sorted range cut into items of at most `per_item` pairs.
+
+    Returns (work [W, 3 or 4] int64: start, end, group[, partial slot or -1], n_slots_max).
+    W is a host-side upper bound; padding items have start == end == 0.
+    With `with_slots`, the items of groups cut into several items get consecutive partial slots.
+    """
+    counts, gstart = index.counts, index.gstart
+    n_groups = counts.numel()
+    device = counts.device
+    w_max = -(-index.n_pairs_max // per_item) + n_groups
+    nitems = (counts + per_item - 1) // per_item
+    cum = torch.cumsum(nitems, 0)
+    w = torch.arange(w_max, device=device, dtype=torch.int64)
+    grp = torch.searchsorted(cum, w, right=True)
+    ok = grp < n_groups
+    grp = torch.clamp(grp, max=n_groups - 1)
+    first = cum[grp] - nitems[grp]
+    local = w - first
+    start = gstart[grp] + local * per_item
+    end = torch.minimum(start + per_item, gstart[grp] + counts[grp])
+    zero = torch.zeros_like(start)
+    cols = [torch.where(ok, start, zero), torch.where(ok, end, zero), grp]
+    n_slots = 0
+    if with_slots:
+        split = nitems > 1
+        sizes = torch.where(split, nitems, torch.zeros_like(nitems))
+        base = torch.cumsum(sizes, 0) - sizes
+        slot = torch.where(ok & split[grp], base[grp] + local, torch.full_like(local, -1))
+        cols.append(slot)
+        n_slots = max(1, 2 * index.n_pairs_max // per_item)  # ceil(c/p) < 2c/p for c > p
+    return torch.stack(cols, 1).contiguous(), n_slots
+
+
+def group_split_info(index: PairIndex, per_item: int) -> torch.Tensor:
+    """[n_groups, 2] int64: (items of the group, first partial slot) for the dK/dV split reduction."""
+    nitems = (index.counts + per_item - 1) // per_item
+    split = nitems > 1
+    sizes = torch.where(split, nitems, torch.zeros_like(nitems))
+    base = torch.cumsum(sizes, 0) - sizes
+    return torch.stack([sizes, base], 1).contiguous()
+
+
+def random_selection(
+    batch: int,
+    seqlen: int,
+    n_heads_kv: int,
+    topk: int,
+    block_size: int,
+    *,
+    cu_seqlens=None,
+    generator: torch.Generator | None = None,
+    device=None,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Realistic test/benchmark selections [B, T, Hkv, topk] int32: block 0, the current and the
+    previous block forced, the rest distinct random past blocks; ascending, -1 right-padded.
+    Positions are local to each packed document when `cu_seqlens` is given (then batch must be 1)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out = torch.full((batch, seqlen, n_heads_kv, topk), -1, dtype=torch.int32, device=device)
+    spans = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]))
+    for b in range(batch):
+        for s, e in spans:
+            n_blocks = -(-(e - s) // block_size)
+            width = min(topk, n_blocks)
+            blocks = torch.arange(n_blocks, device=device)
+            for c0 in range(0, e - s, chunk):
+                c1 = min(c0 + chunk, e - s)
+                cur = torch.arange(c0, c1, device=device) // block_size  # [n]
+                score = torch.rand(c1 - c0, n_heads_kv, n_blocks, generator=generator, device="cpu" if generator is not None else device)
+                score = score.to(device)
+                forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+                score = torch.where(forced[:, None, :], torch.full_like(score, 2.0), score)
+                score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
+                val, ind = torch.topk(score, width, dim=-1)
+                ind = torch.where(val < 0, torch.full_like(ind, n_blocks), ind)
+                ind = torch.sort(ind, dim=-1).values
+                ind = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind)
+                out[b, s + c0 : s + c1, :, :width] = ind.to(torch.int32)
+    return out

@@ -1,0 +1,147 @@
+"""KV-outer (FSA-style) forward: one program per work item = (KV head, selected block, chunk of the
+tokens that chose it), the G heads of those tokens stacked as rows of one MMA tile.
+
+MAIN   one key block, BLOCK_M rows = PAIRS tokens x G heads (gathered query rows):
+       S = Q K^T * scale*log2e (key > token masked); m = rowmax; P = exp2(S - m); l = rowsum;
+       partial O_p = P V / l and partial lse2_p = m + log2(l), each with its own local max.
+REDUCE per (token, KV head), over the token's slots (fixed order, deterministic):
+       M = max lse2_p; O = sum 2^(lse2_p - M) O_p / sum 2^(lse2_p - M); LSE = M + log2(sum ...).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .index import PairIndex, work_list
+from .q_outer import LOG2E, _pow2, precision_for
+
+
+@triton.jit
+def _kv_fwd_main_kernel(
+    Q, K, V, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN,
+    qk_scale,
+    Hq, Hkv, NBG, h0,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    w = tl.program_id(0).to(tl.int64)
+    start = tl.load(WORK + w * 3)
+    end = tl.load(WORK + w * 3 + 1)
+    if start >= end:
+        return
+    grp = tl.load(WORK + w * 3 + 2)
+    gb = grp % NBG
+    h = h0 + grp // NBG
+    kst = tl.load(BLKSTART + gb)
+    blen = tl.load(BLKLEN + gb)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    pr = offs_m // G
+    g = offs_m % G
+    pidx = start + pr
+    rmask = (pr < PAIRS) & (pidx < end)
+    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+    hq = h * G + g
+    q = tl.load(Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    kpos = kst + offs_n
+    kmask = offs_n < blen
+    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
+    sc = tl.where(ok, sc, float("-inf"))
+    m = tl.max(sc, 1)
+    m = tl.where(rmask, m, 0.0)
+    p = tl.exp2(sc - m[:, None])
+    l = tl.sum(p, 1)
+    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+    acc = tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    l_safe = tl.where(l > 0, l, 1.0)
+    out = acc / l_safe[:, None]
+    row = pidx * G + g
+    tl.store(OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask)
+
+
+@triton.jit
+def _kv_fwd_reduce_kernel(
+    O, LSE, OP, LSEP, POS,
+    N, Hq, h0, TOPK: tl.constexpr,
+    G: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hl = tl.program_id(1).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    gmask = offs_g < G
+    dvmask = offs_dv < DV
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    pos_row = POS + (hl * N + t) * TOPK
+    for s in range(TOPK):
+        pp = tl.load(pos_row + s).to(tl.int64)
+        if pp >= 0:
+            rows = pp * G + offs_g
+            lp = tl.load(LSEP + rows, mask=gmask, other=0.0)
+            op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=gmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
+            m_new = tl.maximum(m_i, lp)
+            alpha = tl.exp2(m_i - m_new)
+            beta = tl.exp2(lp - m_new)
+            l_i = l_i * alpha + beta
+            acc = acc * alpha[:, None] + op * beta[:, None]
+            m_i = m_new
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    hq = (h0 + hl) * G + offs_g
+    tl.store(O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=gmask[:, None] & dvmask[None, :])
+    tl.store(LSE + t * Hq + hq, lse, mask=gmask)
+
+
+# partial-output dtype for 16-bit inputs: None keeps fp32 (most exact), or torch.bfloat16 / float16.
+PARTIAL_DTYPE: torch.dtype | None = None
+
+
+def fwd_config(group: int, head_dim: int, block_size: int):
+    """(BLOCK_M rows per tile, num_warps)."""
+    block_m = 128 if max(head_dim, block_size) <= 128 else 64
+    block_m = max(block_m, _pow2(group))
+    return block_m, 8 if block_m * max(head_dim, block_size) >= 128 * 128 else 4
+
+
+def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: float, o, lse):
+    """Fills o [N, Hq, Dv] and lse [N, Hq] for the KV heads of `index` (one head slice)."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    topk = index.pos.shape[-1]
+    block_m, warps = fwd_config(group, head_dim, block_size)
+    pairs = block_m // group
+    work, _ = work_list(index, pairs)
+    pdtype = torch.float32 if (q.dtype == torch.float32 or PARTIAL_DTYPE is None) else PARTIAL_DTYPE
+    n_rows = index.n_pairs_max * group
+    op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
+    lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
+    block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
+    _kv_fwd_main_kernel[(work.shape[0],)](
+        q, k, v, op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
+        scale * LOG2E,
+        n_heads_q, n_heads_kv, meta.n_blocks, index.h0,
+        G=group, D=head_dim, DV=head_dim_v,
+        BLOCK_M=block_m, PAIRS=pairs, BLOCK_N=_pow2(block_size), BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=precision_for(q.dtype),
+        num_warps=warps, num_stages=1,
+    )
+    _kv_fwd_reduce_kernel[(n_tokens, index.n_heads)](
+        o, lse, op, lsep, index.pos,
+        n_tokens, n_heads_q, index.h0, TOPK=topk,
+        G=group, DV=head_dim_v, BLOCK_G=_pow2(group, 2), BLOCK_DV=block_dv,
+        num_warps=4 if block_dv * _pow2(group, 2) >= 1024 else 2,
+    )

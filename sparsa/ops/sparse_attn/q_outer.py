@@ -1,0 +1,128 @@
+"""Query-outer (NSA-style) forward: one program per (token, KV head), the G query heads as rows.
+
+Each program walks the token's selected blocks with an online softmax (log2 domain, fp32).
+Rows are padded to max(16, next_pow2(G)) for tl.dot: efficient for large G and for few queries.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreter_index_fix() -> None:
+    """Triton 3.6's interpreter turns scalars into 1-element arrays and `range(tensor)` calls
+    int(array), which NumPy >= 2.4 rejects for 1-d arrays. Make `__index__` take the element."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_sparsa_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparsa_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
+
+# tests and the GPU check set this: outputs are then allocated full of NaN, so that an element
+# a kernel fails to write shows up (costs one extra memset per output otherwise skipped)
+POISON_OUTPUTS = os.environ.get("SPARSA_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _q_outer_fwd_kernel(
+    Q, K, V, O, LSE, IDX, DOCSTART,
+    qk_scale,  # scale * log2(e)
+    Hq, Hkv, BS, TOPK: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    doc0 = tl.load(DOCSTART + t)
+    tloc = t - doc0
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    hq = h * G + offs_g
+    q = tl.load(Q + (t * Hq + hq)[:, None] * D + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    prev = tl.full([], -1, dtype=tl.int64)
+    idx_row = IDX + (t * Hkv + h) * TOPK
+    for s in range(TOPK):
+        b = tl.load(idx_row + s).to(tl.int64)
+        if (b >= 0) & (b * BS <= tloc) & (b != prev):
+            kpos = doc0 + b * BS + offs_n
+            kmask = (offs_n < BS) & (kpos <= t)
+            k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            sc = tl.where(kmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+            m_i = m_new
+        prev = b
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=gmask[:, None] & dvmask[None, :])
+    tl.store(LSE + t * Hq + hq, lse, mask=gmask)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def precision_for(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
+    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 -> o [N, Hq, Dv], lse [N, Hq] fp32."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
+    lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
+    block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
+    big = max(block_d, block_dv) > 128
+    _q_outer_fwd_kernel[(n_tokens, n_heads_kv)](
+        q, k, v, o, lse, idx, meta.tok_docstart,
+        scale * LOG2E,
+        n_heads_q, n_heads_kv, block_size, TOPK=idx.shape[-1],
+        G=group, D=head_dim, DV=head_dim_v,
+        BLOCK_G=_pow2(group), BLOCK_N=_pow2(block_size), BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=precision_for(q.dtype),
+        num_warps=8 if big else 4, num_stages=2,
+    )
+    return o, lse

@@ -1,0 +1,100 @@
+"""Triton selected-block attention: both loop orders behind one autograd function.
+
+forward : query-outer (q_outer.py, one program per token and KV head) or KV-outer (kv_outer.py,
+          one program per (KV head, block, chunk of the tokens that chose it) + LSE merge);
+backward: KV-outer for both (backward.py): dK/dV per block, dQ through per-pair partials and a
+          fixed-order reduction (deterministic).
+Every batch row / packed document is flattened into one token axis; positions and block indices
+stay local to each document (index.DocMeta). KV heads are processed in slices so that the
+per-pair buffers stay under PAIR_BUFFER_BYTES.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backward import compute_delta, kv_outer_backward
+from .index import build_pair_index, doc_meta
+from .kv_outer import kv_outer_forward
+from .q_outer import new_output, q_outer_forward
+
+# upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
+PAIR_BUFFER_BYTES = 6 << 30
+
+
+def choose_loop_order(group: int, n_tokens: int, head_dim: int) -> str:
+    """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
+    and for few queries (the KV-outer index build and reduction are fixed costs)."""
+    if group >= 16:
+        return "q_outer"
+    if n_tokens < 2048:
+        return "q_outer"
+    return "kv_outer"
+
+
+def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int):
+    per_head = n_tokens * topk * group * (max(head_dim, head_dim_v) * 4 + 4)
+    step = max(1, min(n_heads_kv, PAIR_BUFFER_BYTES // max(per_head, 1)))
+    return [(h0, min(step, n_heads_kv - h0)) for h0 in range(0, n_heads_kv, step)]
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, meta, block_size, scale, loop_order):
+        n_tokens, n_heads_q, head_dim = q.shape
+        n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+        group = n_heads_q // n_heads_kv
+        topk = idx.shape[-1]
+        indices = None
+        if loop_order == "q_outer":
+            o, lse = q_outer_forward(q, k, v, idx, meta, block_size, scale)
+        else:
+            o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
+            lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
+            indices = []
+            for h0, hs in _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v):
+                index = build_pair_index(idx, meta, block_size, h0, hs)
+                kv_outer_forward(q, k, v, index, meta, block_size, scale, o, lse)
+                indices.append(index)
+        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.meta, ctx.block_size, ctx.scale, ctx.indices = meta, block_size, scale, indices
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, idx = ctx.saved_tensors
+        meta, block_size, scale = ctx.meta, ctx.block_size, ctx.scale
+        n_tokens, n_heads_q, head_dim = q.shape
+        n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+        group = n_heads_q // n_heads_kv
+        topk = idx.shape[-1]
+        do = do.contiguous()
+        delta = compute_delta(o, do)
+        dq = new_output(q.shape, q.dtype, q.device)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        indices = ctx.indices
+        if indices is None:
+            slices = _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v)
+            indices = (build_pair_index(idx, meta, block_size, h0, hs) for h0, hs in slices)
+        for index in indices:
+            kv_outer_backward(q, k, v, do, lse, delta, index, meta, block_size, scale, dq, dk, dv)
+        ctx.indices = None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seqlens=None, loop_order=None):
+    """Inputs validated by sparsa.sparse_attention. Returns (o [B, T, Hq, Dv], lse [B, T, Hq] fp32)."""
+    batch, seqlen, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[2], v.shape[3]
+    n_tokens = batch * seqlen
+    group = n_heads_q // n_heads_kv
+    if loop_order is None:
+        loop_order = choose_loop_order(group, n_tokens, head_dim)
+    meta = doc_meta(batch, seqlen, cu_seqlens, block_size, q.device)
+    qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
+    kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
+    vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
+    idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32).contiguous()
+    o, lse = _SparseAttention.apply(qf, kf, vf, idx, meta, block_size, float(scale), loop_order)
+    return o.view(batch, seqlen, n_heads_q, head_dim_v), lse.view(batch, seqlen, n_heads_q)

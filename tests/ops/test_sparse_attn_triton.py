@@ -1,0 +1,158 @@
+"""Triton selected-block attention vs the PyTorch reference (both loop orders, fwd + bwd).
+
+Without a GPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton loads); shapes are small and dtypes fp32/fp16 (bf16 dots are wrong there).
+"""
+import os
+
+import pytest
+import torch
+
+import sparsa
+from sparsa.ops.sparse_attn import naive
+from sparsa.ops.sparse_attn import q_outer as q_outer_mod
+from sparsa.ops.sparse_attn.index import random_selection
+
+CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="needs a GPU or the Triton interpreter")
+DEVICE = "cuda" if CUDA else "cpu"
+ORDERS = ("q_outer", "kv_outer")
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setattr(q_outer_mod, "POISON_OUTPUTS", True)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all() or not torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch, seqlen, hkv, group, dim, dtype, dim_v=None, logit=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dim_v = dim_v or dim
+    q = torch.randn(batch, seqlen, hkv * group, dim, generator=gen)
+    k = torch.randn(batch, seqlen, hkv, dim, generator=gen)
+    v = torch.randn(batch, seqlen, hkv, dim_v, generator=gen)
+    if logit is not None:  # |q . k| * scale up to ~logit
+        q = q * (logit / dim**0.5) ** 0.5 * 1.5
+        k = k * (logit / dim**0.5) ** 0.5 * 1.5
+    do = torch.randn(batch, seqlen, hkv * group, dim_v, generator=gen)
+    return [x.to(DEVICE, dtype) for x in (q, k, v, do)]
+
+
+def run(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o, lse = fn(q, k, v, **kw)
+    o.backward(do)
+    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def check(q, k, v, do, idx, block_size, cu_seqlens=None, orders=ORDERS, tol=None, grads=True):
+    scale = q.shape[-1] ** -0.5
+    ref = run(
+        lambda a, b, c: naive.sparse_attention(a, b, c, idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens),
+        *(x.double() for x in (q, k, v, do)),
+    )
+    tol = tol or (2e-5 if q.dtype == torch.float32 else 5e-3)
+    for order in orders:
+        out = run(
+            lambda a, b, c: sparsa.sparse_attention(
+                a, b, c, idx, block_size=block_size, cu_seqlens=cu_seqlens, return_lse=True, loop_order=order
+            ),
+            q, k, v, do,
+        )
+        names = ("o", "lse", "dq", "dk", "dv") if grads else ("o", "lse")
+        for name, a, b in zip(names, out, ref):
+            assert not torch.isnan(a).any(), f"{order}: NaN in {name}"
+            if name == "lse":
+                fin = torch.isfinite(b)
+                assert torch.equal(fin, torch.isfinite(a)), f"{order}: lse finiteness"
+                a, b = a[fin], b[fin]
+            err = rel(a, b)
+            assert err < tol, f"{order}: {name} rel err {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_random_selection_fp32(group):
+    hkv = 2 if group <= 2 else 1
+    seqlen, bs, topk = (64, 16, 3) if group != 3 else (80, 16, 4)
+    q, k, v, do = make_inputs(1, seqlen, hkv, group, 16, torch.float32, seed=group)
+    idx = random_selection(1, seqlen, hkv, topk, bs, generator=torch.Generator().manual_seed(group), device=DEVICE)
+    check(q, k, v, do, idx, bs)
+
+
+def test_batch_dv_and_block32_fp32():
+    q, k, v, do = make_inputs(2, 72, 1, 2, 16, torch.float32, dim_v=32, seed=11)
+    idx = random_selection(2, 72, 1, 2, 32, generator=torch.Generator().manual_seed(5), device=DEVICE)
+    check(q, k, v, do, idx, 32)
+
+
+def test_fp16_large_logits():
+    q, k, v, do = make_inputs(1, 64, 1, 4, 32, torch.float16, logit=50.0, seed=3)
+    logits = torch.einsum("thd,tkd->th", q[0, :, :1].float(), k[0].float()) * 32**-0.5
+    assert logits.abs().max() > 30  # the test really has large logits
+    idx = random_selection(1, 64, 1, 3, 16, generator=torch.Generator().manual_seed(3), device=DEVICE)
+    check(q, k, v, do, idx, 16, tol=1e-2)
+
+
+def test_fp32_large_logits_packed_documents():
+    cu = torch.tensor([0, 23, 64, 96], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 96, 1, 3, 16, torch.float32, logit=50.0, seed=4)
+    idx = random_selection(1, 96, 1, 3, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(4), device=DEVICE)
+    check(q, k, v, do, idx, 16, cu_seqlens=cu, tol=1e-4)
+
+
+def test_every_token_selects_the_same_block():
+    seqlen, bs = 64, 16
+    q, k, v, do = make_inputs(1, seqlen, 1, 4, 16, torch.float32, seed=6)
+    cur = torch.arange(seqlen, device=DEVICE) // bs
+    idx = torch.full((1, seqlen, 1, 3), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, :, 0, 0] = torch.where(cur >= 1, torch.ones_like(cur), cur).int()  # block 1 (or 0 before it exists)
+    idx[0, :, 0, 1] = torch.where(cur > 1, cur, torch.full_like(cur, -1)).int()
+    check(q, k, v, do, idx, bs)
+
+
+def test_only_block_zero_and_maximal_padding():
+    seqlen, bs, topk = 64, 16, 8
+    q, k, v, do = make_inputs(1, seqlen, 1, 2, 16, torch.float32, seed=7)
+    idx = torch.full((1, seqlen, 1, topk), -1, dtype=torch.int32, device=DEVICE)
+    idx[..., 0] = 0  # only block 0 (keys <= t inside it; later tokens see all 16 keys)
+    check(q, k, v, do, idx, bs)
+
+
+def test_rows_without_keys_give_zero_and_minus_inf():
+    seqlen, bs = 48, 16
+    q, k, v, do = make_inputs(1, seqlen, 1, 2, 16, torch.float32, seed=8)
+    idx = random_selection(1, seqlen, 1, 2, bs, generator=torch.Generator().manual_seed(8), device=DEVICE)
+    idx[0, 5] = -1  # no block at all
+    idx[0, 6, 0, 0], idx[0, 6, 0, 1] = 2, -1  # only a future block
+    for order in ORDERS:
+        o, lse = sparsa.sparse_attention(q, k, v, idx, block_size=bs, return_lse=True, loop_order=order)
+        assert torch.all(o[0, 5:7] == 0) and torch.all(lse[0, 5:7] == float("-inf")), order
+    check(q, k, v, do, idx, bs, grads=True)
+
+
+def test_random_selection_helper():
+    idx = random_selection(1, 300, 2, 6, 16, generator=torch.Generator().manual_seed(0))
+    cur = torch.arange(300) // 16
+    for t in (0, 17, 40, 299):
+        row = idx[0, t, 0]
+        valid = row[row >= 0]
+        assert torch.all(valid[1:] > valid[:-1]) and int(valid[0]) == 0 and int(valid[-1]) == int(cur[t])
+        if cur[t] >= 1:
+            assert int(cur[t]) - 1 in valid.tolist()
+        assert len(valid) == min(6, int(cur[t]) + 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("group", [1, 4, 5, 16])
+def test_gpu_bf16_matches_reference(group):
+    hkv = 32 // group if group <= 16 else 1
+    q, k, v, do = make_inputs(1, 2048, hkv, group, 128, torch.bfloat16, seed=group)
+    idx = random_selection(1, 2048, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
+    check(q, k, v, do, idx, 64, tol=2e-2)
