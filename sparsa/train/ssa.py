@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import OPTIMIZER_FILE, STATE_FILE, atomic_write, load_model, save_model, write_json
 from ..config import ModelConfig, preset
-from ..data import ByteTokenizer, TokenStream, load_documents, random_batch, sequential_batches, split_documents
+from ..data import (ByteTokenizer, PackedBatch, TokenStream, load_documents, pack_windows, random_batch,
+                    sequential_batches, split_documents)
 from ..models.llama import SparsaLM
 
 METHODS = ("full", "sparse", "ssa")
@@ -89,6 +90,25 @@ def draw_mode(cfg: TrainConfig, step: int, micro: int) -> str:
 
 def batch_seed(cfg: TrainConfig, step: int, micro: int, rank: int = 0) -> list[int]:
     return [cfg.seed, 11, step, micro, rank]
+
+
+def shard_batch(stream: TokenStream, batch_size: int, seq_len: int, seed, rank: int = 0,
+                world_size: int = 1) -> PackedBatch:
+    """Rank `rank`'s rows of a global batch of `world_size * batch_size` windows fixed by `seed`.
+
+    The global offsets are drawn exactly as `random_batch(stream, world_size * batch_size, ...)` draws
+    them, and rank r packs rows [r * batch_size, (r + 1) * batch_size): the union over ranks is the
+    batch a single process with `batch_size * world_size` rows sees. world_size 1 is `random_batch`.
+    """
+    if world_size == 1:
+        return random_batch(stream, batch_size, seq_len, seed)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if len(stream) <= seq_len + 1:
+        raise ValueError(f"seq_len ({seq_len}) must be shorter than the corpus ({len(stream)} tokens)")
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, len(stream) - seq_len - 1, size=world_size * batch_size).tolist()
+    return pack_windows(stream, offsets[rank * batch_size: (rank + 1) * batch_size], seq_len)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,41 +207,116 @@ def plot_losses(out: Path) -> Path | None:
 
 
 def save_training_checkpoint(out: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, step: int):
-    save_model(out, model, model_config, extra={"train": dataclasses.asdict(cfg), "method": cfg.method})
-    atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp))
+    write_training_checkpoint(out, model, optimizer.state_dict(), model_config, cfg, step)
+
+
+def write_training_checkpoint(out: Path, model, optimizer_state: dict, model_config: ModelConfig, cfg: TrainConfig,
+                              step: int, extra: dict | None = None) -> None:
+    """The checkpoint files of a training run; `model` is a plain (unwrapped) SparsaLM and `optimizer_state`
+    a single-process optimizer state dict (parameters numbered in `make_optimizer` order). Each file is
+    written atomically and trainer_state.json last, so a checkpoint with a state file is complete."""
+    save_model(out, model, model_config, extra={"train": dataclasses.asdict(cfg), "method": cfg.method, **(extra or {})})
+    atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save({"optimizer": optimizer_state, "step": step}, tmp))
     write_json(out / STATE_FILE, {"step": step, "method": cfg.method, "time": time.time()})
+
+
+class SingleProcess:
+    """How `run_training` talks to the hardware: one process. `sparsa.train.distributed` subclasses it
+    for DDP and FSDP2 (torchrun); every hook here is the identity of single-process training."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that runs the training forward and backward."""
+        return model
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def make_optimizer(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return make_optimizer(model, cfg)
+
+    def load_optimizer_state(self, model, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def batch(self, stream: TokenStream, cfg: TrainConfig, step: int, micro: int, seq_len: int) -> PackedBatch:
+        return shard_batch(stream, cfg.batch_size, seq_len, batch_seed(cfg, step, micro), self.rank, self.world_size)
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        return values
+
+    def grad_sync(self, model, sync: bool):
+        """Context for one micro-batch's forward and backward; `sync` is False on all but the last."""
+        return nullcontext()
+
+    def clip_grad_norm(self, model, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def evaluate(self, model, stream: TokenStream, seq_len: int, batch_size: int, max_batches: int, mode: str) -> float:
+        return evaluate_bpb(model, stream, seq_len, batch_size, max_batches, mode, self.device)
+
+    def save(self, out: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, step: int) -> None:
+        save_training_checkpoint(out, model, optimizer, model_config, cfg, step)
+
+    def barrier(self) -> None:
+        pass
 
 
 def train(cfg: TrainConfig) -> dict:
     """Trains (or resumes) and returns a summary dict; writes checkpoints, metrics.jsonl, loss.png to cfg.out."""
+    return run_training(cfg, SingleProcess(resolve_device(cfg.device)))
+
+
+def run_training(cfg: TrainConfig, rt: SingleProcess) -> dict:
+    """The training loop, on one process or on every rank of a torchrun job (`rt` says which).
+
+    With world size W each rank trains on its slice of a global batch of W * batch_size rows per
+    micro-batch; the loss is token-weighted over the global step, so the update equals one process
+    training on the same global batch (up to floating-point summation order). Rank 0 alone writes
+    metrics and checkpoints."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    device = rt.device
     torch.manual_seed(cfg.seed)
     train_stream, val_stream = load_streams(cfg.data)
     start_step = 0
     if cfg.resume and (out / STATE_FILE).exists():
         model, meta = load_model(out, device)
         model_config = model.config
-        optimizer = make_optimizer(model, cfg)
+        model = rt.wrap(model)
+        optimizer = rt.make_optimizer(model, cfg)
         state = torch.load(out / OPTIMIZER_FILE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        rt.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = state["step"]
-        kept = [r for r in read_metrics(out / METRICS_FILE) if r["step"] < start_step or
-                (r["kind"] == "eval" and r["step"] <= start_step)]
-        atomic_write(out / METRICS_FILE, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+        rt.barrier()  # every rank has read the checkpoint before rank 0 rewrites anything in `out`
+        if rt.is_main:
+            kept = [r for r in read_metrics(out / METRICS_FILE) if r["step"] < start_step or
+                    (r["kind"] == "eval" and r["step"] <= start_step)]
+            atomic_write(out / METRICS_FILE,
+                         lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
     else:
         if (out / STATE_FILE).exists():
             raise ValueError(f"out {str(out)!r} already holds a checkpoint: pass --resume or choose another --out")
         model_config = model_config_for(cfg)
         model = SparsaLM(model_config).to(device)
-        optimizer = make_optimizer(model, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)
+        model = rt.wrap(model)
+        optimizer = rt.make_optimizer(model, cfg)
+        rt.barrier()
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / METRICS_FILE).unlink(missing_ok=True)
     seq_len = cfg.seq_len or model_config.max_seq_len
     model.train()
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
-    bar = tqdm(range(start_step, end_step), desc=f"train {cfg.method}", disable=not cfg.progress,
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * rt.world_size
+    bar = tqdm(range(start_step, end_step), desc=f"train {cfg.method}", disable=not (cfg.progress and rt.is_main),
                initial=start_step, total=cfg.steps, dynamic_ncols=True)
     last = {}
     for step in bar:
@@ -229,41 +324,50 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [random_batch(train_stream, cfg.batch_size, seq_len, batch_seed(cfg, step, m)).to(device)
-                   for m in range(cfg.grad_accum)]
-        total_targets = sum(int((b.targets != -100).sum()) for b in batches)
+        batches = [rt.batch(train_stream, cfg, step, m, seq_len).to(device) for m in range(cfg.grad_accum)]
+        (total_targets,) = rt.sum_over_ranks([sum(int((b.targets != -100).sum()) for b in batches)])
+        total_targets = int(total_targets)
         ce_sum, align_sum, modes = 0.0, 0.0, []
         for micro, batch in enumerate(batches):
             mode = draw_mode(cfg, step, micro)
             modes.append(mode)
-            with autocast_for(device):
-                result = model(batch.tokens, targets=batch.targets, mode=mode, align=cfg.method == "ssa",
-                               cu_seqlens=batch.cu_seqlens)
-            # token-weighted CE over the whole step; alignment averaged over micro-batches
-            loss = result.ce * (result.n_targets / total_targets)
-            if result.align is not None:
-                loss = loss + cfg.alpha * result.align / cfg.grad_accum
-                align_sum += float(result.align.detach()) / cfg.grad_accum
-            loss.backward()
+            with rt.grad_sync(model, micro == cfg.grad_accum - 1):
+                with autocast_for(device):
+                    result = model(batch.tokens, targets=batch.targets, mode=mode, align=cfg.method == "ssa",
+                                   cu_seqlens=batch.cu_seqlens)
+                # token-weighted CE over the whole (global) step; alignment averaged over micro-batches.
+                # Gradients are averaged over ranks (DDP / FSDP), hence the world_size factor on the CE.
+                loss = result.ce * (result.n_targets * rt.world_size / total_targets)
+                if result.align is not None:
+                    loss = loss + cfg.alpha * result.align / cfg.grad_accum
+                    align_sum += float(result.align.detach()) / cfg.grad_accum
+                loss.backward()
             ce_sum += float(result.ce.detach()) * result.n_targets / total_targets
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if rt.world_size > 1:
+            ce_sum, align_sum = rt.sum_over_ranks([ce_sum, align_sum])
+            align_sum /= rt.world_size
+        grad_norm = rt.clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         last = {"kind": "train", "step": step, "lr": lr, "ce": ce_sum, "align": align_sum if cfg.method == "ssa" else None,
                 "grad_norm": grad_norm, "modes": modes, "tokens_per_s": tokens_per_step / elapsed}
-        append_metrics(out / METRICS_FILE, last)
+        if rt.is_main:
+            append_metrics(out / METRICS_FILE, last)
         bar.set_postfix(ce=f"{ce_sum:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             record = {"kind": "eval", "step": done}
             for mode in ("full", "sparse"):
-                record[f"val_bpb_{mode}"] = evaluate_bpb(model, val_stream, seq_len, cfg.batch_size,
-                                                         cfg.eval_batches, mode, device)
-            append_metrics(out / METRICS_FILE, record)
-            bar.write(f"step {done}: val bpb full {record['val_bpb_full']:.4f} sparse {record['val_bpb_sparse']:.4f}")
+                record[f"val_bpb_{mode}"] = rt.evaluate(model, val_stream, seq_len, cfg.batch_size,
+                                                        cfg.eval_batches, mode)
+            if rt.is_main:
+                append_metrics(out / METRICS_FILE, record)
+                bar.write(f"step {done}: val bpb full {record['val_bpb_full']:.4f} sparse {record['val_bpb_sparse']:.4f}")
         if done % cfg.save_every == 0 or done == end_step:
-            save_training_checkpoint(out, model, optimizer, model_config, cfg, done)
+            rt.save(out, model, optimizer, model_config, cfg, done)
     bar.close()
-    plot_losses(out)
-    return {"out": str(out), "steps": end_step, "last": last, "n_params": model.n_params()}
+    if rt.is_main:
+        plot_losses(out)
+    rt.barrier()
+    return {"out": str(out), "steps": end_step, "last": last, "n_params": rt.unwrap(model).n_params()}
