@@ -85,6 +85,9 @@ PRESETS: dict[str, ModelConfig] = {
     # about 30M parameters, for one GPU (byte vocabulary)
     "small": ModelConfig(n_layers=10, d_model=512, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=2048,
                          sparse=SparseConfig(block_size=16, topk=8)),
+    # the SSA reproduction model (experiments/ssa_repro.py): `small` with 6 layers, about 19M parameters
+    "repro": ModelConfig(n_layers=6, d_model=512, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=2048,
+                         sparse=SparseConfig(block_size=16, topk=8)),
 }
 
 
