@@ -37,8 +37,12 @@ class SparseAttention(nn.Module):
     """q/k/v/o projections, RoPE, per-head sigmoid output gate; `mode` in {"full", "sparse"}.
 
     Sparse mode selects blocks with SSA's rule (`sparsa.select_blocks`) unless the caller passes
-    `block_indices` (e.g. from a forecast), then runs `sparsa.sparse_attention`. The gate multiplies
-    the attention output of both modes before o_proj.
+    `block_indices`, or `forecast` f [B, T, Hkv, D] (SparDA lookahead: the blocks come from
+    `forecast_select_from_keys(f, k)` against this layer's own keys), then runs
+    `sparsa.sparse_attention`. The gate multiplies the attention output of both modes before o_proj.
+
+    `record`: when a dict, forward stores q, k (post-RoPE), v and x (the layer's normalised input,
+    i.e. what q/k/v and a Forecast read), all detached.
     """
 
     def __init__(self, config: ModelConfig):
@@ -74,6 +78,16 @@ class SparseAttention(nn.Module):
             init_blocks=sc.init_blocks, local_blocks=sc.local_blocks, cu_seqlens=cu_seqlens,
         )
 
+    def select_from_forecast(self, f, k, cu_seqlens=None, topk: int | None = None) -> torch.Tensor:
+        """SparDA lookahead selection: blocks of this layer's keys k ranked by f . kbar (no gradient)."""
+        from .forecast import forecast_select_from_keys
+
+        sc = self.config.sparse
+        return forecast_select_from_keys(
+            f.detach(), k.detach(), block_size=sc.block_size, topk=topk or sc.topk,
+            init_blocks=sc.init_blocks, local_blocks=sc.local_blocks, cu_seqlens=cu_seqlens,
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -85,16 +99,20 @@ class SparseAttention(nn.Module):
         compute_aux: bool = False,
         block_indices: torch.Tensor | None = None,
         topk: int | None = None,
+        forecast: torch.Tensor | None = None,
     ) -> AttentionOutput:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         q, k, v = self.project(x, cos, sin)
         if self.record is not None:
-            self.record.update(q=q.detach(), k=k.detach(), v=v.detach())
+            self.record.update(q=q.detach(), k=k.detach(), v=v.detach(), x=x.detach())
         gate = self.gate(x)
         needs_sparse = mode == "sparse" or compute_aux
         if needs_sparse and block_indices is None:
-            block_indices = self.select(q, k, cu_seqlens, topk)
+            if forecast is not None:
+                block_indices = self.select_from_forecast(forecast, k, cu_seqlens, topk)
+            else:
+                block_indices = self.select(q, k, cu_seqlens, topk)
 
         def run(which: str) -> torch.Tensor:
             if which == "full":
