@@ -1,0 +1,183 @@
+"""Attention of single queries over selected KV blocks held in a block pool (decode and prefill).
+
+Every row r (a decoding sequence, or one query of a prefill chunk) has a position pos[r], its
+G query heads per KV head, and for each KV head a list of K entries: `idx` (which pool slot holds
+the block, -1 = none) and `blk` (which logical block it is, for positions). Keys of block c sit at
+positions c*bs .. c*bs+bs-1 and count when <= pos[r]. With a tail, the entry whose block is the
+row's current block (pos // bs) reads the tail instead of the pool: the newest, partial block.
+
+  o[r, h*G + g] = softmax_j(q[r, h*G+g] . key_j * scale) @ value_j   over the allowed keys j
+
+The reference gathers the entries into a compact buffer and attends in float32; the Triton kernel
+(CUDA, or the interpreter) streams the blocks with an online softmax, optionally split over the
+entry list (flash-decoding) and combined afterwards. Both read entries in list order, so two
+callers that present the same data in the same order get the same result bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def gather_entries(pool: torch.Tensor, idx: torch.Tensor, shared: bool) -> torch.Tensor:
+    """pool [P, H, S, bs, D], idx [R, H, K] -> [R, H, K, bs, D] (row r reads pool r, or pool 0 if shared)."""
+    rows, n_heads, k = idx.shape
+    safe = idx.clamp(min=0).to(torch.long)
+    heads = torch.arange(n_heads, device=idx.device)[None, :, None]
+    if shared:
+        return pool[0][heads.expand(rows, n_heads, k), safe]
+    row = torch.arange(rows, device=idx.device)[:, None, None]
+    return pool[row.expand(rows, n_heads, k), heads.expand(rows, n_heads, k), safe]
+
+
+def block_attention_reference(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float,
+                              shared: bool = False, tail_k=None, tail_v=None) -> torch.Tensor:
+    """q [R, Hq, D]; pool_k/v [P, H, S, bs, D]; idx, blk [R, H, K]; pos [R]; tail_k/v [R, H, bs, D]."""
+    rows, n_heads_q, head_dim = q.shape
+    n_heads_kv, k_entries = idx.shape[1], idx.shape[2]
+    group = n_heads_q // n_heads_kv
+    kc = gather_entries(pool_k, idx, shared)
+    vc = gather_entries(pool_v, idx, shared)
+    if tail_k is not None:
+        cur = torch.div(pos, block_size, rounding_mode="floor").to(torch.long)[:, None, None]
+        is_tail = (blk.to(torch.long) == cur)[..., None, None]
+        kc = torch.where(is_tail, tail_k[:, :, None], kc)
+        vc = torch.where(is_tail, tail_v[:, :, None], vc)
+    key_pos = blk.to(torch.long)[..., None] * block_size + torch.arange(block_size, device=q.device)  # [R,H,K,bs]
+    allowed = (idx >= 0)[..., None] & (key_pos <= pos.to(torch.long)[:, None, None, None])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc = kc.reshape(rows, n_heads_kv, k_entries * block_size, head_dim).to(acc)
+    vc = vc.reshape(rows, n_heads_kv, k_entries * block_size, -1).to(acc)
+    qg = q.to(acc).view(rows, n_heads_kv, group, head_dim)
+    logits = torch.matmul(qg, kc.transpose(-1, -2)) * scale  # [R, H, G, K*bs]
+    logits = logits.masked_fill(~allowed.reshape(rows, n_heads_kv, 1, -1), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
+    out = torch.matmul(probs, vc)  # [R, H, G, Dv]
+    return out.reshape(rows, n_heads_q, -1).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block_attn_kernel(
+        q_ptr, pk_ptr, pv_ptr, idx_ptr, blk_ptr, pos_ptr, tk_ptr, tv_ptr,
+        acc_ptr, m_ptr, l_ptr,
+        scale, n_entries, per_split,
+        s_qr, s_qh,
+        s_pp, s_ph, s_ps,
+        s_ir, s_ih,
+        s_tr, s_th,
+        H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+        N_SPLITS: tl.constexpr, USE_TAIL: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        t = tl.arange(0, BS)
+        gmask = g < G
+        q = tl.load(q_ptr + r * s_qr + (h * G + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+        pos = tl.load(pos_ptr + r)
+        cur = pos // BS
+        m_i = tl.full([BG], float("-inf"), tl.float32)
+        l_i = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, D], tl.float32)
+        start = sp * per_split
+        end = tl.minimum(start + per_split, n_entries)
+        for e in range(start, end):
+            slot = tl.load(idx_ptr + r * s_ir + h * s_ih + e)
+            if slot >= 0:
+                b = tl.load(blk_ptr + r * s_ir + h * s_ih + e)
+                koff = (r * s_pp + h * s_ph + slot * s_ps).to(tl.int64)
+                kp = pk_ptr + koff
+                vp = pv_ptr + koff
+                if USE_TAIL:
+                    if b == cur:
+                        kp = tk_ptr + r * s_tr + h * s_th
+                        vp = tv_ptr + r * s_tr + h * s_th
+                k = tl.load(kp + t[:, None] * D + d[None, :])
+                v = tl.load(vp + t[:, None] * D + d[None, :])
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BG, BS]
+                kpos = b * BS + t
+                s = tl.where((kpos <= pos)[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+                m_i = m_new
+        base = (r * H + h) * N_SPLITS + sp
+        tl.store(acc_ptr + base * BG * D + g[:, None] * D + d[None, :], acc)
+        tl.store(m_ptr + base * BG + g, m_i)
+        tl.store(l_ptr + base * BG + g, l_i)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float,
+                           shared: bool = False, tail_k=None, tail_v=None, n_splits: int | None = None) -> torch.Tensor:
+    rows, n_heads_q, head_dim = q.shape
+    n_heads_kv, n_entries = idx.shape[1], idx.shape[2]
+    group = n_heads_q // n_heads_kv
+    if head_dim != _pow2(head_dim) or block_size != _pow2(block_size) or block_size < 16:
+        raise ValueError("the Triton block attention needs power-of-two head_dim and block_size >= 16")
+    bg = max(16, _pow2(group))
+    if n_splits is None:
+        programs = rows * n_heads_kv
+        n_splits = 1 if programs >= 256 else min(n_entries, max(1, 512 // max(programs, 1)))
+    per_split = -(-n_entries // n_splits)
+    q = q.contiguous()
+    idx = idx.contiguous()
+    blk = blk.contiguous()
+    pos = pos.contiguous()
+    for name, x in (("pool_k", pool_k), ("pool_v", pool_v)):
+        if x.stride(-1) != 1 or x.stride(-2) != head_dim or x.stride(-3) != block_size * head_dim:
+            raise ValueError(f"{name} must have contiguous [bs, D] blocks")
+    use_tail = tail_k is not None
+    tk = tail_k.contiguous() if use_tail else pool_k
+    tv = tail_v.contiguous() if use_tail else pool_v
+    dev = q.device
+    acc = torch.empty(rows, n_heads_kv, n_splits, bg, head_dim, dtype=torch.float32, device=dev)
+    m = torch.empty(rows, n_heads_kv, n_splits, bg, dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    grid = (rows, n_heads_kv, n_splits)
+    _block_attn_kernel[grid](
+        q, pool_k, pool_v, idx, blk, pos, tk, tv, acc, m, l,
+        scale, n_entries, per_split,
+        q.stride(0), q.stride(1),
+        0 if shared else pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
+        idx.stride(0), idx.stride(1),
+        tk.stride(0) if use_tail else 0, tk.stride(1) if use_tail else 0,
+        H=n_heads_kv, G=group, BG=bg, BS=block_size, D=head_dim, N_SPLITS=n_splits, USE_TAIL=use_tail,
+        num_warps=4,
+    )
+    m, l, acc = m[..., :group], l[..., :group], acc[..., :group, :]
+    big = m.amax(dim=2, keepdim=True)
+    w = torch.exp(m - torch.where(torch.isinf(big), torch.zeros_like(big), big))
+    w = torch.where(torch.isinf(m), torch.zeros_like(w), w)
+    num = (w[..., None] * acc).sum(dim=2)
+    den = (w * l).sum(dim=2)
+    out = num / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+    return out.reshape(rows, n_heads_q, head_dim).to(q.dtype)
+
+
+def block_attention(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float, shared: bool = False,
+                    tail_k=None, tail_v=None, backend: str = "auto") -> torch.Tensor:
+    """Dispatch: Triton on CUDA (or backend="triton"), the reference otherwise."""
+    use_kernel = backend == "triton" or (backend == "auto" and q.is_cuda and triton is not None)
+    if use_kernel:
+        return block_attention_triton(q, pool_k, pool_v, idx, blk, pos, block_size=block_size, scale=scale,
+                                      shared=shared, tail_k=tail_k, tail_v=tail_v)
+    return block_attention_reference(q, pool_k, pool_v, idx, blk, pos, block_size=block_size, scale=scale,
+                                     shared=shared, tail_k=tail_k, tail_v=tail_v)

@@ -1,0 +1,472 @@
+"""The sparsa inference engine: chunked prefill, static-shape decode, four cache modes, one API.
+
+Modes
+  dense    full KV on the device, full attention
+  sparse   full KV on the device, selection with the current query (SSA rule, `sparsa.select_blocks`)
+  offload  KV of layers >= 1 in pinned host memory; select with the current query, copy the missing
+           blocks into the layer's slot pool, then attend (the "sparse + offload" baseline)
+  sparda   as offload, but layer l+1's selection comes from layer l's forecast, computed during
+           layer l; the slot diff keeps resident blocks and the missing ones are copied on a side
+           stream while layer l computes; layer l+1 waits on an event right before its attention.
+
+Decode never synchronises with the host: positions, selections, slot maps, counters and the
+finished flags stay on the device; every step has the same shapes (the cache is preallocated for
+`max_len`, selections have `topk` entries, dense attention loops over every block and skips the
+future ones). The host reads the device only to stream tokens or, every `check_every` steps, to
+stop early once every sequence has finished.
+
+Prefill runs one sequence at a time, layer by layer, in chunks of `prefill_chunk` tokens: each
+chunk appends its keys, updates the block keys, selects for its queries and attends over the
+layer's cache so far. Offloaded layers are built in a device scratch buffer, then copied to host.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.rope import rope_cos_sin
+from .attend import block_attention
+from .cache import BlockKVCache
+from .gather import gather_blocks, write_tokens
+from .select import finish_selection, forecast_scores, slot_diff, ssa_scores
+
+MODES = ("dense", "sparse", "offload", "sparda")
+
+
+def model_has_forecasts(model) -> bool:
+    has = getattr(model, "has_forecasts", False)
+    if callable(has):
+        has = has()
+    return bool(has) and getattr(model, "forecasts", None) is not None and getattr(model, "self_forecast", None) is not None
+
+
+@dataclass
+class GenerationResult:
+    tokens: list  # per sequence: generated token ids (a stop token ends its row and is kept)
+    prompt_lengths: list
+    counters: dict = field(default_factory=dict)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled with nucleus truncation; no host synchronisation."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > top_p  # the top token always stays
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    noise = torch.empty_like(probs).exponential_(generator=generator)  # Gumbel-max in exponential form
+    return (probs / noise).argmax(dim=-1)
+
+
+class Engine:
+    def __init__(self, model, *, mode: str = "sparse", max_batch: int = 1, max_len: int | None = None,
+                 topk: int | None = None, prefill_chunk: int = 512, gather: str = "auto", check_every: int = 32,
+                 timing: bool = True, host_memory_limit: int | None = None, device_memory_limit: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sparda" and not model_has_forecasts(model):
+            raise ValueError("mode 'sparda' needs a model with forecasts (model.has_forecasts, model.forecasts, "
+                             "model.self_forecast); this model has none: distill them first or use mode 'offload'")
+        cfg = model.config
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        sc = cfg.sparse
+        topk = sc.topk if topk is None else topk
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < sc.init_blocks + sc.local_blocks:
+            raise ValueError(f"topk must be an int >= init_blocks + local_blocks ({sc.init_blocks + sc.local_blocks}), got {topk!r}")
+        self.model = model.eval()
+        self.config = cfg
+        self.mode = mode
+        self.max_batch, self.max_len = max_batch, max_len
+        self.topk, self.block_size = topk, sc.block_size
+        self.init_blocks, self.local_blocks = sc.init_blocks, sc.local_blocks
+        self.prefill_chunk = prefill_chunk
+        self.gather = gather
+        self.check_every = check_every
+        self.timing = timing
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.n_layers = cfg.n_layers
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        offload = [mode in ("offload", "sparda") and layer > 0 for layer in range(self.n_layers)]
+        kw = dict(n_layers=self.n_layers, batch=max_batch, n_heads=self.n_kv, head_dim=self.head_dim, max_len=max_len,
+                  block_size=self.block_size, slots=topk, offload_layers=offload, keep_kbar=mode != "dense",
+                  dtype=self.dtype, device=self.device)
+        self.memory = BlockKVCache.plan(**kw, workspace=self._workspace_bytes())
+        self.memory.check(self.device, host_memory_limit, device_memory_limit)
+        self.cache = BlockKVCache(**kw)
+        self.cuda = self.device.type == "cuda"
+        self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda and mode == "sparda" else None
+        self.done_events = [torch.cuda.Event() if self.prefetch_stream is not None else None for _ in range(self.n_layers)]
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.batch = 0
+        self.record: dict | None = None  # set to {} to record every selection
+        self.replay: dict | None = None  # {key: selection} replaces the engine's own selections
+        self._step = 0
+        self._pending: dict = {}
+        self.reset_counters()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _workspace_bytes(self) -> int:
+        cfg = self.config
+        es = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
+        t, c = self.max_len, min(self.prefill_chunk, self.max_len)
+        n_blocks = -(-t // self.block_size)
+        prefill = t * cfg.d_model * es * 2 + 4 * t * self.n_kv * self.head_dim * es  # hidden + k, v, scratch
+        prefill += t * cfg.n_heads * self.head_dim * es  # q (dense prefill)
+        prefill += c * max(3 * cfg.d_ff * es, 3 * cfg.n_heads * n_blocks * 4)  # MLP chunk or selection scores
+        decode = self.max_batch * (4 * cfg.vocab_size * 4 + 2 * self.n_heads * self.head_dim * 4 * 16)
+        return int(1.1 * (prefill + decode)) + (64 << 20)
+
+    def reset_counters(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
+        self._hits, self._lookups, self._misses = z(), z(), z()
+        self._wait_events: list = []
+        self._decode_steps = 0
+
+    def counters(self) -> dict:
+        """Block hit rate, bytes moved host -> device, time the attention waited for the prefetch."""
+        hits, lookups, misses = int(self._hits), int(self._lookups), int(self._misses)
+        block_bytes = 2 * self.block_size * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        wait_ms = 0.0
+        if self._wait_events:
+            torch.cuda.synchronize(self.device)
+            wait_ms = sum(a.elapsed_time(b) for a, b in self._wait_events)
+        return {"mode": self.mode, "block_lookups": lookups, "block_hits": hits, "block_misses": misses,
+                "hit_rate": hits / lookups if lookups else float("nan"), "bytes_moved": misses * block_bytes,
+                "prefetch_wait_s": wait_ms / 1e3, "decode_steps": self._decode_steps}
+
+    def _selection(self, key, compute):
+        if self.replay is not None and key in self.replay:
+            sel = self.replay[key].to(self.device)
+        else:
+            sel = compute()
+        if self.record is not None:
+            self.record[key] = sel.detach().clone()
+        return sel
+
+    def _check_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of token lists")
+        if len(prompts) > self.max_batch:
+            raise ValueError(f"prompts: batch of {len(prompts)} exceeds the engine capacity max_batch={self.max_batch}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        out = []
+        for i, p in enumerate(prompts):
+            p = list(p)
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}] is empty")
+            if len(p) + max_new_tokens > self.max_len:
+                raise ValueError(f"prompts[{i}]: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the "
+                                 f"context max_len={self.max_len}")
+            if min(p) < 0 or max(p) >= self.config.vocab_size:
+                raise ValueError(f"prompts[{i}] holds a token outside [0, {self.config.vocab_size})")
+            out.append(p)
+        return out
+
+    # ------------------------------------------------------------------ selection helpers
+    def _finish(self, score, pos):
+        return finish_selection(score, pos, block_size=self.block_size, topk=self.topk,
+                                init_blocks=self.init_blocks, local_blocks=self.local_blocks)
+
+    def _dense_entries(self, pos: torch.Tensor) -> torch.Tensor:
+        nb = self.cache.n_blocks
+        blocks = torch.arange(nb, device=self.device)[None, None, :].expand(pos.shape[0], self.n_kv, nb)
+        cur = torch.div(pos, self.block_size, rounding_mode="floor")[:, None, None]
+        return torch.where(blocks <= cur, blocks, torch.full_like(blocks, -1))
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, prompts) -> torch.Tensor:
+        """Fills the cache for a new batch; returns the last prompt token's logits [B, vocab]."""
+        prompts = self._check_prompts(prompts, 0)
+        self.batch = len(prompts)
+        self.cache.reset_rows(self.batch)
+        logits = [self._prefill_one(b, torch.tensor(p, dtype=torch.long, device=self.device))
+                  for b, p in enumerate(prompts)]
+        self.lengths[: self.batch] = torch.tensor([len(p) for p in prompts], device=self.device)
+        self._step = 0
+        return torch.cat(logits, dim=0)
+
+    def _prefill_one(self, b: int, tokens: torch.Tensor) -> torch.Tensor:
+        model, cache, bs = self.model, self.cache, self.block_size
+        seqlen = tokens.shape[0]
+        nb_used = -(-seqlen // bs)
+        positions = torch.arange(seqlen, device=self.device)
+        cos, sin = rope_cos_sin(positions[None], model.inv_freq)
+        x = model.embed(tokens)[None]  # [1, T, d]
+        chunk = self.prefill_chunk
+        forecast_next = None  # sparda: f for this layer, computed by the previous one [T, H, D]
+        scratch = None
+        for layer_idx, layer in enumerate(model.layers):
+            attn = layer.attn
+            off = cache.offload[layer_idx]
+            if off:
+                if scratch is None:
+                    scratch = torch.zeros((2, 1, self.n_kv, cache.n_blocks, bs, self.head_dim), dtype=self.dtype,
+                                          device=self.device)
+                pool_k, pool_v = scratch[0], scratch[1]
+            else:
+                pool_k, pool_v = cache.k[layer_idx][b:b + 1], cache.v[layer_idx][b:b + 1]
+            flat_k = pool_k.view(1, self.n_kv, -1, self.head_dim)
+            flat_v = pool_v.view(1, self.n_kv, -1, self.head_dim)
+            kbar = cache.kbar[layer_idx]
+            f_layer = None
+            if self.mode == "dense":
+                u = layer.attn_norm(x)
+                q, k, v = attn.project(u, cos, sin)
+                flat_k[0, :, :seqlen] = k[0].transpose(0, 1)
+                flat_v[0, :, :seqlen] = v[0].transpose(0, 1)
+                from ..ops import attention
+
+                h = attention(q, k, v, causal=True)
+                gate = attn.gate(u)
+                if gate is not None:
+                    h = h * gate.to(h.dtype)
+                x = x + attn.o_proj(h.reshape(1, seqlen, -1))
+                for s in range(0, seqlen, chunk):
+                    xs = x[:, s:s + chunk]
+                    x[:, s:s + chunk] = xs + layer.mlp(layer.mlp_norm(xs))
+                continue
+            if self.mode == "sparda" and layer_idx + 1 < self.n_layers:
+                f_layer = torch.empty((seqlen, self.n_kv, self.head_dim), dtype=self.dtype, device=self.device)
+            for s in range(0, seqlen, chunk):
+                e = min(s + chunk, seqlen)
+                u = layer.attn_norm(x[:, s:e])
+                cs, sn = cos[:, s:e], sin[:, s:e]
+                q, k, v = attn.project(u, cs, sn)
+                flat_k[0, :, s:e] = k[0].transpose(0, 1)
+                flat_v[0, :, s:e] = v[0].transpose(0, 1)
+                # block keys of the blocks completed by this chunk
+                c0, c1 = s // bs, e // bs
+                if c1 > c0:
+                    kbar[b, :, c0:c1] = pool_k[0, :, c0:c1].float().mean(dim=2).to(self.dtype)
+                pos = positions[s:e]
+                if self.mode == "sparda":
+                    if f_layer is not None:
+                        f_layer[s:e] = model.forecasts[layer_idx](u, cs, sn)[0]
+                    if layer_idx == 0:
+                        f_self = model.self_forecast(u, cs, sn)[0]
+                        compute = lambda f=f_self, p=pos: self._finish(forecast_scores(f, kbar[b]), p)  # noqa: E731
+                    else:
+                        compute = lambda f=forecast_next[s:e], p=pos: self._finish(forecast_scores(f, kbar[b]), p)  # noqa: E731
+                else:
+                    compute = lambda qq=q[0], p=pos: self._finish(  # noqa: E731
+                        ssa_scores(qq, kbar[b], p, block_size=bs, scale=self.scale), p)
+                sel = self._selection(("prefill", b, layer_idx, s), compute)
+                h = block_attention(q[0], pool_k, pool_v, sel, sel, pos, block_size=bs, scale=self.scale,
+                                    shared=True)[None]
+                gate = attn.gate(u)
+                if gate is not None:
+                    h = h * gate.to(h.dtype)
+                xs = x[:, s:e] + attn.o_proj(h.reshape(1, e - s, -1))
+                x[:, s:e] = xs + layer.mlp(layer.mlp_norm(xs))
+            if off:
+                cache.host_k[layer_idx][b, :, :nb_used].copy_(pool_k[0, :, :nb_used], non_blocking=True)
+                cache.host_v[layer_idx][b, :, :nb_used].copy_(pool_v[0, :, :nb_used], non_blocking=True)
+                cur = (seqlen - 1) // bs
+                cache.tail_k[layer_idx][b].copy_(pool_k[0, :, cur])
+                cache.tail_v[layer_idx][b].copy_(pool_v[0, :, cur])
+            forecast_next = f_layer
+        if scratch is not None and self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # scratch copies done before it is freed
+        last = model.norm(x[:, -1:])
+        return model.lm_head(last)[:, 0].float()
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Appends one token per sequence ([B] on the device) and returns the next logits [B, vocab]."""
+        model, cache, bs = self.model, self.cache, self.block_size
+        batch = self.batch
+        pos = self.lengths[:batch]
+        rows = torch.arange(batch, device=self.device)
+        blk = torch.div(pos, bs, rounding_mode="floor")
+        off = pos - blk * bs
+        complete = (off == bs - 1)[:, None, None]
+        cos, sin = rope_cos_sin(pos[:, None], model.inv_freq)
+        x = model.embed(tokens[:, None])  # [B, 1, d]
+        step = self._step
+        next_sel = None
+        for layer_idx, layer in enumerate(model.layers):
+            attn = layer.attn
+            u = layer.attn_norm(x)
+            q, k, v = attn.project(u, cos, sin)
+            q, k, v = q[:, 0], k[:, 0], v[:, 0]
+            if self.mode == "sparda":
+                if layer_idx + 1 < self.n_layers:  # PREP(l+1): forecast, select, diff, launch the copy
+                    f = model.forecasts[layer_idx](u, cos, sin)[:, 0]
+                    kb = cache.kbar[layer_idx + 1][:batch]
+                    nxt = self._selection(("decode", step, layer_idx + 1),
+                                          lambda: self._finish(forecast_scores(f, kb), pos))
+                    self._prefetch(layer_idx + 1, nxt, blk, batch)
+                if layer_idx == 0:
+                    f0 = model.self_forecast(u, cos, sin)[:, 0]
+                    kb0 = cache.kbar[0][:batch]
+                    cur_sel = self._selection(("decode", step, 0), lambda: self._finish(forecast_scores(f0, kb0), pos))
+                else:
+                    cur_sel = next_sel
+                if layer_idx + 1 < self.n_layers:
+                    next_sel = nxt
+            # append the new token
+            off_layer = cache.offload[layer_idx]
+            if off_layer:
+                cache.tail_k[layer_idx][rows, :, off] = k
+                cache.tail_v[layer_idx][rows, :, off] = v
+                write_tokens(cache.host_k[layer_idx], cache.host_v[layer_idx], k, v, pos,
+                             method="auto" if self.cuda else "index")
+                block_data = cache.tail_k[layer_idx][:batch]
+            else:
+                cache.k[layer_idx][rows, :, blk, off] = k
+                cache.v[layer_idx][rows, :, blk, off] = v
+                block_data = cache.k[layer_idx][rows, :, blk] if self.mode != "dense" else None
+            if self.mode != "dense":
+                kb = cache.kbar[layer_idx]
+                mean = block_data.float().mean(dim=2).to(self.dtype)  # [B, H, D]
+                kb[rows, :, blk] = torch.where(complete, mean, kb[rows, :, blk])
+            # selection and attention
+            if self.mode == "dense":
+                entries = self._dense_entries(pos)
+                h = block_attention(q, cache.k[layer_idx][:batch], cache.v[layer_idx][:batch], entries, entries, pos,
+                                    block_size=bs, scale=self.scale)
+            else:
+                if self.mode in ("sparse", "offload"):
+                    kb = cache.kbar[layer_idx][:batch]
+                    cur_sel = self._selection(("decode", step, layer_idx), lambda: self._finish(
+                        ssa_scores(q, kb, pos, block_size=bs, scale=self.scale), pos))
+                if not off_layer:
+                    h = block_attention(q, cache.k[layer_idx][:batch], cache.v[layer_idx][:batch], cur_sel, cur_sel,
+                                        pos, block_size=bs, scale=self.scale)
+                else:
+                    if self.mode == "offload":
+                        self._prefetch(layer_idx, cur_sel, blk, batch, inline=True)
+                    slot_of = self._wait(layer_idx)
+                    idx = torch.where(cur_sel.to(torch.long) == blk[:, None, None], torch.zeros_like(slot_of), slot_of)
+                    h = block_attention(q, cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], idx, cur_sel,
+                                        pos, block_size=bs, scale=self.scale, tail_k=cache.tail_k[layer_idx][:batch],
+                                        tail_v=cache.tail_v[layer_idx][:batch])
+            gate = attn.gate(u)
+            h = h[:, None]
+            if gate is not None:
+                h = h * gate.to(h.dtype)
+            x = x + attn.o_proj(h.reshape(batch, 1, -1))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        self.lengths[:batch] += 1
+        self._step += 1
+        self._decode_steps += 1
+        return model.lm_head(model.norm(x))[:, 0].float()
+
+    def _prefetch(self, layer_idx: int, sel: torch.Tensor, cur_blk: torch.Tensor, batch: int, inline: bool = False):
+        """Slot diff for `layer_idx`, then the host -> device copy of the missing blocks (side stream in sparda)."""
+        cache = self.cache
+        bm = cache.block_map[layer_idx][:batch]
+        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur_blk)
+        bm.copy_(new_map)
+        self._hits += hits.sum()
+        self._misses += misses.sum()
+        self._lookups += hits.sum() + misses.sum()
+        args = (cache.host_k[layer_idx][:batch], cache.host_v[layer_idx][:batch],
+                cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], load)
+        stream = self.prefetch_stream
+        if inline or stream is None:
+            gather_blocks(*args, method=self.gather)
+        else:
+            main = torch.cuda.current_stream(self.device)
+            ready = torch.cuda.Event()
+            ready.record(main)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                load.record_stream(stream)
+                gather_blocks(*args, method=self.gather)
+                self.done_events[layer_idx].record(stream)
+        self._pending[layer_idx] = slot_of
+
+    def _wait(self, layer_idx: int) -> torch.Tensor:
+        slot_of = self._pending.pop(layer_idx)
+        event = self.done_events[layer_idx]
+        if self.mode == "sparda" and event is not None:
+            main = torch.cuda.current_stream(self.device)
+            if self.timing:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(main)
+                main.wait_event(event)
+                b.record(main)
+                self._wait_events.append((a, b))
+            else:
+                main.wait_event(event)
+        return slot_of
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop_tokens=(), on_step=None) -> GenerationResult:
+        """Prefill `prompts` (lists of token ids, lengths may differ), then decode.
+
+        temperature 0 = greedy; top_p in (0, 1] nucleus sampling; seed makes sampling reproducible;
+        a sequence stops after emitting one of `stop_tokens`. `on_step(step, tokens [B] on the
+        device)` is called after every sampled token (for streaming; reading it synchronises).
+        """
+        if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        prompts = self._check_prompts(prompts, max_new_tokens)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0 if seed is None else int(seed))
+        stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)) or [-1], dtype=torch.long, device=self.device)
+        self.reset_counters()
+        t0 = time.perf_counter()
+        logits = self.prefill(prompts)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        batch = len(prompts)
+        out = torch.full((batch, max(max_new_tokens, 1)), -1, dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        steps = 0
+        for step in range(max_new_tokens):
+            token = sample_tokens(logits, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, -1), token)
+            out[:, step] = token
+            finished |= torch.isin(token, stop)
+            steps = step + 1
+            if on_step is not None:
+                on_step(step, token)
+            if step == max_new_tokens - 1:
+                break
+            if self.check_every and (step + 1) % self.check_every == 0 and bool(finished.all()):
+                break
+            logits = self.decode_step(torch.where(token < 0, torch.zeros_like(token), token))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        rows = []
+        for r in out[:, :steps].tolist():
+            kept = []
+            for t in r:
+                if t < 0:
+                    break
+                kept.append(t)
+            rows.append(kept)
+        return GenerationResult(tokens=rows, prompt_lengths=[len(p) for p in prompts], counters=self.counters(),
+                                prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps)

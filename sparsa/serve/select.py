@@ -1,0 +1,102 @@
+"""Engine-side block selection with per-row positions (static shapes, no host synchronisation).
+
+Same semantics as `sparsa.select_blocks` (SSA rule) and the forecast contract
+(`sparsa.layers.forecast.forecast_select`), written for rows that each carry their own position:
+decode rows are sequences of a batch (one query each, own block keys), prefill rows are the
+queries of one chunk of one sequence (shared block keys).
+
+For a query at position t (block cur = t // bs):
+  SSA:      score[c] = sum over the G heads of its group of softmax_{c' < (t+1)//bs}(q . kbar[c'] * scale)[c]
+  forecast: score[c] = f . kbar[c]                        (raw dot product, fp32, no softmax)
+  only past blocks c < cur are candidates; the first `init_blocks` blocks (c <= cur) and the
+  `local_blocks` blocks ending at cur are forced; the `topk` best, ascending, -1 right-padded.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int, topk: int,
+                     init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """score [R, H, NB] (float; any value for invalid blocks), pos [R] -> [R, H, topk] int32."""
+    n_blocks = score.shape[-1]
+    device = score.device
+    cur = torch.div(pos, block_size, rounding_mode="floor").to(torch.long)[:, None, None]  # [R,1,1]
+    block = torch.arange(n_blocks, device=device)[None, None, :]
+    past = block < cur
+    score = torch.where(past, score, torch.full_like(score, float("-inf")))
+    forced = ((block <= cur) & (block > cur - local_blocks)) | ((block < init_blocks) & (block <= cur))
+    score = torch.where(forced, torch.full_like(score, float("inf")), score)
+    width = min(topk, n_blocks)
+    values, indices = torch.topk(score, width, dim=-1)
+    indices = torch.where(values == float("-inf"), torch.full_like(indices, -1), indices)
+    if width < topk:
+        indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], topk - width), -1)], dim=-1)
+    big = torch.iinfo(torch.int64).max
+    ordered = torch.sort(torch.where(indices < 0, torch.full_like(indices, big), indices), dim=-1).values
+    return torch.where(ordered == big, torch.full_like(ordered, -1), ordered).to(torch.int32)
+
+
+def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
+    """SSA block importance. q [R, Hq, D]; kbar [R, H, NB, D] (per row) or [H, NB, D] (shared);
+    pos [R]. -> [R, H, NB] float32 (garbage where not visible; `finish_selection` masks it)."""
+    rows, n_heads_q, head_dim = q.shape
+    n_heads_kv, n_blocks = kbar.shape[-3], kbar.shape[-2]
+    group = n_heads_q // n_heads_kv
+    qg = q.float().view(rows, n_heads_kv, group, head_dim)
+    if kbar.ndim == 4:
+        logits = torch.einsum("rhgd,rhnd->rhgn", qg, kbar.float())
+    else:
+        logits = torch.einsum("rhgd,hnd->rhgn", qg, kbar.float())
+    logits = logits * scale
+    n_visible = torch.div(pos + 1, block_size, rounding_mode="floor").to(torch.long)[:, None, None, None]
+    visible = torch.arange(n_blocks, device=q.device)[None, None, None, :] < n_visible
+    logits = torch.where(visible, logits, torch.full_like(logits, float("-inf")))
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    return probs.sum(dim=2)
+
+
+def forecast_scores(f: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
+    """Raw dot products f . kbar in fp32. f [R, H, D]; kbar [R, H, NB, D] or [H, NB, D] -> [R, H, NB]."""
+    if kbar.ndim == 4:
+        return torch.einsum("rhd,rhnd->rhn", f.float(), kbar.float())
+    return torch.einsum("rhd,hnd->rhn", f.float(), kbar.float())
+
+
+def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor):
+    """Match a new selection against the blocks already held in a slot pool.
+
+    selection [B, H, K] int (ascending, -1 padded); block_map [B, H, S] int64 (block held by each
+    slot, -1 = empty), S >= K; current [B] the block of the newest token (it lives in the tail, not
+    in a slot). Resident blocks that stay selected keep their slot (hits); each newly selected block
+    takes, in order, a slot whose block was dropped (a miss).
+    Returns (new_block_map [B,H,S], load [B,H,S] block to copy into each slot or -1,
+             slot_of [B,H,K] slot of each selection entry (-1 for padding and the current block),
+             hits [B,H] int64, misses [B,H] int64).
+    """
+    sel = selection.to(torch.long)
+    cur = current.to(torch.long)[:, None, None]
+    wanted = (sel >= 0) & (sel != cur)  # [B,H,K]
+    match = (sel[..., :, None] == block_map[..., None, :]) & wanted[..., :, None]  # [B,H,K,S]
+    hit = match.any(dim=-1)  # [B,H,K]
+    keep = match.any(dim=-2)  # [B,H,S]
+    miss = wanted & ~hit
+    free = ~keep
+    n_slots = block_map.shape[-1]
+    miss_rank = torch.cumsum(miss.to(torch.long), dim=-1) - 1  # [B,H,K]
+    free_rank = torch.cumsum(free.to(torch.long), dim=-1) - 1  # [B,H,S]
+    slots = torch.arange(n_slots, device=block_map.device).expand_as(block_map)
+    # scatter with duplicates is order-dependent: write only free slots through a masked index
+    free_by_rank = torch.full((*block_map.shape[:-1], n_slots + 1), n_slots, dtype=torch.long, device=block_map.device)
+    free_by_rank.scatter_(-1, torch.where(free, free_rank, torch.full_like(free_rank, n_slots)), slots)
+    free_by_rank = free_by_rank[..., :n_slots]
+    miss_slot = free_by_rank.gather(-1, miss_rank.clamp(min=0, max=n_slots - 1))  # [B,H,K]
+    hit_slot = match.to(torch.int8).argmax(dim=-1)  # [B,H,K]
+    slot_of = torch.where(hit, hit_slot, torch.where(miss, miss_slot, torch.full_like(miss_slot, -1)))
+    new_map = torch.where(keep, block_map, torch.full_like(block_map, -1))
+    load = torch.full((*block_map.shape[:-1], n_slots + 1), -1, dtype=torch.long, device=block_map.device)
+    target = torch.where(miss, miss_slot, torch.full_like(miss_slot, n_slots))
+    load.scatter_(-1, target, torch.where(miss, sel, torch.full_like(sel, -1)))
+    load = load[..., :n_slots]
+    new_map = torch.where(load >= 0, load, new_map)
+    return new_map, load, slot_of, hit.sum(dim=-1), miss.sum(dim=-1)

@@ -1,0 +1,346 @@
+"""Engine correctness on CPU (float32): every mode, against SparsaLM's forward and each other."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsa.config import ModelConfig, SparseConfig
+from sparsa.layers.rope import apply_rope
+from sparsa.models.llama import SparsaLM
+from sparsa.ops import block_keys
+from sparsa.serve import Engine
+from sparsa.serve.attend import block_attention_reference, block_attention_triton
+from sparsa.serve.gather import gather_blocks, write_tokens
+from sparsa.serve.select import finish_selection, forecast_scores, slot_diff
+
+BS, TOPK = 8, 4
+
+
+def make_config(**kw):
+    base = dict(vocab_size=64, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128,
+                sparse=SparseConfig(block_size=BS, topk=TOPK, init_blocks=1, local_blocks=1))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+class StandInForecast(nn.Module):
+    """Contract stand-in: f = RoPE(W u) [B, T, Hkv, D]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.h, self.d = config.n_kv_heads, config.head_dim
+        self.proj = nn.Linear(config.d_model, self.h * self.d, bias=False)
+
+    def forward(self, u, cos, sin):
+        b, t, _ = u.shape
+        return apply_rope(self.proj(u).view(b, t, self.h, self.d), cos, sin)
+
+
+class ForecastLM(SparsaLM):
+    has_forecasts = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.forecasts = nn.ModuleList(StandInForecast(config) for _ in range(config.n_layers - 1))
+        self.self_forecast = StandInForecast(config)
+        for p in self.parameters():  # larger weights: more varied selections than the 0.02 init
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.3)
+
+
+def make_model(seed=0, forecasts=False, **kw):
+    torch.manual_seed(seed)
+    cfg = make_config(**kw)
+    model = ForecastLM(cfg) if forecasts else SparsaLM(cfg)
+    if not forecasts:
+        for p in model.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def teacher_forced(engine, prompts, continuations):
+    """Per row: logits of the last prompt token, then of every continuation token."""
+    out = [engine.prefill(prompts)]
+    for i in range(continuations.shape[1]):
+        out.append(engine.decode_step(continuations[:, i]))
+    return torch.stack(out, dim=1)  # [B, 1 + n, vocab]
+
+
+def batch_data(seed=1, lengths=(37, 50, 8), n_new=12, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    cont = torch.randint(0, vocab, (len(lengths), n_new), generator=g)
+    return prompts, cont
+
+
+def forward_logits(model, prompt, cont_row, mode):
+    seq = torch.tensor(prompt + cont_row.tolist())[None]
+    with torch.no_grad():
+        return model(seq, mode=mode).logits[0, len(prompt) - 1:]
+
+
+@pytest.mark.parametrize("mode,model_mode", [("dense", "full"), ("sparse", "sparse")])
+def test_decode_matches_full_forward(mode, model_mode):
+    model = make_model()
+    prompts, cont = batch_data()
+    eng = Engine(model, mode=mode, max_batch=3, prefill_chunk=16)
+    got = teacher_forced(eng, prompts, cont)
+    for b, p in enumerate(prompts):
+        ref = forward_logits(model, p, cont[b], model_mode)
+        assert torch.allclose(got[b], ref, atol=2e-4, rtol=1e-4), (mode, b, (got[b] - ref).abs().max())
+
+
+def test_offload_equals_sparse_exactly():
+    model = make_model(2)
+    prompts, cont = batch_data(3)
+    sparse = Engine(model, mode="sparse", max_batch=3, prefill_chunk=16)
+    sparse.record = {}
+    ref = teacher_forced(sparse, prompts, cont)
+    off = Engine(model, mode="offload", max_batch=3, prefill_chunk=16)
+    off.record = {}
+    got = teacher_forced(off, prompts, cont)
+    assert set(off.record) == set(sparse.record)
+    assert all(torch.equal(off.record[k], sparse.record[k]) for k in sparse.record)
+    assert torch.equal(got, ref)
+    c = off.counters()
+    assert c["block_lookups"] > 0 and 0 <= c["hit_rate"] <= 1
+    assert c["bytes_moved"] == c["block_misses"] * 2 * BS * model.config.head_dim * 4
+    # replaying the same selections into offload changes nothing
+    off2 = Engine(model, mode="offload", max_batch=3, prefill_chunk=16)
+    off2.replay = sparse.record
+    assert torch.equal(teacher_forced(off2, prompts, cont), ref)
+
+
+def test_sparda_equals_sparse_with_its_selections():
+    model = make_model(4, forecasts=True)
+    prompts, cont = batch_data(5, lengths=(45, 64, 20))
+    sparda = Engine(model, mode="sparda", max_batch=3, prefill_chunk=16)
+    sparda.record = {}
+    got = teacher_forced(sparda, prompts, cont)
+    sparse = Engine(model, mode="sparse", max_batch=3, prefill_chunk=16)
+    sparse.replay = sparda.record
+    sparse.record = {}
+    ref = teacher_forced(sparse, prompts, cont)
+    assert set(sparse.record) == set(sparda.record)
+    assert torch.equal(got, ref)
+    c = sparda.counters()
+    assert c["block_lookups"] > 0 and c["block_hits"] > 0  # the slot diff keeps resident blocks
+
+
+def reference_forecast_select(f, kbar, seqlen, topk, init_blocks, local_blocks):
+    """Contract semantics: raw dot over complete past blocks, forced init/local, top-k ascending, -1 padded."""
+    try:
+        from sparsa.layers.forecast import forecast_select
+    except ImportError:
+        forecast_select = None
+    if forecast_select is not None:
+        return forecast_select(f, kbar, block_size=BS, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    b, t, h, d = f.shape
+    n_all = -(-seqlen // BS)
+    z = torch.full((b, t, h, n_all), float("-inf"))
+    nc = kbar.shape[1]
+    z[..., :nc] = torch.einsum("bthd,bchd->bthc", f.float(), kbar.float())
+    out = torch.full((b, t, h, topk), -1, dtype=torch.int32)
+    for ti in range(t):
+        cur = ti // BS
+        for hi in range(h):
+            s = z[0, ti, hi].clone()
+            s[cur:] = float("-inf")
+            for c in range(n_all):
+                if (cur - local_blocks < c <= cur) or (c < init_blocks and c <= cur):
+                    s[c] = float("inf")
+            order = [c for c in torch.argsort(s, descending=True, stable=True).tolist() if s[c] > float("-inf")][:topk]
+            order.sort()
+            out[0, ti, hi, : len(order)] = torch.tensor(order, dtype=torch.int32)
+    return out
+
+
+def test_sparda_prefill_selection_follows_forecast_contract():
+    model = make_model(6, forecasts=True)
+    prompt = torch.randint(0, 64, (52,), generator=torch.Generator().manual_seed(7)).tolist()
+    eng = Engine(model, mode="sparda", max_batch=1, prefill_chunk=16)
+    eng.record = {}
+    eng.prefill([prompt])
+    rec = {}
+    handles = []
+    for i, layer in enumerate(model.layers):
+        layer.attn.record = {}
+    seq = torch.tensor(prompt)[None]
+    with torch.no_grad():
+        # the forecasts' inputs are the normalized inputs of each layer in sparse mode with the same selections
+        cos, sin = model.rope(seq, None, None)
+        x = model.embed(seq)
+        for i, layer in enumerate(model.layers):
+            sel_i = torch.cat([eng.record[("prefill", 0, i, s)] for s in range(0, 52, 16)], dim=0)[None]
+            u = layer.attn_norm(x)
+            f = (model.self_forecast if i == 0 else model.forecasts[i - 1])(u if i == 0 else u_prev, cos, sin)
+            att = layer.attn(u, cos, sin, mode="sparse", block_indices=sel_i)
+            kbar = block_keys(layer.attn.record["k"], BS)
+            ref = reference_forecast_select(f, kbar, 52, TOPK, 1, 1)
+            assert torch.equal(ref, sel_i), i
+            u_prev = u
+            x = x + att.out
+            x = x + layer.mlp(layer.mlp_norm(x))
+    for layer in model.layers:
+        layer.attn.record = None
+
+
+def test_generation_api_sampling_and_stops():
+    model = make_model(8)
+    prompts, _ = batch_data(9, lengths=(10, 30))
+    outs = {}
+    for mode in ("dense", "sparse", "offload"):
+        eng = Engine(model, mode=mode, max_batch=2, prefill_chunk=16, check_every=4)
+        outs[mode] = eng.generate(prompts, max_new_tokens=10).tokens
+        assert [len(r) for r in outs[mode]] == [10, 10]
+        a = eng.generate(prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3).tokens
+        b = eng.generate(prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3).tokens
+        assert a == b
+        # a tiny nucleus is greedy decoding
+        assert eng.generate(prompts, max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=1).tokens == outs[mode]
+        stop = outs[mode][0][3]
+        r = eng.generate(prompts, max_new_tokens=10, stop_tokens=[stop])
+        assert r.tokens[0][-1] == stop and stop not in r.tokens[0][:-1]
+    assert outs["sparse"] == outs["offload"]
+
+
+def test_bad_requests_raise_clear_errors():
+    model = make_model()
+    eng = Engine(model, mode="offload", max_batch=2)
+    with pytest.raises(ValueError, match="exceed the context"):
+        eng.generate([[1] * 120], max_new_tokens=20)
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="capacity"):
+        eng.generate([[1], [2], [3]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        eng.generate([[1]], max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.generate([[1]], max_new_tokens=2, top_p=0)
+    with pytest.raises(ValueError, match="mode"):
+        Engine(model, mode="paged")
+    with pytest.raises(ValueError, match="forecast"):
+        Engine(model, mode="sparda")
+    with pytest.raises(ValueError, match="not enough memory"):
+        Engine(model, mode="sparse", max_batch=2, device_memory_limit=1000)
+    with pytest.raises(ValueError, match="not enough memory"):
+        Engine(model, mode="offload", max_batch=2, host_memory_limit=1000)
+
+
+def test_slot_diff_keeps_resident_blocks():
+    g = torch.Generator().manual_seed(0)
+    b, h, k = 3, 2, 6
+    bm = torch.full((b, h, k), -1, dtype=torch.long)
+    cur = torch.tensor([20, 20, 20])
+    for _ in range(20):
+        sel = torch.stack([torch.randperm(20, generator=g)[:k] for _ in range(b * h)]).view(b, h, k)
+        sel[..., -1] = -1
+        sel[0, 0, 0] = 20  # the current block: never in a slot
+        sel = torch.sort(torch.where(sel < 0, 99, sel), dim=-1).values
+        sel = torch.where(sel == 99, -1, sel)
+        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur)
+        for bi in range(b):
+            for hi in range(h):
+                want = {x for x in sel[bi, hi].tolist() if x >= 0 and x != 20}
+                held = {x for x in new_map[bi, hi].tolist() if x >= 0}
+                assert want <= held
+                before = bm[bi, hi].tolist()
+                for j, blk in enumerate(sel[bi, hi].tolist()):
+                    if blk < 0 or blk == 20:
+                        assert slot_of[bi, hi, j] == -1
+                        continue
+                    s = int(slot_of[bi, hi, j])
+                    assert new_map[bi, hi, s] == blk
+                    assert (load[bi, hi, s] == blk) == (blk not in before)
+                assert int(hits[bi, hi]) == len(want & set(before))
+                assert int(misses[bi, hi]) == len(want - set(before))
+        bm = new_map
+
+
+def test_gather_and_write_paths_agree():
+    g = torch.Generator().manual_seed(0)
+    host_k, host_v = torch.randn(2, 3, 10, 8, 16, generator=g), torch.randn(2, 3, 10, 8, 16, generator=g)
+    load = torch.randint(-1, 10, (2, 3, 4), generator=g)
+    ref_k, ref_v = torch.full((2, 3, 4, 8, 16), float("nan")), torch.full((2, 3, 4, 8, 16), float("nan"))
+    gather_blocks(host_k, host_v, ref_k, ref_v, load, method="index")
+    for b in range(2):
+        for h in range(3):
+            for s in range(4):
+                if load[b, h, s] >= 0:
+                    assert torch.equal(ref_k[b, h, s], host_k[b, h, load[b, h, s]])
+                    assert torch.equal(ref_v[b, h, s], host_v[b, h, load[b, h, s]])
+                else:
+                    assert torch.isnan(ref_k[b, h, s]).all()
+    staged_k, staged_v = torch.full_like(ref_k, float("nan")), torch.full_like(ref_v, float("nan"))
+    gather_blocks(host_k, host_v, staged_k, staged_v, load, method="copies")
+    assert torch.equal(staged_k.nan_to_num(7.0), ref_k.nan_to_num(7.0))
+    kn, vn = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    pos = torch.tensor([5, 71])
+    write_tokens(host_k, host_v, kn, vn, pos, method="index")
+    assert torch.equal(host_k[1, :, 8, 7], kn[1]) and torch.equal(host_v[0, :, 0, 5], vn[0])
+
+
+def _interpreter_ok():
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _interpreter_ok(), reason="needs triton (GPU or interpreter)")
+def test_triton_kernels_match_references():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    host_k, host_v = torch.randn(2, 2, 6, 16, 16, generator=g), torch.randn(2, 2, 6, 16, 16, generator=g)
+    load = torch.randint(-1, 6, (2, 2, 3), generator=g)
+    ref_k, ref_v = torch.full((2, 2, 3, 16, 16), float("nan")), torch.full((2, 2, 3, 16, 16), float("nan"))
+    gather_blocks(host_k, host_v, ref_k, ref_v, load, method="index")
+    if dev == "cuda":
+        host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
+    got_k, got_v = ref_k.new_full(ref_k.shape, float("nan")).to(dev), ref_v.new_full(ref_v.shape, float("nan")).to(dev)
+    gather_blocks(host_k, host_v, got_k, got_v, load.to(dev), method="kernel", n_ctas=3)
+    assert torch.equal(got_k.cpu().nan_to_num(3.0), ref_k.nan_to_num(3.0))
+    assert torch.equal(got_v.cpu().nan_to_num(3.0), ref_v.nan_to_num(3.0))
+    kn, vn = torch.randn(2, 2, 16, generator=g).to(dev), torch.randn(2, 2, 16, generator=g).to(dev)
+    pos = torch.tensor([17, 90]).to(dev)
+    write_tokens(host_k, host_v, kn, vn, pos, method="kernel")
+    assert torch.equal(host_k[0, :, 1, 1], kn[0].cpu()) and torch.equal(host_v[1, :, 5, 10], vn[1].cpu())
+    # block attention: pool with tail, several splits
+    r, hq, h, d, bs, s, k = 3, 4, 2, 16, 16, 5, 4
+    q = torch.randn(r, hq, d, generator=g) * 3
+    pk, pv = torch.randn(r, h, s, bs, d, generator=g), torch.randn(r, h, s, bs, d, generator=g)
+    tk, tv = torch.randn(r, h, bs, d, generator=g), torch.randn(r, h, bs, d, generator=g)
+    pos = torch.tensor([70, 33, 5])
+    blk = torch.tensor([[0, 2, 4, -1], [0, 1, 2, -1], [0, -1, -1, -1]])[:, None].expand(r, h, k).contiguous()
+    idx = torch.where(blk >= 0, torch.randint(0, s, (r, h, k), generator=g), -1)
+    ref = block_attention_reference(q, pk, pv, idx, blk, pos, block_size=bs, scale=0.25, tail_k=tk, tail_v=tv)
+    for splits in (1, 3):
+        got = block_attention_triton(*(x.to(dev) for x in (q, pk, pv, idx, blk, pos)), block_size=bs, scale=0.25,
+                                     tail_k=tk.to(dev), tail_v=tv.to(dev), n_splits=splits).cpu()
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    # shared pool (prefill), no tail
+    shared = block_attention_reference(q, pk[:1], pv[:1], idx, blk, pos, block_size=bs, scale=0.25, shared=True)
+    got = block_attention_triton(*(x.to(dev) for x in (q, pk[:1], pv[:1], idx, blk, pos)), block_size=bs,
+                                 scale=0.25, shared=True).cpu()
+    assert torch.allclose(got, shared, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_generate_streams_text(tmp_path, capsys):
+    from sparsa.checkpoint import save_model
+    from sparsa.cli import main
+
+    cfg = make_config(vocab_size=256)
+    torch.manual_seed(0)
+    model = SparsaLM(cfg)
+    save_model(tmp_path / "ckpt", model, cfg)
+    rc = main(["generate", str(tmp_path / "ckpt"), "--mode", "offload", "--prompt", "Hello", "--max-new-tokens", "6",
+               "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--device", "cpu"])
+    assert rc == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    rc = main(["generate", str(tmp_path / "ckpt"), "--mode", "sparda", "--prompt", "Hi"])
+    assert rc == 2
