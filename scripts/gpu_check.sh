@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one call, short table last.
+#   bash scripts/gpu_check.sh [--quick] [--only NAME ...]
+# Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOGS="${OUT:-benchmarks/results/logs}"
+mkdir -p "$LOGS"
+QUICK=""
+ONLY=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK="--quick" ;;
+    --only) shift; ONLY+=("$1") ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY="${PYTHON:-python3}"
+"$PY" - <<'PYEOF' | tee "$LOGS/env.txt"
+import torch, triton, datetime
+print(f"{datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+PYEOF
+SUMMARY="$LOGS/summary.txt"
+: > "$SUMMARY"
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name="$1" limit="$2"; shift 2
+  if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
+  local start=$(date +%s)
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  printf "%-24s rc=%-3s %4ss  %s\n" "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$LOGS/$name.log" | cut -c1-90)" >> "$SUMMARY"
+}
+[ -f scripts/gpu_sparse_attention.py ] && step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py
+[ -f scripts/gpu_attention_kl.py ] && step attention_kl_check 300 "$PY" scripts/gpu_attention_kl.py
+[ -f scripts/gpu_serve.py ] && step serve_check 300 "$PY" scripts/gpu_serve.py
+step gpu_pytest 300 "$PY" -m pytest -q -x -m gpu tests
+[ -f benchmarks/sparse_attention.py ] && step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py $QUICK
+[ -f benchmarks/attention_kl.py ] && step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py $QUICK
+[ -f benchmarks/sparse_layer.py ] && step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py $QUICK
+[ -f benchmarks/decode.py ] && step bench_decode 600 "$PY" benchmarks/decode.py $QUICK
+for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
+echo "== summary ($(cat "$LOGS/env.txt"))"
+cat "$SUMMARY"
