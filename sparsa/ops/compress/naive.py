@@ -66,7 +66,7 @@ def mlp_compress(x: torch.Tensor, weight: torch.Tensor, pos_emb, length: int, st
         win = windows(xs, length, stride)  # [B, Nc, H, l, D]
         if pos_emb is not None:
             win = win + pos_emb.to(win.dtype)
-        flat = win.reshape(*win.shape[:3], -1)  # [B, Nc, H, l*D]
+        flat = win.reshape(*win.shape[:3], win.shape[3] * win.shape[4])  # [B, Nc, H, l*D]
         return torch.einsum("bnhx,hxo->bnho", flat, weight.to(flat.dtype))
 
     return _per_document(compress, x, cu_seqlens)
