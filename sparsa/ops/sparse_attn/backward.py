@@ -82,7 +82,7 @@ def _kv_bwd_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         row = pidx * G + g
-        tl.store(DQP + row[:, None] * D + offs_d[None, :], dq, mask=rmask[:, None] & dmask[None, :])
+        tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     dk = dk * scale
     if slot < 0:
         tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None] & dmask[None, :])
@@ -138,7 +138,7 @@ def _dq_reduce_kernel(
         pp = tl.load(pos_row + s).to(tl.int64)
         if pp >= 0:
             rows = pp * G + offs_g
-            acc += tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+            acc += tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     hq = (h0 + hl) * G + offs_g
     tl.store(DQ + (t * Hq + hq)[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=mask)
 
@@ -147,7 +147,15 @@ def _dq_reduce_kernel(
 MAX_PAIRS_PER_ITEM = 2048
 
 
+# (BLOCK_M, num_warps) forced by the tuning benchmark; None = bwd_config's choice
+BWD_OVERRIDE: tuple[int, int] | None = None
+# dtype of the per-(pair, head) dQ partials: fp32 (exact sum) or torch.bfloat16 (half the traffic)
+DQ_PARTIAL_DTYPE: torch.dtype = torch.float32
+
+
 def bwd_config(group: int, head_dim: int, block_size: int):
+    if BWD_OVERRIDE is not None:
+        return max(BWD_OVERRIDE[0], _pow2(group)), BWD_OVERRIDE[1]
     block_m = 64 if max(head_dim, block_size) <= 128 else 32
     block_m = max(block_m, _pow2(group))
     return block_m, 8 if max(head_dim, block_size) >= 128 else 4
@@ -174,7 +182,8 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     work, n_slots = work_list(index, per_item, with_slots=True)
     split = group_split_info(index, per_item)
     block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
-    dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=torch.float32, device=q.device)
+    dqp_dtype = torch.float32 if q.dtype == torch.float32 else DQ_PARTIAL_DTYPE
+    dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
     _kv_bwd_kernel[(work.shape[0],)](

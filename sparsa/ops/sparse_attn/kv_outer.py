@@ -109,8 +109,14 @@ def _kv_fwd_reduce_kernel(
 PARTIAL_DTYPE: torch.dtype | None = None
 
 
+# (BLOCK_M, num_warps) forced by the tuning benchmark; None = fwd_config's choice
+FWD_OVERRIDE: tuple[int, int] | None = None
+
+
 def fwd_config(group: int, head_dim: int, block_size: int):
     """(BLOCK_M rows per tile, num_warps)."""
+    if FWD_OVERRIDE is not None:
+        return max(FWD_OVERRIDE[0], _pow2(group)), FWD_OVERRIDE[1]
     block_m = 128 if max(head_dim, block_size) <= 128 else 64
     block_m = max(block_m, _pow2(group))
     return block_m, 8 if block_m * max(head_dim, block_size) >= 128 * 128 else 4

@@ -1,0 +1,216 @@
+"""Benchmark of sparsa.sparse_attention (Triton) against dense causal SDPA and the reference.
+
+    PYTHONPATH=. python benchmarks/sparse_attention.py [--quick] [--tune] [--out results.json]
+
+Setup (as ../shared/ANCHORS.md): batch 1, Hq = 32, G = Hq / Hkv, head dim 128, block 64, top-16
+(block 0, the current and the previous block forced, 13 random past blocks), bf16.
+Times are medians of triton.testing.do_bench in ms; the sparse times include the index building
+(every call builds its block -> token index). TFLOP/s count useful FLOPs only: 4 * D per
+(query head, visible selected key) forward, 3.5x that forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import sparsa
+from sparsa.ops.sparse_attn import backward as bwd_mod
+from sparsa.ops.sparse_attn import kv_outer as kv_mod
+from sparsa.ops.sparse_attn import naive
+from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, random_selection, valid_slots
+from sparsa.ops.sparse_attn.triton_ops import _head_slices, choose_loop_order
+
+HQ, D, BS, TOPK = 32, 128, 64, 16
+
+
+def bench(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+
+
+def matmul_rate():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def visible_keys(idx, n_tokens):
+    meta = doc_meta(1, n_tokens, None, BS, idx.device)
+    flat = idx.view(n_tokens, idx.shape[2], -1)
+    valid = valid_slots(flat, meta, BS)
+    tloc = torch.arange(n_tokens, device=idx.device)[:, None, None]
+    cnt = torch.clamp(tloc - flat.long() * BS + 1, max=BS)
+    return int(torch.where(valid, cnt, torch.zeros_like(cnt)).sum())
+
+
+def make(n, group, seed=0):
+    hkv = HQ // group
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, n, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, n, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, n, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = random_selection(1, n, hkv, TOPK, BS, generator=torch.Generator().manual_seed(seed), device="cuda")
+    return q, k, v, idx
+
+
+def time_sparse(q, k, v, idx, order, backward):
+    if not backward:
+        return bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order=order))
+    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fb():
+        sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order=order).backward(do)
+
+    return bench(fb, grad_to_none=[qr, kr, vr])
+
+
+def time_index(q, k, v, idx):
+    n = q.shape[1]
+    group = HQ // k.shape[2]
+    meta = doc_meta(1, n, None, BS, q.device)
+    flat = idx.view(n, k.shape[2], -1).contiguous()
+
+    def build():
+        for h0, hs in _head_slices(k.shape[2], n, TOPK, group, D, D):
+            build_pair_index(flat, meta, BS, h0, hs)
+
+    return bench(build)
+
+
+def time_dense(n):
+    q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+        do = torch.randn_like(q)
+        fb = bench(lambda: F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(do), grad_to_none=[qr, kr, vr])
+    del q, k, v, qr, kr, vr
+    return fwd, fb
+
+
+def time_reference(q, k, v, idx):
+    try:
+        with torch.no_grad():
+            ms = bench(lambda: naive.sparse_attention(q, k, v, idx, block_size=BS, scale=D**-0.5))
+    except torch.OutOfMemoryError:
+        ms = None
+    torch.cuda.empty_cache()
+    return ms
+
+
+def tune(rows):
+    """Kernel variants at 64K, G = 4 (and a profile of one forward+backward)."""
+    n, group = 65536, 4
+    q, k, v, idx = make(n, group, seed=1)
+    print("\n## tuning at N=64K G=4 (ms)", flush=True)
+    for pdt in (None, torch.bfloat16):
+        for cfg in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            kv_mod.PARTIAL_DTYPE, kv_mod.FWD_OVERRIDE = pdt, cfg
+            try:
+                ms = time_sparse(q, k, v, idx, "kv_outer", False)
+            except Exception as exc:
+                ms = float("nan")
+                print("  error", cfg, exc)
+            print(f"  kv fwd partial={pdt} BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
+            rows.append({"tune": "kv_fwd", "partial": str(pdt), "cfg": cfg, "ms": ms})
+    kv_mod.PARTIAL_DTYPE, kv_mod.FWD_OVERRIDE = None, None
+    for dqt in (torch.float32, torch.bfloat16):
+        for cfg in ((32, 4), (64, 4), (64, 8), (128, 8)):
+            bwd_mod.DQ_PARTIAL_DTYPE, bwd_mod.BWD_OVERRIDE = dqt, cfg
+            try:
+                ms = time_sparse(q, k, v, idx, "kv_outer", True)
+            except Exception as exc:
+                ms = float("nan")
+                print("  error", cfg, exc)
+            print(f"  kv fwd+bwd dq partial={dqt} BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
+            rows.append({"tune": "kv_fwdbwd", "dq_partial": str(dqt), "cfg": cfg, "ms": ms})
+    bwd_mod.DQ_PARTIAL_DTYPE, bwd_mod.BWD_OVERRIDE = torch.float32, None
+    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    do = torch.randn_like(q)
+    for _ in range(2):
+        sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="N in {8K, 64K} x G in {1, 4, 16}")
+    ap.add_argument("--tune", action="store_true", help="kernel variants and a profile at 64K, G=4")
+    ap.add_argument("--ns", default=None, help="comma-separated N list (overrides)")
+    ap.add_argument("--gs", default=None, help="comma-separated G list (overrides)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    ns = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536, 131072]
+    gs = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
+    if args.ns:
+        ns = [int(x) for x in args.ns.split(",")]
+    if args.gs:
+        gs = [int(x) for x in args.gs.split(",")]
+    info = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+    }
+    rate = matmul_rate()
+    info["bf16_matmul_tflops"] = rate
+    print(info, flush=True)
+    rows = []
+    if args.tune:
+        tune(rows)
+    for n in ns:
+        dense_fwd, dense_fb = time_dense(n)
+        dense_flops = 4 * HQ * D * n * (n + 1) / 2
+        print(f"\nN={n}: dense SDPA fwd {dense_fwd:.3f} ms ({dense_flops / dense_fwd / 1e9:.0f} TFLOP/s), fwd+bwd {dense_fb:.3f} ms", flush=True)
+        for group in gs:
+            q, k, v, idx = make(n, group)
+            keys = visible_keys(idx, n)
+            flops = 4 * D * group * keys
+            row = {"N": n, "G": group, "dense_fwd": dense_fwd, "dense_fwdbwd": dense_fb, "gflop_fwd": flops / 1e9}
+            row["index"] = time_index(q, k, v, idx)
+            for order in ("q_outer", "kv_outer"):
+                row[f"fwd_{order}"] = time_sparse(q, k, v, idx, order, False)
+            row["auto"] = choose_loop_order(group, n, D)
+            row["fwd"] = row[f"fwd_{row['auto']}"]
+            row["fwdbwd"] = time_sparse(q, k, v, idx, row["auto"], True)
+            row["tflops_fwd"] = flops / row["fwd"] / 1e9
+            row["tflops_fwdbwd"] = 3.5 * flops / row["fwdbwd"] / 1e9
+            if n <= 8192:
+                row["reference_fwd"] = time_reference(q, k, v, idx)
+            rows.append(row)
+            print(
+                f"  G={group:2d} index {row['index']:.3f} | fwd q_outer {row['fwd_q_outer']:.3f} kv_outer {row['fwd_kv_outer']:.3f}"
+                f" -> auto {row['auto']} {row['fwd']:.3f} ms ({row['tflops_fwd']:.0f} TFLOP/s) | fwd+bwd {row['fwdbwd']:.3f} ms"
+                f" ({row['tflops_fwdbwd']:.0f} TFLOP/s) | ref fwd {row.get('reference_fwd')}",
+                flush=True,
+            )
+            del q, k, v, idx
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s")
+    print("| N | G | index | fwd q_outer | fwd kv_outer | fwd (auto) | TFLOP/s | fwd+bwd | TFLOP/s | dense fwd | dense fwd+bwd | fwd speedup | fwd+bwd speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "N" not in r:
+            continue
+        print(
+            f"| {r['N'] // 1024}K | {r['G']} | {r['index']:.2f} | {r['fwd_q_outer']:.2f} | {r['fwd_kv_outer']:.2f} | {r['fwd']:.2f} ({r['auto']}) |"
+            f" {r['tflops_fwd']:.0f} | {r['fwdbwd']:.2f} | {r['tflops_fwdbwd']:.0f} | {r['dense_fwd']:.2f} | {r['dense_fwdbwd']:.2f} |"
+            f" {r['dense_fwd'] / r['fwd']:.1f}x | {r['dense_fwdbwd'] / r['fwdbwd']:.1f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
