@@ -69,13 +69,13 @@ if triton is not None:
     def _block_attn_kernel(
         q_ptr, pk_ptr, pv_ptr, idx_ptr, blk_ptr, pos_ptr, tk_ptr, tv_ptr,
         acc_ptr, m_ptr, l_ptr,
-        scale, n_entries, per_split,
+        scale, n_entries,
         s_qr, s_qh,
         s_pp, s_ph, s_ps,
         s_ir, s_ih,
         s_tr, s_th,
         H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-        N_SPLITS: tl.constexpr, USE_TAIL: tl.constexpr,
+        N_SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, USE_TAIL: tl.constexpr,
     ):
         r = tl.program_id(0)
         h = tl.program_id(1)
@@ -90,10 +90,9 @@ if triton is not None:
         m_i = tl.full([BG], float("-inf"), tl.float32)
         l_i = tl.zeros([BG], tl.float32)
         acc = tl.zeros([BG, D], tl.float32)
-        start = sp * per_split
-        end = tl.minimum(start + per_split, n_entries)
-        for e in range(start, end):
-            slot = tl.load(idx_ptr + r * s_ir + h * s_ih + e)
+        for i in range(0, PER_SPLIT):
+            e = sp * PER_SPLIT + i
+            slot = tl.load(idx_ptr + r * s_ir + h * s_ih + e, mask=e < n_entries, other=-1)
             if slot >= 0:
                 b = tl.load(blk_ptr + r * s_ir + h * s_ih + e)
                 koff = (r * s_pp + h * s_ph + slot * s_ps).to(tl.int64)
@@ -154,12 +153,12 @@ def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int,
     grid = (rows, n_heads_kv, n_splits)
     _block_attn_kernel[grid](
         q, pool_k, pool_v, idx, blk, pos, tk, tv, acc, m, l,
-        scale, n_entries, per_split,
+        scale, n_entries,
         q.stride(0), q.stride(1),
         0 if shared else pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
         idx.stride(0), idx.stride(1),
         tk.stride(0) if use_tail else 0, tk.stride(1) if use_tail else 0,
-        H=n_heads_kv, G=group, BG=bg, BS=block_size, D=head_dim, N_SPLITS=n_splits, USE_TAIL=use_tail,
+        H=n_heads_kv, G=group, BG=bg, BS=block_size, D=head_dim, N_SPLITS=n_splits, PER_SPLIT=per_split, USE_TAIL=use_tail,
         num_warps=4,
     )
     m, l, acc = m[..., :group], l[..., :group], acc[..., :group, :]
@@ -175,6 +174,8 @@ def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int,
 def block_attention(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float, shared: bool = False,
                     tail_k=None, tail_v=None, backend: str = "auto") -> torch.Tensor:
     """Dispatch: Triton on CUDA (or backend="triton"), the reference otherwise."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     use_kernel = backend == "triton" or (backend == "auto" and q.is_cuda and triton is not None)
     if use_kernel:
         return block_attention_triton(q, pool_k, pool_v, idx, blk, pos, block_size=block_size, scale=scale,

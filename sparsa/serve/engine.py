@@ -71,7 +71,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
 class Engine:
     def __init__(self, model, *, mode: str = "sparse", max_batch: int = 1, max_len: int | None = None,
                  topk: int | None = None, prefill_chunk: int = 512, gather: str = "auto", check_every: int = 32,
-                 timing: bool = True, host_memory_limit: int | None = None, device_memory_limit: int | None = None):
+                 timing: bool = True, backend: str = "auto", host_memory_limit: int | None = None, device_memory_limit: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "sparda" and not model_has_forecasts(model):
@@ -95,7 +95,13 @@ class Engine:
         self.topk, self.block_size = topk, sc.block_size
         self.init_blocks, self.local_blocks = sc.init_blocks, sc.local_blocks
         self.prefill_chunk = prefill_chunk
-        self.gather = gather
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if gather not in ("auto", "kernel", "index", "copies", "staged"):
+            raise ValueError(f"gather must be 'auto', 'kernel', 'index', 'copies' or 'staged', got {gather!r}")
+        self.backend = backend
+        self.gather = "kernel" if (gather == "auto" and backend == "triton") else gather
+        self.write_method = "kernel" if backend == "triton" else "auto"
         self.check_every = check_every
         self.timing = timing
         param = next(model.parameters())
@@ -273,7 +279,7 @@ class Engine:
                         ssa_scores(qq, kbar[b], p, block_size=bs, scale=self.scale), p)
                 sel = self._selection(("prefill", b, layer_idx, s), compute)
                 h = block_attention(q[0], pool_k, pool_v, sel, sel, pos, block_size=bs, scale=self.scale,
-                                    shared=True)[None]
+                                    shared=True, backend=self.backend)[None]
                 gate = attn.gate(u)
                 if gate is not None:
                     h = h * gate.to(h.dtype)
@@ -331,8 +337,7 @@ class Engine:
             if off_layer:
                 cache.tail_k[layer_idx][rows, :, off] = k
                 cache.tail_v[layer_idx][rows, :, off] = v
-                write_tokens(cache.host_k[layer_idx], cache.host_v[layer_idx], k, v, pos,
-                             method="auto" if self.cuda else "index")
+                write_tokens(cache.host_k[layer_idx], cache.host_v[layer_idx], k, v, pos, method=self.write_method)
                 block_data = cache.tail_k[layer_idx][:batch]
             else:
                 cache.k[layer_idx][rows, :, blk, off] = k
@@ -346,7 +351,7 @@ class Engine:
             if self.mode == "dense":
                 entries = self._dense_entries(pos)
                 h = block_attention(q, cache.k[layer_idx][:batch], cache.v[layer_idx][:batch], entries, entries, pos,
-                                    block_size=bs, scale=self.scale)
+                                    block_size=bs, scale=self.scale, backend=self.backend)
             else:
                 if self.mode in ("sparse", "offload"):
                     kb = cache.kbar[layer_idx][:batch]
@@ -354,7 +359,7 @@ class Engine:
                         ssa_scores(q, kb, pos, block_size=bs, scale=self.scale), pos))
                 if not off_layer:
                     h = block_attention(q, cache.k[layer_idx][:batch], cache.v[layer_idx][:batch], cur_sel, cur_sel,
-                                        pos, block_size=bs, scale=self.scale)
+                                        pos, block_size=bs, scale=self.scale, backend=self.backend)
                 else:
                     if self.mode == "offload":
                         self._prefetch(layer_idx, cur_sel, blk, batch, inline=True)
@@ -362,7 +367,7 @@ class Engine:
                     idx = torch.where(cur_sel.to(torch.long) == blk[:, None, None], torch.zeros_like(slot_of), slot_of)
                     h = block_attention(q, cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], idx, cur_sel,
                                         pos, block_size=bs, scale=self.scale, tail_k=cache.tail_k[layer_idx][:batch],
-                                        tail_v=cache.tail_v[layer_idx][:batch])
+                                        tail_v=cache.tail_v[layer_idx][:batch], backend=self.backend)
             gate = attn.gate(u)
             h = h[:, None]
             if gate is not None:

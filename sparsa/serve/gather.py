@@ -59,12 +59,13 @@ def _kernel_arg(t: torch.Tensor):
 if triton is not None:
 
     @triton.jit
-    def _gather_kernel(hk, hv, sk, sv, load_ptr, n_tasks, n_slots, host_bh, slot_bh,
-                       E: tl.constexpr, CHUNK: tl.constexpr, NPROG: tl.constexpr):
+    def _gather_kernel(hk, hv, sk, sv, load_ptr, n_slots, host_bh, slot_bh,
+                       n_tasks: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, NPROG: tl.constexpr):
         pid = tl.program_id(0)
         offs = tl.arange(0, CHUNK)
-        for task in range(pid, n_tasks, NPROG):
-            blk = tl.load(load_ptr + task)
+        for base in range(0, n_tasks, NPROG):
+            task = base + pid
+            blk = tl.load(load_ptr + task, mask=task < n_tasks, other=-1)
             if blk >= 0:
                 bh = task // n_slots
                 s = task - bh * n_slots
@@ -114,8 +115,8 @@ def gather_blocks(host_k, host_v, slot_k, slot_v, load, *, method: str = "auto",
         nprog = n_ctas or default_ctas(batch)
         _gather_kernel[(nprog,)](
             _kernel_arg(host_k), _kernel_arg(host_v), slot_k, slot_v, load.contiguous(),
-            batch * n_heads * n_slots, n_slots, n_blocks * elems, n_slots * elems,
-            E=elems, CHUNK=chunk, NPROG=nprog, num_warps=8,
+            n_slots, n_blocks * elems, n_slots * elems,
+            n_tasks=batch * n_heads * n_slots, E=elems, CHUNK=chunk, NPROG=nprog, num_warps=8,
         )
         return
     # the two DMA variants need the list on the host
