@@ -208,3 +208,153 @@ def test_checkpoint_round_trip_with_forecasts(tmp_path):
     save_model(tmp_path / "bad", model, model.config)
     with pytest.raises(ValueError, match="unexpected"):
         load_model(tmp_path / "bad")
+
+
+# ------------------------------------------------------------------------------ distillation
+from sparsa.data import random_batch  # noqa: E402
+from sparsa.train.forecast import (  # noqa: E402
+    DistillConfig, distill, distill_step, reference_block_attention_kl, topk_rest_kl,
+)
+from sparsa.train.ssa import load_streams, read_metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory):
+    """A tiny random model with peaked attention (scaled q/k weights) and a small corpus."""
+    import random
+
+    root = tmp_path_factory.mktemp("forecast")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "theta", "\n"]
+    (root / "data.txt").write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.q_proj.weight.mul_(12.0)
+            layer.attn.k_proj.weight.mul_(12.0)
+    save_model(root / "ck", model, model.config, extra={"method": "ssa"})
+    return root
+
+
+def distill_cfg(root, out, **kw):
+    base = dict(checkpoint=str(root / "ck"), out=str(out), steps=4, batch_size=1, seq_len=64, eval_every=100,
+                eval_batches=1, save_every=100, data=str(root / "data.txt"), progress=False, init="random", lr=5e-3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def fixed_batch_losses(model, cfg, seed):
+    train_stream, _ = load_streams(cfg.data)
+    batch = random_batch(train_stream, cfg.batch_size, cfg.seq_len, seed)
+    for p in model.forecast_parameters():
+        p.requires_grad_(True)
+    losses = distill_step(model, batch.tokens, batch.cu_seqlens, cfg)
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def test_distill_lowers_the_loss_and_keeps_the_backbone(sharp_checkpoint, tmp_path):
+    cfg = distill_cfg(sharp_checkpoint, tmp_path / "d", steps=6)
+    distill(cfg)
+    first = [r for r in read_metrics(tmp_path / "d" / "forecast_metrics.jsonl") if r["kind"] == "train"][0]
+    trained, meta = load_model(tmp_path / "d")
+    assert meta["forecast"] is True and meta["method"] == "ssa" and trained.has_forecasts
+    after = fixed_batch_losses(trained, cfg, [cfg.seed, 13, 0, 0])  # step 0's batch
+    assert sum(after) < 0.9 * sum(first["layer_loss"]), (after, first["layer_loss"])
+    original, _ = load_model(sharp_checkpoint / "ck")
+    for name, value in original.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    tokens = torch.randint(0, 256, (1, 64))
+    assert torch.equal(trained(tokens, mode="sparse").logits, original(tokens, mode="sparse").logits)
+    assert torch.isfinite(trained(tokens, mode="sparse", selector="forecast").logits).all()
+    with pytest.raises(ValueError, match="resume"):
+        distill(cfg)
+
+
+def test_distill_resume_equals_uninterrupted(sharp_checkpoint, tmp_path):
+    distill(distill_cfg(sharp_checkpoint, tmp_path / "a", steps=4, grad_accum=2, eval_every=2, save_every=2))
+    distill(distill_cfg(sharp_checkpoint, tmp_path / "b", steps=4, grad_accum=2, eval_every=2, save_every=2,
+                        stop_after=2))
+    distill(distill_cfg(sharp_checkpoint, tmp_path / "b", steps=4, grad_accum=2, eval_every=2, save_every=2,
+                        resume=True))
+    ra, rb = (read_metrics(tmp_path / x / "forecast_metrics.jsonl") for x in ("a", "b"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(ra) == strip(rb) and len([r for r in ra if r["kind"] == "train"]) == 4
+    ma, mb = load_model(tmp_path / "a")[0], load_model(tmp_path / "b")[0]
+    for (name, a), (_, b) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_layerwise_graphs_span_one_layer_and_reach_only_forecasts(sharp_checkpoint):
+    """Memory flat in depth by design: each layer's loss only reaches its own predictor."""
+    model = tiny_model(seed=1, n_layers=3)
+    model.add_forecasts(init="random")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.forecast_parameters():
+        p.requires_grad_(True)
+    cfg = distill_cfg(sharp_checkpoint, sharp_checkpoint / "unused")
+    predictors = [model.self_forecast, model.forecasts[0], model.forecasts[1]]
+    snapshots = []
+
+    def on_layer(index):
+        grads = [None if p.proj.weight.grad is None else p.proj.weight.grad.clone() for p in predictors]
+        snapshots.append(grads)
+
+    tokens = torch.randint(0, 256, (1, 96))
+    distill_step(model, tokens, None, cfg, on_layer=on_layer)
+    for index, grads in enumerate(snapshots):
+        for j, g in enumerate(grads):
+            if j <= index:
+                assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, (index, j)
+            else:
+                assert g is None, (index, j)  # later predictors untouched so far
+        if index > 0:  # this layer's loss left the earlier predictors' gradients unchanged
+            for j in range(index):
+                assert torch.equal(grads[j], snapshots[index - 1][j])
+    trainable = {id(p) for p in model.forecast_parameters()}
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert p.grad is None, name
+
+
+def test_reference_block_kl_matches_streamkl_and_topk_rest_runs():
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 50, 4, 8, dtype=torch.float64) * 2, torch.randn(1, 50, 2, 8, dtype=torch.float64) * 2
+    f = torch.randn(1, 50, 2, 8, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 21, 50], dtype=torch.int32)
+    kbar = sparsa.block_keys(k, 4, cu)
+    ref = reference_block_attention_kl(q, k, f, kbar, block_size=4, scale_s=0.3, cu_seqlens=cu)
+    try:
+        from sparsa.ops.kl import block_attention_kl
+    except (ImportError, AttributeError):
+        block_attention_kl = None
+    if block_attention_kl is not None:
+        other = block_attention_kl(q, k, f, kbar, block_size=4, scale_s=0.3, cu_seqlens=cu)
+        assert torch.allclose(ref, other, rtol=1e-9, atol=1e-12)
+        g1, = torch.autograd.grad(ref, f)
+        g2, = torch.autograd.grad(other, f)
+        assert torch.allclose(g1, g2, rtol=1e-7, atol=1e-12)
+    assert ref > 0
+    idx = sparsa.select_blocks(q, k, block_size=4, topk=4, init_blocks=1, cu_seqlens=cu)
+    loss = topk_rest_kl(q, k, f, kbar, idx, block_size=4, init_blocks=1, local_blocks=1, scale_s=0.3, cu_seqlens=cu)
+    assert torch.isfinite(loss) and loss > 0
+    (g,) = torch.autograd.grad(loss, f)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_cli_distill_and_forecast_eval(sharp_checkpoint, tmp_path, capsys):
+    from sparsa.cli import main
+
+    out = tmp_path / "cli"
+    data = str(sharp_checkpoint / "data.txt")
+    assert main(["distill-forecast", str(sharp_checkpoint / "ck"), "--out", str(out), "--steps", "2",
+                 "--batch-size", "1", "--seq-len", "64", "--data", data, "--no-progress", "--target", "topk_rest"]) == 0
+    capsys.readouterr()
+    assert main(["forecast-eval", str(out), "--data", data, "--seq-len", "128", "--max-batches", "1",
+                 "--diag-windows", "1", "--no-passkey", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["layers"]) == 2 and set(result["bpb"]) == {"full", "query", "forecast"}
+    assert 0.0 <= result["layers"][1]["recall"] <= 1.0
