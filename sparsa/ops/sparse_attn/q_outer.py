@@ -55,7 +55,7 @@ def _q_outer_fwd_kernel(
     Hq, Hkv, BS, TOPK: tl.constexpr,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, BRANCHLESS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -77,19 +77,35 @@ def _q_outer_fwd_kernel(
     idx_row = IDX + (t * Hkv + h) * TOPK
     for s in range(TOPK):
         b = tl.load(idx_row + s).to(tl.int64)
-        if (b >= 0) & (b * BS <= tloc) & (b != prev):
+        use = (b >= 0) & (b * BS <= tloc) & (b != prev)
+        if BRANCHLESS:  # masked loads move no data; lets the compiler pipeline the block loads
             kpos = doc0 + b * BS + offs_n
-            kmask = (offs_n < BS) & (kpos <= t)
+            kmask = (offs_n < BS) & (kpos <= t) & use
             k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+            vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             sc = tl.where(kmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(sc - m_new[:, None])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
             m_i = m_new
+        else:
+            if use:
+                kpos = doc0 + b * BS + offs_n
+                kmask = (offs_n < BS) & (kpos <= t)
+                k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                sc = tl.where(kmask[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+                m_i = m_new
         prev = b
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -107,6 +123,10 @@ def precision_for(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# (BRANCHLESS, num_warps, num_stages) forced by the tuning benchmark; None = the default below
+Q_OUTER_OVERRIDE: tuple[bool, int, int] | None = None
+
+
 def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
     """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 -> o [N, Hq, Dv], lse [N, Hq] fp32."""
     n_tokens, n_heads_q, head_dim = q.shape
@@ -116,13 +136,14 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
     big = max(block_d, block_dv) > 128
+    branchless, warps, stages = Q_OUTER_OVERRIDE or (False, 8 if big else 4, 2)
     _q_outer_fwd_kernel[(n_tokens, n_heads_kv)](
         q, k, v, o, lse, idx, meta.tok_docstart,
         scale * LOG2E,
         n_heads_q, n_heads_kv, block_size, TOPK=idx.shape[-1],
         G=group, D=head_dim, DV=head_dim_v,
         BLOCK_G=_pow2(group), BLOCK_N=_pow2(block_size), BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=precision_for(q.dtype),
-        num_warps=8 if big else 4, num_stages=2,
+        PRECISION=precision_for(q.dtype), BRANCHLESS=branchless,
+        num_warps=warps, num_stages=stages,
     )
     return o, lse

@@ -31,10 +31,15 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int) -> str:
     return "kv_outer"
 
 
-def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int):
-    per_head = n_tokens * topk * group * (max(head_dim, head_dim_v) * 4 + 4)
+def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int, esize: int = 4):
+    per_head = n_tokens * topk * group * (max(head_dim, head_dim_v) * esize + 4)
     step = max(1, min(n_heads_kv, PAIR_BUFFER_BYTES // max(per_head, 1)))
     return [(h0, min(step, n_heads_kv - h0)) for h0 in range(0, n_heads_kv, step)]
+
+
+def _esize(dtype: torch.dtype) -> int:
+    """Bytes per element of the largest per-pair buffer (fp16 dQ partials stay fp32)."""
+    return 2 if dtype == torch.bfloat16 else 4
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -51,7 +56,7 @@ class _SparseAttention(torch.autograd.Function):
             o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
             lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
             indices = []
-            for h0, hs in _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v):
+            for h0, hs in _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v, _esize(q.dtype)):
                 index = build_pair_index(idx, meta, block_size, h0, hs)
                 kv_outer_forward(q, k, v, index, meta, block_size, scale, o, lse)
                 indices.append(index)
@@ -75,7 +80,7 @@ class _SparseAttention(torch.autograd.Function):
         dv = torch.zeros_like(v)
         indices = ctx.indices
         if indices is None:
-            slices = _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v)
+            slices = _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v, _esize(q.dtype))
             indices = (build_pair_index(idx, meta, block_size, h0, hs) for h0, hs in slices)
         for index in indices:
             kv_outer_backward(q, k, v, do, lse, delta, index, meta, block_size, scale, dq, dk, dv)
