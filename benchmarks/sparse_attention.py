@@ -194,6 +194,9 @@ def main():
             if n <= 8192:
                 row["reference_fwd"] = time_reference(q, k, v, idx)
             rows.append(row)
+            if args.out:  # written after every row: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump({"info": info, "rows": rows}, f, indent=1)
             print(
                 f"  G={group:2d} index {row['index']:.3f} | fwd q_outer {row['fwd_q_outer']:.3f} kv_outer {row['fwd_kv_outer']:.3f}"
                 f" -> auto {row['auto']} {row['fwd']:.3f} ms ({row['tflops_fwd']:.0f} TFLOP/s) | fwd+bwd {row['fwdbwd']:.3f} ms"
