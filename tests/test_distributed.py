@@ -22,12 +22,18 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
     sys.path.insert(0, str(ROOT))
 
 from sparsa.train import TrainConfig, train  # noqa: E402
+from sparsa.cli import main as main_cli  # noqa: E402
 from sparsa.train.ssa import read_metrics, shard_batch  # noqa: E402
 
 WORLD = 2
 PER_RANK = 2
+HAVE_FORECAST = (ROOT / "sparsa" / "train" / "forecast.py").exists()
 COMMON = dict(preset="tiny", method="ssa", steps=4, seq_len=64, topk=2, grad_accum=2, eval_every=2,
               eval_batches=1, warmup_steps=2, progress=False)
+
+
+DISTILL_ARGS = ["--steps", "3", "--batch-size", "1", "--seq-len", "64", "--eval-every", "3", "--eval-batches", "1",
+                "--save-every", "2", "--no-progress"]
 
 
 def make_corpus(folder: Path) -> Path:
@@ -100,6 +106,9 @@ def worker(work: Path) -> None:
     assert main(cli_args(work / "ddp", data, "ddp")) == 0
     assert main(cli_args(work / "fsdp_half", data, "fsdp", "--stop-after", "2")) == 0
     assert main(cli_args(work / "from_single", data, "fsdp", "--resume")) == 0
+    if HAVE_FORECAST:
+        assert main(["distill-forecast", str(work / "single"), "--out", str(work / "distill"), "--grad-accum", "1",
+                     *DISTILL_ARGS, "--data", str(data)]) == 0
     (work / f"writes{rank}.json").write_text(json.dumps(writes))
     dist.destroy_process_group()
 
@@ -112,6 +121,9 @@ def runs(tmp_path_factory):
     train(cfg(work / "single", data, WORLD * PER_RANK, stop_after=2))
     shutil.copytree(work / "single", work / "from_single")
     train(cfg(work / "single", data, WORLD * PER_RANK, resume=True))  # exact (tests/test_train.py)
+    if HAVE_FORECAST:  # single-process distillation with WORLD x the micro-batches of a rank
+        assert main_cli(["distill-forecast", str(work / "single"), "--out", str(work / "distill_single"),
+                         "--grad-accum", str(WORLD), *DISTILL_ARGS, "--data", str(data)]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
@@ -165,6 +177,24 @@ def test_checkpoints_written_once_in_single_process_format(runs):
         for index, values in single["optimizer"]["state"].items():
             for key, value in values.items():
                 torch.testing.assert_close(state["optimizer"]["state"][index][key], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_FORECAST, reason="sparsa.train.forecast is not part of this tree")
+def test_forecast_distillation_on_two_ranks_equals_single_process(runs):
+    got = read_metrics(runs / "distill" / "forecast_metrics.jsonl")
+    want = read_metrics(runs / "distill_single" / "forecast_metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "grad_norm"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9), key
+        if "layer_loss" in w:
+            assert g["layer_loss"] == pytest.approx(w["layer_loss"], rel=1e-5, abs=1e-9)
+        if "recall" in w:
+            assert g["recall"] == pytest.approx(w["recall"], abs=0.02)
+    assert_close_weights(runs / "distill", runs / "distill_single", atol=1e-6)
+    assert (runs / "distill" / "forecast_state.json").exists()
+    assert json.loads((runs / "distill" / "config.json").read_text())["forecast"] is True
 
 
 def test_rank_slices_make_the_single_process_batch(tmp_path):

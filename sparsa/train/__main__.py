@@ -1,33 +1,65 @@
-"""`torchrun --standalone --nproc-per-node N -m sparsa.train [--parallel ddp|fsdp] [flags of sparsa train]`.
+"""Multi-GPU training with torchrun (DDP or FSDP2), and SparDA forecast distillation:
 
-Without torchrun (`python -m sparsa.train ...`) it trains on one process, as `sparsa train` does.
+  torchrun --standalone --nproc-per-node N -m sparsa.train [--parallel ddp|fsdp] [flags of `sparsa train`]
+  torchrun --standalone --nproc-per-node N -m sparsa.train distill-forecast CHECKPOINT [flags of `sparsa distill-forecast`]
+
+Without torchrun (`python -m sparsa.train ...`) both run on one process, as the `sparsa` commands do.
+See docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from ..cli import add_train_args, train_config_from_args
 
+DISTILL = "distill-forecast"
+
+
+def _add_common(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+    parser.add_argument("--parallel", default="ddp", choices=choices,
+                        help="ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard (default: ddp)")
+    parser.add_argument("--backend", default=None, help="process group backend (default: nccl on CUDA, gloo on CPU)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrun ... -m sparsa.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser)
-    parser.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
-                        help="DistributedDataParallel or FSDP2 fully_shard (default: ddp)")
-    parser.add_argument("--backend", default=None, help="process group backend (default: nccl on CUDA, gloo on CPU)")
+    _add_common(parser, ("ddp", "fsdp"))
+    return parser
+
+
+def build_distill_parser() -> argparse.ArgumentParser:
+    from .forecast import add_distill_args
+
+    parser = argparse.ArgumentParser(prog=f"torchrun ... -m sparsa.train {DISTILL}",
+                                     description="SparDA forecast distillation, data-parallel over the ranks")
+    add_distill_args(parser)
+    _add_common(parser, ("ddp",))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distributed import train_distributed
+    from .distributed import distill_distributed, train_distributed
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == DISTILL:
+        from .forecast import DistillConfig
+
+        args = build_distill_parser().parse_args(argv[1:])
+        fields = {f.name for f in dataclasses.fields(DistillConfig)}
+        values = {k: v for k, v in vars(args).items() if k in fields}
+        values["progress"] = not args.no_progress
+        run = lambda: distill_distributed(DistillConfig(**values), parallel=args.parallel, backend=args.backend)  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: train_distributed(train_config_from_args(args), parallel=args.parallel, backend=args.backend)  # noqa: E731
     try:
-        summary = train_distributed(train_config_from_args(args), parallel=args.parallel, backend=args.backend)
+        summary = run()
     except ValueError as err:
         print(f"sparsa.train: error: {err}", file=sys.stderr)
         return 2

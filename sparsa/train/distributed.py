@@ -104,7 +104,9 @@ class DistributedRuntime(SingleProcess):
             # (torch >= 2.13 names the option forward_sync_buffers, older torch broadcast_buffers)
             params = inspect.signature(DistributedDataParallel.__init__).parameters
             no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-            return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+            # a checkpoint with SparDA forecasts carries parameters the training forward never uses
+            unused = bool(getattr(model, "has_forecasts", False))
+            return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused, **no_sync)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -256,6 +258,20 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
+@contextlib.contextmanager
+def process_group(device: torch.device, backend: str | None = None):
+    """The default process group for the duration of the block (kept if the caller made one)."""
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def train_distributed(cfg: TrainConfig, parallel: str = "ddp", backend: str | None = None) -> dict:
     """Trains on every rank of a torchrun job (one call per rank). Outside torchrun it is `train(cfg)`.
 
@@ -265,15 +281,147 @@ def train_distributed(cfg: TrainConfig, parallel: str = "ddp", backend: str | No
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if not launched_by_torchrun():
         return train(cfg)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = distributed_device(cfg.device, local_rank)
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
-                                device_id=device if device.type == "cuda" else None)
-    try:
-        runtime = DistributedRuntime(parallel, device)
-        return run_training(cfg, runtime)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    device = distributed_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    with process_group(device, backend):
+        return run_training(cfg, DistributedRuntime(parallel, device))
+
+
+# --------------------------------------------------------------------------------------------------
+# forecast distillation (sparsa.train.forecast) on several ranks
+
+def all_reduce_mean_grads(params: list[torch.nn.Parameter]) -> None:
+    """Replicated parameters, data-parallel gradients: every grad becomes its mean over ranks (one
+    flat all-reduce). A parameter without a grad on this rank counts as a zero grad."""
+    params = list(params)
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def distill_distributed(cfg, parallel: str = "ddp", backend: str | None = None) -> dict:
+    """`sparsa.train.forecast.distill` on every rank of a torchrun job (one call per rank).
+
+    The backbone is frozen and the forecasts are small, so this is plain data parallelism: every rank
+    holds the whole model, runs `distill_step` on its own micro-batches and the forecast gradients are
+    averaged over ranks before clipping. Rank r's micro-batch m of a step is the micro-batch
+    r * grad_accum + m of single-process distillation, and every rank weighs its micro-batches by
+    1 / grad_accum before the mean over ranks: N ranks with grad_accum G train exactly as one process
+    with grad_accum N * G (same rows, same loss scale). Rank 0 evaluates, logs and writes the
+    checkpoint (the single-process format). Outside torchrun it is `distill(cfg)`.
+    """
+    from . import forecast as fc
+
+    if parallel != "ddp":
+        raise ValueError(f"parallel must be 'ddp' for distill-forecast (the backbone is frozen and the forecasts "
+                         f"are small: nothing worth sharding), got {parallel!r}")
+    if not launched_by_torchrun():
+        return fc.distill(cfg)
+    device = distributed_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    with process_group(device, backend):
+        return _distill_ranks(cfg, DistributedRuntime("ddp", device), fc)
+
+
+def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
+    import json
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import atomic_write, load_model
+    from ..data import random_batch
+    from .ssa import append_metrics, load_streams, read_metrics
+
+    source = Path(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else source
+    device = rt.device
+    torch.manual_seed(cfg.seed)
+    train_stream, val_stream = load_streams(cfg.data)
+    start_step = 0
+    if cfg.resume:
+        if not (out / fc.FORECAST_STATE_FILE).exists():
+            raise ValueError(f"resume: {str(out)!r} holds no {fc.FORECAST_STATE_FILE} (nothing to resume)")
+        model, meta = load_model(out, device)
+        if not model.has_forecasts:
+            raise ValueError(f"resume: the checkpoint in {str(out)!r} has no forecasts")
+        fc.freeze_backbone(model)
+        optimizer = fc.make_forecast_optimizer(model, cfg)
+        state = torch.load(out / fc.FORECAST_OPTIMIZER_FILE, map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        rt.barrier()
+        if rt.is_main:
+            kept = [r for r in read_metrics(out / fc.FORECAST_METRICS_FILE) if r["step"] < start_step or
+                    (r["kind"] == "eval" and r["step"] <= start_step)]
+            atomic_write(out / fc.FORECAST_METRICS_FILE,
+                         lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+    else:
+        if (out / fc.FORECAST_STATE_FILE).exists() and not cfg.restart:
+            raise ValueError(f"{str(out)!r} already holds a forecast distillation: pass --resume or --restart")
+        model, meta = load_model(source, device)
+        if model.has_forecasts:
+            if not cfg.restart:
+                raise ValueError(f"checkpoint {str(source)!r} already has forecasts: pass --resume to continue "
+                                 "or --restart to train new ones")
+            del model.forecasts
+            del model.self_forecast
+        model.add_forecasts(init=cfg.init)
+        fc.freeze_backbone(model)
+        optimizer = fc.make_forecast_optimizer(model, cfg)
+        rt.barrier()  # every rank has read `source` (it may be `out`) before rank 0 writes there
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / fc.FORECAST_METRICS_FILE).unlink(missing_ok=True)
+    model.eval()
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
+    bar = tqdm(range(start_step, end_step), desc="distill-forecast", disable=not (cfg.progress and rt.is_main),
+               initial=start_step, total=cfg.steps, dynamic_ncols=True)
+    params = model.forecast_parameters()
+    last: dict = {}
+    for step in bar:
+        started = time.perf_counter()
+        lr = fc.lr_for(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        per_layer = [0.0] * model.config.n_layers
+        for micro in range(cfg.grad_accum):
+            index = rt.rank * cfg.grad_accum + micro  # the single-process micro-batch this rank stands for
+            batch = random_batch(train_stream, cfg.batch_size, seq_len, [cfg.seed, 13, step, index]).to(device)
+            losses = fc.distill_step(model, batch.tokens, batch.cu_seqlens, cfg, weight=1.0 / cfg.grad_accum)
+            per_layer = [a + b / cfg.grad_accum for a, b in zip(per_layer, losses)]
+        all_reduce_mean_grads(params)
+        per_layer = [v / rt.world_size for v in rt.sum_over_ranks(per_layer)]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        loss = sum(per_layer) / len(per_layer)
+        last = {"kind": "train", "step": step, "lr": lr, "loss": loss, "layer_loss": per_layer, "grad_norm": grad_norm,
+                "tokens_per_s": cfg.batch_size * seq_len * cfg.grad_accum * rt.world_size / elapsed}
+        done = step + 1
+        if rt.is_main:
+            append_metrics(out / fc.FORECAST_METRICS_FILE, last)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                from ..eval.forecast_metrics import forecast_recall
+
+                rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
+                append_metrics(out / fc.FORECAST_METRICS_FILE,
+                               {"kind": "eval", "step": done, "recall": rec["recall"], "recall_all": rec["recall_all"],
+                                "mean_recall_ge1": rec["mean_recall_ge1"]})
+                bar.write(f"step {done}: loss {loss:.4f}, recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
+        if done % cfg.save_every == 0 or done == end_step:
+            if rt.is_main:
+                fc.save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
+            rt.barrier()
+    bar.close()
+    rt.barrier()
+    return {"out": str(out), "steps": end_step, "last": last, "n_forecast_params": sum(p.numel() for p in params)}
