@@ -75,7 +75,7 @@ if triton is not None:
         s_ir, s_ih,
         s_tr, s_th,
         H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-        N_SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, USE_TAIL: tl.constexpr,
+        N_SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, USE_TAIL: tl.constexpr, PREC: tl.constexpr,
     ):
         r = tl.program_id(0)
         h = tl.program_id(1)
@@ -104,7 +104,7 @@ if triton is not None:
                         vp = tv_ptr + r * s_tr + h * s_th
                 k = tl.load(kp + t[:, None] * D + d[None, :])
                 v = tl.load(vp + t[:, None] * D + d[None, :])
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BG, BS]
+                s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [BG, BS]
                 kpos = b * BS + t
                 s = tl.where((kpos <= pos)[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -112,7 +112,7 @@ if triton is not None:
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
                 m_i = m_new
         base = (r * H + h) * N_SPLITS + sp
         tl.store(acc_ptr + base * BG * D + g[:, None] * D + d[None, :], acc)
@@ -159,6 +159,7 @@ def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int,
         idx.stride(0), idx.stride(1),
         tk.stride(0) if use_tail else 0, tk.stride(1) if use_tail else 0,
         H=n_heads_kv, G=group, BG=bg, BS=block_size, D=head_dim, N_SPLITS=n_splits, PER_SPLIT=per_split, USE_TAIL=use_tail,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
     m, l, acc = m[..., :group], l[..., :group], acc[..., :group, :]

@@ -74,6 +74,23 @@ class MemoryPlan:
                              f"{gib(host_free)} available (lower max_batch or max_len)")
 
 
+def allocate_host(shape, dtype, pin: bool):
+    """Host buffer; with `pin`, page-locked at its exact size through cudaHostRegister (PyTorch's pinned
+    allocator rounds every allocation up to a power of two), else through PyTorch's pinned allocator."""
+    if not pin:
+        return torch.zeros(shape, dtype=dtype), False
+    t = torch.empty(shape, dtype=dtype)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        code = getattr(rc, "value", rc)
+        if int(code) == 0:
+            return t, True
+    except Exception:  # pragma: no cover - depends on the CUDA build
+        pass
+    del t
+    return torch.empty(shape, dtype=dtype, pin_memory=True), False
+
+
 class BlockKVCache:
     """Allocates and holds the per-layer tensors described in the module docstring."""
 
@@ -89,10 +106,10 @@ class BlockKVCache:
         self.dtype, self.device = dtype, device
         shape = (batch, n_heads, self.n_blocks, block_size, head_dim)
         n_off = sum(self.offload)
-        pin = device.type == "cuda"
         self.host = None
+        self._registered = False
         if n_off:
-            self.host = torch.zeros((n_off, 2, *shape), dtype=dtype, pin_memory=pin)
+            self.host, self._registered = allocate_host((n_off, 2, *shape), dtype, pin=device.type == "cuda")
         self.k, self.v, self.host_k, self.host_v = [], [], [], []
         self.slot_k, self.slot_v, self.block_map, self.tail_k, self.tail_v, self.kbar = [], [], [], [], [], []
         j = 0
@@ -144,3 +161,19 @@ class BlockKVCache:
         for bm in self.block_map:
             if bm is not None:
                 bm[:rows].fill_(-1)
+
+    def release(self) -> None:
+        """Unpins and drops the host buffer (call before letting go of a cache on a GPU)."""
+        if self.host is not None and self._registered:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self._registered = False
+        self.host = None
+        self.host_k = [None] * self.n_layers
+        self.host_v = [None] * self.n_layers
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass

@@ -125,6 +125,8 @@ class Engine:
         self.replay: dict | None = None  # {key: selection} replaces the engine's own selections
         self._step = 0
         self._pending: dict = {}
+        self._keep: list = []
+        self.graph = None
         self.reset_counters()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -311,6 +313,7 @@ class Engine:
         cos, sin = rope_cos_sin(pos[:, None], model.inv_freq)
         x = model.embed(tokens[:, None])  # [B, 1, d]
         step = self._step
+        self._keep = []
         next_sel = None
         for layer_idx, layer in enumerate(model.layers):
             attn = layer.attn
@@ -379,6 +382,50 @@ class Engine:
         self._decode_steps += 1
         return model.lm_head(model.norm(x))[:, 0].float()
 
+    @torch.no_grad()
+    def replicate(self, n: int) -> None:
+        """Benchmark helper: copies sequence 0's cache (after `prefill` of one prompt) into rows 0..n-1."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be in [1, max_batch={self.max_batch}], got {n}")
+        c = self.cache
+        for layer in range(self.n_layers):
+            for lst in (c.k, c.v, c.kbar, c.tail_k, c.tail_v, c.host_k, c.host_v):
+                t = lst[layer]
+                if t is not None and n > 1:
+                    t[1:n].copy_(t[0:1].expand(n - 1, *t.shape[1:]))
+        c.reset_rows(n)
+        self.lengths[:n] = self.lengths[0].clone()
+        self.batch = n
+
+    def set_batch(self, n: int) -> None:
+        """Benchmark helper: decode only the first n rows from now on (they must hold sequences)."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be in [1, max_batch={self.max_batch}], got {n}")
+        self.batch = n
+        self.graph = None
+
+    def capture_graph(self, tokens: torch.Tensor, warmup: int = 2):
+        """Captures one decode step (CUDA only) into a CUDA graph; returns (graph, static logits).
+        Replaying it appends `tokens` (a static buffer: write the next tokens into it first)."""
+        if not self.cuda:
+            raise ValueError("capture_graph needs a CUDA device")
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.decode_step(tokens)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.decode_step(tokens)
+        self.graph = graph
+        return graph, logits
+
+    def close(self) -> None:
+        """Releases the pinned host memory now (also done when the engine is garbage collected)."""
+        self.graph = None
+        self.cache.release()
+
     def _prefetch(self, layer_idx: int, sel: torch.Tensor, cur_blk: torch.Tensor, batch: int, inline: bool = False):
         """Slot diff for `layer_idx`, then the host -> device copy of the missing blocks (side stream in sparda)."""
         cache = self.cache
@@ -388,6 +435,7 @@ class Engine:
         self._hits += hits.sum()
         self._misses += misses.sum()
         self._lookups += hits.sum() + misses.sum()
+        self._keep.append(load)  # alive until the step ends: the side stream reads it
         args = (cache.host_k[layer_idx][:batch], cache.host_v[layer_idx][:batch],
                 cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], load)
         stream = self.prefetch_stream
@@ -399,7 +447,8 @@ class Engine:
             ready.record(main)
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
-                load.record_stream(stream)
+                if not torch.cuda.is_current_stream_capturing():
+                    load.record_stream(stream)
                 gather_blocks(*args, method=self.gather)
                 self.done_events[layer_idx].record(stream)
         self._pending[layer_idx] = slot_of
@@ -409,7 +458,7 @@ class Engine:
         event = self.done_events[layer_idx]
         if self.mode == "sparda" and event is not None:
             main = torch.cuda.current_stream(self.device)
-            if self.timing:
+            if self.timing and not torch.cuda.is_current_stream_capturing():
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(main)
                 main.wait_event(event)

@@ -40,9 +40,7 @@ class HostPointer:
 
     def __init__(self, tensor: torch.Tensor):
         if tensor.is_cuda:
-            raise ValueError("HostPointer wraps host (pinned) tensors")
-        if not tensor.is_pinned():
-            raise ValueError("host KV must be in pinned memory to be read by a kernel")
+            raise ValueError("HostPointer wraps host (pinned or registered) tensors")
         self.tensor = tensor
         self.dtype = tensor.dtype
 
