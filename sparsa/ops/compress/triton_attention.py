@@ -71,28 +71,30 @@ def _fwd_kernel(
     doc_k = tl.load(DOC_K + tile).to(tl.int64)
     klen = tl.load(DOC_KLEN + tile)
 
-    t = t0 + tl.arange(0, BM)
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    t = t0 + offs_m
     row_ok = t < qlen
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    rows64 = (doc_q + t).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + rows64[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
+    # scalar int64 base pointers; the per-element tile offsets stay int32
+    q_tile = Q + b.to(tl.int64) * stride_qb + (doc_q + t0) * stride_qt + hq * stride_qh
+    q = tl.load(q_tile + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     t_last = tl.minimum(t0 + BM, qlen) - 1
     j_lo, j_hi = _key_range(t0, t_last, klen, STRIDE, LENGTH, WINDOW, BN)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
 
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
     for j0 in range(j_lo, j_hi, BN):
-        jj = j0 + tl.arange(0, BN)
-        cols64 = (doc_k + jj).to(tl.int64)
+        jj = j0 + offs_n
         k_ok = jj < j_hi
-        k = tl.load(k_base + cols64[:, None] * stride_kt + offs_d[None, :],
+        k = tl.load(k_base + (doc_k + j0) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :],
                     mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_base + cols64[:, None] * stride_vt + offs_dv[None, :],
+        v = tl.load(v_base + (doc_k + j0) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
                     mask=k_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         s = tl.where(_visible(t, jj, j_hi, STRIDE, LENGTH, WINDOW), s, float("-inf"))
@@ -106,9 +108,11 @@ def _fwd_kernel(
     safe_l = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / safe_l[:, None], 0.0)
     lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b * stride_ob + rows64[:, None] * stride_ot + hq * stride_oh + offs_dv[None, :],
+    o_tile = O + b.to(tl.int64) * stride_ob + (doc_q + t0) * stride_ot + hq * stride_oh
+    tl.store(o_tile + offs_m[:, None] * stride_ot + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + b * stride_lb + rows64 * stride_lt + hq * stride_lh, lse, mask=row_ok)
+    l_tile = LSE + b.to(tl.int64) * stride_lb + (doc_q + t0) * stride_lt + hq * stride_lh
+    tl.store(l_tile + offs_m * stride_lt, lse, mask=row_ok)
 
 
 @triton.jit
@@ -134,32 +138,34 @@ def _bwd_dq_kernel(
     doc_k = tl.load(DOC_K + tile).to(tl.int64)
     klen = tl.load(DOC_KLEN + tile)
 
-    t = t0 + tl.arange(0, BM)
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    t = t0 + offs_m
     row_ok = t < qlen
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    rows64 = (doc_q + t).to(tl.int64)
     q_mask = row_ok[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * stride_qb + rows64[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_ob + rows64[:, None] * stride_ot + hq * stride_oh + offs_dv[None, :],
+    q_off = b.to(tl.int64) * stride_qb + (doc_q + t0) * stride_qt + hq * stride_qh  # also DQ's
+    o_off = b.to(tl.int64) * stride_ob + (doc_q + t0) * stride_ot + hq * stride_oh
+    l_off = b.to(tl.int64) * stride_lb + (doc_q + t0) * stride_lt + hq * stride_lh
+    q = tl.load(Q + q_off + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + o_off + offs_m[:, None] * stride_ot + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    lse = tl.load(LSE + b * stride_lb + rows64 * stride_lt + hq * stride_lh, mask=row_ok, other=float("-inf"))
+    lse = tl.load(LSE + l_off + offs_m * stride_lt, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + rows64 * stride_lt + hq * stride_lh, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + l_off + offs_m * stride_lt, mask=row_ok, other=0.0)
     t_last = tl.minimum(t0 + BM, qlen) - 1
     j_lo, j_hi = _key_range(t0, t_last, klen, STRIDE, LENGTH, WINDOW, BN)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
 
     dq = tl.zeros([BM, BD], tl.float32)
     for j0 in range(j_lo, j_hi, BN):
-        jj = j0 + tl.arange(0, BN)
-        cols64 = (doc_k + jj).to(tl.int64)
+        jj = j0 + offs_n
         k_ok = jj < j_hi
-        k = tl.load(k_base + cols64[:, None] * stride_kt + offs_d[None, :],
+        k = tl.load(k_base + (doc_k + j0) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :],
                     mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_base + cols64[:, None] * stride_vt + offs_dv[None, :],
+        v = tl.load(v_base + (doc_k + j0) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
                     mask=k_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         s = tl.where(_visible(t, jj, j_hi, STRIDE, LENGTH, WINDOW), s, float("-inf"))
@@ -167,8 +173,8 @@ def _bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    tl.store(DQ + b * stride_qb + rows64[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + q_off + offs_m[:, None] * stride_qt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 @triton.jit
@@ -193,17 +199,18 @@ def _bwd_dkv_kernel(
     doc_k = tl.load(DOC_K + tile).to(tl.int64)
     klen = tl.load(DOC_KLEN + tile)
 
-    jj = j0 + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    jj = j0 + offs_n
     k_ok = jj < klen
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    cols64 = (doc_k + jj).to(tl.int64)
     k_mask = k_ok[:, None] & (offs_d < D)[None, :]
     v_mask = k_ok[:, None] & (offs_dv < DV)[None, :]
-    k = tl.load(K + b * stride_kb + cols64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
-                mask=k_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + cols64[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-                mask=v_mask, other=0.0)
+    k_off = b.to(tl.int64) * stride_kb + (doc_k + j0) * stride_kt + hk * stride_kh  # also DK's
+    v_off = b.to(tl.int64) * stride_vb + (doc_k + j0) * stride_vt + hk * stride_vh  # also DV_OUT's
+    k = tl.load(K + k_off + offs_n[:, None] * stride_kt + offs_d[None, :], mask=k_mask, other=0.0)
+    v = tl.load(V + v_off + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=v_mask, other=0.0)
     t_lo = j0 * STRIDE + LENGTH - 1  # first query that sees the first key of the tile
     t_hi = qlen
     if WINDOW > 0:
@@ -214,18 +221,20 @@ def _bwd_dkv_kernel(
     dv = tl.zeros([BN, BDV], tl.float32)
     for g in range(G):
         hq = hk * G + g
+        q_head = Q + b.to(tl.int64) * stride_qb + hq * stride_qh
+        o_head = DO + b.to(tl.int64) * stride_ob + hq * stride_oh
+        l_head = b.to(tl.int64) * stride_lb + hq * stride_lh
         for t0 in range(t_lo, t_hi, BM):
-            t = t0 + tl.arange(0, BM)
+            t = t0 + offs_m
             row_ok = t < qlen
-            rows64 = (doc_q + t).to(tl.int64)
-            q = tl.load(Q + b * stride_qb + rows64[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
+            t0_64 = doc_q + t0  # int64 row of the tile start
+            q = tl.load(q_head + t0_64 * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-            do = tl.load(DO + b * stride_ob + rows64[:, None] * stride_ot + hq * stride_oh + offs_dv[None, :],
+            do = tl.load(o_head + t0_64 * stride_ot + offs_m[:, None] * stride_ot + offs_dv[None, :],
                          mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-            lse = tl.load(LSE + b * stride_lb + rows64 * stride_lt + hq * stride_lh, mask=row_ok,
-                          other=float("-inf"))
+            lse = tl.load(LSE + l_head + t0_64 * stride_lt + offs_m * stride_lt, mask=row_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + b * stride_lb + rows64 * stride_lt + hq * stride_lh, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + l_head + t0_64 * stride_lt + offs_m * stride_lt, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
             vis = _visible(t, jj, klen, STRIDE, LENGTH, WINDOW) & row_ok[:, None]
             p = tl.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
@@ -233,10 +242,10 @@ def _bwd_dkv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-    tl.store(DK + b * stride_kb + cols64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(DV_OUT + b * stride_vb + cols64[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-             dv.to(DV_OUT.dtype.element_ty), mask=v_mask)
+    tl.store(DK + k_off + offs_n[:, None] * stride_kt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=k_mask)
+    tl.store(DV_OUT + v_off + offs_n[:, None] * stride_vt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=v_mask)
 
 
 def _next_pow2(x: int) -> int:
@@ -262,13 +271,18 @@ def _tiles(docs, block: int, over_keys: bool, device):
     return [torch.tensor(c, dtype=torch.int32, device=device) for c in cols]
 
 
-def _config(q, head_dim, dv):
-    interpret = not q.is_cuda
+# (BM, BN, num_warps, num_stages) per kernel on the GPU; the benchmark may try others.
+GPU_CONFIG = {"fwd": (128, 64, 8, 2), "dq": (64, 64, 8, 2), "dkv": (64, 64, 8, 2)}
+GPU_CONFIG_WIDE = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkv": (32, 32, 4, 2)}  # head dims > 128
+
+
+def _config(q, head_dim, dv, kernel: str):
     block_d, block_dv = max(16, _next_pow2(head_dim)), max(16, _next_pow2(dv))
-    if interpret:
+    if not q.is_cuda:  # CPU interpreter: few large tiles
         return dict(BM=64, BN=64, BD=block_d, BDV=block_dv), dict(num_warps=4, num_stages=1)
-    big = max(block_d, block_dv) > 128
-    return dict(BM=64, BN=32 if big else 64, BD=block_d, BDV=block_dv), dict(num_warps=4, num_stages=2)
+    table = GPU_CONFIG_WIDE if max(block_d, block_dv) > 128 else GPU_CONFIG
+    bm, bn, warps, stages = table[kernel]
+    return dict(BM=bm, BN=bn, BD=block_d, BDV=block_dv), dict(num_warps=warps, num_stages=stages)
 
 
 def _common(q, k, v, o_like, lse_like):
@@ -287,7 +301,7 @@ def attention_fwd(q, k, v, *, scale, stride, length, window, cu_seqlens=None, ke
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    meta, launch = _config(q, head_dim, dv)
+    meta, launch = _config(q, head_dim, dv, "fwd")
     docs = _documents(seqlen, n_keys, cu_seqlens, key_cu_seqlens)
     tiles = _tiles(docs, meta["BM"], False, q.device)
     n_tiles = tiles[0].numel()
@@ -315,16 +329,17 @@ def attention_bwd(q, k, v, out, lse, dout, *, scale, stride, length, window, cu_
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dvv = torch.full_like(v, float("nan"))
-    meta, launch = _config(q, head_dim, dv)
     docs = _documents(seqlen, n_keys, cu_seqlens, key_cu_seqlens)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     consts = dict(G=group, D=head_dim, DV=dv, STRIDE=stride, LENGTH=length, WINDOW=window, DOT_PREC=dot_prec)
+    meta, launch = _config(q, head_dim, dv, "dq")
     tiles = _tiles(docs, meta["BM"], False, q.device)
     n_tiles = tiles[0].numel()
     _bwd_dq_kernel[(n_tiles, batch * n_heads_q)](
         q, k, v, dout, lse, delta, dq, *tiles, *_common(q, k, v, dout, lse),
         n_heads_q, n_tiles, scale, scale * LOG2E, **consts, **meta, **launch,
     )
+    meta, launch = _config(q, head_dim, dv, "dkv")
     ktiles = _tiles(docs, meta["BN"], True, q.device)
     n_ktiles = ktiles[0].numel()
     _bwd_dkv_kernel[(n_ktiles, batch * n_heads_kv)](
