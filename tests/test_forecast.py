@@ -358,3 +358,23 @@ def test_cli_distill_and_forecast_eval(sharp_checkpoint, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert len(result["layers"]) == 2 and set(result["bpb"]) == {"full", "query", "forecast"}
     assert 0.0 <= result["layers"][1]["recall"] <= 1.0
+
+
+def test_evaluate_checkpoint_with_forecast_selector(sharp_checkpoint, tmp_path):
+    from sparsa.eval import EvalConfig, evaluate_checkpoint
+
+    data = str(sharp_checkpoint / "data.txt")
+    with pytest.raises(ValueError, match="forecast"):
+        evaluate_checkpoint(EvalConfig(checkpoint=str(sharp_checkpoint / "ck"), data=data, selector="forecast"))
+    distill(distill_cfg(sharp_checkpoint, tmp_path / "e", steps=1))
+    common = dict(checkpoint=str(tmp_path / "e"), data=data, seq_len=128, max_batches=1, topk_sweep=(4,),
+                  diag_windows=1, passkey_lengths=(120,), passkey_depths=(0.5,), figure=False)
+    query = evaluate_checkpoint(EvalConfig(**common))
+    forecast = evaluate_checkpoint(EvalConfig(selector="forecast", **common))
+    assert query["bpb"]["full"] == forecast["bpb"]["full"]
+    assert forecast["selector"] == "forecast"
+    assert query["forecast"]["bpb"]["query"] == query["bpb"]["sparse"]
+    assert forecast["forecast"]["bpb"]["forecast"] == forecast["bpb"]["sparse"]
+    assert set(query["forecast"]["passkey"]) == {"query", "forecast"}
+    with pytest.raises(ValueError, match="selector"):
+        evaluate_checkpoint(EvalConfig(selector="oracle", **common))

@@ -1,4 +1,11 @@
-"""`sparsa eval CHECKPOINT`: quality in both modes, a topk sweep, attention diagnostics, passkey."""
+"""`sparsa eval CHECKPOINT`: quality in both modes, a topk sweep, attention diagnostics, passkey.
+
+`selector` ("query" | "forecast") picks the block selector of every sparse-mode number (bpb, topk
+sweep, passkey); the per-layer diagnostics always use the query selector. A checkpoint with SparDA
+forecasts also gets a "forecast" section (sparsa.eval.forecast_metrics): per-layer recall of the
+query selector's blocks by the forecast selector, kept full-attention mass of both selectors,
+sparse bpb / perplexity and passkey accuracy under each selector.
+"""
 from __future__ import annotations
 
 import math
@@ -10,8 +17,11 @@ import torch
 from ..checkpoint import atomic_write, load_model
 from ..data import ByteTokenizer, sequential_batches
 from ..train.ssa import autocast_for, evaluate_bpb, load_streams, resolve_device
+from .forecast_metrics import SelectorView, evaluate_bpb_selector, forecast_report
 from .metrics import attention_diagnostics
 from .passkey import passkey_accuracy
+
+SELECTORS = ("query", "forecast")
 
 
 @dataclass
@@ -27,6 +37,8 @@ class EvalConfig:
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     device: str | None = None
     figure: bool = True
+    selector: str = "query"  # block selector of the sparse mode: "query" | "forecast"
+    forecast_metrics: bool = True  # add the "forecast" section when the checkpoint has forecasts
 
 
 def default_topk_sweep(topk: int) -> tuple[int, ...]:
@@ -71,22 +83,34 @@ def layer_diagnostics(model, stream, seq_len: int, n_windows: int, device) -> li
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
+    if cfg.selector not in SELECTORS:
+        raise ValueError(f"selector must be one of {SELECTORS}, got {cfg.selector!r}")
     device = resolve_device(cfg.device)
     model, meta = load_model(Path(cfg.checkpoint), device)
+    if cfg.selector == "forecast" and not model.has_forecasts:
+        raise ValueError(f"selector 'forecast' needs a checkpoint with forecasts (sparsa distill-forecast); "
+                         f"{str(cfg.checkpoint)!r} has none")
     model.eval()
     config = model.config
     seq_len = cfg.seq_len or config.max_seq_len
     _, val_stream = load_streams(cfg.data)
     result = {"checkpoint": str(cfg.checkpoint), "method": meta.get("method"), "seq_len": seq_len,
-              "block_size": config.sparse.block_size, "topk": config.sparse.topk}
+              "block_size": config.sparse.block_size, "topk": config.sparse.topk, "selector": cfg.selector}
+
+    def bpb_of(mode: str, topk: int | None = None) -> float:
+        if cfg.selector == "query":
+            return evaluate_bpb(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, mode, device, topk=topk)
+        return evaluate_bpb_selector(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, device,
+                                     cfg.selector, mode=mode, topk=topk)
+
     bpb = {}
     for mode in ("full", "sparse"):
-        bpb[mode] = evaluate_bpb(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, mode, device)
+        bpb[mode] = bpb_of(mode)
     result["bpb"] = bpb
     result["perplexity"] = {m: math.exp(v * math.log(2)) for m, v in bpb.items()}  # per byte token
     sweep = cfg.topk_sweep or default_topk_sweep(config.sparse.topk)
     result["topk_sweep"] = {
-        str(k): evaluate_bpb(model, val_stream, seq_len, cfg.batch_size, cfg.max_batches, "sparse", device, topk=k)
+        str(k): bpb_of("sparse", topk=k)
         for k in sweep if k >= config.sparse.init_blocks + config.sparse.local_blocks
     }
     layers = layer_diagnostics(model, val_stream, seq_len, cfg.diag_windows, device)
@@ -97,10 +121,21 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     # prompts end 8 tokens short of the context so the answer fits
     lengths = cfg.passkey_lengths or tuple(sorted({max(128, seq_len // 2) - 8, seq_len - 8}))
     filler = ByteTokenizer().decode(val_stream.tokens[: 4 * max(lengths)].tolist())
+    runner = model if cfg.selector == "query" else SelectorView(model, cfg.selector)
     result["passkey"] = {
-        mode: passkey_accuracy(model, filler, ByteTokenizer(), lengths, cfg.passkey_depths, mode, device)
+        mode: passkey_accuracy(runner, filler, ByteTokenizer(), lengths, cfg.passkey_depths, mode, device)
         for mode in ("full", "sparse")
     }
+    if cfg.forecast_metrics and model.has_forecasts:
+        section = forecast_report(model, val_stream, seq_len, batch_size=cfg.batch_size, max_batches=cfg.max_batches,
+                                  diag_windows=cfg.diag_windows, device=device, passkey=False)
+        other = "forecast" if cfg.selector == "query" else "query"
+        section["passkey"] = {
+            cfg.selector: result["passkey"]["sparse"],
+            other: passkey_accuracy(SelectorView(model, other), filler, ByteTokenizer(), lengths, cfg.passkey_depths,
+                                    "sparse", device),
+        }
+        result["forecast"] = section
     if cfg.figure:
         result["figure"] = str(plot_eval(result, Path(cfg.checkpoint) / "eval.png"))
     return result
