@@ -306,7 +306,10 @@ def _kl_bwd_dq_kernel(
             kl = tl.load(KL + batch64 * skl_b + h64 * skl_h + rows64 * skl_t, mask=row_ok, other=0.0)
         else:
             kl = lse_p
-        dqp = tl.zeros([BM, BDP], tl.float32)
+        if NEED_P:
+            dqp = tl.zeros([BM, BDP], tl.float32)
+        else:
+            dqp = tl.zeros([1, 1], tl.float32)  # unused: keep it out of the registers
         dqq = tl.zeros([BM, BDQ], tl.float32)
         n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
         if INTERPRET:  # the interpreter cannot use tensors as range() bounds
@@ -458,7 +461,10 @@ def _kl_bwd_dk_kernel(
         off = k_len - q_len
         offs_n = n0 + tl.arange(0, BN)
         batch64 = batch.to(tl.int64)
-        dkp = tl.zeros([BN, BDP], tl.float32)
+        if NEED_P:
+            dkp = tl.zeros([BN, BDP], tl.float32)
+        else:
+            dkp = tl.zeros([1, 1], tl.float32)  # unused: keep it out of the registers
         dkq = tl.zeros([BN, BDQ], tl.float32)
         m_lo, m_mid = _key_tile_ranges(n0, q_len, k_len, CAUSAL, BM, BN)
         if INTERPRET:  # the interpreter cannot use tensors as range() bounds
@@ -808,12 +814,13 @@ def _configs(pairs):
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)])
-_DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3)])
-_DK_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3)])
-_GROUP_FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)])
-_GROUP_DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)])
-_GROUP_DK_CONFIGS = _configs([(64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)])
+# (BM, BN, warps, stages); lists pruned offline with ptxas -v for sm_90 at D = 128 (no or few spills)
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 4), (128, 32, 8, 3)])
+_DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 64, 8, 3)])
+_DK_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)])
+_GROUP_FWD_CONFIGS = _configs([(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)])
+_GROUP_DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3)])
+_GROUP_DK_CONFIGS = _configs([(32, 128, 8, 2), (128, 32, 8, 3)])
 _TUNE_KEYS = {
     "fwd": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "ONLY_P"],
     "dq": ["tune_key", "DP", "DQ", "CAUSAL", "VARLEN", "NEED_P", "NEED_Q"],
@@ -831,11 +838,11 @@ _INTERPRET_META = {
 # fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0)
 _DEFAULT_META = {
     "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
-    "dq": dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    "dk": dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    "group_fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    "group_dq": dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    "group_dk": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    "dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
+    "dk": dict(BM=128, BN=32, num_warps=8, num_stages=3),
+    "group_fwd": dict(BM=64, BN=128, num_warps=8, num_stages=2),
+    "group_dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
+    "group_dk": dict(BM=32, BN=128, num_warps=8, num_stages=2),
 }
 
 
@@ -858,7 +865,7 @@ def _kernel(name: str, fn, configs):
 
 
 def _tune_key(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 17)
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 14)  # sizes >= 16K share one tuning
 
 
 def _prec(x: torch.Tensor) -> str:
