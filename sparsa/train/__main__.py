@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         fields = {f.name for f in dataclasses.fields(DistillConfig)}
         values = {k: v for k, v in vars(args).items() if k in fields}
         values["progress"] = not args.no_progress
-        run = lambda: distill_distributed(DistillConfig(**values), parallel=args.parallel, backend=args.backend)  # noqa: E731
+        job, cfg = distill_distributed, DistillConfig(**values)
     else:
         args = build_parser().parse_args(argv)
-        run = lambda: train_distributed(train_config_from_args(args), parallel=args.parallel, backend=args.backend)  # noqa: E731
+        job, cfg = train_distributed, train_config_from_args(args)
     try:
-        summary = run()
+        summary = job(cfg, parallel=args.parallel, backend=args.backend)
     except ValueError as err:
         print(f"sparsa.train: error: {err}", file=sys.stderr)
         return 2

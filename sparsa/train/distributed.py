@@ -330,14 +330,13 @@ def distill_distributed(cfg, parallel: str = "ddp", backend: str | None = None) 
 
 
 def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
-    import json
     import time
 
     from tqdm.auto import tqdm
 
     from ..checkpoint import atomic_write, load_model
     from ..data import random_batch
-    from .ssa import append_metrics, load_streams, read_metrics
+    from .ssa import append_metrics, load_streams, read_metrics, write_lines
 
     source = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else source
@@ -361,7 +360,7 @@ def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
             kept = [r for r in read_metrics(out / fc.FORECAST_METRICS_FILE) if r["step"] < start_step or
                     (r["kind"] == "eval" and r["step"] <= start_step)]
             atomic_write(out / fc.FORECAST_METRICS_FILE,
-                         lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+                         lambda tmp: write_lines(tmp, kept))
     else:
         if (out / fc.FORECAST_STATE_FILE).exists() and not cfg.restart:
             raise ValueError(f"{str(out)!r} already holds a forecast distillation: pass --resume or --restart")

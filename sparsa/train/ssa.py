@@ -22,8 +22,16 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import OPTIMIZER_FILE, STATE_FILE, atomic_write, load_model, save_model, write_json
 from ..config import ModelConfig, preset
-from ..data import (ByteTokenizer, PackedBatch, TokenStream, load_documents, pack_windows, random_batch,
-                    sequential_batches, split_documents)
+from ..data import (
+    ByteTokenizer,
+    PackedBatch,
+    TokenStream,
+    load_documents,
+    pack_windows,
+    random_batch,
+    sequential_batches,
+    split_documents,
+)
 from ..models.llama import SparsaLM
 
 METHODS = ("full", "sparse", "ssa")
@@ -169,6 +177,12 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_lines(path, records: list[dict]) -> None:
+    """`records` as JSON lines (a new file)."""
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -288,7 +302,7 @@ def run_training(cfg: TrainConfig, rt: SingleProcess) -> dict:
     train_stream, val_stream = load_streams(cfg.data)
     start_step = 0
     if cfg.resume and (out / STATE_FILE).exists():
-        model, meta = load_model(out, device)
+        model, _ = load_model(out, device)
         model_config = model.config
         model = rt.wrap(model)
         optimizer = rt.make_optimizer(model, cfg)
@@ -300,7 +314,7 @@ def run_training(cfg: TrainConfig, rt: SingleProcess) -> dict:
             kept = [r for r in read_metrics(out / METRICS_FILE) if r["step"] < start_step or
                     (r["kind"] == "eval" and r["step"] <= start_step)]
             atomic_write(out / METRICS_FILE,
-                         lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+                         lambda tmp: write_lines(tmp, kept))
     else:
         if (out / STATE_FILE).exists():
             raise ValueError(f"out {str(out)!r} already holds a checkpoint: pass --resume or choose another --out")
