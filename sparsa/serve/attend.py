@@ -95,13 +95,14 @@ if triton is not None:
             slot = tl.load(idx_ptr + r * s_ir + h * s_ih + e, mask=e < n_entries, other=-1)
             if slot >= 0:
                 b = tl.load(blk_ptr + r * s_ir + h * s_ih + e)
-                koff = (r * s_pp + h * s_ph + slot * s_ps).to(tl.int64)
+                koff = r.to(tl.int64) * s_pp + h.to(tl.int64) * s_ph + slot.to(tl.int64) * s_ps
                 kp = pk_ptr + koff
                 vp = pv_ptr + koff
                 if USE_TAIL:
                     if b == cur:
-                        kp = tk_ptr + r * s_tr + h * s_th
-                        vp = tv_ptr + r * s_tr + h * s_th
+                        toff = r.to(tl.int64) * s_tr + h.to(tl.int64) * s_th
+                        kp = tk_ptr + toff
+                        vp = tv_ptr + toff
                 k = tl.load(kp + t[:, None] * D + d[None, :])
                 v = tl.load(vp + t[:, None] * D + d[None, :])
                 s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [BG, BS]

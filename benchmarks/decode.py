@@ -1,0 +1,282 @@
+"""Decode throughput of the engine's modes at long context on one GPU (8B-like layer shape).
+
+    PYTHONPATH=. python3 benchmarks/decode.py [--quick] [--layers 4] [--kv-heads 8] [--graph] [--hf]
+
+Model: SparsaLM with hidden 4096, 32 query heads, `--kv-heads` KV heads, head dim 128, SwiGLU 14336,
+vocabulary 32000, `--layers` layers (fewer than 8B's 32: every number is for this many layers),
+random weights (bf16), random stand-in forecasts for sparda (`sparsa.serve.testing`).
+Selection geometry as SparDA: block 64, top-96 blocks, 1 init block, 32 local blocks.
+
+For each context and mode: the largest feasible batch (from the engine's memory plan against the
+free GPU memory and the host's available memory), the prefill time of one prompt of that length,
+GPU (and host) KV memory per sequence, and decode tokens/s at several batches. To keep the run
+short, one prompt is prefilled and its cache copied into every batch row (`Engine.replicate`);
+the decode then appends the greedy tokens of each row. Hugging Face transformers'
+`DynamicCache(offloading=True)` runs on the same shape with `--hf` (default on at 32K).
+Prints a markdown table; `--json` writes all numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+
+import torch
+
+from sparsa.config import ModelConfig, SparseConfig
+from sparsa.models.llama import SparsaLM
+from sparsa.serve import Engine
+from sparsa.serve.cache import BlockKVCache, device_available_bytes, host_available_bytes
+from sparsa.serve.testing import attach_standin_forecasts
+
+MODES = ("dense", "sparse", "offload", "sparda")
+
+
+def build_model(layers: int, kv_heads: int, max_len: int):
+    cfg = ModelConfig(vocab_size=32000, n_layers=layers, d_model=4096, n_heads=32, n_kv_heads=kv_heads, head_dim=128,
+                      d_ff=14336, max_seq_len=max_len, tie_embeddings=False, output_gate=False,
+                      sparse=SparseConfig(block_size=64, topk=96, init_blocks=1, local_blocks=32))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = SparsaLM(cfg).to(torch.bfloat16)
+        attach_standin_forecasts(model)
+    return model.eval()
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int) -> tuple[int, dict]:
+    """Largest batch the memory plan accepts (device: free memory; host: a fraction of MemAvailable)."""
+    cfg = model.config
+    dev_free = device_available_bytes(torch.device("cuda"))
+    host_free = int(host_available_bytes() * host_fraction)
+
+    def plan(b):
+        probe = Engine.__new__(Engine)  # workspace estimate without allocating
+        probe.model, probe.config, probe.max_len, probe.prefill_chunk = model, cfg, max_len, 2048
+        probe.block_size, probe.n_kv, probe.head_dim, probe.n_heads, probe.max_batch = (
+            cfg.sparse.block_size, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads, b)
+        return BlockKVCache.plan(n_layers=cfg.n_layers, batch=b, n_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                 max_len=max_len, block_size=cfg.sparse.block_size, slots=cfg.sparse.topk,
+                                 offload_layers=[mode in ("offload", "sparda") and i > 0 for i in range(cfg.n_layers)],
+                                 keep_kbar=mode != "dense", dtype=torch.bfloat16, device=torch.device("cuda"),
+                                 workspace=probe._workspace_bytes())
+
+    best = 0
+    lo, hi = 1, cap
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = plan(mid)
+        if p.device_total <= dev_free and p.host_cache <= host_free:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    p1 = plan(1)
+    return best, {"device_free_GiB": dev_free / 2**30, "host_budget_GiB": host_free / 2**30,
+                  "limit": "device" if plan(best + 1).device_total > dev_free else "host"}
+
+
+def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict:
+    engine.set_batch(batch)
+    tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+    result = {"batch": batch}
+    if use_graph:
+        try:
+            g, logits = engine.capture_graph(tokens)
+            g.replay()
+            engine.reset_counters()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                g.replay()
+                tokens.copy_(logits.argmax(-1))
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+            result.update(graph=True)
+            engine.graph = None
+            del g
+        except Exception as err:  # fall back to eager
+            result["graph_error"] = repr(err)[:200]
+            use_graph = False
+    if not use_graph:
+        for _ in range(2):
+            tokens = engine.decode_step(tokens).argmax(-1)
+        engine.reset_counters()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tokens = engine.decode_step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        result.update(graph=False)
+    c = engine.counters()
+    result.update(ms_per_step=ms / steps, tokens_per_s=batch * steps / (ms / 1e3), hit_rate=c["hit_rate"],
+                  GB_moved_per_step=c["bytes_moved"] / steps / 1e9,
+                  prefetch_wait_ms_per_step=c["prefetch_wait_s"] * 1e3 / steps)
+    return result
+
+
+def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest):
+    step_room = (len(batches) + 1) * (steps + 8) + 64
+    max_len = context + step_room
+    largest, why = largest_batch(model, mode, max_len, host_fraction, max_cap)
+    out = {"mode": mode, "context": context, "largest_batch": largest, "largest_limited_by": why["limit"], "runs": []}
+    if largest == 0:
+        out["error"] = "does not fit"
+        return out
+    todo = sorted({b for b in batches if b <= largest} | ({largest} if run_largest else set()))
+    cap = max(todo)
+    engine = Engine(model, mode=mode, max_batch=cap, max_len=max_len, prefill_chunk=2048,
+                    host_memory_limit=int(host_available_bytes() * host_fraction))
+    out["gpu_kv_MiB_per_seq"] = engine.cache.device_bytes_per_sequence() / 2**20
+    out["host_kv_MiB_per_seq"] = engine.cache.host_bytes_per_sequence() / 2**20
+    prompt = torch.randint(0, 32000, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.prefill([prompt])
+    torch.cuda.synchronize()
+    out["prefill_s"] = time.perf_counter() - t0
+    engine.replicate(cap)
+    for b in todo:
+        try:
+            out["runs"].append(time_decode(engine, b, steps, use_graph))
+        except Exception as err:
+            out["runs"].append({"batch": b, "error": repr(err)[:300]})
+            free_memory()
+    engine.close()
+    del engine
+    free_memory()
+    return out
+
+
+def run_hf(layers, kv_heads, context, batches, steps):
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=kv_heads, head_dim=128,
+                      max_position_embeddings=context + 1024, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    runs = []
+    for b in batches:
+        try:
+            ids = torch.randint(0, 32000, (b, context), device="cuda")
+            cache = DynamicCache(config=model.config, offloading=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - t0
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            with torch.no_grad():
+                for i in range(2 + steps):
+                    if i == 2:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            runs.append({"batch": b, "prefill_s": prefill_s, "tokens_per_s": b * steps / dt, "ms_per_step": dt / steps * 1e3})
+            del cache, out
+        except Exception as err:
+            runs.append({"batch": b, "error": repr(err)[:300]})
+        free_memory()
+    del model
+    free_memory()
+    return {"mode": "hf_offloaded_dynamic_cache", "context": context, "runs": runs}
+
+
+def table(results, args) -> str:
+    lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, layers {args.layers}, "
+             f"KV heads {args.kv_heads}, block 64, top-96 (1 init + 32 local), bf16, graph={args.graph}, "
+             f"steps {args.steps}", "",
+             "| context | mode | largest batch (limit) | GPU KV MiB/seq | host KV MiB/seq | prefill s (1 seq) | "
+             "batch: tokens/s (hit rate, prefetch wait ms/step) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["mode"].startswith("hf"):
+            cells = ", ".join(f"{x['batch']}: {x['tokens_per_s']:.1f}" if "tokens_per_s" in x else f"{x['batch']}: {x['error'][:60]}"
+                              for x in r["runs"])
+            pre = ", ".join(f"{x['prefill_s']:.2f}" for x in r["runs"] if "prefill_s" in x)
+            lines.append(f"| {r['context']} | HF DynamicCache(offloading=True) | - | - | - | {pre} | {cells} |")
+            continue
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['mode']} | 0 | - | - | - | {r['error']} |")
+            continue
+        cells = []
+        for x in r["runs"]:
+            if "tokens_per_s" not in x:
+                cells.append(f"{x['batch']}: error {x.get('error', '')[:60]}")
+                continue
+            extra = "" if r["mode"] in ("dense", "sparse") else \
+                f" ({x['hit_rate']:.2f}, {x['prefetch_wait_ms_per_step']:.2f})"
+            cells.append(f"{x['batch']}: {x['tokens_per_s']:.0f}{extra}")
+        lines.append(f"| {r['context']} | {r['mode']} | {r['largest_batch']} ({r['largest_limited_by']}) | "
+                     f"{r['gpu_kv_MiB_per_seq']:.0f} | {r['host_kv_MiB_per_seq']:.0f} | {r['prefill_s']:.2f} | "
+                     f"{'; '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 layers, batches 1 and 8, 8 steps, largest batch not run")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays of the decode step")
+    p.add_argument("--no-largest", action="store_true", help="do not run the largest feasible batch")
+    p.add_argument("--max-batch-cap", type=int, default=256)
+    p.add_argument("--host-fraction", type=float, default=0.8, help="share of MemAvailable the host cache may use")
+    p.add_argument("--hf", type=int, nargs="*", default=None, help="HF offloaded-cache batches at 32K (default 1)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    args.layers = args.layers or (2 if args.quick else 4)
+    args.batches = args.batches or ([1, 8] if args.quick else [1, 4, 16, 32, 64])
+    args.steps = args.steps or (8 if args.quick else 16)
+    run_largest = not (args.quick or args.no_largest)
+    model = build_model(args.layers, args.kv_heads, max(args.contexts) + 4096)
+    results = []
+    for context in args.contexts:
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            try:
+                r = run_mode(model, mode, context, args.batches, args.steps, args.graph, args.host_fraction,
+                             args.max_batch_cap, run_largest)
+            except Exception as err:
+                r = {"mode": mode, "context": context, "error": repr(err)[:300]}
+                free_memory()
+            r["wall_s"] = time.perf_counter() - t0
+            results.append(r)
+            print(json.dumps(r, default=float), flush=True)
+    hf_batches = [1] if args.hf is None or len(args.hf) == 0 else args.hf
+    if 32768 in args.contexts:
+        del model
+        free_memory()
+        try:
+            r = run_hf(args.layers, args.kv_heads, 32768, hf_batches, max(4, args.steps // 2))
+        except Exception as err:
+            r = {"mode": "hf_offloaded_dynamic_cache", "context": 32768, "runs": [{"batch": 0, "error": repr(err)[:300]}]}
+        results.append(r)
+        print(json.dumps(r, default=float), flush=True)
+    md = table(results, args)
+    print(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "table": md}, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()
