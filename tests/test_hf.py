@@ -338,3 +338,17 @@ def test_smollm2_sparse_decode_equals_recompute(smollm2):
         reference = model(tokens).logits[:, 7:-1]
         decoded = decode_logits(model, tokens, prefill=8)
     assert rel_err(decoded, reference) < 1e-4
+
+
+def test_cli_and_package_import_without_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import sparsa.hf, sparsa.cli\n"
+            "p = sparsa.cli.build_parser(); assert 'convert' in p.format_help()\n"
+            "rc = sparsa.cli.main(['convert', 'smollm2', '/tmp/never'])\n"
+            "assert rc == 2, rc\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "needs transformers" in result.stderr
