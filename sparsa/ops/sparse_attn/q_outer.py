@@ -136,7 +136,8 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
     big = max(block_d, block_dv) > 128
-    branchless, warps, stages = Q_OUTER_OVERRIDE or (False, 8 if big else 4, 2)
+    # measured at 64K on the H100: branchless, 4 warps, 3 stages is 1.3x faster than the branchy loop
+    branchless, warps, stages = Q_OUTER_OVERRIDE or (True, 8 if big else 4, 3 if not big else 2)
     _q_outer_fwd_kernel[(n_tokens, n_heads_kv)](
         q, k, v, o, lse, idx, meta.tok_docstart,
         scale * LOG2E,
