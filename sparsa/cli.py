@@ -62,6 +62,7 @@ def cmd_eval(args) -> int:
         max_batches=args.max_batches, device=args.device,
         topk_sweep=tuple(args.topk_sweep) if args.topk_sweep else None,
         passkey_lengths=tuple(args.passkey_lengths) if args.passkey_lengths else None,
+        selector=args.selector,
     )
     result = evaluate_checkpoint(cfg)
     if args.json:
@@ -75,6 +76,10 @@ def cmd_eval(args) -> int:
             print(f"{r['layer']:>5} {r['attn_sparsity']:>13.4f} {r['delta']:>7.4f} {r['entropy_bits']:>8.3f} "
                   f"{r['theorem1_residual']:>14.2e}")
         print("passkey accuracy: " + ", ".join(f"{m}: {v['accuracy']:.2f}" for m, v in result["passkey"].items()))
+        if "forecast" in result:
+            fc = result["forecast"]
+            print(f"forecast selector: mean recall (layers >= 1) {fc['mean_recall_ge1']:.3f}, "
+                  f"sparse perplexity forecast / query = {fc['ppl_ratio_forecast_vs_query']:.4f}")
         print(f"figure: {result.get('figure')}")
     return 0
 
@@ -103,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk-sweep", type=int, nargs="+", default=None)
     p.add_argument("--passkey-lengths", type=int, nargs="+", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--selector", default="query", choices=("query", "forecast"),
+                   help="block selector of the sparse-mode numbers (forecast: SparDA lookahead)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_eval)
 
