@@ -142,8 +142,12 @@ class Engine:
         return int(1.1 * (prefill + decode)) + (64 << 20)
 
     def reset_counters(self) -> None:
-        z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
-        self._hits, self._lookups, self._misses = z(), z(), z()
+        if getattr(self, "_hits", None) is not None:  # zero in place: captured graphs hold these tensors
+            for t in (self._hits, self._lookups, self._misses):
+                t.zero_()
+        else:
+            z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
+            self._hits, self._lookups, self._misses = z(), z(), z()
         self._wait_events: list = []
         self._decode_steps = 0
 
