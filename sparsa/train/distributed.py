@@ -385,6 +385,16 @@ def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
                initial=start_step, total=cfg.steps, dynamic_ncols=True)
     params = model.forecast_parameters()
     last: dict = {}
+
+    def log_eval(done: int) -> None:  # rank 0 only (no collectives inside)
+        from ..eval.forecast_metrics import forecast_recall
+
+        rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
+        append_metrics(out / fc.FORECAST_METRICS_FILE, {"kind": "eval", "step": done, **rec})
+        bar.write(f"step {done}: recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
+
+    if start_step == 0 and rt.is_main:
+        log_eval(0)  # the initial forecasts (e.g. the query warm start), as distill() logs them
     for step in bar:
         started = time.perf_counter()
         lr = fc.lr_for(step, cfg)
@@ -410,13 +420,7 @@ def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
             append_metrics(out / fc.FORECAST_METRICS_FILE, last)
             bar.set_postfix(loss=f"{loss:.4f}")
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                from ..eval.forecast_metrics import forecast_recall
-
-                rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
-                append_metrics(out / fc.FORECAST_METRICS_FILE,
-                               {"kind": "eval", "step": done, "recall": rec["recall"], "recall_all": rec["recall_all"],
-                                "mean_recall_ge1": rec["mean_recall_ge1"]})
-                bar.write(f"step {done}: loss {loss:.4f}, recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
+                log_eval(done)
         if done % cfg.save_every == 0 or done == end_step:
             if rt.is_main:
                 fc.save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
