@@ -26,8 +26,6 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int) -> str:
     and for few queries (the KV-outer index build and reduction are fixed costs)."""
     if group >= 16:
         return "q_outer"
-    if group >= 8 and n_tokens <= 12288:
-        return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
     return "kv_outer"
