@@ -98,14 +98,6 @@ def run_config(n, group, n_heads, dim, sparse_ok, rows):
     # --- SSA
     row["ssa_select_ms"] = bench(lambda: ssa_select(q, k))
     row["ssa_select_extra_mib"] = peak_extra_mib(lambda: ssa_select(q, k))
-    if n == 65536 and group == 4:  # the split/join sorting network instead of tl.sort (interpreter default)
-        from sparsa.ops.select.naive import block_keys
-        from sparsa.ops.select.triton_select import select_blocks_triton
-
-        kbar = block_keys(k.detach(), BLOCK)
-        row["ssa_select_splitsort_ms"] = bench(lambda: select_blocks_triton(
-            q.detach(), kbar, block_size=BLOCK, topk=TOPK, init_blocks=INIT, local_blocks=LOCAL,
-            scale=dim ** -0.5, length=BLOCK, stride=BLOCK, tl_sort=False))
     if sparse_ok:
         def ssa_layer():
             idx = ssa_select(q, k)
@@ -140,18 +132,6 @@ def run_config(n, group, n_heads, dim, sparse_ok, rows):
         return torch.autograd.grad(o, (q, k, v), dout)
 
     row["nsa_cmp_ms"] = bench(nsa_compressed)
-    if n == 65536 and group == 4:  # alternative tile configs of the compressed-attention kernels
-        from sparsa.ops.compress import triton_attention
-
-        saved = dict(triton_attention.GPU_CONFIG)
-        for name, cfg in (("a", {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)}),
-                          ("b", {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (128, 64, 8, 2)})):
-            triton_attention.GPU_CONFIG.update(cfg)
-            try:
-                row[f"nsa_cmp_cfg{name}_ms"] = bench(nsa_compressed)
-            except Exception as exc:  # noqa: BLE001
-                print(f"config {name} failed: {exc!r}")
-            triton_attention.GPU_CONFIG.update(saved)
     row["nsa_win_ms"] = bench(nsa_window)
     if sparse_ok:
         def nsa_layer():
@@ -164,6 +144,63 @@ def run_config(n, group, n_heads, dim, sparse_ok, rows):
     torch.cuda.empty_cache()
     rows.append(row)
     return row
+
+
+SELECT_CANDIDATES = [
+    {"rows": 128, "nsub": 1, "tl_sort": False, "warps": None},
+    {"rows": 128, "nsub": 4, "tl_sort": False, "warps": 8},
+    {"rows": 64, "nsub": 4, "tl_sort": False, "warps": 4},
+]
+
+
+def tune(n, groups, n_heads, dim):
+    """Pick the selection kernel config per G (SSA + NSA selection time at N = n) and report the
+    compressed-branch time with and without the dK/dV query split. Returns a log dict."""
+    from sparsa.ops.compress import triton_attention
+    from sparsa.ops.select import triton_select
+
+    log = {}
+    for group in groups:
+        q, k, v, dout = inputs(n, n_heads, group, dim)
+        kc = mean_pool(k.detach(), length=LENGTH, stride=STRIDE)
+        with torch.no_grad():
+            _, lse = compressed_attention(q, kc, kc, length=LENGTH, stride=STRIDE, return_lse=True)
+        times = []
+        for cfg in SELECT_CANDIDATES:
+            triton_select.GPU_CONFIG_BY_GROUP[1 << (group - 1).bit_length()] = cfg
+            try:
+                t_ssa = bench(lambda: ssa_select(q, k))
+                t_nsa = bench(lambda: select_blocks(
+                    q.detach(), k.detach(), block_size=BLOCK, topk=TOPK, init_blocks=INIT, local_blocks=LOCAL,
+                    score="nsa", compress_length=LENGTH, compress_stride=STRIDE, compressed_keys=kc,
+                    compressed_lse=lse))
+            except Exception as exc:  # noqa: BLE001
+                print(f"select config {cfg} failed: {exc!r}"[:300])
+                continue
+            times.append((t_ssa + t_nsa, t_ssa, t_nsa, cfg))
+            print(f"tune G={group} {cfg}: ssa select {t_ssa:.2f} ms, nsa select {t_nsa:.2f} ms", flush=True)
+        best = min(times, key=lambda x: x[0])
+        triton_select.GPU_CONFIG_BY_GROUP[1 << (group - 1).bit_length()] = best[3]
+        log[f"select_G{group}"] = [dict(cfg=c, ssa_ms=round(a, 3), nsa_ms=round(b, 3)) for _, a, b, c in times]
+        log[f"select_G{group}_chosen"] = best[3]
+        if group in (1, 4):
+            vc = mean_pool(v.detach(), length=LENGTH, stride=STRIDE)
+            kcg, vcg = kc.clone().requires_grad_(True), vc.clone().requires_grad_(True)
+
+            def cmp_branch():
+                o = compressed_attention(q, kcg, vcg, length=LENGTH, stride=STRIDE)
+                return torch.autograd.grad(o, (q, kcg, vcg), dout)
+
+            saved = triton_attention.DKV_ITERATIONS
+            for iters in (saved, 10**9):  # 10**9: no query split (one program walks all queries)
+                triton_attention.DKV_ITERATIONS = iters
+                ms = bench(cmp_branch)
+                log[f"cmp_attention_G{group}_dkv_iters_{iters}_ms"] = round(ms, 3)
+                print(f"tune G={group} compressed attention fwd+bwd, DKV_ITERATIONS={iters}: {ms:.2f} ms", flush=True)
+            triton_attention.DKV_ITERATIONS = saved
+        del q, k, v, dout, kc, lse
+        torch.cuda.empty_cache()
+    return log
 
 
 def run_dense(n, n_heads, dim):
@@ -183,7 +220,8 @@ def run_dense(n, n_heads, dim):
 
 
 def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def check(n=1024, n_heads=8, group=4, dim=128, device="cuda", dtype=torch.bfloat16):
@@ -220,8 +258,13 @@ def check(n=1024, n_heads=8, group=4, dim=128, device="cuda", dtype=torch.bfloat
     # compressed attention and window: outputs and gradients vs float64
     kc = mean_pool(k.detach(), length=LENGTH, stride=STRIDE).requires_grad_(True)
     vc = mean_pool(v.detach(), length=LENGTH, stride=STRIDE).requires_grad_(True)
+    from sparsa.ops.compress import triton_attention
+
+    saved = triton_attention.DKV_ITERATIONS
+    triton_attention.DKV_ITERATIONS = 2  # force the dK/dV query split (fp32 atomics) at this small size
     o = compressed_attention(q, kc, vc, length=LENGTH, stride=STRIDE)
     g = torch.autograd.grad(o, (q, kc, vc), dout)
+    triton_attention.DKV_ITERATIONS = saved
     leaves = [t.detach().cpu().double().requires_grad_(True) for t in (q, kc, vc)]
     ro, _ = compress_naive.compressed_attention(*leaves, length=LENGTH, stride=STRIDE, scale=dim ** -0.5)
     rg = torch.autograd.grad(ro, leaves, dout.cpu().double())
@@ -278,13 +321,15 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new configs after this")
+    parser.add_argument("--tune-n", type=int, default=0, help="tune the selection config per G at this N first")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     start = time.time()
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), command=" ".join(sys.argv))
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=" ".join(sys.argv))
     print(info)
     checks = check() if args.check else {}
+    tuning = tune(args.tune_n, [int(s) for s in args.groups.split(",")], args.heads, args.dim) if args.tune_n else {}
     sparse_ok = has_sparse_kernel()
     rows, dense_ms = [], {}
 
@@ -298,6 +343,9 @@ def main():
                 "select = forward only; share = select / layer; extra MiB = peak memory of the selection "
                 "beyond its inputs; dense = causal SDPA (flash) with Hq heads",
                 "", table(rows, dense_ms), ""]
+        if tuning:
+            text += ["", f"Tuning step at N = {args.tune_n} (same run; the table above uses the chosen configs):", ""]
+            text += [f"- {k}: {v}" for k, v in tuning.items()]
         if checks:
             text += ["", "Correctness checks (bf16 on this GPU vs float64 references):", ""]
             text += [f"- {k}: {v}" for k, v in checks.items()]
@@ -306,7 +354,7 @@ def main():
                 f.write("\n".join(text) + "\n")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(info=info, checks=checks, dense_ms=dense_ms, rows=rows), f, indent=1)
+                json.dump(dict(info=info, checks=checks, tuning=tuning, dense_ms=dense_ms, rows=rows), f, indent=1)
 
     for n in [int(s) for s in args.seqlens.split(",")]:
         if time.time() - start > args.budget_s:

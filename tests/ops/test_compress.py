@@ -142,3 +142,19 @@ def test_compress_validation():
         compressed_attention(q, kc, kc, length=16, stride=0)
     with pytest.raises(ValueError, match="weight"):
         mlp_compress(q, torch.zeros(2, 10, 16), length=8, stride=4)
+
+
+def test_compressed_attention_split_dkv(triton_backend, monkeypatch):
+    """dK/dV with the queries split into segments that add into fp32 buffers (atomics)."""
+    from sparsa.ops.compress import triton_attention
+
+    monkeypatch.setattr(triton_attention, "FORCE_SPLIT_ON_CPU", True)
+    monkeypatch.setattr(triton_attention, "DKV_ITERATIONS", 1)  # one (query tile, head) step per segment
+    torch.manual_seed(4)
+    seqlen, dim, length, stride = 150, 16, 8, 4
+    n_c = n_compressed(seqlen, length, stride)
+    q = torch.randn(1, seqlen, 2, dim, device=DEVICE)
+    kc = torch.randn(1, n_c, 1, dim, device=DEVICE)
+    vc = torch.randn(1, n_c, 1, dim, device=DEVICE)
+    result, reference = run_both(q, kc, vc, length, stride)
+    check(result, reference, torch.float32)

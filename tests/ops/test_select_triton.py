@@ -208,3 +208,21 @@ def test_select_validation():
         sparsa.select_blocks(q, k, block_size=16, topk=2, score="nsa", compressed_keys=torch.zeros(1, 4, 1, 16))
     with pytest.raises(ValueError, match="score"):
         sparsa.select_blocks(q, k, block_size=16, topk=2, score="moba")
+
+
+@pytest.mark.parametrize("nsub,tl_sort", [(2, False), (4, False)] + ([(4, True)] if DEVICE == "cuda" else []))
+def test_kernel_variants(triton_backend, monkeypatch, nsub, tl_sort):
+    """Several KP-block sub-chunks per scoring step, and triton's own sort (GPU), give the same selection."""
+    from sparsa.ops.select import triton_select
+
+    for name in ("GPU_CONFIG", "INTERPRETER_CONFIG"):
+        monkeypatch.setitem(getattr(triton_select, name), "nsub", nsub)
+        monkeypatch.setitem(getattr(triton_select, name), "tl_sort", tl_sort)
+    torch.manual_seed(9)
+    seqlen, dim, bs = 300, 16, 8
+    q = 3 * torch.randn(1, seqlen, 4, dim, device=DEVICE)  # peaked scores: most rows have a clear top-k
+    k = torch.randn(1, seqlen, 2, dim, device=DEVICE)
+    kw = dict(block_size=bs, topk=6, init_blocks=1, local_blocks=2)
+    out = sparsa.select_blocks(q, k, **kw)
+    ref = naive.select_blocks(q.cpu(), k.cpu(), scale=dim ** -0.5, **kw)
+    check_selection(out, ref, reference_scores(q, k, "ssa", bs, dim ** -0.5), naive.forced_mask(seqlen, bs, 1, 2, "cpu"), 6)

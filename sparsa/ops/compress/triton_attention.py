@@ -187,10 +187,16 @@ def _bwd_dkv_kernel(
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, LENGTH: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    SEG: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """One program = BN keys of one KV head; DK / DV_OUT share the strides of K / V. TILE = key tile start."""
+    """One program = BN keys of one KV head x one segment of SEG queries (program_id 2; SEG = 0: all).
+
+    DK / DV_OUT share the strides of K / V; with ATOMIC they are zeroed float32 buffers that the
+    segments of a key tile add into (fp32 atomics), else the program stores its tile directly.
+    TILE = key tile start."""
     tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
     b = pid_bh // n_heads_kv
     hk = pid_bh % n_heads_kv
     j0 = tl.load(TILE + tile)
@@ -216,6 +222,9 @@ def _bwd_dkv_kernel(
     if WINDOW > 0:
         t_hi = tl.minimum(qlen, (tl.minimum(j0 + BN, klen) - 1) * STRIDE + LENGTH - 1 + WINDOW)
     t_lo = (t_lo // BM) * BM
+    if SEG > 0:  # this program's share of the queries
+        t_lo = t_lo + seg * SEG
+        t_hi = tl.minimum(t_hi, t_lo + SEG)
 
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
@@ -242,10 +251,15 @@ def _bwd_dkv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-    tl.store(DK + k_off + offs_n[:, None] * stride_kt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=k_mask)
-    tl.store(DV_OUT + v_off + offs_n[:, None] * stride_vt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=v_mask)
+    if ATOMIC:
+        if t_lo < t_hi:  # segments past the last query add nothing
+            tl.atomic_add(DK + k_off + offs_n[:, None] * stride_kt + offs_d[None, :], dk * scale, mask=k_mask)
+            tl.atomic_add(DV_OUT + v_off + offs_n[:, None] * stride_vt + offs_dv[None, :], dv, mask=v_mask)
+    else:
+        tl.store(DK + k_off + offs_n[:, None] * stride_kt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=k_mask)
+        tl.store(DV_OUT + v_off + offs_n[:, None] * stride_vt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=v_mask)
 
 
 def _next_pow2(x: int) -> int:
@@ -272,7 +286,9 @@ def _tiles(docs, block: int, over_keys: bool, device):
 
 
 # (BM, BN, num_warps, num_stages) per kernel on the GPU; the benchmark may try others.
-GPU_CONFIG = {"fwd": (128, 64, 8, 2), "dq": (64, 64, 8, 2), "dkv": (64, 64, 8, 2)}
+GPU_CONFIG = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (128, 64, 8, 2)}
+DKV_ITERATIONS = 128  # (query tile x head) steps per dK/dV program before the queries are split
+FORCE_SPLIT_ON_CPU = False  # tests: exercise the split + atomics path in the interpreter
 GPU_CONFIG_WIDE = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkv": (32, 32, 4, 2)}  # head dims > 128
 
 
@@ -342,10 +358,25 @@ def attention_bwd(q, k, v, out, lse, dout, *, scale, stride, length, window, cu_
     meta, launch = _config(q, head_dim, dv, "dkv")
     ktiles = _tiles(docs, meta["BN"], True, q.device)
     n_ktiles = ktiles[0].numel()
-    _bwd_dkv_kernel[(n_ktiles, batch * n_heads_kv)](
-        q, k, v, dout, lse, delta, dk, dvv, *ktiles, *_common(q, k, v, dout, lse),
-        n_heads_kv, n_ktiles, scale, scale * LOG2E, **consts, **meta, **launch,
+    # Split the queries of each key tile into segments of about DKV_ITERATIONS (query tile, head) steps
+    # when a tile sees many queries (compressed keys: the first tile sees the whole sequence), so that
+    # no program walks the whole sequence; the segments then add into fp32 buffers with atomics.
+    q_range = max(ql for _, ql, _, _ in docs)
+    if window > 0:
+        q_range = min(q_range, window + meta["BN"] * stride + meta["BM"])
+    seg = meta["BM"] * max(1, DKV_ITERATIONS // group)
+    n_seg = -(-q_range // seg)
+    atomic = n_seg > 1 and (q.is_cuda or FORCE_SPLIT_ON_CPU)
+    if not atomic:
+        seg, n_seg = 0, 1
+    dk_buf = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else dk
+    dv_buf = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else dvv
+    _bwd_dkv_kernel[(n_ktiles, batch * n_heads_kv, n_seg)](
+        q, k, v, dout, lse, delta, dk_buf, dv_buf, *ktiles, *_common(q, k, v, dout, lse),
+        n_heads_kv, n_ktiles, scale, scale * LOG2E, **consts, SEG=seg, ATOMIC=atomic, **meta, **launch,
     )
+    if atomic:
+        dk, dvv = dk_buf.to(k.dtype), dv_buf.to(v.dtype)
     return dq, dk, dvv
 
 

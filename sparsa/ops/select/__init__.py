@@ -77,10 +77,10 @@ def select_blocks(
             if value is not None:
                 raise ValueError(f"{name} is only used by score='nsa' or 'infllm', got it with score='ssa'")
         if _triton_path(q):
-            from .triton_select import select_blocks_triton
+            from .triton_select import pool_keys, select_blocks_triton
 
             with torch.no_grad():
-                kbar = naive.block_keys(k, block_size, cu_seqlens)
+                kbar = pool_keys(k, block_size, block_size, cu_seqlens)  # = block_keys, no fp32 copy of k
                 key_cu = None if cu_seqlens is None else _pooled_cu_seqlens(cu_seqlens, block_size, block_size)
                 return select_blocks_triton(q, kbar, length=block_size, stride=block_size, reduce="sum",
                                             cu_seqlens=cu_seqlens, key_cu_seqlens=key_cu, **common)
@@ -108,11 +108,10 @@ def select_blocks(
             raise ValueError(f"compressed_lse must have shape {tuple(q.shape[:3])} [B, T, Hq], got {tuple(compressed_lse.shape)}")
     reduce = "sum" if score == "nsa" else "max"
     if _triton_path(q):
-        from ..compress.naive import mean_pool
-        from .triton_select import select_blocks_triton
+        from .triton_select import pool_keys, select_blocks_triton
 
         with torch.no_grad():
-            keys = mean_pool(k, length, stride, cu_seqlens) if compressed_keys is None else compressed_keys
+            keys = pool_keys(k, length, stride, cu_seqlens) if compressed_keys is None else compressed_keys
             lse = None if compressed_lse is None else compressed_lse.float()
             return select_blocks_triton(q, keys, length=length, stride=stride, reduce=reduce, cu_seqlens=cu_seqlens,
                                         key_cu_seqlens=key_cu, lse=lse, **common)

@@ -74,6 +74,20 @@ def _merge_rows_desc(x, ROWS: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr
 
 
 @triton.jit
+def _insert(running, key, BM: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr, TL_SORT: tl.constexpr):
+    """Merge KP new keys into the running top-KP (descending): the new keys sorted ascending and the
+    running list have an elementwise max that holds the top KP of both and is bitonic; one bitonic merge
+    restores the descending order."""
+    if TL_SORT:
+        top = tl.sort(key)
+        running = tl.bitonic_merge(tl.maximum(running, top), descending=True)
+    else:
+        top = _sort_rows_asc(key, BM, KP, LOG_KP)
+        running = _merge_rows_desc(tl.maximum(running, top), BM, KP, LOG_KP)
+    return running
+
+
+@triton.jit
 def _select_kernel(
     Q, KEYS, LSE, OUT,
     TILE_Q, DOC_Q, DOC_QLEN, DOC_K, DOC_KLEN,
@@ -87,7 +101,7 @@ def _select_kernel(
     BLOCK_SIZE: tl.constexpr, LENGTH: tl.constexpr, STRIDE: tl.constexpr, FIRST: tl.constexpr,
     N_OVER: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     REDUCE_MAX: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    LOG_KP: tl.constexpr, TL_SORT: tl.constexpr,
+    LOG_KP: tl.constexpr, TL_SORT: tl.constexpr, NSUB: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * GP
     RATIO: tl.constexpr = BLOCK_SIZE // STRIDE
@@ -168,14 +182,22 @@ def _select_kernel(
         bits = tl.maximum(acc, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(past, (bits << 32) | low, -1)
         key = tl.where(forced, _FORCED_KEY | low, key)  # +inf bits: forced blocks first
-        # chunk sorted ascending + running sorted descending: their elementwise max holds the top KP of
-        # both and is bitonic; one bitonic merge restores the descending order
-        if TL_SORT:
-            top = tl.sort(key)
-            running = tl.bitonic_merge(tl.maximum(running, top), descending=True)
+        # the chunk's NSUB sub-chunks of KP blocks enter the running top-k one after the other
+        if NSUB == 1:
+            running = _insert(running, key, BM, KP, LOG_KP, TL_SORT)
+        elif NSUB == 2:
+            part0, part1 = tl.split(tl.permute(tl.reshape(key, [BM, 2, KP]), (0, 2, 1)))
+            running = _insert(running, part0, BM, KP, LOG_KP, TL_SORT)
+            running = _insert(running, part1, BM, KP, LOG_KP, TL_SORT)
         else:
-            top = _sort_rows_asc(key, BM, KP, LOG_KP)
-            running = _merge_rows_desc(tl.maximum(running, top), BM, KP, LOG_KP)
+            quad = tl.reshape(tl.permute(tl.reshape(key, [BM, 4, KP]), (0, 2, 1)), [BM, KP, 2, 2])
+            pair0, pair1 = tl.split(quad)
+            part0, part1 = tl.split(pair0)
+            part2, part3 = tl.split(pair1)
+            running = _insert(running, part0, BM, KP, LOG_KP, TL_SORT)
+            running = _insert(running, part1, BM, KP, LOG_KP, TL_SORT)
+            running = _insert(running, part2, BM, KP, LOG_KP, TL_SORT)
+            running = _insert(running, part3, BM, KP, LOG_KP, TL_SORT)
 
     slot = tl.arange(0, KP)
     running = tl.where(slot[None, :] < TOPK, running, -1)
@@ -187,6 +209,40 @@ def _select_kernel(
     idx = tl.where(idx == 1073741824, -1, idx)
     o_ptrs = OUT + b * stride_ob + (doc_q + tq).to(tl.int64)[:, None] * stride_ot + h * stride_oh + slot[None, :]
     tl.store(o_ptrs, idx, mask=(tq < qlen)[:, None] & (slot[None, :] < TOPK))
+
+
+# rows = stacked (token, head) rows per program; nsub = sub-chunks of KP blocks scored per step;
+# tl_sort = triton's tl.sort / tl.bitonic_merge instead of the split/join network; warps None = auto.
+GPU_CONFIG = {"rows": 128, "nsub": 1, "tl_sort": False, "warps": None}
+INTERPRETER_CONFIG = {"rows": 128, "nsub": 1, "tl_sort": False, "warps": 4}
+GPU_CONFIG_BY_GROUP: dict[int, dict] = {}  # padded group size -> config overriding GPU_CONFIG
+
+
+def pool_keys(k: torch.Tensor, length: int, stride: int, cu_seqlens=None) -> torch.Tensor:
+    """Mean of every complete window [i*stride, i*stride + length) (per document, concatenated), in k's
+    dtype, without an fp32 copy of k: fp32 sums of stride-chunks, then sums of length/stride chunks.
+    Same values as the references' `mean_pool` / `block_keys` up to fp32 summation order."""
+    if length % stride != 0:
+        from ..compress.naive import mean_pool
+
+        return mean_pool(k, length, stride, cu_seqlens)
+
+    def pool(x):
+        batch, seqlen, n_heads, dim = x.shape
+        n_win = 0 if seqlen < length else (seqlen - length) // stride + 1
+        if n_win == 0:
+            return x.new_zeros(batch, 0, n_heads, dim)
+        n_chunks = n_win - 1 + length // stride
+        chunks = x[:, : n_chunks * stride].unflatten(1, (n_chunks, stride)).sum(2, dtype=torch.float32)
+        per = length // stride
+        total = chunks[:, :n_win].clone()
+        for j in range(1, per):
+            total += chunks[:, j:j + n_win]
+        return (total / length).to(x.dtype)
+
+    if cu_seqlens is None:
+        return pool(k)
+    return torch.cat([pool(k[:, s:e]) for s, e in doc_spans(cu_seqlens)], dim=1)
 
 
 def _next_pow2(x: int) -> int:
@@ -221,13 +277,15 @@ def select_blocks_triton(q, keys, *, block_size, topk, init_blocks, local_blocks
 
     interpret = not q.is_cuda
     group_pad = _next_pow2(group)
-    rows = 128  # stacked (token, head) rows per program
-    block_m = max(rows // group_pad, 1)
+    cfg = dict(INTERPRETER_CONFIG if interpret else GPU_CONFIG_BY_GROUP.get(group_pad, GPU_CONFIG))
+    block_m = max(cfg["rows"] // group_pad, 1)
     block_m = max(block_m, 16 // group_pad if group_pad < 16 else 1)
     kp = max(16, _next_pow2(topk))
-    block_c = kp  # one chunk of KP blocks per top-k merge
+    block_c = kp * cfg["nsub"]  # blocks per scoring step
     block_k = 32 if interpret else 64
     block_d = max(16, _next_pow2(head_dim))
+    tl_sort = cfg["tl_sort"] if tl_sort is None else tl_sort
+    num_warps = cfg["warps"] or (8 if block_m * group_pad > 64 else 4)
 
     if cu_seqlens is None:
         doc_q = [(0, seqlen)]
@@ -261,7 +319,7 @@ def select_blocks_triton(q, keys, *, block_size, topk, init_blocks, local_blocks
         BLOCK_SIZE=block_size, LENGTH=length, STRIDE=stride, FIRST=first,
         N_OVER=n_over, TOPK=topk, KP=kp, INIT=init_blocks, LOCAL=local_blocks,
         REDUCE_MAX=(reduce == "max"), HAS_LSE=has_lse, DOT_PREC=dot_prec,
-        LOG_KP=kp.bit_length() - 1, TL_SORT=(not interpret) if tl_sort is None else tl_sort,
-        num_warps=4 if interpret or block_m * group_pad <= 64 else 8, num_stages=2,
+        LOG_KP=kp.bit_length() - 1, TL_SORT=tl_sort, NSUB=cfg["nsub"],
+        num_warps=num_warps, num_stages=2,
     )
     return out
