@@ -353,6 +353,14 @@ def distill(cfg: DistillConfig) -> dict:
                initial=start_step, total=cfg.steps, dynamic_ncols=True)
     params = model.forecast_parameters()
     last: dict = {}
+
+    def log_eval(done: int) -> None:
+        rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
+        append_metrics(out / FORECAST_METRICS_FILE, {"kind": "eval", "step": done, **rec})
+        bar.write(f"step {done}: recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
+
+    if start_step == 0:
+        log_eval(0)  # the initial forecasts (e.g. the query warm start)
     for step in bar:
         started = time.perf_counter()
         lr = lr_for(step, cfg)
@@ -374,12 +382,7 @@ def distill(cfg: DistillConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
-            record = {"kind": "eval", "step": done, "recall": rec["recall"], "recall_all": rec["recall_all"],
-                      "mean_recall_ge1": rec["mean_recall_ge1"]}
-            append_metrics(out / FORECAST_METRICS_FILE, record)
-            bar.write(f"step {done}: loss {loss:.4f}, recall per layer "
-                      + ", ".join(f"{r:.3f}" for r in rec["recall"]))
+            log_eval(done)
         if done % cfg.save_every == 0 or done == end_step:
             save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
     bar.close()
