@@ -8,6 +8,7 @@ Times are medians of triton.testing.do_bench in ms; the sparse times include the
 (every call builds its block -> token index). TFLOP/s count useful FLOPs only: 4 * D per
 (query head, visible selected key) forward, 3.5x that forward+backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
 from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, random_selection, valid_slots
-from sparsa.ops.sparse_attn.triton_ops import _head_slices, choose_loop_order
+from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices, choose_loop_order
 
 HQ, D, BS, TOPK = 32, 128, 64, 16
 
@@ -78,7 +79,7 @@ def time_index(q, k, v, idx):
     flat = idx.view(n, k.shape[2], -1).contiguous()
 
     def build():
-        for h0, hs in _head_slices(k.shape[2], n, TOPK, group, D, D):
+        for h0, hs in _head_slices(k.shape[2], n, TOPK, group, D, D, _esize(q.dtype)):
             build_pair_index(flat, meta, BS, h0, hs)
 
     return bench(build)
@@ -91,8 +92,9 @@ def time_dense(n):
     fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
     do = torch.randn_like(q)
-    fb = bench(lambda: F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(do), grad_to_none=[qr, kr, vr])
-    del q, k, v, qr, kr, vr
+    fb = bench(
+        lambda: F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(do), grad_to_none=[qr, kr, vr]
+    )
     return fwd, fb
 
 
@@ -118,7 +120,7 @@ def tune(rows):
             q_mod.Q_OUTER_OVERRIDE = cfg
             try:
                 ms = time_sparse(q, k, v, idx, "q_outer", False)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - report the variant, keep tuning
                 ms = float("nan")
                 print("  error", cfg, exc)
             print(f"  branchless,warps,stages={cfg}: {ms:.3f}", flush=True)
@@ -165,8 +167,11 @@ def main():
     if args.gs:
         gs = [int(x) for x in args.gs.split(",")]
     info = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
@@ -177,7 +182,10 @@ def main():
     for n in ns:
         dense_fwd, dense_fb = time_dense(n)
         dense_flops = 4 * HQ * D * n * (n + 1) / 2
-        print(f"\nN={n}: dense SDPA fwd {dense_fwd:.3f} ms ({dense_flops / dense_fwd / 1e9:.0f} TFLOP/s), fwd+bwd {dense_fb:.3f} ms", flush=True)
+        print(
+            f"\nN={n}: dense SDPA fwd {dense_fwd:.3f} ms ({dense_flops / dense_fwd / 1e9:.0f} TFLOP/s), fwd+bwd {dense_fb:.3f} ms",
+            flush=True,
+        )
         for group in gs:
             q, k, v, idx = make(n, group)
             keys = visible_keys(idx, n)
@@ -209,7 +217,9 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
     print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s")
-    print("| N | G | index | fwd q_outer | fwd kv_outer | fwd (auto) | TFLOP/s | fwd+bwd | TFLOP/s | dense fwd | dense fwd+bwd | fwd speedup | fwd+bwd speedup |")
+    print(
+        "| N | G | index | fwd q_outer | fwd kv_outer | fwd (auto) | TFLOP/s | fwd+bwd | TFLOP/s | dense fwd | dense fwd+bwd | fwd speedup | fwd+bwd speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "N" not in r:

@@ -10,6 +10,7 @@ selections (every token the same block, only block 0, maximal -1 padding), selec
 sparsa.select_blocks, packed documents, and a 128K-token sequence (64-bit offsets) checked on
 sampled rows against an fp64 per-row reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ def rel(a, b):
 
 def lowp_reference(q, k, v, idx, block_size, scale, cu_seqlens=None):
     """PyTorch in the input dtype: low-precision logits and probabilities (what eager bf16 code does)."""
+
     def one(q, k, v, idx):
         allowed = naive.selection_token_mask(idx, q.shape[1], block_size)
         group = q.shape[2] // k.shape[2]
@@ -70,7 +72,7 @@ def with_grads(fn, q, k, v, do, backward=True):
 def case(*args, **kwargs):
     try:
         _case(*args, **kwargs)
-    except Exception as exc:  # keep going: report every case
+    except Exception as exc:  # noqa: BLE001 - keep going: report every case
         traceback.print_exc()
         row = {"case": args[0], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         RESULTS.append(row)
@@ -86,7 +88,8 @@ def _case(name, q, k, v, idx, block_size, cu_seqlens=None, grads=True, partials=
     do = torch.randn(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
     f32 = with_grads(
         lambda a, b, c: naive.sparse_attention(a, b, c, idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens),
-        *(x.float() for x in (q, k, v, do)), backward=grads,
+        *(x.float() for x in (q, k, v, do)),
+        backward=grads,
     )
     low = with_grads(lambda a, b, c: lowp_reference(a, b, c, idx, block_size, scale, cu_seqlens), q, k, v, do, grads)
     names = ["o", "dq", "dk", "dv"] if grads else ["o"]
@@ -94,13 +97,22 @@ def _case(name, q, k, v, idx, block_size, cu_seqlens=None, grads=True, partials=
     base = {n: rel(low[ref_pos[n]], f32[ref_pos[n]]) for n in names}
     for order in ORDERS:
         got = with_grads(
-            lambda a, b, c: sparsa.sparse_attention(
+            lambda a, b, c, order=order: sparsa.sparse_attention(
                 a, b, c, idx, block_size=block_size, cu_seqlens=cu_seqlens, return_lse=True, loop_order=order
             ),
-            q, k, v, do, grads,
+            q,
+            k,
+            v,
+            do,
+            grads,
         )
-        row = {"case": name, "order": order, "dtype": str(q.dtype).replace("torch.", ""), "shape": list(q.shape),
-               "partials": partials or "default"}
+        row = {
+            "case": name,
+            "order": order,
+            "dtype": str(q.dtype).replace("torch.", ""),
+            "shape": list(q.shape),
+            "partials": partials or "default",
+        }
         ok = True
         for n in names:
             t = got[ref_pos[n]]
@@ -137,14 +149,18 @@ def inputs(seqlen, hkv, group, dim, dtype, logit=None, seed=0, batch=1):
 
 
 def sel(seqlen, hkv, topk, bs, seed, cu=None, batch=1):
-    return random_selection(batch, seqlen, hkv, topk, bs, cu_seqlens=cu, generator=torch.Generator().manual_seed(seed), device="cuda")
+    return random_selection(
+        batch, seqlen, hkv, topk, bs, cu_seqlens=cu, generator=torch.Generator().manual_seed(seed), device="cuda"
+    )
 
 
 def sampled_rows_check(seqlen=131072, hkv=8, group=4, dim=128, bs=64, topk=16, n_rows=24):
     """Long sequence: both loop orders vs an fp64 per-row reference on sampled tokens (64-bit offsets)."""
     q, k, v = inputs(seqlen, hkv, group, dim, torch.bfloat16, seed=99)
     idx = sel(seqlen, hkv, topk, bs, 99)
-    rows = torch.cat([torch.tensor([0, 1, 63, 64, 4097]), torch.randint(0, seqlen, (n_rows - 6,)), torch.tensor([seqlen - 1])])
+    rows = torch.cat(
+        [torch.tensor([0, 1, 63, 64, 4097]), torch.randint(0, seqlen, (n_rows - 6,)), torch.tensor([seqlen - 1])]
+    )
     for order in ORDERS:
         o, lse = sparsa.sparse_attention(q, k, v, idx, block_size=bs, return_lse=True, loop_order=order)
         errs = []
@@ -160,11 +176,20 @@ def sampled_rows_check(seqlen=131072, hkv=8, group=4, dim=128, bs=64, topk=16, n
                 errs.append(abs(lse[0, t, h * group].item() - torch.logsumexp(lg[0], 0).item()))
         worst_o, worst_lse = max(errs[0::2]), max(errs[1::2])
         ok = worst_o < 1e-2 and worst_lse < 1e-2 and not torch.isnan(o).any()
-        row = {"case": f"sampled rows N={seqlen} G={group}", "order": order, "o": worst_o, "lse_abs": worst_lse, "ok": ok}
+        row = {
+            "case": f"sampled rows N={seqlen} G={group}",
+            "order": order,
+            "o": worst_o,
+            "lse_abs": worst_lse,
+            "ok": ok,
+        }
         RESULTS.append(row)
         if not ok:
             FAILURES.append(row)
-        print(f"{'PASS' if ok else 'FAIL'} sampled rows N={seqlen} G={group} {order}: worst row rel err {worst_o:.2e}, lse abs {worst_lse:.2e}", flush=True)
+        print(
+            f"{'PASS' if ok else 'FAIL'} sampled rows N={seqlen} G={group} {order}: worst row rel err {worst_o:.2e}, lse abs {worst_lse:.2e}",
+            flush=True,
+        )
         del o, lse
     # the two loop orders must agree everywhere
     o1 = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_outer")
@@ -233,7 +258,7 @@ def main():
         ka = (0.7 * base + 0.7 * torch.randn(1, T, hkv, D, device="cuda")).to(torch.bfloat16)
         sidx = sparsa.select_blocks(qa, ka, block_size=bs, topk=K, init_blocks=1, local_blocks=2)
         case("select_blocks (SSA) selection", qa, ka, v, sidx, bs)
-    except Exception as exc:  # report, do not hide
+    except Exception as exc:  # noqa: BLE001 - report, do not hide
         print(f"SKIP select_blocks selection: {type(exc).__name__}: {exc}", flush=True)
     # packed documents, block sizes, head dims
     cu = torch.tensor([0, 1000, 3100, 3200, T], dtype=torch.int32, device="cuda")
@@ -251,7 +276,7 @@ def main():
         case("batch 2 G=4", q, k, v, sel(1024, 2, K, bs, 5, batch=2), bs)
     try:
         sampled_rows_check()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         FAILURES.append({"case": "sampled rows", "ok": False, "error": str(exc)})
         RESULTS.append(FAILURES[-1])

@@ -3,6 +3,7 @@
 Without a GPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton loads); shapes are small and dtypes fp32/fp16 (bf16 dots are wrong there).
 """
+
 import os
 
 import pytest
@@ -61,10 +62,13 @@ def check(q, k, v, do, idx, block_size, cu_seqlens=None, orders=ORDERS, tol=None
     tol = tol or (2e-5 if q.dtype == torch.float32 else 5e-3)
     for order in orders:
         out = run(
-            lambda a, b, c: sparsa.sparse_attention(
+            lambda a, b, c, order=order: sparsa.sparse_attention(
                 a, b, c, idx, block_size=block_size, cu_seqlens=cu_seqlens, return_lse=True, loop_order=order
             ),
-            q, k, v, do,
+            q,
+            k,
+            v,
+            do,
         )
         names = ("o", "lse", "dq", "dk", "dv") if grads else ("o", "lse")
         for name, a, b in zip(names, out, ref):
@@ -103,7 +107,9 @@ def test_fp16_large_logits():
 def test_fp32_large_logits_packed_documents():
     cu = torch.tensor([0, 23, 48, 80], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 80, 1, 3, 16, torch.float32, logit=50.0, seed=4)
-    idx = random_selection(1, 80, 1, 3, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(4), device=DEVICE)
+    idx = random_selection(
+        1, 80, 1, 3, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(4), device=DEVICE
+    )
     check(q, k, v, do, idx, 16, cu_seqlens=cu, tol=1e-4)
 
 

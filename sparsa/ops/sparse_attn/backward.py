@@ -9,6 +9,7 @@ DKDV   one program per work item = (KV head, block, up to MAXP pairs): the block
        slots that SPLIT_REDUCE sums in a fixed order; other groups write dK/dV directly.
 DQ     per (token, KV head): dq = sum over the token's slots of dQ_pair (fixed order).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,11 +32,35 @@ def _delta_kernel(O, DO, DELTA, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOC
 
 @triton.jit
 def _kv_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQP, DK, DVv, DKP, DVP, WORK, TOKS, BLKSTART, BLKLEN,
-    scale, qk_scale,
-    Hq, Hkv, NBG, h0,
-    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQP,
+    DK,
+    DVv,
+    DKP,
+    DVP,
+    WORK,
+    TOKS,
+    BLKSTART,
+    BLKLEN,
+    scale,
+    qk_scale,
+    Hq,
+    Hkv,
+    NBG,
+    h0,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
@@ -58,7 +83,9 @@ def _kv_bwd_kernel(
     kpos = kst + offs_n
     kmask = offs_n < blen
     k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+    vv = tl.load(
+        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     pr = offs_m // G
@@ -82,11 +109,21 @@ def _kv_bwd_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         row = pidx * G + g
-        tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(
+            DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty), mask=rmask[:, None] & dmask[None, :]
+        )
     dk = dk * scale
     if slot < 0:
-        tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None] & dmask[None, :])
-        tl.store(DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], dv.to(DVv.dtype.element_ty), mask=kmask[:, None] & dvmask[None, :])
+        tl.store(
+            DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=kmask[:, None] & dmask[None, :],
+        )
+        tl.store(
+            DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+            dv.to(DVv.dtype.element_ty),
+            mask=kmask[:, None] & dvmask[None, :],
+        )
     else:
         tl.store(DKP + slot * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk)
         tl.store(DVP + slot * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
@@ -94,9 +131,21 @@ def _kv_bwd_kernel(
 
 @triton.jit
 def _split_reduce_kernel(
-    DK, DVv, DKP, DVP, SPLIT, BLKSTART, BLKLEN,
-    Hkv, NBG, h0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK,
+    DVv,
+    DKP,
+    DVP,
+    SPLIT,
+    BLKSTART,
+    BLKLEN,
+    Hkv,
+    NBG,
+    h0,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     grp = tl.program_id(0).to(tl.int64)
     nitems = tl.load(SPLIT + grp * 2)
@@ -118,14 +167,31 @@ def _split_reduce_kernel(
         dv += tl.load(DVP + sl * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :])
     kpos = kst + offs_n
     kmask = offs_n < blen
-    tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None] & (offs_d < D)[None, :])
-    tl.store(DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], dv.to(DVv.dtype.element_ty), mask=kmask[:, None] & (offs_dv < DV)[None, :])
+    tl.store(
+        DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kmask[:, None] & (offs_d < D)[None, :],
+    )
+    tl.store(
+        DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+        dv.to(DVv.dtype.element_ty),
+        mask=kmask[:, None] & (offs_dv < DV)[None, :],
+    )
 
 
 @triton.jit
 def _dq_reduce_kernel(
-    DQ, DQP, POS, N, Hq, h0, TOPK: tl.constexpr,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    DQ,
+    DQP,
+    POS,
+    N,
+    Hq,
+    h0,
+    TOPK: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hl = tl.program_id(1).to(tl.int64)
@@ -169,7 +235,9 @@ def compute_delta(o, do):
     head_dim_v = o.shape[2]
     delta = torch.empty(o.shape[0], o.shape[1], dtype=torch.float32, device=o.device)
     block_r = 16
-    _delta_kernel[(triton.cdiv(n_rows, block_r),)](o, do, delta, n_rows, DV=head_dim_v, BLOCK_R=block_r, BLOCK_DV=_pow2(head_dim_v))
+    _delta_kernel[(triton.cdiv(n_rows, block_r),)](
+        o, do, delta, n_rows, DV=head_dim_v, BLOCK_R=block_r, BLOCK_DV=_pow2(head_dim_v)
+    )
     return delta
 
 
@@ -190,22 +258,68 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
     _kv_bwd_kernel[(work.shape[0],)](
-        q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index.toks, meta.blk_start, meta.blk_len,
-        scale, scale * LOG2E,
-        n_heads_q, n_heads_kv, meta.n_blocks, index.h0,
-        G=group, D=head_dim, DV=head_dim_v,
-        BLOCK_M=block_m, PAIRS=pairs, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dqp,
+        dk,
+        dv,
+        dkp,
+        dvp,
+        work,
+        index.toks,
+        meta.blk_start,
+        meta.blk_len,
+        scale,
+        scale * LOG2E,
+        n_heads_q,
+        n_heads_kv,
+        meta.n_blocks,
+        index.h0,
+        G=group,
+        D=head_dim,
+        DV=head_dim_v,
+        BLOCK_M=block_m,
+        PAIRS=pairs,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
-        num_warps=warps, num_stages=2,
+        num_warps=warps,
+        num_stages=2,
     )
     _split_reduce_kernel[(split.shape[0],)](
-        dk, dv, dkp, dvp, split, meta.blk_start, meta.blk_len,
-        n_heads_kv, meta.n_blocks, index.h0,
-        D=head_dim, DV=head_dim_v, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        dk,
+        dv,
+        dkp,
+        dvp,
+        split,
+        meta.blk_start,
+        meta.blk_len,
+        n_heads_kv,
+        meta.n_blocks,
+        index.h0,
+        D=head_dim,
+        DV=head_dim_v,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
         num_warps=4,
     )
     _dq_reduce_kernel[(n_tokens, index.n_heads)](
-        dq, dqp, index.pos, n_tokens, n_heads_q, index.h0, TOPK=topk,
-        G=group, D=head_dim, BLOCK_G=_pow2(group, 2), BLOCK_D=block_d,
+        dq,
+        dqp,
+        index.pos,
+        n_tokens,
+        n_heads_q,
+        index.h0,
+        TOPK=topk,
+        G=group,
+        D=head_dim,
+        BLOCK_G=_pow2(group, 2),
+        BLOCK_D=block_d,
         num_warps=4 if block_d * _pow2(group, 2) >= 1024 else 2,
     )

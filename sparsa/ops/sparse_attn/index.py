@@ -12,8 +12,10 @@ Terms (every document / batch row is flattened into one packed sequence of N tok
                    repeat the previous slot. Pairs are sorted by (group, token), so every group owns a
                    contiguous range of the sorted list (a CSR without dense [blocks x N] tables).
 """
+
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ def doc_meta(batch: int, seqlen: int, cu_seqlens, block_size: int, device) -> Do
         lens = [seqlen] * batch
     else:
         offs = [int(x) for x in cu_seqlens.tolist()]
-        lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
+        lens = [b - a for a, b in itertools.pairwise(offs)]
     n_tokens = sum(lens)
     nblk = [-(-n // block_size) for n in lens]
     starts, bases, s, bb = [], [], 0, 0
@@ -173,9 +175,17 @@ def random_selection(
             for c0 in range(0, e - s, chunk):
                 c1 = min(c0 + chunk, e - s)
                 cur = torch.arange(c0, c1, device=device) // block_size  # [n]
-                score = torch.rand(c1 - c0, n_heads_kv, n_blocks, generator=generator, device="cpu" if generator is not None else device)
+                score = torch.rand(
+                    c1 - c0,
+                    n_heads_kv,
+                    n_blocks,
+                    generator=generator,
+                    device="cpu" if generator is not None else device,
+                )
                 score = score.to(device)
-                forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+                forced = (
+                    (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+                )
                 score = torch.where(forced[:, None, :], torch.full_like(score, 2.0), score)
                 score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
                 val, ind = torch.topk(score, width, dim=-1)

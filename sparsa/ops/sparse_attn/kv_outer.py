@@ -7,6 +7,7 @@ MAIN   one key block, BLOCK_M rows = PAIRS tokens x G heads (gathered query rows
 REDUCE per (token, KV head), over the token's slots (fixed order, deterministic):
        M = max lse2_p; O = sum 2^(lse2_p - M) O_p / sum 2^(lse2_p - M); LSE = M + log2(sum ...).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,11 +20,28 @@ from .q_outer import LOG2E, _pow2, precision_for
 
 @triton.jit
 def _kv_fwd_main_kernel(
-    Q, K, V, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN,
+    Q,
+    K,
+    V,
+    OP,
+    LSEP,
+    WORK,
+    TOKS,
+    BLKSTART,
+    BLKLEN,
     qk_scale,
-    Hq, Hkv, NBG, h0,
-    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Hq,
+    Hkv,
+    NBG,
+    h0,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
@@ -59,20 +77,34 @@ def _kv_fwd_main_kernel(
     m = tl.where(rmask, m, 0.0)
     p = tl.exp2(sc - m[:, None])
     l = tl.sum(p, 1)
-    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+    vv = tl.load(
+        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+    )
     acc = tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     l_safe = tl.where(l > 0, l, 1.0)
     out = acc / l_safe[:, None]
     row = pidx * G + g
-    tl.store(OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    tl.store(
+        OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :]
+    )
     tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask)
 
 
 @triton.jit
 def _kv_fwd_reduce_kernel(
-    O, LSE, OP, LSEP, POS,
-    N, Hq, h0, TOPK: tl.constexpr,
-    G: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr,
+    O,
+    LSE,
+    OP,
+    LSEP,
+    POS,
+    N,
+    Hq,
+    h0,
+    TOPK: tl.constexpr,
+    G: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hl = tl.program_id(1).to(tl.int64)
@@ -89,7 +121,9 @@ def _kv_fwd_reduce_kernel(
         if pp >= 0:
             rows = pp * G + offs_g
             lp = tl.load(LSEP + rows, mask=gmask, other=0.0)
-            op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=gmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
+            op = tl.load(
+                OP + rows[:, None] * DV + offs_dv[None, :], mask=gmask[:, None] & dvmask[None, :], other=0.0
+            ).to(tl.float32)
             m_new = tl.maximum(m_i, lp)
             alpha = tl.exp2(m_i - m_new)
             beta = tl.exp2(lp - m_new)
@@ -101,7 +135,11 @@ def _kv_fwd_reduce_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     hq = (h0 + hl) * G + offs_g
-    tl.store(O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=gmask[:, None] & dvmask[None, :])
+    tl.store(
+        O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :],
+        out.to(O.dtype.element_ty),
+        mask=gmask[:, None] & dvmask[None, :],
+    )
     tl.store(LSE + t * Hq + hq, lse, mask=gmask)
 
 
@@ -142,17 +180,45 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
     _kv_fwd_main_kernel[(work.shape[0],)](
-        q, k, v, op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
+        q,
+        k,
+        v,
+        op,
+        lsep,
+        work,
+        index.toks,
+        meta.blk_start,
+        meta.blk_len,
         scale * LOG2E,
-        n_heads_q, n_heads_kv, meta.n_blocks, index.h0,
-        G=group, D=head_dim, DV=head_dim_v,
-        BLOCK_M=block_m, PAIRS=pairs, BLOCK_N=_pow2(block_size), BLOCK_D=block_d, BLOCK_DV=block_dv,
+        n_heads_q,
+        n_heads_kv,
+        meta.n_blocks,
+        index.h0,
+        G=group,
+        D=head_dim,
+        DV=head_dim_v,
+        BLOCK_M=block_m,
+        PAIRS=pairs,
+        BLOCK_N=_pow2(block_size),
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
-        num_warps=warps, num_stages=1,
+        num_warps=warps,
+        num_stages=1,
     )
     _kv_fwd_reduce_kernel[(n_tokens, index.n_heads)](
-        o, lse, op, lsep, index.pos,
-        n_tokens, n_heads_q, index.h0, TOPK=topk,
-        G=group, DV=head_dim_v, BLOCK_G=_pow2(group, 2), BLOCK_DV=block_dv,
+        o,
+        lse,
+        op,
+        lsep,
+        index.pos,
+        n_tokens,
+        n_heads_q,
+        index.h0,
+        TOPK=topk,
+        G=group,
+        DV=head_dim_v,
+        BLOCK_G=_pow2(group, 2),
+        BLOCK_DV=block_dv,
         num_warps=4 if block_dv * _pow2(group, 2) >= 1024 else 2,
     )

@@ -8,6 +8,7 @@ Every batch row / packed document is flattened into one token axis; positions an
 stay local to each document (index.DocMeta). KV heads are processed in slices so that the
 per-pair buffers stay under PAIR_BUFFER_BYTES.
 """
+
 from __future__ import annotations
 
 import torch
