@@ -86,12 +86,12 @@ def test_theorem1_detects_a_wrong_sparse_attention():
     idx = sparsa.select_blocks(q, k, block_size=8, topk=2)
     good = attention_diagnostics(q, k, v, idx, 8, min_position=16)["theorem1_residual"]
     import sparsa.eval.metrics as metrics
-    original = metrics.sparse_attention
-    metrics.sparse_attention = lambda *a, **kw: original(*a, **kw, scale=0.5)
+    original = metrics.reference_sparse_attention
+    metrics.reference_sparse_attention = lambda *a, **kw: original(*a, **{**kw, "scale": 0.5})
     try:
         bad = attention_diagnostics(q, k, v, idx, 8, min_position=16)["theorem1_residual"]
     finally:
-        metrics.sparse_attention = original
+        metrics.reference_sparse_attention = original
     assert good < 1e-12 and bad > 1e-3
 
 

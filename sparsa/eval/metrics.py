@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from ..ops import sparse_attention
 from ..ops.sparse_attn.naive import selection_token_mask
+from ..ops.sparse_attn.naive import sparse_attention as reference_sparse_attention
 
 
 def full_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -39,7 +39,9 @@ def attention_diagnostics(q, k, v, block_indices, block_size: int, min_position:
     h_full = probs @ vh
     # the library's sparse attention (float64): the identity holds only if it uses exactly the
     # full logits restricted to the selected tokens
-    h_sparse = sparse_attention(q.double(), k.double(), v.double(), block_indices, block_size=block_size)
+    # (float64: the readable reference on every device; the kernels are checked against it in tests)
+    h_sparse, _ = reference_sparse_attention(q.double(), k.double(), v.double(), block_indices,
+                                             block_size=block_size, scale=q.shape[-1] ** -0.5)
     h_sparse = h_sparse.transpose(1, 2)  # [B, Hq, T, D]
     dropped_sum = (probs * ~allowed) @ vh  # = delta * mu_dropped
     residual = (h_full - h_sparse - (dropped_sum - delta[..., None] * h_sparse)).abs().amax()

@@ -35,12 +35,14 @@ def add_cli_args(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the scale's steps per model")
     p.add_argument("--report", default=None, help="markdown report path (default: OUT/ssa_reproduction.md)")
     p.add_argument("--device", default=None)
+    p.add_argument("--throughput", default=None,
+                   help="JSON from `python -m sparsa.experiments.throughput` to include in the report")
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_ssa(args) -> int:
     run_ssa_reproduction(out=args.out, scale=args.scale, steps=args.steps, report=args.report,
-                         device=args.device, progress=not args.no_progress)
+                         device=args.device, progress=not args.no_progress, throughput=args.throughput)
     return 0
 
 
@@ -70,7 +72,7 @@ def claims(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
     ]
 
 
-def write_report(results: dict, timings: dict, path: Path, settings: dict) -> None:
+def write_report(results: dict, timings: dict, path: Path, settings: dict, throughput: list | None = None) -> None:
     lines = ["# SSA reproduction at small scale", "",
              f"Settings: `{json.dumps(settings)}`; device: {settings.get('device_name')}; date: {time.strftime('%Y-%m-%d')}.",
              "", "## Quality and sparsity", "",
@@ -92,6 +94,12 @@ def write_report(results: dict, timings: dict, path: Path, settings: dict) -> No
         lines += ["", "## Training cost", "", "| method | tokens/s (median step) |", "|---|---|"]
         for m, v in timings.items():
             lines.append(f"| {m} | {v:.0f} |")
+    if throughput:
+        lines += ["", "## Training throughput at long context (one sequence, fwd + bwd + AdamW, bf16)", "",
+                  "| context | method | tokens/s |", "|---|---|---|"]
+        for row in throughput:
+            rate = f"{row['tokens_per_s']:.0f}" if row.get("tokens_per_s") else row.get("error", "n/a")
+            lines.append(f"| {row['seq_len']} | {row['method']} | {rate} |")
     lines += ["", "Figure: `ssa_reproduction.png` (topk sweep and AttnSparsity per method).", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
@@ -111,7 +119,7 @@ def median_tokens_per_s(run_dir: Path) -> float:
 
 
 def run_ssa_reproduction(out="runs/ssa_repro", scale="gpu", steps=None, report=None, device=None,
-                         progress=True) -> dict:
+                         progress=True, throughput: str | None = None) -> dict:
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
     s = dict(SCALES[scale])
@@ -123,7 +131,7 @@ def run_ssa_reproduction(out="runs/ssa_repro", scale="gpu", steps=None, report=N
         run_dir = root / method
         cfg = TrainConfig(out=str(run_dir), preset=s["preset"], method=method, steps=s["steps"],
                           batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"], warmup_steps=s["warmup_steps"],
-                          eval_every=s["steps"], save_every=s["steps"], eval_batches=s["eval_batches"], seed=0,
+                          eval_every=s["steps"], save_every=min(100, s["steps"]), eval_batches=s["eval_batches"], seed=0,
                           device=device, progress=progress, resume=True)
         train(cfg)
         timings[method] = median_tokens_per_s(run_dir)
@@ -134,7 +142,8 @@ def run_ssa_reproduction(out="runs/ssa_repro", scale="gpu", steps=None, report=N
     settings = {k: v for k, v in s.items()}
     settings["device_name"] = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"
     report_path = Path(report) if report else root / "ssa_reproduction.md"
-    write_report(results, timings, report_path, settings)
+    throughput_rows = json.loads(Path(throughput).read_text()) if throughput else None
+    write_report(results, timings, report_path, settings, throughput_rows)
     plot(results, report_path.with_suffix(".png"))
     atomic_write(root / "ssa_reproduction.json",
                  lambda tmp: Path(tmp).write_text(json.dumps({"results": results, "timings": timings,

@@ -1,6 +1,7 @@
 """Training throughput (tokens/s) of full (dense-only), sparse-only and SSA training at long context."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -48,7 +49,7 @@ def throughput_table(seq_lens=(8192, 32768), steps: int = 5, device: str = "cuda
             except torch.cuda.OutOfMemoryError:
                 rows.append({"seq_len": seq_len, "method": method, "tokens_per_s": None, "error": "out of memory"})
                 torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
