@@ -114,6 +114,7 @@ def run_size(n, with_naive, results):
             row["naive_fwdbwd_extra_bytes"] = peak_extra(
                 lambda: naive_attention_kl(q_t, k_t, q_s, k_s, scale).backward(), grad_bytes
             )
+            q_s.grad = k_s.grad = None
             # correctness of the fused kernel against the baseline on the same inputs
             ref = naive_attention_kl(q_t, k_t, q_s, k_s, scale)
             ref.backward()

@@ -125,6 +125,7 @@ class _AttentionKLTriton(torch.autograd.Function):
         ctx.save_for_backward(qp, kp, qq, kq, kl, lse_p, lse_q, cu_seqlens)
         ctx.config = (causal, scale_p, scale_q, max_len)
         ctx.mark_non_differentiable(lse_p, lse_q)
+        ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] gradients for the LSE outputs
         return kl, lse_p, lse_q
 
     @staticmethod
@@ -158,6 +159,7 @@ class _GroupKLTriton(torch.autograd.Function):
         ctx.save_for_backward(q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens)
         ctx.config = (causal, scale_t, scale_s, max_len)
         ctx.mark_non_differentiable(lse_s)
+        ctx.set_materialize_grads(False)
         return kl, lse_s
 
     @staticmethod

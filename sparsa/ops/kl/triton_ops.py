@@ -817,7 +817,9 @@ def _configs(pairs):
 # (BM, BN, warps, stages); lists pruned offline with ptxas -v for sm_90 at D = 128 (no or few spills)
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 4), (128, 32, 8, 3)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 64, 8, 3)])
-_DK_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)])
+# dK: key tiles of 32 use mma.sync (HMMA); key tiles >= 64 use wgmma but spill a little outside the
+# query loop (ptxas -v, sm_90, aligned strides): both kinds are tuned
+_DK_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)])
 _GROUP_FWD_CONFIGS = _configs([(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)])
 _GROUP_DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3)])
 _GROUP_DK_CONFIGS = _configs([(32, 128, 8, 2), (128, 32, 8, 3)])
