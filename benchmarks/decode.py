@@ -124,7 +124,7 @@ def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict
 
 
 def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest):
-    step_room = (len(batches) + 1) * (steps + 8) + 64
+    step_room = (len(batches) + 1) * (2 * steps + 8) + 64
     max_len = context + step_room
     largest, why = largest_batch(model, mode, max_len, host_fraction, max_cap)
     out = {"mode": mode, "context": context, "largest_batch": largest, "largest_limited_by": why["limit"], "runs": []}
