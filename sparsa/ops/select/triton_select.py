@@ -213,9 +213,13 @@ def _select_kernel(
 
 # rows = stacked (token, head) rows per program; nsub = sub-chunks of KP blocks scored per step;
 # tl_sort = triton's tl.sort / tl.bitonic_merge instead of the split/join network; warps None = auto.
-GPU_CONFIG = {"rows": 128, "nsub": 1, "tl_sort": False, "warps": None}
+# Chosen by the tuning step of benchmarks/sparse_layer.py on an H100 at N = 64K (SSA + NSA selection
+# time, benchmarks/results/sparse_layer_h100.md); tl.sort was slower than the split/join network there.
+GPU_CONFIG = {"rows": 128, "nsub": 4, "tl_sort": False, "warps": 8}
 INTERPRETER_CONFIG = {"rows": 128, "nsub": 1, "tl_sort": False, "warps": 4}
-GPU_CONFIG_BY_GROUP: dict[int, dict] = {}  # padded group size -> config overriding GPU_CONFIG
+GPU_CONFIG_BY_GROUP: dict[int, dict] = {  # padded group size -> config overriding GPU_CONFIG
+    8: {"rows": 128, "nsub": 1, "tl_sort": False, "warps": None},
+}
 
 
 def pool_keys(k: torch.Tensor, length: int, stride: int, cu_seqlens=None) -> torch.Tensor:
