@@ -114,11 +114,12 @@ def plot(results: dict) -> None:
     if pk and pk.get("trials"):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         lengths = sorted({r["length"] for r in pk["trials"]})
-        for mode in ("full", "sparse"):
-            acc = [np.mean([r["correct"] for r in pk["trials"] if r["length"] == n and r["mode"] == mode] or [np.nan])
-                   for n in lengths]
+        curves = sorted({(r["mode"], r.get("topk", pk["topk"]) if r["mode"] == "sparse" else 0) for r in pk["trials"]})
+        for mode, topk in curves:
+            rows = [r for r in pk["trials"] if r["mode"] == mode and (mode == "full" or r.get("topk", pk["topk"]) == topk)]
+            acc = [np.mean([r["correct"] for r in rows if r["length"] == n] or [np.nan]) for n in lengths]
             ax.plot(lengths, acc, marker="o", label=mode if mode == "full" else
-                    f"sparse (topk {pk['topk']}, block {pk['block_size']})")
+                    f"sparse (topk {topk}, block {pk['block_size']}, RF {topk * pk['block_size']})")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("prompt length (tokens)")
@@ -140,7 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--topks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.5])
-    p.add_argument("--passkey-topk", type=int, default=16)
+    p.add_argument("--passkey-topks", type=int, nargs="+", default=[16])
+    p.add_argument("--modes", nargs="+", default=["full", "sparse"], choices=["full", "sparse"])
+    p.add_argument("--append", action="store_true", help="add passkey trials to the saved ones")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens) for passkey")
     p.add_argument("--skip-ppl", action="store_true")
     p.add_argument("--skip-passkey", action="store_true")
@@ -182,17 +185,22 @@ def main(argv=None) -> int:
             plot(results)
     if not args.skip_passkey:
         rng = np.random.default_rng(args.seed)
-        pk = {"topk": args.passkey_topk, "block_size": args.block_size, "chunk": args.chunk, "trials": []}
+        pk = {"topk": args.passkey_topks[0], "block_size": args.block_size, "chunk": args.chunk, "trials": []}
+        if args.append and "passkey" in results:
+            pk = results["passkey"]
+            rng = np.random.default_rng([args.seed, len(pk["trials"])])
         results["passkey"] = pk
         for length in args.passkey_lengths:
             for depth in args.depths:
                 key = str(int(rng.integers(10000, 99999)))
                 prompt = build_passkey_prompt(text, length, depth, key, adapter)
-                for mode in ("full", "sparse"):
+                runs = [(m, t) for m in args.modes for t in (args.passkey_topks if m == "sparse" else [None])]
+                for mode, topk in runs:
                     t0 = time.time()
-                    with sparsa_mode(model, mode, topk=args.passkey_topk, block_size=args.block_size):
+                    with sparsa_mode(model, mode, topk=topk or args.passkey_topks[0], block_size=args.block_size):
                         answer = adapter.decode(greedy_with_cache(model, prompt, 8, args.chunk))
-                    row = {"length": length, "n_tokens": len(prompt), "depth": depth, "mode": mode, "key": key,
+                    row = {"length": length, "n_tokens": len(prompt), "depth": depth, "mode": mode, "topk": topk,
+                           "key": key,
                            "answer": answer, "correct": answer.strip().startswith(key), "seconds": time.time() - t0}
                     pk["trials"].append(row)
                     print("passkey", row, flush=True)

@@ -68,7 +68,7 @@ def plot(records: dict) -> None:
     for method, rec in sorted(records.items()):
         for when in ("before", "after"):
             for mode in ("full", "sparse"):
-                if when == "before" and method != sorted(records)[0]:
+                if when == "before" and method != min(records):
                     continue
                 labels.append(f"{mode}\n{when}" + ("" if when == "before" else f"\n({method})"))
                 values.append(rec[when][mode]["ppl_late"])
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     model = hf_to_sparsa(hf_model, SparseConfig(block_size=args.block_size, topk=args.topk))
     del hf_model
     train_texts, val_texts = split_documents(load_documents(None))
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     train_tokens = np.concatenate([np.asarray(encode(t)) for t in train_texts[:args.train_docs]])
     val_tokens = encode(val_texts[0])
     n = args.eval_seq_len
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     after = evaluate(model, windows, args.min_position)
     print("after", after, flush=True)
     result = {"method": args.method, "settings": vars(args), "before": before, "after": after, "log": log,
-              "n_params": model.n_params(), "train_tokens_available": int(len(train_tokens)),
+              "n_params": model.n_params(), "train_tokens_available": len(train_tokens),
               "tokens_seen": args.steps * args.batch_size * args.seq_len, "total_seconds": time.time() - started,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     RESULTS.mkdir(parents=True, exist_ok=True)

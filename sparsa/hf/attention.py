@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -196,7 +196,7 @@ def query_positions(attention_mask, batch: int, q_len: int, kv_len: int, device)
 
 
 def _select(settings: SparsaSettings, q, k, scale, positions, layer_idx) -> torch.Tensor:
-    common = dict(block_size=settings.block_size, topk=settings.topk)
+    common = {"block_size": settings.block_size, "topk": settings.topk}
     if callable(settings.selector):
         if positions is None:
             positions = query_positions(None, q.shape[0], q.shape[1], k.shape[1], q.device)
@@ -214,7 +214,7 @@ def _select(settings: SparsaSettings, q, k, scale, positions, layer_idx) -> torc
     if settings.selector == "ssa":
         return select_blocks_at(q.detach(), k.detach(), positions, **rule)
     # other rules: place each query at its cache slot of a zero query sequence and select there
-    batch, q_len = positions.shape
+    batch, _q_len = positions.shape
     padded = q.new_zeros(batch, k.shape[1], q.shape[2], q.shape[3])
     safe = positions.clamp(min=0)
     padded[torch.arange(batch, device=q.device)[:, None], safe] = q.detach()

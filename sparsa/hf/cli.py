@@ -80,7 +80,7 @@ def cmd_convert(args) -> int:
                                                         "model_type": hf_model.config.model_type}})
         try:
             tokenizer = load_tokenizer(src, gguf_file) if (gguf_file or (src / "tokenizer.json").exists()) else None
-        except Exception:  # a tokenizer is a convenience, not part of the weights
+        except (OSError, ValueError, KeyError):  # a tokenizer is a convenience, not part of the weights
             tokenizer = None
         if tokenizer is not None:
             tokenizer.save_pretrained(Path(args.out) / "tokenizer")

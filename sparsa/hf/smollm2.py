@@ -21,7 +21,7 @@ def smollm2_folder() -> Path | None:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     return folder if (folder / SMOLLM2_GGUF).exists() else None
 
 
