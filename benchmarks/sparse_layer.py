@@ -139,11 +139,8 @@ def run_config(n, group, n_heads, dim, sparse_ok, rows):
             return torch.autograd.grad(o, (q, k, v), dout)
 
         row["nsa_ms"] = guarded(nsa_layer, "nsa layer")
-    del module, x, kc, vc, lse
-    del q, k, v, dout
-    torch.cuda.empty_cache()
     rows.append(row)
-    return row
+    return row  # the inputs are freed on return (the caller empties the CUDA cache)
 
 
 SELECT_CANDIDATES = [
@@ -198,8 +195,6 @@ def tune(n, groups, n_heads, dim):
                 log[f"cmp_attention_G{group}_dkv_iters_{iters}_ms"] = round(ms, 3)
                 print(f"tune G={group} compressed attention fwd+bwd, DKV_ITERATIONS={iters}: {ms:.2f} ms", flush=True)
             triton_attention.DKV_ITERATIONS = saved
-        del q, k, v, dout, kc, lse
-        torch.cuda.empty_cache()
     return log
 
 
@@ -213,10 +208,7 @@ def run_dense(n, n_heads, dim):
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         return torch.autograd.grad(o, (q, k, v), dh)
 
-    ms = bench(dense)
-    del q, k, v, dout
-    torch.cuda.empty_cache()
-    return ms
+    return bench(dense)
 
 
 def rel(a, b):
@@ -330,11 +322,12 @@ def main():
     print(info)
     checks = check() if args.check else {}
     tuning = tune(args.tune_n, [int(s) for s in args.groups.split(",")], args.heads, args.dim) if args.tune_n else {}
+    torch.cuda.empty_cache()
     sparse_ok = has_sparse_kernel()
     rows, dense_ms = [], {}
 
     def dump():
-        text = [f"# Sparse layer (selection + branches + gates), forward+backward, bf16\n",
+        text = ["# Sparse layer (selection + branches + gates), forward+backward, bf16\n",
                 f"- GPU: {info['gpu']}; torch {info['torch']}; triton {info['triton']}; {info['date']}",
                 f"- command: `{info['command']}`",
                 f"- Hq = {args.heads}, D = {args.dim}, batch 1; SSA: block {BLOCK}, top-{TOPK} (init {INIT}, "
@@ -361,11 +354,13 @@ def main():
             print(f"budget reached, skipping N={n}")
             break
         dense_ms[n] = run_dense(n, args.heads, args.dim)
+        torch.cuda.empty_cache()
         print(f"N={n} dense {dense_ms[n]:.2f} ms", flush=True)
         for group in [int(s) for s in args.groups.split(",")]:
             if time.time() - start > args.budget_s:
                 break
             row = run_config(n, group, args.heads, args.dim, sparse_ok, rows)
+            torch.cuda.empty_cache()
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             dump()
     dump()
