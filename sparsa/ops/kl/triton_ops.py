@@ -837,11 +837,12 @@ _INTERPRET_META = {
     "fwd": dict(BM=32, BN=16), "dq": dict(BM=16, BN=32), "dk": dict(BM=32, BN=16),
     "group_fwd": dict(BM=16, BN=32), "group_dq": dict(BM=32, BN=16), "group_dk": dict(BM=16, BN=32),
 }
-# fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0)
+# fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0); dk is the config the H100
+# autotuner chose at D = 128, bf16, causal (benchmarks/results/attention_kl_h100.md)
 _DEFAULT_META = {
     "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
     "dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
-    "dk": dict(BM=128, BN=32, num_warps=8, num_stages=3),
+    "dk": dict(BM=64, BN=64, num_warps=4, num_stages=2),
     "group_fwd": dict(BM=64, BN=128, num_warps=8, num_stages=2),
     "group_dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
     "group_dk": dict(BM=32, BN=128, num_warps=8, num_stages=2),
