@@ -78,7 +78,7 @@ def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int
             hi = mid - 1
     p1 = plan(1)
     return best, {"device_free_GiB": dev_free / 2**30, "host_budget_GiB": host_free / 2**30,
-                  "limit": "device" if plan(best + 1).device_total > dev_free else "host"}
+                  "limit": "cap" if best == cap else ("device" if plan(best + 1).device_total > dev_free else "host")}
 
 
 def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict:
@@ -123,7 +123,7 @@ def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict
     return result
 
 
-def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest):
+def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest, host_rows=8):
     step_room = (len(batches) + 1) * (2 * steps + 8) + 64
     max_len = context + step_room
     largest, why = largest_batch(model, mode, max_len, host_fraction, max_cap)
@@ -143,7 +143,8 @@ def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max
     engine.prefill([prompt])
     torch.cuda.synchronize()
     out["prefill_s"] = time.perf_counter() - t0
-    engine.replicate(cap)
+    engine.replicate(cap, host_rows=host_rows)
+    out["host_rows_copied"] = min(cap, host_rows)
     for b in todo:
         try:
             out["runs"].append(time_decode(engine, b, steps, use_graph))
@@ -239,7 +240,9 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays of the decode step")
     p.add_argument("--no-largest", action="store_true", help="do not run the largest feasible batch")
-    p.add_argument("--max-batch-cap", type=int, default=256)
+    p.add_argument("--max-batch-cap", type=int, default=512)
+    p.add_argument("--host-rows", type=int, default=8,
+                   help="rows whose host KV is copied from the prefilled prompt (others: zero pages, same volume)")
     p.add_argument("--host-fraction", type=float, default=0.8, help="share of MemAvailable the host cache may use")
     p.add_argument("--hf", type=int, nargs="*", default=None, help="HF offloaded-cache batches at 32K (default 1)")
     p.add_argument("--json", default=None)
@@ -255,7 +258,7 @@ def main():
             t0 = time.perf_counter()
             try:
                 r = run_mode(model, mode, context, args.batches, args.steps, args.graph, args.host_fraction,
-                             args.max_batch_cap, run_largest)
+                             args.max_batch_cap, run_largest, args.host_rows)
             except Exception as err:
                 r = {"mode": mode, "context": context, "error": repr(err)[:300]}
                 free_memory()

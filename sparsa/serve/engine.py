@@ -387,16 +387,20 @@ class Engine:
         return model.lm_head(model.norm(x))[:, 0].float()
 
     @torch.no_grad()
-    def replicate(self, n: int) -> None:
-        """Benchmark helper: copies sequence 0's cache (after `prefill` of one prompt) into rows 0..n-1."""
+    def replicate(self, n: int, host_rows: int | None = None) -> None:
+        """Benchmark helper: copies sequence 0's cache (after `prefill` of one prompt) into rows 0..n-1.
+        `host_rows` limits the host-memory copy to the first rows (the others keep their host contents:
+        same transfer volume, other values), which saves minutes of memcpy at large batches."""
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"n must be in [1, max_batch={self.max_batch}], got {n}")
         c = self.cache
+        host_n = n if host_rows is None else max(1, min(n, host_rows))
         for layer in range(self.n_layers):
             for lst in (c.k, c.v, c.kbar, c.tail_k, c.tail_v, c.host_k, c.host_v):
                 t = lst[layer]
-                if t is not None and n > 1:
-                    t[1:n].copy_(t[0:1].expand(n - 1, *t.shape[1:]))
+                rows = host_n if lst is c.host_k or lst is c.host_v else n
+                if t is not None and rows > 1:
+                    t[1:rows].copy_(t[0:1].expand(rows - 1, *t.shape[1:]))
         c.reset_rows(n)
         self.lengths[:n] = self.lengths[0].clone()
         self.batch = n
