@@ -173,6 +173,9 @@ def test_forecast_selector_runs_end_to_end_and_routes_by_forecasts():
         source = records[0 if index == 0 else index - 1]
         f = fc(source["x"], cos, sin)
         assert torch.equal(out.block_indices[index], forecast_select_from_keys(f, record["k"], **geometry))
+    # SSA training with the forecast selector routing the sparse branch also runs
+    aligned = model(tokens, targets=tokens, mode="full", align=True, selector="forecast")
+    assert torch.equal(aligned.logits, model(tokens, mode="full").logits) and torch.isfinite(aligned.align)
     # the forecast selector differs from the query selector in general but both are valid selections
     query = model(tokens, mode="sparse").block_indices
     assert any(not torch.equal(a, b) for a, b in zip(query, out.block_indices))
