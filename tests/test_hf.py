@@ -60,6 +60,7 @@ def clone_with(model: LlamaForCausalLM, attn: str) -> LlamaForCausalLM:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
