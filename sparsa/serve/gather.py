@@ -86,7 +86,9 @@ if triton is not None:
 
 
 def default_ctas(batch: int) -> int:
-    return 16 if batch <= 16 else 32
+    # H100, 16 KiB blocks: 16 programs 37 GB/s, 32 programs 48 GB/s, 64 or 132 no faster
+    # (benchmarks/results/decode_h100.md); 32 leaves 100 SMs to the compute it overlaps
+    return 32
 
 
 def gather_blocks(host_k, host_v, slot_k, slot_v, load, *, method: str = "auto", n_ctas: int | None = None) -> None:
