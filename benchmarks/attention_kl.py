@@ -11,12 +11,12 @@ allocated before (inputs) minus the gradients the call returns. Times: triton.te
 Usage: python benchmarks/attention_kl.py [--sizes 2048,4096] [--out DIR] [--no-naive] [--extras]
 Writes DIR/attention_kl.json and DIR/attention_kl.md and prints the table last.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sparsa  # noqa: E402
+import sparsa
 
 H, D = 32, 128
 NAIVE_MAX = 8192
@@ -68,10 +68,21 @@ def rel(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def time_sdpa(q, k, v):
+    """SDPA attention of the same shape: [1, H, N, D] q, k, v; fwd+bwd with gradients for all three."""
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    with torch.no_grad():
+        fwd = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+    fwd_bwd = bench(
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).sum().backward(), grad_to_none=[qh, kh, vh]
+    )
+    return {"sdpa_fwd_ms": fwd, "sdpa_fwdbwd_ms": fwd_bwd}
+
+
 def run_size(n, with_naive, results):
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(n)
-    mk = lambda: torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    mk = lambda: torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
     q_t, k_t, q_s, k_s = mk(), mk(), mk(), mk()
     q_s.requires_grad_(), k_s.requires_grad_()
     row = {"N": n}
@@ -92,18 +103,10 @@ def run_size(n, with_naive, results):
     row["kl_extra_bytes_per_row_head"] = row["kl_fwdbwd_extra_bytes"] / (n * H)
     q_s.grad = k_s.grad = None
 
-    # SDPA attention of the same shape
-    qh, kh, vh = (x.detach().transpose(1, 2).contiguous() for x in (q_t, k_t, q_s))
-    qh.requires_grad_(), kh.requires_grad_(), vh.requires_grad_()
-    with torch.no_grad():
-        row["sdpa_fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
-    row["sdpa_fwdbwd_ms"] = bench(
-        lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).sum().backward(), grad_to_none=[qh, kh, vh]
-    )
-    del qh, kh, vh
+    row.update(time_sdpa(q_t, k_t, q_s))
 
     if with_naive and n <= NAIVE_MAX:
-        scale = D ** -0.5
+        scale = D**-0.5
         try:
             with torch.no_grad():
                 row["naive_fwd_ms"] = bench(lambda: naive_attention_kl(q_t, k_t, q_s, k_s, scale))
@@ -136,34 +139,41 @@ def run_size(n, with_naive, results):
     print(json.dumps(row), flush=True)
 
 
-def run_extras(results):
-    """Group KL (G = 4) and block KL (chunked) timings for the docs; not part of the targets."""
+def extras_for(n, results):
+    """Group KL (G = 4) and block KL (chunked) timings at one size; not part of the targets."""
     dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(7 + n)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=torch.bfloat16, generator=gen)
+
+    q_t, k_t = rnd(1, n, 32, 128), rnd(1, n, 8, 128)
+    q_s, k_s = rnd(1, n, 8, 128).requires_grad_(), rnd(1, n, 8, 128).requires_grad_()
+    row = {"op": "group_attention_kl", "N": n, "Hq": 32, "Hkv": 8}
+    with torch.no_grad():
+        row["fwd_ms"] = bench(lambda: sparsa.group_attention_kl(q_t, k_t, q_s, k_s))
+    row["fwdbwd_ms"] = bench(lambda: sparsa.group_attention_kl(q_t, k_t, q_s, k_s).backward(), [q_s, k_s])
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    kbar = sparsa.block_keys(k_s.detach(), 64).requires_grad_()
+    f = q_s.detach().clone().requires_grad_()
+    row = {"op": "block_attention_kl (chunked PyTorch)", "N": n, "Hq": 32, "Hkv": 8, "block": 64}
+    t0 = time.time()
+    sparsa.block_attention_kl(q_t, k_t, f, kbar, block_size=64).backward()
+    torch.cuda.synchronize()
+    row["fwdbwd_first_call_s"] = time.time() - t0
+    f.grad = kbar.grad = None
+    row["fwdbwd_extra_bytes"] = peak_extra(
+        lambda: sparsa.block_attention_kl(q_t, k_t, f, kbar, block_size=64).backward(),
+        f.numel() * 2 + kbar.numel() * 2,
+    )
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def run_extras(results):
     for n in (8192, 32768):
-        gen = torch.Generator(device=dev).manual_seed(7 + n)
-        rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        q_t, k_t = rnd(1, n, 32, 128), rnd(1, n, 8, 128)
-        q_s, k_s = rnd(1, n, 8, 128).requires_grad_(), rnd(1, n, 8, 128).requires_grad_()
-        row = {"op": "group_attention_kl", "N": n, "Hq": 32, "Hkv": 8}
-        with torch.no_grad():
-            row["fwd_ms"] = bench(lambda: sparsa.group_attention_kl(q_t, k_t, q_s, k_s))
-        row["fwdbwd_ms"] = bench(lambda: sparsa.group_attention_kl(q_t, k_t, q_s, k_s).backward(), [q_s, k_s])
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        kbar = sparsa.block_keys(k_s.detach(), 64).requires_grad_()
-        f = q_s.detach().clone().requires_grad_()
-        row = {"op": "block_attention_kl (chunked PyTorch)", "N": n, "Hq": 32, "Hkv": 8, "block": 64}
-        t0 = time.time()
-        sparsa.block_attention_kl(q_t, k_t, f, kbar, block_size=64).backward()
-        torch.cuda.synchronize()
-        row["fwdbwd_first_call_s"] = time.time() - t0
-        f.grad = kbar.grad = None
-        row["fwdbwd_extra_bytes"] = peak_extra(
-            lambda: sparsa.block_attention_kl(q_t, k_t, f, kbar, block_size=64).backward(),
-            f.numel() * 2 + kbar.numel() * 2,
-        )
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        extras_for(n, results)
 
 
 def fmt(x, digits=3):
@@ -175,8 +185,10 @@ def fmt(x, digits=3):
 
 
 def table(rows):
-    head = ("| N | StreamKL fwd ms | fwd+bwd ms | extra B/(row,head) | SDPA fwd ms | SDPA fwd+bwd ms | fwd / SDPA "
-            "| fwd+bwd / SDPA | naive fwd ms | naive fwd+bwd ms | naive extra GiB | naive fwd / StreamKL fwd |")
+    head = (
+        "| N | StreamKL fwd ms | fwd+bwd ms | extra B/(row,head) | SDPA fwd ms | SDPA fwd+bwd ms | fwd / SDPA "
+        "| fwd+bwd / SDPA | naive fwd ms | naive fwd+bwd ms | naive extra GiB | naive fwd / StreamKL fwd |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "kl_fwd_ms" not in r:
@@ -217,23 +229,24 @@ def main():
     for n in (int(s) for s in args.sizes.split(",")):
         try:
             run_size(n, not args.no_naive, results)
-        except Exception as exc:  # keep going: report what failed
+        except Exception as exc:  # noqa: BLE001 - keep going: report what failed
             results.append({"N": n, "error": repr(exc)[:300]})
             print(json.dumps(results[-1]), flush=True)
         torch.cuda.empty_cache()
     if args.extras:
         try:
             run_extras(extras)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - extras are optional
             extras.append({"error": repr(exc)[:300]})
     try:
         from sparsa.ops.kl import triton_ops
 
         meta["autotuned"] = {
-            k: {str(key): str(cfg) for key, cfg in getattr(v, "cache", {}).items()} for k, v in triton_ops._TUNED.items()
+            k: {str(key): str(cfg) for key, cfg in getattr(v, "cache", {}).items()}
+            for k, v in triton_ops._TUNED.items()
         }
-    except Exception:
-        pass
+    except Exception as exc:  # noqa: BLE001 - metadata only
+        print(f"could not read the autotuner caches: {exc!r}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "attention_kl.json"), "w") as fh:
         json.dump({"meta": meta, "results": results, "extras": extras}, fh, indent=1)

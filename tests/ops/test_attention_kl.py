@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 so fp32/fp16 only there; bf16 and large shapes run in the GPU-only tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,29 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def make_inputs(batch, n_q, n_k, n_heads, heads_t, heads_s, dim_t, dim_s, dtype=torch.float32, device=DEVICE,
-                gain=1.0, generator=None):
+def make_inputs(
+    batch,
+    n_q,
+    n_k,
+    n_heads,
+    heads_t,
+    heads_s,
+    dim_t,
+    dim_s,
+    dtype=torch.float32,
+    device=DEVICE,
+    gain=1.0,
+    generator=None,
+):
     def rnd(*shape):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * gain).to(device=device, dtype=dtype)
 
-    return (rnd(batch, n_q, n_heads, dim_t), rnd(batch, n_k, heads_t, dim_t),
-            rnd(batch, n_q, n_heads, dim_s), rnd(batch, n_k, heads_s, dim_s))
+    return (
+        rnd(batch, n_q, n_heads, dim_t),
+        rnd(batch, n_k, heads_t, dim_t),
+        rnd(batch, n_q, n_heads, dim_s),
+        rnd(batch, n_k, heads_s, dim_s),
+    )
 
 
 def explicit_kl_rows(q_t, k_t, q_s, k_s, causal, scale_t, scale_s):
@@ -98,7 +115,9 @@ def test_reference_group_and_block_gradcheck():
     kbar = torch.randn(1, 3, 2, 2, dtype=torch.float64, generator=g).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda f, kb: sparsa.block_attention_kl(q_t, k_t, f, kb, block_size=2, reduction="none"),
-        (q_s, kbar), eps=1e-6, atol=1e-6,
+        (q_s, kbar),
+        eps=1e-6,
+        atol=1e-6,
     )
 
 
@@ -111,9 +130,9 @@ def test_group_reference_definition():
     assert torch.allclose(a, b, atol=1e-12)
     q_t4 = torch.randn(2, 9, 4, 8, dtype=torch.float64, generator=g)
     rows = sparsa.group_attention_kl(q_t4, k_t, q_s, k_s, causal=False, reduction="none")
-    probs = torch.softmax(torch.einsum("bthd,bjhd->bthj", q_t4, k_t.repeat_interleave(2, 2)) * 8 ** -0.5, -1)
+    probs = torch.softmax(torch.einsum("bthd,bjhd->bthj", q_t4, k_t.repeat_interleave(2, 2)) * 8**-0.5, -1)
     pbar = probs.view(2, 9, 2, 2, 9).mean(3)
-    log_q = torch.log_softmax(torch.einsum("bthd,bjhd->bthj", q_s, k_s) * 8 ** -0.5, -1)
+    log_q = torch.log_softmax(torch.einsum("bthd,bjhd->bthj", q_s, k_s) * 8**-0.5, -1)
     assert torch.allclose(rows, (pbar * (pbar.log() - log_q)).sum(-1), atol=1e-12)
 
 
@@ -170,8 +189,16 @@ def test_block_packed_documents_and_large_logits(triton_backend):
     kbar = sparsa.block_keys(torch.randn(1, 30, 2, 8, generator=g), bs, cu).requires_grad_()
     f_s.requires_grad_()
     out = sparsa.block_attention_kl(q_t, k_t, f_s, kbar, block_size=bs, cu_seqlens=cu, reduction="none", chunk_size=3)
-    ref = naive.block_attention_kl(q_t.double(), k_t.double(), f_s.double(), kbar.double(), block_size=bs,
-                                   scale_t=16 ** -0.5, scale_s=1.0, cu_seqlens=cu)
+    ref = naive.block_attention_kl(
+        q_t.double(),
+        k_t.double(),
+        f_s.double(),
+        kbar.double(),
+        block_size=bs,
+        scale_t=16**-0.5,
+        scale_s=1.0,
+        cu_seqlens=cu,
+    )
     assert rel_err(out, ref) < 1e-4
     loss = sparsa.block_attention_kl(q_t, k_t, f_s, kbar, block_size=bs, cu_seqlens=cu, chunk_size=3)
     n_valid = 2 * sum(max(0, n - bs + 1) for n in (10, 3, 17))
@@ -183,10 +210,27 @@ def test_block_packed_documents_and_large_logits(triton_backend):
 # ----------------------------------------------------------------------------------------------
 # Triton kernels (interpreter on CPU) vs the reference
 # ----------------------------------------------------------------------------------------------
-def _compare_attention_kl(inputs, *, causal, direction="forward", teacher_grad=True, cu_seqlens=None,
-                          scale_t=None, scale_s=None, val_tol=2e-5, grad_tol=2e-5, seed=0):
+def _compare_attention_kl(
+    inputs,
+    *,
+    causal,
+    direction="forward",
+    teacher_grad=True,
+    cu_seqlens=None,
+    scale_t=None,
+    scale_s=None,
+    val_tol=2e-5,
+    grad_tol=2e-5,
+    seed=0,
+):
     ins = [x.clone().requires_grad_() for x in inputs]
-    kw = dict(causal=causal, direction=direction, teacher_grad=teacher_grad, scale_t=scale_t, scale_s=scale_s)
+    kw = {
+        "causal": causal,
+        "direction": direction,
+        "teacher_grad": teacher_grad,
+        "scale_t": scale_t,
+        "scale_s": scale_s,
+    }
     out, lse_t, lse_s = sparsa.attention_kl(*ins, reduction="none", cu_seqlens=cu_seqlens, return_lse=True, **kw)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     out.backward(grad)
@@ -194,13 +238,15 @@ def _compare_attention_kl(inputs, *, causal, direction="forward", teacher_grad=T
     cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSA_BACKEND", "naive")
-        ref, ref_lse_t, ref_lse_s = sparsa.attention_kl(*refs, reduction="none", cu_seqlens=cu_cpu, return_lse=True, **kw)
+        ref, ref_lse_t, ref_lse_s = sparsa.attention_kl(
+            *refs, reduction="none", cu_seqlens=cu_cpu, return_lse=True, **kw
+        )
     ref.backward(grad.cpu().double())
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(out, ref) < val_tol
     assert rel_err(lse_t, ref_lse_t) < 1e-5 and rel_err(lse_s, ref_lse_s) < 1e-5
     n_grads = 4 if teacher_grad else 2
-    for x, r in zip(ins[4 - n_grads:], refs[4 - n_grads:]):
+    for x, r in zip(ins[4 - n_grads :], refs[4 - n_grads :]):
         assert rel_err(x.grad, r.grad) < grad_tol
     if not teacher_grad:
         assert ins[0].grad is None and ins[1].grad is None
@@ -223,9 +269,15 @@ def test_triton_attention_kl_matches_reference(triton_backend, case):
     g = torch.Generator().manual_seed(10)
     inputs = make_inputs(batch, n_q, n_k, heads, h_t, h_s, d_t, d_s, dtype, DEVICE, 1.0, g)
     tol = 2e-5 if dtype == torch.float32 else 5e-3
-    out, _ = _compare_attention_kl(inputs, causal=causal, direction=direction, teacher_grad=teacher_grad,
-                                   scale_t=0.3 if causal else None, val_tol=tol if dtype == torch.float32 else 1e-4,
-                                   grad_tol=tol)
+    out, _ = _compare_attention_kl(
+        inputs,
+        causal=causal,
+        direction=direction,
+        teacher_grad=teacher_grad,
+        scale_t=0.3 if causal else None,
+        val_tol=tol if dtype == torch.float32 else 1e-4,
+        grad_tol=tol,
+    )
     if causal and n_q > n_k:
         assert (out[:, : n_q - n_k] == 0).all()  # fully masked rows contribute exactly 0
 
@@ -249,10 +301,11 @@ def test_triton_large_logits(triton_backend):
     """|logits| up to about 50 (peaked distributions, exp underflow on most keys)."""
     g = torch.Generator().manual_seed(12)
     q_t, k_t, q_s, k_s = make_inputs(1, 48, 48, 2, 1, 1, 16, 16, torch.float32, DEVICE, 1.0, g)
-    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
     q_t, k_t, q_s, k_s = unit(q_t) * 50, unit(k_t), unit(q_s) * 40, unit(k_s)  # logits in [-50, 50]
-    out, ref = _compare_attention_kl((q_t, k_t, q_s, k_s), causal=True, scale_t=1.0, scale_s=1.0,
-                                     val_tol=1e-4, grad_tol=1e-4)
+    _out, ref = _compare_attention_kl(
+        (q_t, k_t, q_s, k_s), causal=True, scale_t=1.0, scale_s=1.0, val_tol=1e-4, grad_tol=1e-4
+    )
     assert ref.abs().max() > 1.0  # the test really has large KLs
 
 
@@ -288,14 +341,16 @@ def test_triton_group_attention_kl_matches_reference(triton_backend, case):
     _, _, q_s, k_s = make_inputs(batch, n_q, n_k, hkv, hkv, hkv, 16, d_s, dtype, DEVICE, 1.0, g)
     cu = torch.tensor([0, 19, 44], dtype=torch.int32, device=DEVICE) if packed else None
     q_s.requires_grad_(), k_s.requires_grad_()
-    out, lse_s = sparsa.group_attention_kl(q_t, k_t, q_s, k_s, causal=causal, reduction="none", cu_seqlens=cu,
-                                           return_lse=True)
+    out, lse_s = sparsa.group_attention_kl(
+        q_t, k_t, q_s, k_s, causal=causal, reduction="none", cu_seqlens=cu, return_lse=True
+    )
     grad = torch.randn(out.shape, generator=g).to(out.device)
     out.backward(grad)
     refs = [x.detach().cpu().double() for x in (q_t, k_t, q_s, k_s)]
     refs[2].requires_grad_(), refs[3].requires_grad_()
-    ref, ref_lse = naive.group_attention_kl(*refs, causal=causal, scale_t=d_t ** -0.5, scale_s=d_s ** -0.5,
-                                            cu_seqlens=None if cu is None else cu.cpu())
+    ref, ref_lse = naive.group_attention_kl(
+        *refs, causal=causal, scale_t=d_t**-0.5, scale_s=d_s**-0.5, cu_seqlens=None if cu is None else cu.cpu()
+    )
     ref.backward(grad.cpu().double())
     tol = 2e-5 if dtype == torch.float32 else 5e-3
     assert rel_err(out, ref) < (tol if dtype == torch.float32 else 1e-4)
@@ -337,7 +392,10 @@ def test_bad_inputs_raise_value_error():
         (lambda: sparsa.attention_kl(q, k, qs, ks, reduction="max"), "reduction"),
         (lambda: sparsa.attention_kl(q, k, qs, ks, scale_t=-1.0), "scale_t"),
         (lambda: sparsa.attention_kl(q, k, qs, ks, causal=1), "causal"),
-        (lambda: sparsa.attention_kl(q, k, qs, ks, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), "cu_seqlens"),
+        (
+            lambda: sparsa.attention_kl(q, k, qs, ks, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)),
+            "cu_seqlens",
+        ),
         (lambda: sparsa.attention_kl(q.long(), k, qs, ks), "q_t"),
         (lambda: sparsa.group_attention_kl(q, k, qs, ks), "q_s heads"),
         (lambda: sparsa.block_attention_kl(q, k, qs[:, :, :2], torch.randn(1, 2, 2, 8), block_size=0), "block_size"),
@@ -383,7 +441,7 @@ def test_gpu_group_and_block_bf16():
     out.sum().backward()
     refs = [x.detach().cpu().double() for x in (q_t, k_t, q_s, k_s)]
     refs[2].requires_grad_(), refs[3].requires_grad_()
-    ref, _ = naive.group_attention_kl(*refs, causal=True, scale_t=128 ** -0.5, scale_s=64 ** -0.5)
+    ref, _ = naive.group_attention_kl(*refs, causal=True, scale_t=128**-0.5, scale_s=64**-0.5)
     ref.sum().backward()
     assert rel_err(out, ref) < 1e-3
     assert rel_err(q_s.grad, refs[2].grad) < 2e-2 and rel_err(k_s.grad, refs[3].grad) < 2e-2
@@ -392,7 +450,7 @@ def test_gpu_group_and_block_bf16():
     blk = sparsa.block_attention_kl(q_t, k_t, f, kbar, block_size=64, reduction="none")
     blk.sum().backward()
     f_ref, kb_ref = f.detach().cpu().double().requires_grad_(), kbar.detach().cpu().double().requires_grad_()
-    blk_ref = naive.block_attention_kl(refs[0], refs[1], f_ref, kb_ref, block_size=64, scale_t=128 ** -0.5, scale_s=1.0)
+    blk_ref = naive.block_attention_kl(refs[0], refs[1], f_ref, kb_ref, block_size=64, scale_t=128**-0.5, scale_s=1.0)
     blk_ref.sum().backward()
     assert rel_err(blk, blk_ref) < 1e-3
     assert rel_err(f.grad, f_ref.grad) < 1e-2 and rel_err(kbar.grad, kb_ref.grad) < 1e-2

@@ -15,8 +15,10 @@ contribute 0 and are not counted. "sum" = plain sum. "none" = per-row values, fp
 (float64 for float64 inputs). The KL is not clamped: rounding can make a row slightly negative (|KL|
 about 1e-7 * max|logit| in fp32).
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,7 +30,7 @@ from . import naive
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["attention_kl", "group_attention_kl", "block_attention_kl"]
+__all__ = ["attention_kl", "block_attention_kl", "group_attention_kl"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +38,7 @@ __all__ = ["attention_kl", "group_attention_kl", "block_attention_kl"]
 # ----------------------------------------------------------------------------------------------
 def _check_scale(name: str, scale, head_dim: int, default=None) -> float:
     if scale is None:
-        return head_dim ** -0.5 if default is None else float(default)
+        return head_dim**-0.5 if default is None else float(default)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
     return float(scale)
@@ -44,7 +46,7 @@ def _check_scale(name: str, scale, head_dim: int, default=None) -> float:
 
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+        raise ValueError(f"{name} must be a bool, got {value!r}")  # noqa: TRY004 - sparsa raises ValueError
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -89,7 +91,7 @@ def _check_docs(cu_seqlens, q: torch.Tensor, k: torch.Tensor):
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"cu_seqlens needs equal query and key lengths, got {q.shape[1]} and {k.shape[1]}")
     values = cu_seqlens.tolist()
-    max_len = max(b - a for a, b in zip(values[:-1], values[1:]))
+    max_len = max(b - a for a, b in itertools.pairwise(values))
     return cu_seqlens.to(device=q.device, dtype=torch.int32), max_len
 
 
@@ -139,8 +141,21 @@ class _AttentionKLTriton(torch.autograd.Function):
         if grad_kl is None or not (need_p or need_q):
             return (None,) * 9
         dqp, dkp, dqq, dkq = triton_ops.kl_backward(
-            qp, kp, qq, kq, kl, lse_p, lse_q, grad_kl, causal=causal, scale_p=scale_p, scale_q=scale_q,
-            need_p=need_p, need_q=need_q, cu_seqlens=cu_seqlens, max_len=max_len,
+            qp,
+            kp,
+            qq,
+            kq,
+            kl,
+            lse_p,
+            lse_q,
+            grad_kl,
+            causal=causal,
+            scale_p=scale_p,
+            scale_q=scale_q,
+            need_p=need_p,
+            need_q=need_q,
+            cu_seqlens=cu_seqlens,
+            max_len=max_len,
         )
         return dqp, dkp, dqq, dkq, None, None, None, None, None
 
@@ -153,7 +168,14 @@ class _GroupKLTriton(torch.autograd.Function):
         from . import triton_ops
 
         kl, lse_s, lse_t = triton_ops.group_forward(
-            q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens,
+            q_t,
+            k_t,
+            q_s,
+            k_s,
+            causal=causal,
+            scale_t=scale_t,
+            scale_s=scale_s,
+            cu_seqlens=cu_seqlens,
             max_len=max_len,
         )
         ctx.save_for_backward(q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens)
@@ -171,8 +193,18 @@ class _GroupKLTriton(torch.autograd.Function):
         if grad_kl is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             return (None,) * 9
         dqs, dks = triton_ops.group_backward(
-            q_t, k_t, q_s, k_s, lse_t, lse_s, grad_kl, causal=causal, scale_t=scale_t, scale_s=scale_s,
-            cu_seqlens=cu_seqlens, max_len=max_len,
+            q_t,
+            k_t,
+            q_s,
+            k_s,
+            lse_t,
+            lse_s,
+            grad_kl,
+            causal=causal,
+            scale_t=scale_t,
+            scale_s=scale_s,
+            cu_seqlens=cu_seqlens,
+            max_len=max_len,
         )
         return None, None, dqs, dks, None, None, None, None, None
 
@@ -242,7 +274,14 @@ def attention_kl(
             lse_s = (lse_s2 * LN2).transpose(1, 2)
     else:
         kl, lse_t, lse_s = naive.attention_kl(
-            q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, direction=direction,
+            q_t,
+            k_t,
+            q_s,
+            k_s,
+            causal=causal,
+            scale_t=scale_t,
+            scale_s=scale_s,
+            direction=direction,
             cu_seqlens=cu_seqlens,
         )
     n_valid = _n_valid_rows(n_q, n_k, causal, batch, cu) * q_t.shape[2]
@@ -385,7 +424,7 @@ def block_attention_kl(
         spans = [(0, seqlen)]
     else:
         values = cu_seqlens.tolist()
-        spans = list(zip(values[:-1], values[1:]))
+        spans = list(itertools.pairwise(values))
     n_blocks_needed = sum((e - s) // block_size for s, e in spans)
     if kbar_s.shape[1] < n_blocks_needed:
         raise ValueError(f"kbar_s holds {kbar_s.shape[1]} blocks but the input has {n_blocks_needed} complete blocks")
@@ -394,7 +433,14 @@ def block_attention_kl(
         from .chunked import block_attention_kl_chunked
 
         kl = block_attention_kl_chunked(
-            q_t, k_t, f_s, kbar_s, block_size=block_size, scale_t=scale_t, scale_s=scale_s, spans=spans,
+            q_t,
+            k_t,
+            f_s,
+            kbar_s,
+            block_size=block_size,
+            scale_t=scale_t,
+            scale_s=scale_s,
+            spans=spans,
             chunk_size=chunk_size,
         )
     else:

@@ -12,6 +12,7 @@ Same function as naive.block_attention_kl. For a chunk of query rows [r0, r1) of
 
 The backward recomputes each chunk's teacher (no N x N buffer is kept between the passes).
 """
+
 from __future__ import annotations
 
 import math

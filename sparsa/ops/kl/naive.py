@@ -11,6 +11,7 @@ Conventions (shared with the Triton kernels):
 All functions return per-row values; reductions live in the public wrappers (sparsa/ops/kl/__init__.py).
 Computation runs in float32 (float64 for float64 inputs) and returns float32 (float64) tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +85,13 @@ def _per_document(fn, cu_seqlens, tensors, **kwargs):
 def attention_kl(q_t, k_t, q_s, k_s, *, causal, scale_t, scale_s, direction="forward", cu_seqlens=None):
     """Per-row KL(p_teacher || q_student) (or the reverse) -> (kl, lse_t, lse_s), each [B, Tq, H]."""
     return _per_document(
-        attention_kl_dense, cu_seqlens, (q_t, k_t, q_s, k_s),
-        causal=causal, scale_t=scale_t, scale_s=scale_s, direction=direction,
+        attention_kl_dense,
+        cu_seqlens,
+        (q_t, k_t, q_s, k_s),
+        causal=causal,
+        scale_t=scale_t,
+        scale_s=scale_s,
+        direction=direction,
     )
 
 
@@ -174,8 +180,13 @@ def block_attention_kl(q_t, k_t, f_s, kbar_s, *, block_size, scale_t, scale_s, c
         n_blocks = (e - s) // block_size
         pieces.append(
             block_attention_kl_dense(
-                q_t[:, s:e], k_t[:, s:e], f_s[:, s:e], kbar_s[:, first_block : first_block + n_blocks],
-                block_size=block_size, scale_t=scale_t, scale_s=scale_s,
+                q_t[:, s:e],
+                k_t[:, s:e],
+                f_s[:, s:e],
+                kbar_s[:, first_block : first_block + n_blocks],
+                block_size=block_size,
+                scale_t=scale_t,
+                scale_s=scale_s,
             )
         )
         first_block += n_blocks

@@ -458,7 +458,7 @@ def _kl_bwd_dk_kernel(
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
     n0 = pid_n * BN
     if n0 < k_len:
-        off = k_len - q_len
+        k_len - q_len
         offs_n = n0 + tl.arange(0, BN)
         batch64 = batch.to(tl.int64)
         if NEED_P:
@@ -479,7 +479,7 @@ def _kl_bwd_dk_kernel(
                 )
                 gi += 1
         else:
-            for gi in range(0, group_grid):
+            for gi in range(group_grid):
                 dkp, dkq = _dk_head(
                     QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
                     k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
@@ -514,7 +514,7 @@ def _group_pbar(
         pbar = tl.zeros([BN, BM], tl.float32)
     else:
         pbar = tl.zeros([BM, BN], tl.float32)
-    for hi in range(0, GROUP):
+    for hi in range(GROUP):
         qt = _load_rows(QTb + hi * sqt_h, offs_m, sqt_t, q_len, DT, BDT, True)
         lse = tl.load(LSETb + hi * slt_h + offs_m, mask=row_ok, other=0.0)
         if TRANS:
@@ -834,18 +834,18 @@ _TUNE_KEYS = {
 
 # interpreter (CPU tests): small fixed tiles, BM != BN to exercise the diagonal logic
 _INTERPRET_META = {
-    "fwd": dict(BM=32, BN=16), "dq": dict(BM=16, BN=32), "dk": dict(BM=32, BN=16),
-    "group_fwd": dict(BM=16, BN=32), "group_dq": dict(BM=32, BN=16), "group_dk": dict(BM=16, BN=32),
+    "fwd": {"BM": 32, "BN": 16}, "dq": {"BM": 16, "BN": 32}, "dk": {"BM": 32, "BN": 16},
+    "group_fwd": {"BM": 16, "BN": 32}, "group_dq": {"BM": 32, "BN": 16}, "group_dk": {"BM": 16, "BN": 32},
 }
 # fixed GPU fallback when autotuning is switched off (SPARSA_KL_AUTOTUNE=0); dk is the config the H100
 # autotuner chose at D = 128, bf16, causal (benchmarks/results/attention_kl_h100.md)
 _DEFAULT_META = {
-    "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
-    "dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
-    "dk": dict(BM=64, BN=64, num_warps=4, num_stages=2),
-    "group_fwd": dict(BM=64, BN=128, num_warps=8, num_stages=2),
-    "group_dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
-    "group_dk": dict(BM=32, BN=128, num_warps=8, num_stages=2),
+    "fwd": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+    "dq": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
+    "dk": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+    "group_fwd": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
+    "group_dq": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
+    "group_dk": {"BM": 32, "BN": 128, "num_warps": 8, "num_stages": 2},
 }
 
 
@@ -916,7 +916,7 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     lse_q = lse_p if only_p else torch.full_like(lse_p, float("nan"))
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
     kernel, meta = _kernel("fwd", _kl_fwd_kernel, _FWD_CONFIGS)
-    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)  # noqa: E731
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
     kernel[grid](
         qp, kp, qq, kq, kl, lse_p, lse_q, cu,
         *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
@@ -947,12 +947,12 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     dummy_kp = dkp if need_p else kp
     dummy_q = dqq if need_q else qq
     dummy_kq = dkq if need_q else kq
-    common = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen,
-                  PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
+    common = {"DP": dp, "DQ": dq, "BDP": _pad_dim(dp), "BDQ": _pad_dim(dq), "CAUSAL": causal, "VARLEN": docs.varlen,
+                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
     kernel, meta = _kernel("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS)
-    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)  # noqa: E731
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
     kernel[grid](
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
         *_strides3(dummy_p), *_strides3(dummy_q),
@@ -970,7 +970,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
             launches.append((True, False, n_kv_p, group_p))
     kernel, meta = _kernel("dk", _kl_bwd_dk_kernel, _DK_CONFIGS)
     for with_p, with_q, n_kv, group in launches:
-        grid = lambda m, n_kv=n_kv: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)  # noqa: E731
+        grid = lambda m, n_kv=n_kv: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
         kernel[grid](
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
@@ -994,7 +994,7 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
     lse_s = torch.full((batch, n_kv, n_q), float("nan"), dtype=torch.float32, device=qt.device)
     cu = cu_seqlens if cu_seqlens is not None else lse_s
     kernel, meta = _kernel("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS)
-    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)  # noqa: E731
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     kernel[grid](
         qt, kt, qs, ks, lse_t, kl, lse_s, cu,
         *_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
@@ -1016,15 +1016,15 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     cu = cu_seqlens if cu_seqlens is not None else lse_s
     dqs = torch.full_like(qs, float("nan"))
     dks = torch.full_like(ks, float("nan"))
-    common = dict(DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
-                  VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET)
+    common = {"DT": dt, "DS": ds, "BDT": _pad_dim(dt), "BDS": _pad_dim(ds), "GROUP": n_heads_q // n_kv, "CAUSAL": causal,
+                  "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs), "INTERPRET": _INTERPRET}
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
             lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
     scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s, _tune_key(docs.max_q))
     kernel, meta = _kernel("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS)
-    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)  # noqa: E731
+    grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales, **common, **meta)
     kernel, meta = _kernel("group_dk", _group_bwd_dk_kernel, _GROUP_DK_CONFIGS)
-    grid = lambda m: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)  # noqa: E731
+    grid = lambda m: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
     kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dks, cu, *args, *_strides3(dks), *scales, **common, **meta)
     return dqs, dks
