@@ -458,7 +458,6 @@ def _kl_bwd_dk_kernel(
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
     n0 = pid_n * BN
     if n0 < k_len:
-        k_len - q_len
         offs_n = n0 + tl.arange(0, BN)
         batch64 = batch.to(tl.int64)
         if NEED_P:
