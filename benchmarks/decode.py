@@ -58,7 +58,7 @@ def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int
 
     def plan(b):
         probe = Engine.__new__(Engine)  # workspace estimate without allocating
-        probe.model, probe.config, probe.max_len, probe.prefill_chunk = model, cfg, max_len, 2048
+        probe.model, probe.config, probe.max_len, probe.prefill_chunk, probe.mode = model, cfg, max_len, 2048, mode
         probe.block_size, probe.n_kv, probe.head_dim, probe.n_heads, probe.max_batch = (
             cfg.sparse.block_size, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads, b)
         return BlockKVCache.plan(n_layers=cfg.n_layers, batch=b, n_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -135,6 +135,16 @@ def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max
     cap = max(todo)
     engine = Engine(model, mode=mode, max_batch=cap, max_len=max_len, prefill_chunk=2048,
                     host_memory_limit=int(host_available_bytes() * host_fraction))
+    try:
+        _measure(engine, out, context, todo, cap, steps, use_graph, host_rows)
+    finally:  # release the cache even after an error (an exception's frames would keep it alive)
+        engine.close()
+        del engine
+        free_memory()
+    return out
+
+
+def _measure(engine, out, context, todo, cap, steps, use_graph, host_rows):
     out["gpu_kv_MiB_per_seq"] = engine.cache.device_bytes_per_sequence() / 2**20
     out["host_kv_MiB_per_seq"] = engine.cache.host_bytes_per_sequence() / 2**20
     prompt = torch.randint(0, 32000, (context,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -150,11 +160,8 @@ def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max
             out["runs"].append(time_decode(engine, b, steps, use_graph))
         except Exception as err:
             out["runs"].append({"batch": b, "error": repr(err)[:300]})
-            free_memory()
-    engine.close()
-    del engine
-    free_memory()
-    return out
+        engine.graph = None
+        free_memory()
 
 
 def run_hf(layers, kv_heads, context, batches, steps):
@@ -261,7 +268,7 @@ def main():
                              args.max_batch_cap, run_largest, args.host_rows)
             except Exception as err:
                 r = {"mode": mode, "context": context, "error": repr(err)[:300]}
-                free_memory()
+            free_memory()  # after the except block: the exception no longer pins the engine's memory
             r["wall_s"] = time.perf_counter() - t0
             results.append(r)
             print(json.dumps(r, default=float), flush=True)

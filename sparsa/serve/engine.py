@@ -135,11 +135,13 @@ class Engine:
         es = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
         t, c = self.max_len, min(self.prefill_chunk, self.max_len)
         n_blocks = -(-t // self.block_size)
-        prefill = t * cfg.d_model * es * 2 + 4 * t * self.n_kv * self.head_dim * es  # hidden + k, v, scratch
-        prefill += t * cfg.n_heads * self.head_dim * es  # q (dense prefill)
-        prefill += c * max(3 * cfg.d_ff * es, 3 * cfg.n_heads * n_blocks * 4)  # MLP chunk or selection scores
+        prefill = 3 * t * cfg.d_model * es + 4 * t * self.n_kv * self.head_dim * es  # embeddings, hidden, k, v, scratch
+        if self.mode == "dense":  # whole-prompt attention: u, q, k and v repeated to every head, out, o_proj
+            prefill += 2 * t * cfg.d_model * es + 5 * t * cfg.n_heads * self.head_dim * es
+        prefill += c * max(3 * cfg.d_ff * es, 5 * cfg.n_heads * n_blocks * 4)  # MLP chunk or selection scores
+        prefill += t * self.n_kv * self.head_dim * es  # sparda: the next layer's forecasts
         decode = self.max_batch * (4 * cfg.vocab_size * 4 + 2 * self.n_heads * self.head_dim * 4 * 16)
-        return int(1.1 * (prefill + decode)) + (64 << 20)
+        return int(1.25 * (prefill + decode)) + (512 << 20)
 
     def reset_counters(self) -> None:
         if getattr(self, "_hits", None) is not None:  # zero in place: captured graphs hold these tensors
