@@ -59,13 +59,18 @@ class ForecastLM(SparsaLM):
 
 
 def make_model(seed=0, forecasts=False, **kw):
+    """Larger weights than the 0.02 init: more varied selections. Forecasts: the model's own
+    `add_forecasts()` (sparsa.layers.forecast) when present, else the contract stand-in."""
     torch.manual_seed(seed)
     cfg = make_config(**kw)
-    model = ForecastLM(cfg) if forecasts else SparsaLM(cfg)
-    if not forecasts:
-        for p in model.parameters():
-            if p.ndim == 2:
-                nn.init.normal_(p, std=0.3)
+    if forecasts and not hasattr(SparsaLM, "add_forecasts"):
+        return ForecastLM(cfg).eval()
+    model = SparsaLM(cfg)
+    if forecasts:
+        model.add_forecasts()
+    for p in model.parameters():
+        if p.ndim == 2:
+            nn.init.normal_(p, std=0.3)
     return model.eval()
 
 
@@ -136,6 +141,21 @@ def test_sparda_equals_sparse_with_its_selections():
     assert torch.equal(got, ref)
     c = sparda.counters()
     assert c["block_lookups"] > 0 and c["block_hits"] > 0  # the slot diff keeps resident blocks
+
+
+def test_sparda_decode_matches_forecast_forward():
+    """sparda decode == SparsaLM(mode="sparse", selector="forecast") position by position."""
+    if not hasattr(SparsaLM, "add_forecasts"):
+        pytest.skip("SparsaLM has no forecast selector yet")
+    model = make_model(12, forecasts=True)
+    prompts, cont = batch_data(13, lengths=(41, 70, 9))
+    eng = Engine(model, mode="sparda", max_batch=3, prefill_chunk=16)
+    got = teacher_forced(eng, prompts, cont)
+    for b, p in enumerate(prompts):
+        seq = torch.tensor(p + cont[b].tolist())[None]
+        with torch.no_grad():
+            ref = model(seq, mode="sparse", selector="forecast").logits[0, len(p) - 1:]
+        assert torch.allclose(got[b], ref, atol=2e-4, rtol=1e-4), (b, (got[b] - ref).abs().max())
 
 
 def reference_forecast_select(f, kbar, seqlen, topk, init_blocks, local_blocks):
@@ -352,7 +372,17 @@ def test_cli_generate_streams_text(tmp_path, capsys):
     assert rc == 0
     assert capsys.readouterr().out.startswith("Hello")
     rc = main(["generate", str(tmp_path / "ckpt"), "--mode", "sparda", "--prompt", "Hi"])
-    assert rc == 2
+    assert rc == 2  # no forecasts in this checkpoint: a clear error
+    assert "forecast" in capsys.readouterr().err
+    if hasattr(model, "add_forecasts"):
+        model.add_forecasts()
+        save_model(tmp_path / "fc", model, cfg, extra=model.checkpoint_meta())
+        rc = main(["generate", str(tmp_path / "fc"), "--mode", "sparda", "--prompt", "Hi", "--prompt", "Hello there",
+                   "--max-new-tokens", "5", "--device", "cpu", "--stats"])
+        assert rc == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith("Hi") and "[1] Hello there" in captured.out
+        assert "hit_rate" in captured.err
 
 
 @pytest.mark.skipif(not _interpreter_ok(), reason="needs triton (GPU or interpreter)")

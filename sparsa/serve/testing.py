@@ -24,7 +24,15 @@ class StandInForecast(nn.Module):
 
 
 def attach_standin_forecasts(model, std: float | None = None):
-    """Adds random forecasts to a SparsaLM in place (same device and dtype); returns the model."""
+    """Adds random forecasts to a SparsaLM in place (same device and dtype); returns the model.
+    Uses the model's own `add_forecasts()` (sparsa.layers.forecast.Forecast) when it has one."""
+    if hasattr(model, "add_forecasts"):
+        if not model.has_forecasts:
+            model.add_forecasts()
+        if std is not None:
+            for m in [*model.forecasts, model.self_forecast]:
+                nn.init.normal_(m.proj.weight, std=std)
+        return model
     cfg = model.config
     param = next(model.parameters())
     make = lambda: StandInForecast(cfg.d_model, cfg.n_kv_heads, cfg.head_dim).to(param.device, param.dtype)  # noqa: E731
