@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import time
 
 import torch
@@ -76,7 +75,6 @@ def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    p1 = plan(1)
     return best, {"device_free_GiB": dev_free / 2**30, "host_budget_GiB": host_free / 2**30,
                   "limit": "cap" if best == cap else ("device" if plan(best + 1).device_total > dev_free else "host")}
 

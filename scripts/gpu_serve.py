@@ -109,7 +109,7 @@ def check_gather_speed():
     nbytes = 2 * load.numel() * 64 * 128 * 2
     out = {"bytes": nbytes, "block_bytes": 64 * 128 * 2}
     for ctas in (16, 32, 64, 132):
-        ms = tt.do_bench(lambda: gather_blocks(hk, hv, sk, sv, load, method="kernel", n_ctas=ctas), warmup=25, rep=200,
+        ms = tt.do_bench(lambda c=ctas: gather_blocks(hk, hv, sk, sv, load, method="kernel", n_ctas=c), warmup=25, rep=200,
                          return_mode="median")
         out[f"kernel_{ctas}cta_GBps"] = round(nbytes / ms / 1e6, 1)
     ms = tt.do_bench(lambda: gather_blocks(hk, hv, sk, sv, load, method="staged"), warmup=10, rep=100,

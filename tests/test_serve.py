@@ -1,6 +1,4 @@
 """Engine correctness on CPU (float32): every mode, against SparsaLM's forward and each other."""
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +10,7 @@ from sparsa.ops import block_keys
 from sparsa.serve import Engine
 from sparsa.serve.attend import block_attention_reference, block_attention_triton
 from sparsa.serve.gather import gather_blocks, write_tokens
-from sparsa.serve.select import finish_selection, forecast_scores, slot_diff
+from sparsa.serve.select import slot_diff
 
 BS, TOPK = 8, 4
 
@@ -192,15 +190,14 @@ def test_sparda_prefill_selection_follows_forecast_contract():
     eng = Engine(model, mode="sparda", max_batch=1, prefill_chunk=16)
     eng.record = {}
     eng.prefill([prompt])
-    rec = {}
-    handles = []
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         layer.attn.record = {}
     seq = torch.tensor(prompt)[None]
     with torch.no_grad():
         # the forecasts' inputs are the normalized inputs of each layer in sparse mode with the same selections
         cos, sin = model.rope(seq, None, None)
         x = model.embed(seq)
+        u_prev = None
         for i, layer in enumerate(model.layers):
             sel_i = torch.cat([eng.record[("prefill", 0, i, s)] for s in range(0, 52, 16)], dim=0)[None]
             u = layer.attn_norm(x)

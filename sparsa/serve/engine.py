@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..layers.rope import rope_cos_sin
 from .attend import block_attention
@@ -165,11 +164,15 @@ class Engine:
                 "hit_rate": hits / lookups if lookups else float("nan"), "bytes_moved": misses * block_bytes,
                 "prefetch_wait_s": wait_ms / 1e3, "decode_steps": self._decode_steps}
 
-    def _selection(self, key, compute):
+    def _selection(self, key, rule: str, x: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Selection [R, H, topk] for rows at `pos`: rule "ssa" (x = queries [R, Hq, D]) or "forecast"
+        (x = forecasts [R, H, D]); `self.replay[key]` replaces it, `self.record[key]` keeps a copy."""
         if self.replay is not None and key in self.replay:
             sel = self.replay[key].to(self.device)
+        elif rule == "forecast":
+            sel = self._finish(forecast_scores(x, kbar), pos)
         else:
-            sel = compute()
+            sel = self._finish(ssa_scores(x, kbar, pos, block_size=self.block_size, scale=self.scale), pos)
         if self.record is not None:
             self.record[key] = sel.detach().clone()
         return sel
@@ -277,15 +280,10 @@ class Engine:
                 if self.mode == "sparda":
                     if f_layer is not None:
                         f_layer[s:e] = model.forecasts[layer_idx](u, cs, sn)[0]
-                    if layer_idx == 0:
-                        f_self = model.self_forecast(u, cs, sn)[0]
-                        compute = lambda f=f_self, p=pos: self._finish(forecast_scores(f, kbar[b]), p)  # noqa: E731
-                    else:
-                        compute = lambda f=forecast_next[s:e], p=pos: self._finish(forecast_scores(f, kbar[b]), p)  # noqa: E731
+                    f_rows = model.self_forecast(u, cs, sn)[0] if layer_idx == 0 else forecast_next[s:e]
+                    sel = self._selection(("prefill", b, layer_idx, s), "forecast", f_rows, kbar[b], pos)
                 else:
-                    compute = lambda qq=q[0], p=pos: self._finish(  # noqa: E731
-                        ssa_scores(qq, kbar[b], p, block_size=bs, scale=self.scale), p)
-                sel = self._selection(("prefill", b, layer_idx, s), compute)
+                    sel = self._selection(("prefill", b, layer_idx, s), "ssa", q[0], kbar[b], pos)
                 h = block_attention(q[0], pool_k, pool_v, sel, sel, pos, block_size=bs, scale=self.scale,
                                     shared=True, backend=self.backend)[None]
                 gate = attn.gate(u)
@@ -330,13 +328,12 @@ class Engine:
                 if layer_idx + 1 < self.n_layers:  # PREP(l+1): forecast, select, diff, launch the copy
                     f = model.forecasts[layer_idx](u, cos, sin)[:, 0]
                     kb = cache.kbar[layer_idx + 1][:batch]
-                    nxt = self._selection(("decode", step, layer_idx + 1),
-                                          lambda: self._finish(forecast_scores(f, kb), pos))
+                    nxt = self._selection(("decode", step, layer_idx + 1), "forecast", f, kb, pos)
                     self._prefetch(layer_idx + 1, nxt, blk, batch)
                 if layer_idx == 0:
                     f0 = model.self_forecast(u, cos, sin)[:, 0]
                     kb0 = cache.kbar[0][:batch]
-                    cur_sel = self._selection(("decode", step, 0), lambda: self._finish(forecast_scores(f0, kb0), pos))
+                    cur_sel = self._selection(("decode", step, 0), "forecast", f0, kb0, pos)
                 else:
                     cur_sel = next_sel
                 if layer_idx + 1 < self.n_layers:
@@ -364,8 +361,7 @@ class Engine:
             else:
                 if self.mode in ("sparse", "offload"):
                     kb = cache.kbar[layer_idx][:batch]
-                    cur_sel = self._selection(("decode", step, layer_idx), lambda: self._finish(
-                        ssa_scores(q, kb, pos, block_size=bs, scale=self.scale), pos))
+                    cur_sel = self._selection(("decode", step, layer_idx), "ssa", q, kb, pos)
                 if not off_layer:
                     h = block_attention(q, cache.k[layer_idx][:batch], cache.v[layer_idx][:batch], cur_sel, cur_sel,
                                         pos, block_size=bs, scale=self.scale, backend=self.backend)

@@ -6,7 +6,6 @@ random weights: the same cost as trained forecasts, not their accuracy.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from ..layers.rope import apply_rope
