@@ -1,4 +1,7 @@
-"""`sparsa generate CHECKPOINT --prompt ... --mode dense|sparse|offload|sparda` (streams text)."""
+"""`sparsa generate CHECKPOINT --prompt ... --mode dense|sparse|offload|sparda` (streams text).
+
+Text is UTF-8 bytes for sparsa checkpoints (vocab 256); checkpoints converted from Hugging Face with
+`sparsa convert` carry their tokenizer in `<checkpoint>/tokenizer` and stop at its EOS token."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,8 @@ def add_generate_args(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (a single byte for byte models)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string, one token (one byte for byte models); converted models also stop at EOS")
     p.add_argument("--max-len", type=int, default=None, help="context capacity (default: the model's)")
     p.add_argument("--topk", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -22,11 +26,43 @@ def add_generate_args(p) -> None:
     p.add_argument("--stats", action="store_true", help="print the engine counters as JSON to stderr")
 
 
+class _HFTokenizer:
+    """A converted checkpoint's tokenizer (`<checkpoint>/tokenizer`, saved by `sparsa convert`)."""
+
+    def __init__(self, folder):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        self.stop = [] if self.tok.eos_token_id is None else [int(self.tok.eos_token_id)]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True))
+
+    def decode(self, tokens) -> str:
+        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+
+def load_text_tokenizer(checkpoint, vocab_size: int):
+    """`<checkpoint>/tokenizer` when present (converted Hugging Face models), else UTF-8 bytes."""
+    from pathlib import Path
+
+    from ..data import ByteTokenizer
+
+    folder = Path(checkpoint) / "tokenizer"
+    if folder.is_dir():
+        return _HFTokenizer(folder)
+    if vocab_size != 256:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has vocab_size {vocab_size} but no tokenizer/ folder; "
+                         "sparsa checkpoints without one are byte-level (vocab_size 256)")
+    tok = ByteTokenizer()
+    tok.stop = []
+    return tok
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from ..checkpoint import load_model
-    from ..data import ByteTokenizer
     from .engine import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,43 +72,36 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype_name!r}")
     model, meta = load_model(args.checkpoint, device=device)
     model = model.to(dtypes[dtype_name])
-    if model.config.vocab_size != 256:
-        raise ValueError("sparsa generate reads byte-level checkpoints (vocab_size 256); "
-                         f"this one has vocab_size {model.config.vocab_size}")
-    tok = ByteTokenizer()
+    tok = load_text_tokenizer(args.checkpoint, model.config.vocab_size)
     prompts = [tok.encode(p) for p in args.prompt]
-    stops = []
+    stops = list(tok.stop)
     for s in args.stop:
         ids = tok.encode(s)
         if len(ids) != 1:
-            raise ValueError(f"--stop {s!r} must be a single byte")
+            raise ValueError(f"--stop {s!r} must encode to a single token, got {len(ids)}")
         stops.append(ids[0])
     engine = Engine(model, mode=args.mode, max_batch=len(prompts), max_len=args.max_len, topk=args.topk)
     out = sys.stdout
     out.write(args.prompt[0])
     out.flush()
-    pending: list[int] = []
+    generated: list[int] = []
+    shown = [0]  # characters of the decoded continuation already written
 
     def on_step(step, tokens):
-        t = int(tokens[0])
+        t = int(tokens[0])  # reads the device: streaming synchronises once per token
         if t < 0:
             return
-        pending.append(t)
-        try:
-            text = bytes(pending).decode("utf-8")
-        except UnicodeDecodeError:
-            if len(pending) < 4:
-                return
-            text = bytes(pending).decode("utf-8", errors="replace")
-        pending.clear()
-        out.write(text)
+        generated.append(t)
+        text = tok.decode(generated)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        out.write(text[shown[0]:])
+        shown[0] = len(text)
         out.flush()
 
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, stop_tokens=stops, on_step=on_step)
-    if pending:
-        out.write(bytes(pending).decode("utf-8", errors="replace"))
-    out.write("\n")
+    out.write(tok.decode(generated)[shown[0]:] + "\n")
     for i, row in enumerate(result.tokens[1:], start=1):
         out.write(f"[{i}] {args.prompt[i]}{tok.decode(row)}\n")
     out.flush()
