@@ -202,6 +202,36 @@ def run_hf(layers, kv_heads, context, batches, steps):
     return {"mode": "hf_offloaded_dynamic_cache", "context": context, "runs": runs}
 
 
+def hit_rate_study(checkpoint: str, context: int, new_tokens: int, device: str, threads: int | None) -> list[dict]:
+    """Hit rates of a trained model (e.g. SmolLM2-135M converted with `sparsa convert`) on text:
+    offload (selection by each layer's query) and sparda with forecasts warm-started from the next
+    layer's queries (`add_forecasts(init="query")`, untrained) or loaded from the checkpoint."""
+    from sparsa.checkpoint import load_model
+    from sparsa.data import load_documents
+    from sparsa.serve.cli import load_text_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, _ = load_model(checkpoint, device=device)
+    tok = load_text_tokenizer(checkpoint, model.config.vocab_size)
+    text = "\n".join(t for _, t in load_documents(None))
+    ids = tok.encode(text[: context * 8])[:context]
+    rows = []
+    for mode in ("offload", "sparda"):
+        if mode == "sparda" and not model.has_forecasts:
+            model.add_forecasts(init="query")
+        eng = Engine(model, mode=mode, max_batch=1, max_len=context + new_tokens + 1, prefill_chunk=256)
+        t0 = time.perf_counter()
+        r = eng.generate([ids], max_new_tokens=new_tokens)
+        c = r.counters
+        rows.append({"mode": mode, "context": len(ids), "new_tokens": r.steps, "hit_rate": c["hit_rate"],
+                     "block_lookups": c["block_lookups"], "bytes_moved": c["bytes_moved"],
+                     "seconds": time.perf_counter() - t0, "text": tok.decode(r.tokens[0])[:80]})
+        print(json.dumps(rows[-1]), flush=True)
+        eng.close()
+    return rows
+
+
 def table(results, args) -> str:
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, layers {args.layers}, "
              f"KV heads {args.kv_heads}, block 64, top-96 (1 init + 32 local), bf16, graph={args.graph}, "
@@ -251,7 +281,20 @@ def main():
     p.add_argument("--host-fraction", type=float, default=0.8, help="share of MemAvailable the host cache may use")
     p.add_argument("--hf", type=int, nargs="*", default=None, help="HF offloaded-cache batches at 32K (default 1)")
     p.add_argument("--json", default=None)
+    p.add_argument("--hit-rate", default=None, metavar="CHECKPOINT",
+                   help="instead: hit rates of a trained checkpoint on text (CPU works), see hit_rate_study")
+    p.add_argument("--hit-context", type=int, default=2048)
+    p.add_argument("--hit-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="--hit-rate only: cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="--hit-rate only: torch CPU threads")
     args = p.parse_args()
+    if args.hit_rate:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = hit_rate_study(args.hit_rate, args.hit_context, args.hit_new_tokens, device, args.threads)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "hit_rate_study": rows}, f, indent=2, default=float)
+        return
     args.layers = args.layers or (2 if args.quick else 4)
     args.batches = args.batches or ([1, 8] if args.quick else [1, 4, 16, 32, 64])
     args.steps = args.steps or (8 if args.quick else 16)
