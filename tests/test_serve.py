@@ -398,3 +398,20 @@ def test_engine_kernel_paths_match_reference_paths():
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (mode, (got - ref).abs().max())
         if mode != "sparse":
             assert ker.counters()["block_misses"] == ref_eng.counters()["block_misses"]
+
+
+def test_replicate_and_set_batch_rows_decode_like_row_zero():
+    model = make_model(14)
+    prompt, cont = batch_data(15, lengths=(30,), n_new=3)
+    for mode in ("sparse", "offload"):
+        eng = Engine(model, mode=mode, max_batch=3, prefill_chunk=16)
+        first = eng.prefill(prompt)
+        eng.replicate(3)
+        out = eng.decode_step(cont[0, :1].repeat(3))
+        assert torch.equal(out[1], out[0]) and torch.equal(out[2], out[0])
+        eng.set_batch(2)
+        assert eng.decode_step(torch.tensor([5, 5])).shape == (2, first.shape[-1])
+        with pytest.raises(ValueError, match="max_batch"):
+            eng.set_batch(4)
+        with pytest.raises(ValueError, match="CUDA"):
+            eng.capture_graph(torch.tensor([1, 2]))
