@@ -169,6 +169,7 @@ def evaluate_bpb_selector(model, stream, seq_len: int, batch_size: int, max_batc
     """Bits per byte (byte tokenizer: per token) in `mode` with the given selector."""
     from ..train.ssa import autocast_for
 
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     total_nats, total_targets = 0.0, 0
