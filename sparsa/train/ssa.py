@@ -120,8 +120,11 @@ def shard_batch(stream: TokenStream, batch_size: int, seq_len: int, seed, rank: 
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """AdamW over the backbone (forecast weights, if any, are trained by `sparsa distill-forecast`)."""
+    forecast = {id(p) for p in getattr(model, "forecast_parameters", list)()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in forecast]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -212,7 +215,8 @@ def plot_losses(out: Path) -> Path | None:
             axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("bits per byte")
-    axes[1].legend()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend()
     fig.tight_layout()
     path = out / "loss.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -229,7 +233,8 @@ def write_training_checkpoint(out: Path, model, optimizer_state: dict, model_con
     """The checkpoint files of a training run; `model` is a plain (unwrapped) SparsaLM and `optimizer_state`
     a single-process optimizer state dict (parameters numbered in `make_optimizer` order). Each file is
     written atomically and trainer_state.json last, so a checkpoint with a state file is complete."""
-    save_model(out, model, model_config, extra={"train": dataclasses.asdict(cfg), "method": cfg.method, **(extra or {})})
+    meta = {"train": dataclasses.asdict(cfg), "method": cfg.method, **getattr(model, "checkpoint_meta", dict)()}
+    save_model(out, model, model_config, extra={**meta, **(extra or {})})
     atomic_write(out / OPTIMIZER_FILE, lambda tmp: torch.save({"optimizer": optimizer_state, "step": step}, tmp))
     write_json(out / STATE_FILE, {"step": step, "method": cfg.method, "time": time.time()})
 
