@@ -26,6 +26,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-ratio", type=float, default=defaults.full_ratio, help="SSA probability of full mode")
     p.add_argument("--topk", type=int, default=None, help="selected blocks per query (default: preset)")
     p.add_argument("--block-size", type=int, default=None, help="selection block size (default: preset)")
+    p.add_argument("--variant", default="ssa", choices=("ssa", "nsa"),
+                   help="sparse mode: selected blocks only (ssa) or NSA's three gated branches (nsa)")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
     p.add_argument("--save-every", type=int, default=defaults.save_every)

@@ -29,6 +29,9 @@ class SparseConfig:
         return self.block_size * self.topk
 
 
+VARIANTS = ("ssa", "nsa")
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA, sigmoid output gate)."""
@@ -47,6 +50,13 @@ class ModelConfig:
     output_gate: bool = True
     attention_bias: bool = False
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    # "ssa": the sparse mode is selected-block attention only (SSA / MoBA-style);
+    # "nsa": the sparse mode is NSA's three gated branches (compressed, selected, window)
+    variant: str = "ssa"
+    nsa_compress_length: int | None = None  # default block_size // 2 (NSA: 32 for block 64)
+    nsa_compress_stride: int | None = None  # default block_size // 4 (NSA: 16 for block 64)
+    nsa_window: int | None = None  # default 8 * block_size (NSA: 512 for block 64)
+    nsa_compress: str = "mlp"  # "mlp" (learned, NSA) or "mean"
 
     def __post_init__(self):
         if isinstance(self.sparse, dict):
@@ -57,6 +67,15 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        bs = self.sparse.block_size
+        if self.nsa_compress_length is None:
+            self.nsa_compress_length = max(1, bs // 2)
+        if self.nsa_compress_stride is None:
+            self.nsa_compress_stride = max(1, bs // 4)
+        if self.nsa_window is None:
+            self.nsa_window = 8 * bs
         if self.head_dim is None:
             if self.d_model % self.n_heads != 0:
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -95,6 +114,8 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     data = PRESETS[name].to_dict()
+    for derived in ("nsa_compress_length", "nsa_compress_stride", "nsa_window"):
+        data[derived] = None  # re-derived from the (possibly overridden) block size
     sparse = dict(data.pop("sparse"))
     for key in list(overrides):
         if key in sparse:

@@ -36,7 +36,10 @@ def alignment_loss(h_full: torch.Tensor, h_sparse: torch.Tensor) -> torch.Tensor
 class SparseAttention(nn.Module):
     """q/k/v/o projections, RoPE, per-head sigmoid output gate; `mode` in {"full", "sparse"}.
 
-    Sparse mode selects blocks with SSA's rule (`sparsa.select_blocks`) unless the caller passes
+    `config.variant == "nsa"`: the sparse mode is NSA's three branches (`sparsa.layers.nsa.NSABranches`,
+    with their own per-branch gates; the output gate then applies to full mode only).
+
+    Sparse mode (SSA variant) selects blocks with SSA's rule (`sparsa.select_blocks`) unless the caller passes
     `block_indices`, or `forecast` f [B, T, Hkv, D] (SparDA lookahead: the blocks come from
     `forecast_select_from_keys(f, k)` against this layer's own keys), then runs
     `sparsa.sparse_attention`. The gate multiplies the attention output of both modes before o_proj.
@@ -56,13 +59,29 @@ class SparseAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.gate_proj = nn.Linear(config.d_model, self.n_heads, bias=False) if config.output_gate else None
         self.record: dict | None = None  # when a dict, forward stores q, k, v (post-RoPE) in it
+        self.nsa = None
+        if config.variant == "nsa":
+            from .nsa import NSABranches
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (q, k rotated)."""
+            sc = config.sparse
+            self.nsa = NSABranches(
+                config.d_model, self.n_heads, self.n_kv_heads, self.head_dim, block_size=sc.block_size,
+                topk=sc.topk, init_blocks=sc.init_blocks, local_blocks=sc.local_blocks,
+                compress_length=config.nsa_compress_length, compress_stride=config.nsa_compress_stride,
+                window=config.nsa_window, compress=config.nsa_compress, rope_theta=config.rope_theta,
+            )
+
+    def project_unrotated(self, x: torch.Tensor):
+        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE."""
         batch, seqlen, _ = x.shape
         q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (q, k rotated)."""
+        q, k, v = self.project_unrotated(x)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def gate(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -88,6 +107,15 @@ class SparseAttention(nn.Module):
             init_blocks=sc.init_blocks, local_blocks=sc.local_blocks, cu_seqlens=cu_seqlens,
         )
 
+    def run_nsa(self, x, q, k, v, k_raw, cu_seqlens, topk: int | None) -> torch.Tensor:
+        """NSA branches; `topk` (an inference-time budget) overrides the configured one for this call."""
+        configured = self.nsa.topk
+        self.nsa.topk = topk or configured
+        try:
+            return self.nsa(x, q, k, v, k_raw=k_raw, cu_seqlens=cu_seqlens)
+        finally:
+            self.nsa.topk = configured
+
     def forward(
         self,
         x: torch.Tensor,
@@ -103,18 +131,23 @@ class SparseAttention(nn.Module):
     ) -> AttentionOutput:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        q, k, v = self.project(x, cos, sin)
+        q, k_raw, v = self.project_unrotated(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k_raw, cos, sin)
         if self.record is not None:
             self.record.update(q=q.detach(), k=k.detach(), v=v.detach(), x=x.detach())
         gate = self.gate(x)
         needs_sparse = mode == "sparse" or compute_aux
-        if needs_sparse and block_indices is None:
+        if needs_sparse and self.nsa is not None:
+            block_indices = None  # NSA selects inside its branches (compression-score rule)
+        elif needs_sparse and block_indices is None:
             if forecast is not None:
                 block_indices = self.select_from_forecast(forecast, k, cu_seqlens, topk)
             else:
                 block_indices = self.select(q, k, cu_seqlens, topk)
 
         def run(which: str) -> torch.Tensor:
+            if which == "sparse" and self.nsa is not None:
+                return self.run_nsa(x, q, k, v, k_raw, cu_seqlens, topk)  # gated inside
             if which == "full":
                 h = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
             else:

@@ -62,6 +62,7 @@ class TrainConfig:
     device: str | None = None
     topk: int | None = None
     block_size: int | None = None
+    variant: str = "ssa"  # sparse mode: "ssa" (selected blocks) | "nsa" (compressed + selected + window)
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this run
     progress: bool = True
@@ -145,6 +146,7 @@ def model_config_for(cfg: TrainConfig) -> ModelConfig:
         overrides["topk"] = cfg.topk
     if cfg.block_size is not None:
         overrides["block_size"] = cfg.block_size
+    overrides["variant"] = cfg.variant
     config = preset(cfg.preset, **overrides)
     if cfg.seq_len is not None:
         config.max_seq_len = max(config.max_seq_len, cfg.seq_len)
