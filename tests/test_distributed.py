@@ -197,6 +197,29 @@ def test_forecast_distillation_on_two_ranks_equals_single_process(runs):
     assert json.loads((runs / "distill" / "config.json").read_text())["forecast"] is True
 
 
+@pytest.mark.skipif(not HAVE_FORECAST, reason="sparsa.train.forecast is not part of this tree")
+def test_distill_runtime_hooks():
+    """One loop (`run_distill`) for one process and for ranks: the single-process hooks are identities,
+    the distributed runtime only adds the gradient mean (the two-rank run above checks the numbers)."""
+    from sparsa.train.distributed import DistributedDistillRuntime, DistributedRuntime
+    from sparsa.train.forecast import DistillConfig, DistillRuntime
+
+    rt = DistillRuntime(torch.device("cpu"))
+    c = DistillConfig(checkpoint="", grad_accum=3)
+    assert (rt.rank, rt.world_size, rt.is_main) == (0, 1, True)
+    assert [rt.micro_batch_index(c, m) for m in range(3)] == [0, 1, 2]
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    grad = p.grad
+    rt.average_grads([p])
+    assert p.grad is grad
+    assert rt.sum_over_ranks([0.5, 0.25]) == [0.5, 0.25]
+    assert issubclass(DistributedDistillRuntime, DistributedRuntime)
+    assert "micro_batch_index" not in vars(DistributedDistillRuntime)  # rank * grad_accum + m, shared
+    with pytest.raises(ValueError, match="process group"):
+        DistributedDistillRuntime(torch.device("cpu"))
+
+
 def test_rank_slices_make_the_single_process_batch(tmp_path):
     from sparsa.data import TokenStream, random_batch
 

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N -m sparsa.train --parallel ddp|fsdp [flags of `sparsa train`]
 
-The training loop is `sparsa.train.ssa.run_training`; this module supplies its runtime hooks.
+The training loop is `sparsa.train.ssa.run_training`; this module supplies its runtime hooks (and
+those of the forecast distillation loop `sparsa.train.forecast.run_distill`, see `distill_distributed`).
 
 * Mode draw: `draw_mode(cfg, step, micro)` depends on (seed, step, micro) only, so every rank runs the
   same mode (and the same SSA branch pair) at every micro-step.
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..data import TokenStream, pack_windows
+from .forecast import DistillRuntime, distill, run_distill
 from .ssa import (
     SingleProcess,
     TrainConfig,
@@ -306,125 +308,35 @@ def all_reduce_mean_grads(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+class DistributedDistillRuntime(DistillRuntime, DistributedRuntime):
+    """Runtime hooks of `sparsa.train.forecast.run_distill` for one rank: plain data parallelism (the
+    backbone is frozen and the forecasts are small, so every rank holds the whole model, unwrapped).
+    The micro-batch index (rank * grad_accum + m) comes from `DistillRuntime`; ranks, `sum_over_ranks`
+    and `barrier` from `DistributedRuntime`."""
+
+    def __init__(self, device: torch.device):
+        super().__init__("ddp", device)
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        all_reduce_mean_grads(params)
+
+
 def distill_distributed(cfg, parallel: str = "ddp", backend: str | None = None) -> dict:
     """`sparsa.train.forecast.distill` on every rank of a torchrun job (one call per rank).
 
-    The backbone is frozen and the forecasts are small, so this is plain data parallelism: every rank
-    holds the whole model, runs `distill_step` on its own micro-batches and the forecast gradients are
-    averaged over ranks before clipping. Rank r's micro-batch m of a step is the micro-batch
+    The loop is `sparsa.train.forecast.run_distill`; `DistributedDistillRuntime` supplies its hooks.
+    Every rank runs `distill_step` on its own micro-batches and the forecast gradients are averaged
+    over ranks before clipping. Rank r's micro-batch m of a step is the micro-batch
     r * grad_accum + m of single-process distillation, and every rank weighs its micro-batches by
     1 / grad_accum before the mean over ranks: N ranks with grad_accum G train exactly as one process
     with grad_accum N * G (same rows, same loss scale). Rank 0 evaluates, logs and writes the
     checkpoint (the single-process format). Outside torchrun it is `distill(cfg)`.
     """
-    from . import forecast as fc
-
     if parallel != "ddp":
         raise ValueError(f"parallel must be 'ddp' for distill-forecast (the backbone is frozen and the forecasts "
                          f"are small: nothing worth sharding), got {parallel!r}")
     if not launched_by_torchrun():
-        return fc.distill(cfg)
+        return distill(cfg)
     device = distributed_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     with process_group(device, backend):
-        return _distill_ranks(cfg, DistributedRuntime("ddp", device), fc)
-
-
-def _distill_ranks(cfg, rt: DistributedRuntime, fc) -> dict:
-    import time
-
-    from tqdm.auto import tqdm
-
-    from ..checkpoint import atomic_write, load_model
-    from ..data import random_batch
-    from .ssa import append_metrics, load_streams, read_metrics, write_lines
-
-    source = Path(cfg.checkpoint)
-    out = Path(cfg.out) if cfg.out else source
-    device = rt.device
-    torch.manual_seed(cfg.seed)
-    train_stream, val_stream = load_streams(cfg.data)
-    start_step = 0
-    if cfg.resume:
-        if not (out / fc.FORECAST_STATE_FILE).exists():
-            raise ValueError(f"resume: {str(out)!r} holds no {fc.FORECAST_STATE_FILE} (nothing to resume)")
-        model, meta = load_model(out, device)
-        if not model.has_forecasts:
-            raise ValueError(f"resume: the checkpoint in {str(out)!r} has no forecasts")
-        fc.freeze_backbone(model)
-        optimizer = fc.make_forecast_optimizer(model, cfg)
-        state = torch.load(out / fc.FORECAST_OPTIMIZER_FILE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        rt.barrier()
-        if rt.is_main:
-            kept = [r for r in read_metrics(out / fc.FORECAST_METRICS_FILE) if r["step"] < start_step or
-                    (r["kind"] == "eval" and r["step"] <= start_step)]
-            atomic_write(out / fc.FORECAST_METRICS_FILE,
-                         lambda tmp: write_lines(tmp, kept))
-    else:
-        if (out / fc.FORECAST_STATE_FILE).exists() and not cfg.restart:
-            raise ValueError(f"{str(out)!r} already holds a forecast distillation: pass --resume or --restart")
-        model, meta = load_model(source, device)
-        if model.has_forecasts:
-            if not cfg.restart:
-                raise ValueError(f"checkpoint {str(source)!r} already has forecasts: pass --resume to continue "
-                                 "or --restart to train new ones")
-            del model.forecasts
-            del model.self_forecast
-        model.add_forecasts(init=cfg.init)
-        fc.freeze_backbone(model)
-        optimizer = fc.make_forecast_optimizer(model, cfg)
-        rt.barrier()  # every rank has read `source` (it may be `out`) before rank 0 writes there
-        if rt.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / fc.FORECAST_METRICS_FILE).unlink(missing_ok=True)
-    model.eval()
-    seq_len = cfg.seq_len or model.config.max_seq_len
-    end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    bar = tqdm(range(start_step, end_step), desc="distill-forecast", disable=not (cfg.progress and rt.is_main),
-               initial=start_step, total=cfg.steps, dynamic_ncols=True)
-    params = model.forecast_parameters()
-    last: dict = {}
-
-    def log_eval(done: int) -> None:  # rank 0 only (no collectives inside)
-        from ..eval.forecast_metrics import forecast_recall
-
-        rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
-        append_metrics(out / fc.FORECAST_METRICS_FILE, {"kind": "eval", "step": done, **rec})
-        bar.write(f"step {done}: recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
-
-    if start_step == 0 and rt.is_main:
-        log_eval(0)  # the initial forecasts (e.g. the query warm start), as distill() logs them
-    for step in bar:
-        started = time.perf_counter()
-        lr = fc.lr_for(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        per_layer = [0.0] * model.config.n_layers
-        for micro in range(cfg.grad_accum):
-            index = rt.rank * cfg.grad_accum + micro  # the single-process micro-batch this rank stands for
-            batch = random_batch(train_stream, cfg.batch_size, seq_len, [cfg.seed, 13, step, index]).to(device)
-            losses = fc.distill_step(model, batch.tokens, batch.cu_seqlens, cfg, weight=1.0 / cfg.grad_accum)
-            per_layer = [a + b / cfg.grad_accum for a, b in zip(per_layer, losses)]
-        all_reduce_mean_grads(params)
-        per_layer = [v / rt.world_size for v in rt.sum_over_ranks(per_layer)]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        loss = sum(per_layer) / len(per_layer)
-        last = {"kind": "train", "step": step, "lr": lr, "loss": loss, "layer_loss": per_layer, "grad_norm": grad_norm,
-                "tokens_per_s": cfg.batch_size * seq_len * cfg.grad_accum * rt.world_size / elapsed}
-        done = step + 1
-        if rt.is_main:
-            append_metrics(out / fc.FORECAST_METRICS_FILE, last)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                log_eval(done)
-        if done % cfg.save_every == 0 or done == end_step:
-            if rt.is_main:
-                fc.save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
-            rt.barrier()
-    bar.close()
-    rt.barrier()
-    return {"out": str(out), "steps": end_step, "last": last, "n_forecast_params": sum(p.numel() for p in params)}
+        return run_distill(cfg, DistributedDistillRuntime(device))

@@ -37,7 +37,15 @@ from ..checkpoint import atomic_write, load_model, save_model, write_json
 from ..data import random_batch
 from ..ops import block_keys
 from ..ops._checks import doc_spans
-from .ssa import append_metrics, autocast_for, load_streams, read_metrics, resolve_device
+from .ssa import (
+    SingleProcess,
+    append_metrics,
+    autocast_for,
+    load_streams,
+    read_metrics,
+    resolve_device,
+    write_lines,
+)
 
 TARGETS = ("block_mass", "topk_rest")
 BACKBONE_MODES = ("sparse", "full")
@@ -306,13 +314,39 @@ def save_distill_checkpoint(out: Path, model, optimizer, meta: dict, cfg: Distil
     write_json(out / FORECAST_STATE_FILE, {"step": step, "target": cfg.target, "time": time.time()})
 
 
+class DistillRuntime(SingleProcess):
+    """How `run_distill` talks to the hardware: one process. `sparsa.train.distributed` subclasses it
+    for data-parallel ranks under torchrun; every hook here is the identity of single-process
+    distillation. From `SingleProcess`: `device`, `rank`, `world_size`, `is_main` (evaluates, logs and
+    writes the checkpoint), `sum_over_ranks` (the per-layer losses), `barrier` (after the setup and
+    after each save)."""
+
+    def micro_batch_index(self, cfg: DistillConfig, micro: int) -> int:
+        """The micro-batch of a single process with grad_accum world_size * G that this rank's micro-batch
+        `micro` stands for: it feeds the batch seed."""
+        return self.rank * cfg.grad_accum + micro
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Every forecast gradient becomes its mean over the ranks (before clipping)."""
+
+
 def distill(cfg: DistillConfig) -> dict:
     """Distils (or resumes) the forecasts of cfg.checkpoint; returns a summary dict."""
+    return run_distill(cfg, DistillRuntime(resolve_device(cfg.device)))
+
+
+def run_distill(cfg: DistillConfig, rt: DistillRuntime) -> dict:
+    """The distillation loop, on one process or on every rank of a torchrun job (`rt` says which).
+
+    Rank r's micro-batch m of a step is micro-batch r * grad_accum + m of single-process distillation,
+    weighed by 1 / grad_accum; the forecast gradients are averaged over ranks before clipping, so N
+    ranks with grad_accum G train as one process with grad_accum N * G. Rank 0 alone evaluates, writes
+    metrics and checkpoints."""
     from ..eval.forecast_metrics import forecast_recall
 
     source = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else source
-    device = resolve_device(cfg.device)
+    device = rt.device
     torch.manual_seed(cfg.seed)
     train_stream, val_stream = load_streams(cfg.data)
     start_step = 0
@@ -327,10 +361,11 @@ def distill(cfg: DistillConfig) -> dict:
         state = torch.load(out / FORECAST_OPTIMIZER_FILE, map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-        kept = [r for r in read_metrics(out / FORECAST_METRICS_FILE) if r["step"] < start_step or
-                (r["kind"] == "eval" and r["step"] <= start_step)]
-        atomic_write(out / FORECAST_METRICS_FILE,
-                     lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+        rt.barrier()  # every rank has read the checkpoint before rank 0 rewrites anything in `out`
+        if rt.is_main:
+            kept = [r for r in read_metrics(out / FORECAST_METRICS_FILE) if r["step"] < start_step or
+                    (r["kind"] == "eval" and r["step"] <= start_step)]
+            atomic_write(out / FORECAST_METRICS_FILE, lambda tmp: write_lines(tmp, kept))
     else:
         if (out / FORECAST_STATE_FILE).exists() and not cfg.restart:
             raise ValueError(f"{str(out)!r} already holds a forecast distillation: pass --resume or --restart")
@@ -344,22 +379,24 @@ def distill(cfg: DistillConfig) -> dict:
         model.add_forecasts(init=cfg.init)
         freeze_backbone(model)
         optimizer = make_forecast_optimizer(model, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / FORECAST_METRICS_FILE).unlink(missing_ok=True)
+        rt.barrier()  # every rank has read `source` (it may be `out`) before rank 0 writes there
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / FORECAST_METRICS_FILE).unlink(missing_ok=True)
     model.eval()  # no dropout anywhere; the backbone is frozen
     seq_len = cfg.seq_len or model.config.max_seq_len
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
-    bar = tqdm(range(start_step, end_step), desc="distill-forecast", disable=not cfg.progress,
+    bar = tqdm(range(start_step, end_step), desc="distill-forecast", disable=not (cfg.progress and rt.is_main),
                initial=start_step, total=cfg.steps, dynamic_ncols=True)
     params = model.forecast_parameters()
     last: dict = {}
 
-    def log_eval(done: int) -> None:
+    def log_eval(done: int) -> None:  # rank 0 only (no collectives inside)
         rec = forecast_recall(model, val_stream, seq_len, cfg.eval_batches, device)
         append_metrics(out / FORECAST_METRICS_FILE, {"kind": "eval", "step": done, **rec})
         bar.write(f"step {done}: recall per layer " + ", ".join(f"{r:.3f}" for r in rec["recall"]))
 
-    if start_step == 0:
+    if start_step == 0 and rt.is_main:
         log_eval(0)  # the initial forecasts (e.g. the query warm start)
     for step in bar:
         started = time.perf_counter()
@@ -368,24 +405,31 @@ def distill(cfg: DistillConfig) -> dict:
             group["lr"] = lr
         per_layer = [0.0] * model.config.n_layers
         for micro in range(cfg.grad_accum):
-            batch = random_batch(train_stream, cfg.batch_size, seq_len, [cfg.seed, 13, step, micro]).to(device)
+            index = rt.micro_batch_index(cfg, micro)
+            batch = random_batch(train_stream, cfg.batch_size, seq_len, [cfg.seed, 13, step, index]).to(device)
             losses = distill_step(model, batch.tokens, batch.cu_seqlens, cfg, weight=1.0 / cfg.grad_accum)
             per_layer = [a + b / cfg.grad_accum for a, b in zip(per_layer, losses)]
+        rt.average_grads(params)
+        per_layer = [v / rt.world_size for v in rt.sum_over_ranks(per_layer)]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         loss = sum(per_layer) / len(per_layer)
-        last = {"kind": "train", "step": step, "lr": lr, "loss": loss, "layer_loss": per_layer,
-                "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * seq_len * cfg.grad_accum / elapsed}
-        append_metrics(out / FORECAST_METRICS_FILE, last)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        last = {"kind": "train", "step": step, "lr": lr, "loss": loss, "layer_loss": per_layer, "grad_norm": grad_norm,
+                "tokens_per_s": cfg.batch_size * seq_len * cfg.grad_accum * rt.world_size / elapsed}
         done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            log_eval(done)
+        if rt.is_main:
+            append_metrics(out / FORECAST_METRICS_FILE, last)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                log_eval(done)
         if done % cfg.save_every == 0 or done == end_step:
-            save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
+            if rt.is_main:
+                save_distill_checkpoint(out, model, optimizer, meta, cfg, done)
+            rt.barrier()  # the checkpoint is complete before any rank goes on (or returns)
     bar.close()
+    rt.barrier()  # also when no step ran (a resume at the end): rank 0 has rewritten the metrics
     return {"out": str(out), "steps": end_step, "last": last,
             "n_forecast_params": sum(p.numel() for p in params)}
 
