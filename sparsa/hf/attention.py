@@ -30,6 +30,7 @@ import torch
 
 from ..ops import select_blocks, sparse_attention
 from ..ops.select import naive as select_naive
+from ..ops.select.naive import topk_indices
 
 NAME = "sparsa"
 MODES = ("full", "sparse")
@@ -254,14 +255,7 @@ def select_blocks_at(q, k, positions, *, block_size, topk, init_blocks, local_bl
     local = upto & (block_all[None, None, :] > cur[:, :, None] - local_blocks)
     init = upto & (block_all[None, None, :] < init_blocks)
     scores = scores.masked_fill((local | init)[:, :, None, :], float("inf"))
-    width = min(topk, n_all)
-    values, indices = torch.topk(scores, width, dim=-1)
-    indices = indices.masked_fill(values == float("-inf"), -1)
-    if width < topk:
-        indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], topk - width), -1)], dim=-1)
-    big = torch.iinfo(indices.dtype).max
-    ordered = torch.sort(indices.masked_fill(indices < 0, big), dim=-1).values
-    return ordered.masked_fill(ordered == big, -1).to(torch.int32)
+    return topk_indices(scores, topk)
 
 
 def gathered_sparse_attention(q, k, v, block_indices, positions, block_size: int, scale: float,

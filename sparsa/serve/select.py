@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.select.naive import topk_indices
+
 
 def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int, topk: int,
                      init_blocks: int, local_blocks: int) -> torch.Tensor:
@@ -27,14 +29,7 @@ def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int,
     score = torch.where(past, score, torch.full_like(score, float("-inf")))
     forced = ((block <= cur) & (block > cur - local_blocks)) | ((block < init_blocks) & (block <= cur))
     score = torch.where(forced, torch.full_like(score, float("inf")), score)
-    width = min(topk, n_blocks)
-    values, indices = torch.topk(score, width, dim=-1)
-    indices = torch.where(values == float("-inf"), torch.full_like(indices, -1), indices)
-    if width < topk:
-        indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], topk - width), -1)], dim=-1)
-    big = torch.iinfo(torch.int64).max
-    ordered = torch.sort(torch.where(indices < 0, torch.full_like(indices, big), indices), dim=-1).values
-    return torch.where(ordered == big, torch.full_like(ordered, -1), ordered).to(torch.int32)
+    return topk_indices(score, topk)
 
 
 def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:

@@ -199,3 +199,14 @@ def test_bad_inputs_raise_value_error(call, match):
     q, k, v = rand_qkv(1, 16, 4, 2, 8)
     with pytest.raises(ValueError, match=match):
         call(q, k, v)
+
+
+def test_ties_break_to_lower_block_and_do_not_depend_on_length():
+    q = torch.zeros(1, 130, 2, 8, dtype=torch.float64)  # every past block scores the same
+    k = torch.randn(1, 130, 1, 8, dtype=torch.float64)
+    long = sparsa.select_blocks(q, k, block_size=8, topk=3)
+    for length in (40, 77, 129):
+        short = sparsa.select_blocks(q[:, :length], k[:, :length], block_size=8, topk=3)
+        assert torch.equal(short, long[:, :length])
+    t = 100  # cur = 12: forced block 12, then the two lowest past blocks
+    assert long[0, t, 0].tolist() == [0, 1, 12]

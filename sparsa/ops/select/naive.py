@@ -77,12 +77,14 @@ def forced_mask(seqlen: int, block_size: int, init_blocks: int, local_blocks: in
     return local | init
 
 
-def topk_from_scores(scores: torch.Tensor, forced: torch.Tensor, topk: int) -> torch.Tensor:
-    """scores [B, T, Hkv, n_all] (-inf invalid), forced [T, n_all] -> indices [B, T, Hkv, topk] int32."""
-    scores = scores.masked_fill(forced[None, :, None, :], float("inf"))
+def topk_indices(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """scores [..., n_blocks] (+inf forced, -inf invalid) -> [..., topk] int32 block indices of the topk
+    highest scores, ascending, right-padded with -1. Ties go to the lower block index (as in the Triton
+    kernel), so a token's selection does not depend on how many blocks the row holds."""
     n_all = scores.shape[-1]
     width = min(topk, n_all)
-    values, indices = torch.topk(scores, width, dim=-1)
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    values, indices = values[..., :width], indices[..., :width]
     indices = indices.masked_fill(values == float("-inf"), -1)
     if width < topk:
         pad = indices.new_full((*indices.shape[:-1], topk - width), -1)
@@ -90,6 +92,11 @@ def topk_from_scores(scores: torch.Tensor, forced: torch.Tensor, topk: int) -> t
     big = torch.iinfo(indices.dtype).max
     ordered = torch.sort(indices.masked_fill(indices < 0, big), dim=-1).values
     return ordered.masked_fill(ordered == big, -1).to(torch.int32)
+
+
+def topk_from_scores(scores: torch.Tensor, forced: torch.Tensor, topk: int) -> torch.Tensor:
+    """scores [B, T, Hkv, n_all] (-inf invalid), forced [T, n_all] -> indices [B, T, Hkv, topk] int32."""
+    return topk_indices(scores.masked_fill(forced[None, :, None, :], float("inf")), topk)
 
 
 def select_blocks_dense(q, k, block_size, topk, init_blocks, local_blocks, scale) -> torch.Tensor:
