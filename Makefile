@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sparsa-installed
 
-.PHONY: setup demo test test-fast gpu-check clean
+.PHONY: setup demo test lint gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sparsa tests benchmarks scripts experiments
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import atomic_write, load_model
 from ..data import ByteTokenizer, sequential_batches
-from ..train.ssa import autocast_for, evaluate_bpb, load_streams, resolve_device
+from ..train.ssa import evaluate_bpb, load_streams, resolve_device
 from .forecast_metrics import SelectorView, evaluate_bpb_selector, forecast_report
 from .metrics import attention_diagnostics
 from .passkey import passkey_accuracy

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import block_keys
-from ..ops._checks import check_cu_seqlens, check_positive_int, check_tensor, doc_spans
+from ..ops._checks import check_cu_seqlens, check_positive_int, check_selection_geometry, check_tensor, doc_spans
 from ..ops.select.naive import topk_from_scores
 from .rope import apply_rope
 
@@ -69,15 +69,6 @@ class Forecast(nn.Module):
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
 
-
-def _check_geometry(block_size, topk, init_blocks, local_blocks) -> None:
-    check_positive_int("block_size", block_size)
-    check_positive_int("topk", topk)
-    check_positive_int("local_blocks", local_blocks)
-    if isinstance(init_blocks, bool) or not isinstance(init_blocks, int) or init_blocks < 0:
-        raise ValueError(f"init_blocks must be a non-negative int, got {init_blocks!r}")
-    if topk < init_blocks + local_blocks:
-        raise ValueError(f"topk ({topk}) must be >= init_blocks + local_blocks ({init_blocks + local_blocks})")
 
 
 def _select_rows(f, kbar, positions, block_size, topk, init_blocks, local_blocks) -> torch.Tensor:
@@ -121,7 +112,7 @@ def forecast_select(
     check_tensor("f", f, 4)
     if not isinstance(kbar, torch.Tensor) or kbar.ndim != 4:  # may hold zero blocks
         raise ValueError(f"kbar must be a 4-D tensor [B, Nb, Hkv, D], got {getattr(kbar, 'shape', type(kbar))}")
-    _check_geometry(block_size, topk, init_blocks, local_blocks)
+    check_selection_geometry(block_size, topk, init_blocks, local_blocks)
     if isinstance(seqlen_offset, bool) or not isinstance(seqlen_offset, int) or seqlen_offset < 0:
         raise ValueError(f"seqlen_offset must be a non-negative int, got {seqlen_offset!r}")
     if kbar.shape[0] != f.shape[0] or kbar.shape[2:] != f.shape[2:]:
@@ -167,7 +158,7 @@ def forecast_select_from_keys(
                          f"and {tuple(k_next.shape)}")
     check_cu_seqlens(cu_seqlens, f.shape[0], f.shape[1])
     geometry = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
-    _check_geometry(**geometry)
+    check_selection_geometry(**geometry)
     kbar = block_keys(k_next.detach(), block_size, cu_seqlens)
     if cu_seqlens is None:
         return forecast_select(f, kbar, **geometry)

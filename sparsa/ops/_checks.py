@@ -23,6 +23,17 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_selection_geometry(block_size, topk, init_blocks, local_blocks) -> None:
+    """Block size, budget and forced blocks of a block selection."""
+    check_positive_int("block_size", block_size)
+    check_positive_int("topk", topk)
+    check_positive_int("local_blocks", local_blocks)
+    if isinstance(init_blocks, bool) or not isinstance(init_blocks, int) or init_blocks < 0:
+        raise ValueError(f"init_blocks must be a non-negative int, got {init_blocks!r}")
+    if topk < init_blocks + local_blocks:
+        raise ValueError(f"topk ({topk}) must be >= init_blocks + local_blocks ({init_blocks + local_blocks})")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int]:
     """Checks [B, T, H, D] layout and GQA compatibility; returns (n_heads_q, n_heads_kv)."""
     check_tensor("q", q, 4)

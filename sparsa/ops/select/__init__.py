@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_cu_seqlens, check_positive_int, check_qkv, check_tensor, default_scale
+from .._checks import (
+    check_cu_seqlens,
+    check_positive_int,
+    check_qkv,
+    check_selection_geometry,
+    check_tensor,
+    default_scale,
+)
 from ..backend import use_triton
 from . import naive
 
@@ -59,13 +66,7 @@ def select_blocks(
     skips the normalisation pass. Only past blocks are scored, as for SSA.
     """
     check_qkv(q, k)
-    check_positive_int("block_size", block_size)
-    check_positive_int("topk", topk)
-    check_positive_int("local_blocks", local_blocks)
-    if isinstance(init_blocks, bool) or not isinstance(init_blocks, int) or init_blocks < 0:
-        raise ValueError(f"init_blocks must be a non-negative int, got {init_blocks!r}")
-    if topk < init_blocks + local_blocks:
-        raise ValueError(f"topk ({topk}) must be >= init_blocks + local_blocks ({init_blocks + local_blocks})")
+    check_selection_geometry(block_size, topk, init_blocks, local_blocks)
     if score not in SCORE_RULES:
         raise ValueError(f"score must be one of {SCORE_RULES}, got {score!r}")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
