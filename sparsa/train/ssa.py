@@ -162,7 +162,7 @@ def load_streams(data: str | None, tokenizer=None) -> tuple[TokenStream, TokenSt
 @torch.no_grad()
 def evaluate_bpb(model, stream: TokenStream, seq_len: int, batch_size: int, max_batches: int, mode: str,
                  device, topk: int | None = None) -> float:
-    """Bits per byte (byte tokenizer: per token) of `model` on `stream` in `mode`."""
+    """Bits per byte (nats per token / ln 2 / the stream's average bytes per token) of `model` on `stream` in `mode`."""
     model.eval()
     total_nats, total_targets = 0.0, 0
     for batch in sequential_batches(stream, batch_size, seq_len, max_batches):
@@ -172,7 +172,7 @@ def evaluate_bpb(model, stream: TokenStream, seq_len: int, batch_size: int, max_
         total_nats += float(out.ce) * out.n_targets
         total_targets += out.n_targets
     model.train()
-    return total_nats / max(total_targets, 1) / math.log(2)
+    return total_nats / max(total_targets, 1) / math.log(2) / stream.bytes_per_token
 
 
 def read_metrics(path: Path) -> list[dict]:
