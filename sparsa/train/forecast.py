@@ -335,6 +335,14 @@ def distill(cfg: DistillConfig) -> dict:
     return run_distill(cfg, DistillRuntime(resolve_device(cfg.device)))
 
 
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """A converted checkpoint's tokenizer/ folder travels with it to a new --out."""
+    import shutil
+
+    if source.resolve() != out.resolve() and (source / "tokenizer").is_dir() and not (out / "tokenizer").exists():
+        shutil.copytree(source / "tokenizer", out / "tokenizer")
+
+
 def run_distill(cfg: DistillConfig, rt: DistillRuntime) -> dict:
     """The distillation loop, on one process or on every rank of a torchrun job (`rt` says which).
 
@@ -384,6 +392,7 @@ def run_distill(cfg: DistillConfig, rt: DistillRuntime) -> dict:
         if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / FORECAST_METRICS_FILE).unlink(missing_ok=True)
+            copy_tokenizer(source, out)
     model.eval()  # no dropout anywhere; the backbone is frozen
     seq_len = cfg.seq_len or model.config.max_seq_len
     end_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start_step + cfg.stop_after)
