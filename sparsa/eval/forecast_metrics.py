@@ -208,7 +208,7 @@ def forecast_report(model, val_stream, seq_len: int, *, batch_size: int, max_bat
     bpb = {"full": evaluate_bpb_selector(model, val_stream, seq_len, batch_size, max_batches, device, mode="full")}
     for selector in ("query", "forecast"):
         bpb[selector] = evaluate_bpb_selector(model, val_stream, seq_len, batch_size, max_batches, device, selector)
-    ppl = {k: 2.0 ** v for k, v in bpb.items()}  # per byte token
+    ppl = {k: 2.0 ** (v * val_stream.bytes_per_token) for k, v in bpb.items()}  # per token of the stream's tokenizer
     result = {
         "layers": layers,
         "mean_recall_ge1": _mean([r["recall"] for r in layers[1:]]),
