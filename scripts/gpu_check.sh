@@ -32,14 +32,20 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   local rc=$?
   printf "%-24s rc=%-3s %4ss  %s\n" "$name" "$rc" "$(( $(date +%s) - start ))" "$(tail -n 1 "$LOGS/$name.log" | cut -c1-90)" >> "$SUMMARY"
 }
-[ -f scripts/gpu_sparse_attention.py ] && step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py
-[ -f scripts/gpu_attention_kl.py ] && step attention_kl_check 300 "$PY" scripts/gpu_attention_kl.py
-[ -f scripts/gpu_serve.py ] && step serve_check 300 "$PY" scripts/gpu_serve.py
-step gpu_pytest 300 "$PY" -m pytest -q -x -m gpu tests
-[ -f benchmarks/sparse_attention.py ] && step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py $QUICK
-[ -f benchmarks/attention_kl.py ] && step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py $QUICK
-[ -f benchmarks/sparse_layer.py ] && step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py $QUICK
-[ -f benchmarks/decode.py ] && step bench_decode 600 "$PY" benchmarks/decode.py $QUICK
+# quick mode: smaller sweeps (each script's own flags)
+if [ -n "$QUICK" ]; then
+  KL_ARGS=(--sizes 4096,16384); LAYER_ARGS=(--seqlens 16384,65536 --groups 4); SA_ARGS=(--quick); DEC_ARGS=(--quick)
+else
+  KL_ARGS=(--extras); LAYER_ARGS=(--check); SA_ARGS=(); DEC_ARGS=()
+fi
+step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py $QUICK
+step serve_check 300 "$PY" scripts/gpu_serve.py
+# GPU-only pytest cases (bf16 kernels, CUDA paths); CPU interpreter cases are CI's
+step gpu_pytest 600 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_sparse_attn_triton.py -k gpu
+step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
+step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
+step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"
+step bench_decode 600 "$PY" benchmarks/decode.py "${DEC_ARGS[@]}"
 for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"
 cat "$SUMMARY"
