@@ -26,7 +26,7 @@ import sparsa
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
-from sparsa.ops.sparse_attn import q_outer as q_mod
+from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn.index import random_selection
 
 ORDERS = ("q_outer", "kv_outer")
@@ -218,7 +218,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    q_mod.POISON_OUTPUTS = True
+    alloc_mod.POISON_OUTPUTS = True
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     T, D, bs, K = 4096, 128, 64, 16
     groups = [1, 2, 3, 4, 5, 6, 8, 16] if not args.quick else [1, 3, 4, 16]

@@ -11,7 +11,7 @@ import torch
 
 import sparsa
 from sparsa.ops.sparse_attn import naive
-from sparsa.ops.sparse_attn import q_outer as q_outer_mod
+from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn.index import random_selection
 
 CUDA = torch.cuda.is_available()
@@ -24,7 +24,7 @@ ORDERS = ("q_outer", "kv_outer")
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
-    monkeypatch.setattr(q_outer_mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
 
 
 def rel(a, b):

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._alloc import new_output, new_output_like
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -121,32 +123,46 @@ def _fwd_step(
     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off,
     m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BN: tl.constexpr,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
 ):
+    # raw logits; the scales (> 0, log2 domain) are folded into FMAs: exp2(a * s - m) with m scaled
     offs_n = n0 + tl.arange(0, BN)
     kp = _load_rows(KPb, offs_n, skp_t, k_len, DP, BDP, MASK)
-    a = tl.dot(qp, tl.trans(kp), input_precision=PREC_P) * scale_p2  # [BM, BN]
+    a = tl.dot(qp, tl.trans(kp), input_precision=PREC_P)  # [BM, BN]
     if MASK:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
         a = tl.where(valid, a, float("-inf"))
-    m_new = tl.maximum(m_p, tl.max(a, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # safe max: fully masked so far
+    m_new = tl.maximum(m_p, tl.max(a, 1) * scale_p2)
+    if MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # safe max: fully masked so far
+    else:
+        m_use = m_new  # an unmasked tile has a finite maximum
     alpha = tl.exp2(m_p - m_use)
-    w = tl.exp2(a - m_use[:, None])
+    w = tl.exp2(a * scale_p2 - m_use[:, None])
     l_p = l_p * alpha + tl.sum(w, 1)
     if not ONLY_P:
         kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, MASK)
-        b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q) * scale_q2
-        diff = a - b
+        b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q)
+        if SAME_SCALE:
+            diff = a - b  # scaled once per row below
+        else:
+            diff = a * scale_p2 - b * scale_q2
         if MASK:
             b = tl.where(valid, b, float("-inf"))
             diff = tl.where(valid, diff, 0.0)  # (-inf) - (-inf) would be NaN
-        acc = acc * alpha + tl.sum(w * diff, 1)
-        mq_new = tl.maximum(m_q, tl.max(b, 1))
-        mq_use = tl.where(mq_new == float("-inf"), 0.0, mq_new)
-        l_q = l_q * tl.exp2(m_q - mq_use) + tl.sum(tl.exp2(b - mq_use[:, None]), 1)
+        if SAME_SCALE:
+            acc = acc * alpha + tl.sum(w * diff, 1) * scale_p2
+        else:
+            acc = acc * alpha + tl.sum(w * diff, 1)
+        mq_new = tl.maximum(m_q, tl.max(b, 1) * scale_q2)
+        if MASK:
+            mq_use = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+        else:
+            mq_use = mq_new
+        l_q = l_q * tl.exp2(m_q - mq_use) + tl.sum(tl.exp2(b * scale_q2 - mq_use[:, None]), 1)
         m_q = mq_new
     return m_new, l_p, acc, m_q, l_q
 
@@ -159,7 +175,7 @@ def _kl_fwd_kernel(
     skl_b, skl_t, skl_h, slse_b, slse_h,
     n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, tune_key,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
@@ -193,28 +209,28 @@ def _kl_fwd_kernel(
             while n0 < n_full:
                 m_p, l_p, acc, m_q, l_q = _fwd_step(
                     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
                 )
                 n0 += BN
         else:
             for n0 in range(0, n_full, BN):
                 m_p, l_p, acc, m_q, l_q = _fwd_step(
                     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
                 )
         if INTERPRET:  # the interpreter cannot use tensors as range() bounds
             n0 = hi * 0 + n_full
             while n0 < hi:
                 m_p, l_p, acc, m_q, l_q = _fwd_step(
                     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
                 )
                 n0 += BN
         else:
             for n0 in range(n_full, hi, BN):
                 m_p, l_p, acc, m_q, l_q = _fwd_step(
                     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, PREC_P, PREC_Q,
+                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
                 )
         row_ok = offs_m < q_len
         has = l_p > 0.0  # fully masked rows: KL = 0, LSE = 0
@@ -814,7 +830,11 @@ def _configs(pairs):
 
 
 # (BM, BN, warps, stages); lists pruned offline with ptxas -v for sm_90 at D = 128 (no or few spills)
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 4), (128, 32, 8, 3)])
+# forward: the tiles of two CTAs per SM (96 KiB shared memory or less) let one CTA's GEMMs overlap
+# the other's exponentials (the kernel does two exp2 per logit, SDPA one)
+_FWD_CONFIGS = _configs(
+    [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+)
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 64, 8, 3)])
 # dK: key tiles of 32 use mma.sync (HMMA); key tiles >= 64 use wgmma but spill a little outside the
 # query loop (ptxas -v, sm_90, aligned strides): both kinds are tuned
@@ -910,9 +930,9 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     dq = qq.shape[3]
     docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
     dev = qp.device
-    kl = torch.full((batch, n_q, n_heads), float("nan"), dtype=torch.float32, device=dev)
-    lse_p = torch.full((batch, n_heads, n_q), float("nan"), dtype=torch.float32, device=dev)
-    lse_q = lse_p if only_p else torch.full_like(lse_p, float("nan"))
+    kl = new_output((batch, n_q, n_heads), torch.float32, dev)
+    lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
+    lse_q = lse_p if only_p else new_output_like(lse_p)
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
     kernel, meta = _kernel("fwd", _kl_fwd_kernel, _FWD_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
@@ -923,7 +943,7 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q),
         DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
-        PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET, **meta,
+        SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET, **meta,
     )
     return kl, lse_p, lse_q
 
@@ -938,10 +958,10 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     group_p, group_q = n_heads // n_kv_p, n_heads // n_kv_q
     docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
     cu = cu_seqlens if cu_seqlens is not None else lse_p
-    dqp = torch.full_like(qp, float("nan")) if need_p else None
-    dkp = torch.full_like(kp, float("nan")) if need_p else None
-    dqq = torch.full_like(qq, float("nan")) if need_q else None
-    dkq = torch.full_like(kq, float("nan")) if need_q else None
+    dqp = new_output_like(qp) if need_p else None
+    dkp = new_output_like(kp) if need_p else None
+    dqq = new_output_like(qq) if need_q else None
+    dkq = new_output_like(kq) if need_q else None
     dummy_p = dqp if need_p else qp
     dummy_kp = dkp if need_p else kp
     dummy_q = dqq if need_q else qq
@@ -989,8 +1009,8 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
     n_k, n_kv = kt.shape[1], kt.shape[2]
     ds = qs.shape[3]
     docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
-    kl = torch.full((batch, n_q, n_kv), float("nan"), dtype=torch.float32, device=qt.device)
-    lse_s = torch.full((batch, n_kv, n_q), float("nan"), dtype=torch.float32, device=qt.device)
+    kl = new_output((batch, n_q, n_kv), torch.float32, qt.device)
+    lse_s = new_output((batch, n_kv, n_q), torch.float32, qt.device)
     cu = cu_seqlens if cu_seqlens is not None else lse_s
     kernel, meta = _kernel("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
@@ -1013,8 +1033,8 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     ds = qs.shape[3]
     docs = _Docs(batch, n_q, n_k, cu_seqlens, max_len)
     cu = cu_seqlens if cu_seqlens is not None else lse_s
-    dqs = torch.full_like(qs, float("nan"))
-    dks = torch.full_like(ks, float("nan"))
+    dqs = new_output_like(qs)
+    dks = new_output_like(ks)
     common = {"DT": dt, "DS": ds, "BDT": _pad_dim(dt), "BDS": _pad_dim(ds), "GROUP": n_heads_q // n_kv, "CAUSAL": causal,
                   "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs), "INTERPRET": _INTERPRET}
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),

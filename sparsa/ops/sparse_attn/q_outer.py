@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._alloc import new_output
+
 LOG2E = 1.4426950408889634
 
 
@@ -37,17 +39,6 @@ def _interpreter_index_fix() -> None:
 
 
 _interpreter_index_fix()
-
-# tests and the GPU check set this: outputs are then allocated full of NaN, so that an element
-# a kernel fails to write shows up (costs one extra memset per output otherwise skipped)
-POISON_OUTPUTS = os.environ.get("SPARSA_POISON_OUTPUTS", "0") == "1"
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 @triton.jit
 def _q_outer_fwd_kernel(

@@ -16,7 +16,8 @@ import torch
 from .backward import compute_delta, kv_outer_backward
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
-from .q_outer import new_output, q_outer_forward
+from .._alloc import new_output
+from .q_outer import q_outer_forward
 
 # upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
 PAIR_BUFFER_BYTES = 6 << 30
