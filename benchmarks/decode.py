@@ -18,6 +18,7 @@ Prints a markdown table; `--json` writes all numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -28,7 +29,7 @@ from sparsa.config import ModelConfig, SparseConfig
 from sparsa.models.llama import SparsaLM
 from sparsa.serve import Engine
 from sparsa.serve.cache import BlockKVCache, device_available_bytes, host_available_bytes
-from sparsa.serve.testing import attach_standin_forecasts
+from sparsa.serve.testing import LocalitySelection, attach_standin_forecasts
 
 MODES = ("dense", "sparse", "offload", "sparda")
 
@@ -49,10 +50,12 @@ def free_memory():
     torch.cuda.empty_cache()
 
 
-def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int) -> tuple[int, dict]:
-    """Largest batch the memory plan accepts (device: free memory; host: a fraction of MemAvailable)."""
-    cfg = model.config
-    dev_free = device_available_bytes(torch.device("cuda"))
+def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int, cfg=None,
+                  dev_free: int | None = None) -> tuple[int, dict]:
+    """Largest batch the memory plan accepts (device: free memory; host: a fraction of MemAvailable).
+    `cfg` / `dev_free` override the model's config and the free device memory (full-depth plans)."""
+    cfg = model.config if cfg is None else cfg
+    dev_free = device_available_bytes(torch.device("cuda")) if dev_free is None else dev_free
     host_free = int(host_available_bytes() * host_fraction)
 
     def plan(b):
@@ -77,6 +80,24 @@ def largest_batch(model, mode: str, max_len: int, host_fraction: float, cap: int
             hi = mid - 1
     return best, {"device_free_GiB": dev_free / 2**30, "host_budget_GiB": host_free / 2**30,
                   "limit": "cap" if best == cap else ("device" if plan(best + 1).device_total > dev_free else "host")}
+
+
+def full_depth_capacity(model, contexts, modes, layers: int, host_fraction: float, cap: int) -> list[dict]:
+    """Largest batches of the same shape with `layers` layers (e.g. 32, the 8B depth), from the memory
+    plan alone: free device memory + this model's weights - the deeper model's weights."""
+    cfg = dataclasses.replace(model.config, n_layers=layers)
+    with torch.device("meta"):
+        deep_params = sum(p.numel() for p in SparsaLM(cfg).parameters())
+    here = sum(p.numel() * p.element_size() for p in model.parameters())
+    dev_free = device_available_bytes(torch.device("cuda")) + here - deep_params * 2
+    rows = []
+    for context in contexts:
+        for mode in modes:
+            best, why = largest_batch(model, mode, context + 1024, host_fraction, cap, cfg=cfg, dev_free=dev_free)
+            rows.append({"layers": layers, "context": context, "mode": mode, "largest_batch": best,
+                         "limited_by": why["limit"], "device_free_GiB": dev_free / 2**30,
+                         "host_budget_GiB": why["host_budget_GiB"], "weights_GiB": deep_params * 2 / 2**30})
+    return rows
 
 
 def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict:
@@ -121,7 +142,8 @@ def time_decode(engine: Engine, batch: int, steps: int, use_graph: bool) -> dict
     return result
 
 
-def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest, host_rows=8):
+def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max_cap, run_largest, host_rows=8,
+             retention=None):
     step_room = (len(batches) + 1) * (2 * steps + 8) + 64
     max_len = context + step_room
     largest, why = largest_batch(model, mode, max_len, host_fraction, max_cap)
@@ -133,6 +155,9 @@ def run_mode(model, mode, context, batches, steps, use_graph, host_fraction, max
     cap = max(todo)
     engine = Engine(model, mode=mode, max_batch=cap, max_len=max_len, prefill_chunk=2048,
                     host_memory_limit=int(host_available_bytes() * host_fraction))
+    if retention is not None:
+        engine.selection_model = LocalitySelection(retention)
+        out["retention"] = retention
     try:
         _measure(engine, out, context, todo, cap, steps, use_graph, host_rows)
     finally:  # release the cache even after an error (an exception's frames would keep it alive)
@@ -235,7 +260,8 @@ def hit_rate_study(checkpoint: str, context: int, new_tokens: int, device: str, 
 def table(results, args) -> str:
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, layers {args.layers}, "
              f"KV heads {args.kv_heads}, block 64, top-96 (1 init + 32 local), bf16, graph={args.graph}, "
-             f"steps {args.steps}", "",
+             f"steps {args.steps}, selections: "
+             + (f"synthetic, retention {args.retention}" if args.retention is not None else "the model's own"), "",
              "| context | mode | largest batch (limit) | GPU KV MiB/seq | host KV MiB/seq | prefill s (1 seq) | "
              "batch: eager tokens/s [/ CUDA graph tokens/s] (hit rate, prefetch wait ms/step) |",
              "|---|---|---|---|---|---|---|"]
@@ -281,6 +307,11 @@ def main():
     p.add_argument("--host-fraction", type=float, default=0.8, help="share of MemAvailable the host cache may use")
     p.add_argument("--hf", type=int, nargs="*", default=None, help="HF offloaded-cache batches at 32K (default 1)")
     p.add_argument("--json", default=None)
+    p.add_argument("--retention", type=float, default=None,
+                   help="synthetic decode selections keeping this share of the previous step's blocks "
+                        "(sparsa.serve.testing.LocalitySelection; trained models: about 0.75)")
+    p.add_argument("--full-depth", type=int, default=32,
+                   help="also report the largest batches of this many layers from the memory plan (0: skip)")
     p.add_argument("--hit-rate", default=None, metavar="CHECKPOINT",
                    help="instead: hit rates of a trained checkpoint on text (CPU works), see hit_rate_study")
     p.add_argument("--hit-context", type=int, default=2048)
@@ -306,12 +337,18 @@ def main():
             t0 = time.perf_counter()
             try:
                 r = run_mode(model, mode, context, args.batches, args.steps, args.graph, args.host_fraction,
-                             args.max_batch_cap, run_largest, args.host_rows)
+                             args.max_batch_cap, run_largest, args.host_rows, args.retention)
             except Exception as err:
                 r = {"mode": mode, "context": context, "error": repr(err)[:300]}
             free_memory()  # after the except block: the exception no longer pins the engine's memory
             r["wall_s"] = time.perf_counter() - t0
             results.append(r)
+            print(json.dumps(r, default=float), flush=True)
+    capacity = []
+    if args.full_depth:
+        capacity = full_depth_capacity(model, args.contexts, [m for m in args.modes if m in MODES], args.full_depth,
+                                       args.host_fraction, args.max_batch_cap)
+        for r in capacity:
             print(json.dumps(r, default=float), flush=True)
     hf_batches = [1] if args.hf is None or len(args.hf) == 0 else args.hf
     if 32768 in args.contexts:
@@ -324,10 +361,16 @@ def main():
         results.append(r)
         print(json.dumps(r, default=float), flush=True)
     md = table(results, args)
+    if capacity:
+        md += "\n\nLargest batches with {} layers (memory plan only; weights {:.1f} GiB, device free {:.1f} GiB, " \
+              "host budget {:.1f} GiB):\n\n| context | mode | largest batch | limited by |\n|---|---|---|---|\n".format(
+                  args.full_depth, capacity[0]["weights_GiB"], capacity[0]["device_free_GiB"], capacity[0]["host_budget_GiB"])
+        md += "\n".join(f"| {r['context']} | {r['mode']} | {r['largest_batch']} | {r['limited_by']} |" for r in capacity)
     print(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "table": md}, f, indent=2, default=float)
+            json.dump({"args": vars(args), "results": results, "full_depth_capacity": capacity, "table": md}, f,
+                      indent=2, default=float)
 
 
 if __name__ == "__main__":

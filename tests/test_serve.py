@@ -415,3 +415,53 @@ def test_replicate_and_set_batch_rows_decode_like_row_zero():
             eng.set_batch(4)
         with pytest.raises(ValueError, match="CUDA"):
             eng.capture_graph(torch.tensor([1, 2]))
+
+
+def _chosen_overlap(record, n_steps, layer, init_blocks=1, local_blocks=1, block_size=BS, positions=None):
+    """Mean share of step s's chosen (non-forced) blocks still selected at step s + 1."""
+    shares = []
+    for s in range(n_steps - 1):
+        a, b = record[("decode", s, layer)], record[("decode", s + 1, layer)]
+        for r in range(a.shape[0]):
+            cur = int(positions[r]) + s
+            for h in range(a.shape[1]):
+                forced = {c for c in range(init_blocks)} | {cur // block_size - i for i in range(local_blocks + 1)}
+                chosen = {int(c) for c in a[r, h] if c >= 0} - forced
+                nxt = {int(c) for c in b[r, h] if c >= 0}
+                if chosen:
+                    shares.append(len(chosen & nxt) / len(chosen))
+    return sum(shares) / len(shares)
+
+
+def test_locality_selection_sets_retention_and_keeps_modes_exact():
+    from sparsa.serve.testing import LocalitySelection
+
+    with pytest.raises(ValueError, match="retention"):
+        LocalitySelection(1.5)
+    model = make_model(6, forecasts=True, max_seq_len=256)
+    lengths, n_new = (150, 170), 24
+    prompts, cont = batch_data(7, lengths=lengths, n_new=n_new)
+    cfg = dict(max_batch=2, prefill_chunk=32, topk=8)
+    overlap, hit_rate = {}, {}
+    for retention in (0.0, 1.0):
+        torch.manual_seed(0)
+        eng = Engine(model, mode="offload", **cfg)
+        eng.selection_model = LocalitySelection(retention)
+        eng.record = {}
+        teacher_forced(eng, prompts, cont)
+        overlap[retention] = _chosen_overlap(eng.record, n_new, layer=2, positions=lengths)
+        hit_rate[retention] = eng.counters()["hit_rate"]
+    # retention 1: every chosen block stays unless it becomes forced/out of range; 0: random choice
+    assert overlap[1.0] > 0.95 and overlap[0.0] < 0.6, overlap
+    assert hit_rate[1.0] > hit_rate[0.0] + 0.2, hit_rate
+    # the same synthetic stream in sparda (forecast rule) and sparse: equal outputs
+    torch.manual_seed(1)
+    sparda = Engine(model, mode="sparda", **cfg)
+    sparda.selection_model = LocalitySelection(0.75)
+    sparda.record = {}
+    got = teacher_forced(sparda, prompts, cont)
+    sparse = Engine(model, mode="sparse", **cfg)
+    sparse.replay = sparda.record
+    assert torch.equal(got, teacher_forced(sparse, prompts, cont))
+    share = _chosen_overlap(sparda.record, n_new, layer=2, positions=lengths)
+    assert 0.55 < share < 0.95, share

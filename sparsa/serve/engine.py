@@ -122,6 +122,9 @@ class Engine:
         self.batch = 0
         self.record: dict | None = None  # set to {} to record every selection
         self.replay: dict | None = None  # {key: selection} replaces the engine's own selections
+        # benchmarks: an object with scores(layer, score) -> score and observe(layer, selection) that
+        # rewrites decode-step scores (sparsa.serve.testing.LocalitySelection); None in normal use
+        self.selection_model = None
         self._step = 0
         self._pending: dict = {}
         self._keep: list = []
@@ -169,10 +172,17 @@ class Engine:
         (x = forecasts [R, H, D]); `self.replay[key]` replaces it, `self.record[key]` keeps a copy."""
         if self.replay is not None and key in self.replay:
             sel = self.replay[key].to(self.device)
-        elif rule == "forecast":
-            sel = self._finish(forecast_scores(x, kbar), pos)
         else:
-            sel = self._finish(ssa_scores(x, kbar, pos, block_size=self.block_size, scale=self.scale), pos)
+            if rule == "forecast":
+                score = forecast_scores(x, kbar)
+            else:
+                score = ssa_scores(x, kbar, pos, block_size=self.block_size, scale=self.scale)
+            synthetic = self.selection_model is not None and key[0] == "decode"
+            if synthetic:  # the real scores are still computed: same cost, synthetic values
+                score = self.selection_model.scores(key[-1], score)
+            sel = self._finish(score, pos)
+            if synthetic:
+                self.selection_model.observe(key[-1], sel)
         if self.record is not None:
             self.record[key] = sel.detach().clone()
         return sel

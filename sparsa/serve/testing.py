@@ -1,11 +1,12 @@
-"""Stand-in forecasts for benchmarks and GPU checks of the `sparda` mode.
+"""Stand-ins for benchmarks and GPU checks of the engine: forecasts and a selection locality model.
 
-They follow the forecast contract (`sparsa/layers/forecast.py`: forward(u, cos, sin) -> f
+Stand-in forecasts follow the forecast contract (`sparsa/layers/forecast.py`: forward(u, cos, sin) -> f
 [B, T, Hkv, D], `model.forecasts[l]` predicts layer l+1, `model.self_forecast` layer 0) with
 random weights: the same cost as trained forecasts, not their accuracy.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..layers.rope import apply_rope
@@ -44,3 +45,46 @@ def attach_standin_forecasts(model, std: float | None = None):
     if not getattr(cls, "_standin_forecasts", False):
         model.__class__ = type(cls.__name__ + "WithForecasts", (cls,), {"has_forecasts": True, "_standin_forecasts": True})
     return model
+
+
+class LocalitySelection:
+    """Synthetic decode selections with a set step-to-step retention (benchmarks only).
+
+    Random weights select nearly independent blocks at every step, so an offloading engine misses
+    most of them; trained models keep most of their selection from one token to the next (SmolLM2
+    measured about 0.8 hits, benchmarks/results/decode_h100.md). Attached as
+    `engine.selection_model`, this replaces the scores of every decode-step selection (the real
+    scores are still computed, so the cost is unchanged): each block chosen at the previous step
+    for the same layer keeps a winning score with probability `retention`, every other block gets
+    a random score below it. The engine's forcing rules (init and local blocks, no future blocks)
+    and top-k then apply as usual, so every mode sees the same kind of selection stream.
+    """
+
+    def __init__(self, retention: float):
+        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0.0 <= retention <= 1.0:
+            raise ValueError(f"retention must be a number in [0, 1], got {retention!r}")
+        self.retention = float(retention)
+        self._prev: dict = {}  # layer -> previous selection [R, H, topk] (updated in place: graph safe)
+
+    def scores(self, layer: int, score: torch.Tensor) -> torch.Tensor:
+        """score [R, H, NB] -> synthetic scores of the same shape (float32)."""
+        new = torch.rand(score.shape, dtype=torch.float32, device=score.device)  # in [0, 1)
+        prev = self._prev.get(layer)
+        if prev is None or prev.shape[:2] != score.shape[:2]:
+            return new
+        n_blocks = score.shape[-1]
+        keep = (prev >= 0) & (torch.rand(prev.shape, device=score.device) < self.retention)
+        idx = torch.where(keep, prev.to(torch.long), torch.full_like(prev, n_blocks, dtype=torch.long))
+        bonus = torch.zeros((*score.shape[:-1], n_blocks + 1), dtype=torch.float32, device=score.device)
+        bonus.scatter_(-1, idx, 2.0)
+        return new + bonus[..., :n_blocks]
+
+    def observe(self, layer: int, selection: torch.Tensor) -> None:
+        prev = self._prev.get(layer)
+        if prev is None or prev.shape != selection.shape:
+            self._prev[layer] = selection.detach().clone()
+        else:
+            prev.copy_(selection)
+
+    def reset(self) -> None:
+        self._prev.clear()
