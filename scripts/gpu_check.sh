@@ -41,7 +41,7 @@ fi
 step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py $QUICK
 step serve_check 300 "$PY" scripts/gpu_serve.py
 # GPU-only pytest cases (bf16 kernels, CUDA paths); CPU interpreter cases are CI's
-step gpu_pytest 600 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_sparse_attn_triton.py -k gpu
+step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_sparse_attn_triton.py -k gpu
 step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
 step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
 step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"

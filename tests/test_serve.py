@@ -1,4 +1,6 @@
 """Engine correctness on CPU (float32): every mode, against SparsaLM's forward and each other."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -255,7 +257,10 @@ def test_bad_requests_raise_clear_errors():
         Engine(model, mode="offload", max_batch=2, host_memory_limit=1000)
 
 
-def test_slot_diff_keeps_resident_blocks():
+@pytest.mark.parametrize("method", ["torch", "kernel"])
+def test_slot_diff_keeps_resident_blocks(method):
+    if method == "kernel" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     g = torch.Generator().manual_seed(0)
     b, h, k = 3, 2, 6
     bm = torch.full((b, h, k), -1, dtype=torch.long)
@@ -266,7 +271,12 @@ def test_slot_diff_keeps_resident_blocks():
         sel[0, 0, 0] = 20  # the current block: never in a slot
         sel = torch.sort(torch.where(sel < 0, 99, sel), dim=-1).values
         sel = torch.where(sel == 99, -1, sel)
-        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur)
+        dev = "cuda" if method == "kernel" and torch.cuda.is_available() else "cpu"
+        out = slot_diff(sel.to(dev), bm.to(dev), cur.to(dev), method=method)
+        new_map, load, slot_of, hits, misses = (t.cpu() for t in out)
+        ref = slot_diff(sel, bm, cur, method="torch")
+        for got, want in zip((new_map, load, slot_of, hits, misses), ref):
+            assert torch.equal(got, want)
         for bi in range(b):
             for hi in range(h):
                 want = {x for x in sel[bi, hi].tolist() if x >= 0 and x != 20}
@@ -383,8 +393,10 @@ def test_cli_generate_streams_text(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _interpreter_ok(), reason="needs triton (GPU or interpreter)")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU model through the Triton interpreter; on a GPU scripts/gpu_serve.py covers these paths")
 def test_engine_kernel_paths_match_reference_paths():
-    """The Triton attention, gather and write-through kernels inside the engine (interpreter on CPU)."""
+    """The Triton attention, gather, write-through and selection kernels inside the engine (interpreter on CPU)."""
     model = make_model(10, forecasts=True, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=96,
                        sparse=SparseConfig(block_size=16, topk=3, init_blocks=1, local_blocks=1))
     prompts, cont = batch_data(11, lengths=(33, 9), n_new=4)
@@ -465,3 +477,87 @@ def test_locality_selection_sets_retention_and_keeps_modes_exact():
     assert torch.equal(got, teacher_forced(sparse, prompts, cont))
     share = _chosen_overlap(sparda.record, n_new, layer=2, positions=lengths)
     assert 0.55 < share < 0.95, share
+
+
+def test_slot_diff_kernel_matches_reference_at_engine_sizes():
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    b, h, k, n_blocks = 2, 3, 96, 400  # selections are built on the CPU, then moved
+    bm = torch.full((b, h, k), -1, dtype=torch.long, device=dev)
+    cur = torch.tensor([390, 250], device=dev)
+    prev = None
+    for step in range(6):
+        rows = []
+        for i in range(b * h):
+            fresh = torch.randperm(n_blocks, generator=g)[:k]
+            if prev is not None:  # keep about 70% of the previous selection
+                old = prev.view(-1, k)[i]
+                old = old[old >= 0]
+                fresh = torch.cat([old[torch.rand(old.numel(), generator=g) < 0.7], fresh])
+            uniq = []
+            for x in fresh.tolist():
+                if x not in uniq:
+                    uniq.append(x)
+            chosen = torch.tensor(sorted(uniq[: k - step]), dtype=torch.long)  # step -1 paddings
+            rows.append(torch.cat([chosen, torch.full((step,), -1, dtype=torch.long)]))
+        sel = torch.stack(rows).view(b, h, k).to(torch.int32).to(dev)
+        got = slot_diff(sel, bm, cur, method="kernel")
+        want = slot_diff(sel, bm, cur, method="torch")
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+        assert int(got[3].sum()) > 0 or step == 0
+        bm, prev = got[0], sel.to(torch.long).cpu()
+
+
+@pytest.mark.parametrize("n_blocks,topk", [(37, 8), (5, 8), (300, 96)])
+def test_finish_selection_kernel_matches_reference(n_blocks, topk):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from sparsa.serve.select import finish_selection
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(n_blocks)
+    rows, heads, bs = 6, 3, 16
+    score = torch.randn(rows, heads, n_blocks, generator=g)
+    score[0] = torch.round(score[0])  # many ties: the lower block wins
+    score[1, 0] = 0.0
+    score[1, 1, ::2] = -0.0
+    score[2, 0] = float("-inf")  # nothing selectable beyond the forced blocks
+    score[3] *= 1e30
+    pos = torch.randint(0, n_blocks * bs, (rows,), generator=g)
+    pos[4] = 0  # first token: only block 0
+    for init, local in ((1, 1), (2, 3), (0, 1)):
+        kw = dict(block_size=bs, topk=topk, init_blocks=init, local_blocks=local)
+        got = finish_selection(score.to(dev), pos.to(dev), method="kernel", **kw)
+        want = finish_selection(score.to(dev), pos.to(dev), method="torch", **kw)
+        assert got.dtype == want.dtype and torch.equal(got, want), (init, local)
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 24), (4, 32)])
+def test_score_kernels_match_references(group, head_dim):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from sparsa.serve.select import forecast_scores, ssa_scores
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(group)
+    rows, heads, n_blocks, bs = 4, 2, 70, 8
+    kbar = torch.randn(rows, heads, n_blocks, head_dim, generator=g).to(dev)
+    q = (3 * torch.randn(rows, heads * group, head_dim, generator=g)).to(dev)
+    f = torch.randn(rows, heads, head_dim, generator=g).to(dev)
+    pos = torch.tensor([3, 9, 300, n_blocks * bs - 1], device=dev)  # row 0 sees no complete block
+    for dtype in (torch.float32, torch.float16):
+        kb = kbar.to(dtype)
+        got = forecast_scores(f.to(dtype), kb, method="kernel")
+        want = forecast_scores(f.to(dtype), kb, method="torch")
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        got = ssa_scores(q.to(dtype), kb, pos, block_size=bs, scale=head_dim**-0.5, method="kernel")
+        want = ssa_scores(q.to(dtype), kb, pos, block_size=bs, scale=head_dim**-0.5, method="torch")
+        n_vis = ((pos + 1) // bs).tolist()
+        for r in range(rows):  # the reference leaves invisible blocks unspecified (finish_selection masks them)
+            v = n_vis[r]
+            assert torch.allclose(got[r, :, :v], want[r, :, :v], rtol=1e-5, atol=1e-6), (dtype, r)
+            assert torch.all(got[r, :, v:] == 0)
+        assert torch.allclose(got[2].sum(-1), torch.full_like(got[2].sum(-1), float(group)), rtol=1e-5)

@@ -101,6 +101,7 @@ class Engine:
         self.backend = backend
         self.gather = "kernel" if (gather == "auto" and backend == "triton") else gather
         self.write_method = "kernel" if backend == "triton" else "auto"
+        self._kernels = {"triton": "kernel", "reference": "torch"}.get(backend, "auto")  # selection helpers
         self.check_every = check_every
         self.timing = timing
         param = next(model.parameters())
@@ -174,9 +175,9 @@ class Engine:
             sel = self.replay[key].to(self.device)
         else:
             if rule == "forecast":
-                score = forecast_scores(x, kbar)
+                score = forecast_scores(x, kbar, method=self._kernels)
             else:
-                score = ssa_scores(x, kbar, pos, block_size=self.block_size, scale=self.scale)
+                score = ssa_scores(x, kbar, pos, block_size=self.block_size, scale=self.scale, method=self._kernels)
             synthetic = self.selection_model is not None and key[0] == "decode"
             if synthetic:  # the real scores are still computed: same cost, synthetic values
                 score = self.selection_model.scores(key[-1], score)
@@ -212,7 +213,7 @@ class Engine:
     # ------------------------------------------------------------------ selection helpers
     def _finish(self, score, pos):
         return finish_selection(score, pos, block_size=self.block_size, topk=self.topk,
-                                init_blocks=self.init_blocks, local_blocks=self.local_blocks)
+                                init_blocks=self.init_blocks, local_blocks=self.local_blocks, method=self._kernels)
 
     def _dense_entries(self, pos: torch.Tensor) -> torch.Tensor:
         nb = self.cache.n_blocks
@@ -446,7 +447,7 @@ class Engine:
         """Slot diff for `layer_idx`, then the host -> device copy of the missing blocks (side stream in sparda)."""
         cache = self.cache
         bm = cache.block_map[layer_idx][:batch]
-        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur_blk)
+        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur_blk, method=self._kernels)
         bm.copy_(new_map)
         self._hits += hits.sum()
         self._misses += misses.sum()

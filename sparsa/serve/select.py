@@ -18,9 +18,23 @@ import torch
 from ..ops.select.naive import topk_indices
 
 
+def _check_method(method: str) -> None:
+    if method not in ("auto", "torch", "kernel"):
+        raise ValueError(f"method must be 'auto', 'torch' or 'kernel', got {method!r}")
+
+
 def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int, topk: int,
-                     init_blocks: int, local_blocks: int) -> torch.Tensor:
-    """score [R, H, NB] (float; any value for invalid blocks), pos [R] -> [R, H, topk] int32."""
+                     init_blocks: int, local_blocks: int, method: str = "auto") -> torch.Tensor:
+    """score [R, H, NB] (float; any value for invalid blocks), pos [R] -> [R, H, topk] int32.
+
+    method: "torch" (this reference), "kernel" (`sparsa.serve.select_kernels`, one Triton launch)
+    or "auto" (the kernel for CUDA tensors)."""
+    _check_method(method)
+    if method == "kernel" or (method == "auto" and score.is_cuda):
+        from .select_kernels import finish_selection_triton
+
+        return finish_selection_triton(score, pos, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                       local_blocks=local_blocks)
     n_blocks = score.shape[-1]
     device = score.device
     cur = torch.div(pos, block_size, rounding_mode="floor").to(torch.long)[:, None, None]  # [R,1,1]
@@ -32,9 +46,17 @@ def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int,
     return topk_indices(score, topk)
 
 
-def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
+def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_size: int, scale: float,
+               method: str = "auto") -> torch.Tensor:
     """SSA block importance. q [R, Hq, D]; kbar [R, H, NB, D] (per row) or [H, NB, D] (shared);
-    pos [R]. -> [R, H, NB] float32 (garbage where not visible; `finish_selection` masks it)."""
+    pos [R]. -> [R, H, NB] float32 (garbage where not visible; `finish_selection` masks it).
+    method: "torch", "kernel" (`sparsa.serve.select_kernels`; per-row kbar only) or "auto" (the
+    kernel for per-row kbar on CUDA)."""
+    _check_method(method)
+    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and q.is_cuda)):
+        from .select_kernels import ssa_scores_triton
+
+        return ssa_scores_triton(q, kbar, pos, block_size=block_size, scale=scale)
     rows, n_heads_q, head_dim = q.shape
     n_heads_kv, n_blocks = kbar.shape[-3], kbar.shape[-2]
     group = n_heads_q // n_heads_kv
@@ -51,15 +73,24 @@ def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_
     return probs.sum(dim=2)
 
 
-def forecast_scores(f: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
-    """Raw dot products f . kbar in fp32. f [R, H, D]; kbar [R, H, NB, D] or [H, NB, D] -> [R, H, NB]."""
+def forecast_scores(f: torch.Tensor, kbar: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Raw dot products f . kbar in fp32. f [R, H, D]; kbar [R, H, NB, D] or [H, NB, D] -> [R, H, NB].
+    method as `ssa_scores`."""
+    _check_method(method)
+    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and f.is_cuda)):
+        from .select_kernels import forecast_scores_triton
+
+        return forecast_scores_triton(f, kbar)
     if kbar.ndim == 4:
         return torch.einsum("rhd,rhnd->rhn", f.float(), kbar.float())
     return torch.einsum("rhd,hnd->rhn", f.float(), kbar.float())
 
 
-def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor):
+def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor, *, method: str = "auto"):
     """Match a new selection against the blocks already held in a slot pool.
+
+    method: "torch" (this reference), "kernel" (`sparsa.serve.select_kernels`, one Triton launch; the
+    interpreter runs it on CPU) or "auto" (the kernel for CUDA tensors).
 
     selection [B, H, K] int (ascending, -1 padded); block_map [B, H, S] int64 (block held by each
     slot, -1 = empty), S >= K; current [B] the block of the newest token (it lives in the tail, not
@@ -69,6 +100,11 @@ def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.T
              slot_of [B,H,K] slot of each selection entry (-1 for padding and the current block),
              hits [B,H] int64, misses [B,H] int64).
     """
+    _check_method(method)
+    if method == "kernel" or (method == "auto" and selection.is_cuda):
+        from .select_kernels import slot_diff_triton
+
+        return slot_diff_triton(selection, block_map, current)
     sel = selection.to(torch.long)
     cur = current.to(torch.long)[:, None, None]
     wanted = (sel >= 0) & (sel != cur)  # [B,H,K]

@@ -6,39 +6,16 @@ Rows are padded to max(16, next_pow2(G)) for tl.dot: efficient for large G and f
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ... import _triton_interpreter  # noqa: F401  (interpreter patch)
 from .._alloc import new_output
 
 LOG2E = 1.4426950408889634
 
 
-def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns scalars into 1-element arrays and `range(tensor)` calls
-    int(array), which NumPy >= 2.4 rejects for 1-d arrays. Make `__index__` take the element."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter
-    except Exception:  # noqa: BLE001  # pragma: no cover
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_sparsa_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sparsa_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-_interpreter_index_fix()
 
 @triton.jit
 def _q_outer_fwd_kernel(
