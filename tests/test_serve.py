@@ -561,3 +561,35 @@ def test_score_kernels_match_references(group, head_dim):
             assert torch.allclose(got[r, :, :v], want[r, :, :v], rtol=1e-5, atol=1e-6), (dtype, r)
             assert torch.all(got[r, :, v:] == 0)
         assert torch.allclose(got[2].sum(-1), torch.full_like(got[2].sum(-1), float(group)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["torch", "kernel"])
+def test_slot_update_is_slot_diff_in_place(method):
+    if method == "kernel" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from sparsa.serve.select import slot_update
+
+    dev = "cuda" if method == "kernel" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    b, h, k, n_blocks = 2, 3, 7, 30
+    cur = torch.tensor([29, 12])
+    bm_ref = torch.full((b, h, k), -1, dtype=torch.long)
+    bm = bm_ref.clone().to(dev)
+    totals = torch.zeros(2, dtype=torch.long, device=dev)
+    want_hits = want_misses = 0
+    for _ in range(5):
+        sel = torch.stack([torch.randperm(n_blocks, generator=g)[:k] for _ in range(b * h)]).view(b, h, k)
+        sel[0, 0, 2] = 29  # the current block of sequence 0
+        sel[1, :, -2:] = -1
+        sel = torch.where(sel < 0, 99, sel).sort(dim=-1).values
+        sel = torch.where(sel == 99, -1, sel).to(torch.int32)
+        new_map, load_ref, slot_ref, hits, misses = slot_diff(sel, bm_ref, cur, method="torch")
+        load, entry = slot_update(sel.to(dev), bm, cur.to(dev), totals, method=method)
+        assert torch.equal(bm.cpu(), new_map) and torch.equal(load.cpu(), load_ref)
+        is_cur = sel.to(torch.long) == cur[:, None, None]
+        assert torch.equal(entry.cpu(), torch.where(is_cur, 0, slot_ref))
+        want_hits, want_misses = want_hits + int(hits.sum()), want_misses + int(misses.sum())
+        assert totals.tolist() == [want_hits, want_misses]
+        bm_ref = new_map
+    with pytest.raises(ValueError, match="totals"):
+        slot_update(sel, bm_ref, cur, torch.zeros(3, dtype=torch.long))

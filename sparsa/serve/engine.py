@@ -31,7 +31,7 @@ from ..layers.rope import rope_cos_sin
 from .attend import block_attention
 from .cache import BlockKVCache
 from .gather import gather_blocks, write_tokens
-from .select import finish_selection, forecast_scores, slot_diff, ssa_scores
+from .select import finish_selection, forecast_scores, slot_update, ssa_scores
 
 MODES = ("dense", "sparse", "offload", "sparda")
 
@@ -147,18 +147,17 @@ class Engine:
         return int(1.25 * (prefill + decode)) + (512 << 20)
 
     def reset_counters(self) -> None:
-        if getattr(self, "_hits", None) is not None:  # zero in place: captured graphs hold these tensors
-            for t in (self._hits, self._lookups, self._misses):
-                t.zero_()
+        if getattr(self, "_totals", None) is not None:  # zero in place: captured graphs hold it
+            self._totals.zero_()
         else:
-            z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
-            self._hits, self._lookups, self._misses = z(), z(), z()
+            self._totals = torch.zeros(2, dtype=torch.long, device=self.device)  # block hits, misses
         self._wait_events: list = []
         self._decode_steps = 0
 
     def counters(self) -> dict:
         """Block hit rate, bytes moved host -> device, time the attention waited for the prefetch."""
-        hits, lookups, misses = int(self._hits), int(self._lookups), int(self._misses)
+        hits, misses = (int(x) for x in self._totals.tolist())
+        lookups = hits + misses
         block_bytes = 2 * self.block_size * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
         wait_ms = 0.0
         if self._wait_events:
@@ -379,8 +378,7 @@ class Engine:
                 else:
                     if self.mode == "offload":
                         self._prefetch(layer_idx, cur_sel, blk, batch, inline=True)
-                    slot_of = self._wait(layer_idx)
-                    idx = torch.where(cur_sel.to(torch.long) == blk[:, None, None], torch.zeros_like(slot_of), slot_of)
+                    idx = self._wait(layer_idx)  # slot of each entry, 0 for the current block (tail)
                     h = block_attention(q, cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], idx, cur_sel,
                                         pos, block_size=bs, scale=self.scale, tail_k=cache.tail_k[layer_idx][:batch],
                                         tail_v=cache.tail_v[layer_idx][:batch], backend=self.backend)
@@ -447,11 +445,9 @@ class Engine:
         """Slot diff for `layer_idx`, then the host -> device copy of the missing blocks (side stream in sparda)."""
         cache = self.cache
         bm = cache.block_map[layer_idx][:batch]
-        new_map, load, slot_of, hits, misses = slot_diff(sel, bm, cur_blk, method=self._kernels)
-        bm.copy_(new_map)
-        self._hits += hits.sum()
-        self._misses += misses.sum()
-        self._lookups += hits.sum() + misses.sum()
+        # block map updated in place, hit/miss totals accumulated, entry slots with 0 for the current
+        # block (attention reads it from the tail)
+        load, entry_slot = slot_update(sel, bm, cur_blk, self._totals, current_slot=0, method=self._kernels)
         self._keep.append(load)  # alive until the step ends: the side stream reads it
         args = (cache.host_k[layer_idx][:batch], cache.host_v[layer_idx][:batch],
                 cache.slot_k[layer_idx][:batch], cache.slot_v[layer_idx][:batch], load)
@@ -468,7 +464,7 @@ class Engine:
                     load.record_stream(stream)
                 gather_blocks(*args, method=self.gather)
                 self.done_events[layer_idx].record(stream)
-        self._pending[layer_idx] = slot_of
+        self._pending[layer_idx] = entry_slot
 
     def _wait(self, layer_idx: int) -> torch.Tensor:
         slot_of = self._pending.pop(layer_idx)

@@ -131,3 +131,23 @@ def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.T
     load = load[..., :n_slots]
     new_map = torch.where(load >= 0, load, new_map)
     return new_map, load, slot_of, hit.sum(dim=-1), miss.sum(dim=-1)
+
+
+def slot_update(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor, totals: torch.Tensor, *,
+                current_slot: int = 0, method: str = "auto"):
+    """The engine's form of `slot_diff`: `block_map` (contiguous int64) is updated in place and
+    `totals` (int64 [2]) accumulates (hits, misses). Returns (load [B,H,S], entry_slot [B,H,K]):
+    the slot of every selection entry, `current_slot` for the current block (which attention reads
+    from the tail), -1 for padding. One kernel launch on CUDA instead of a dozen small ones."""
+    _check_method(method)
+    if totals.shape != (2,) or totals.dtype != torch.long:
+        raise ValueError(f"totals must be an int64 tensor of shape (2,), got {tuple(totals.shape)} {totals.dtype}")
+    if method == "kernel" or (method == "auto" and selection.is_cuda):
+        from .select_kernels import slot_update_triton
+
+        return slot_update_triton(selection, block_map, current, totals, current_slot)
+    new_map, load, slot_of, hits, misses = slot_diff(selection, block_map, current, method="torch")
+    block_map.copy_(new_map)
+    totals += torch.stack((hits.sum(), misses.sum()))
+    is_current = selection.to(torch.long) == current.to(torch.long)[:, None, None]
+    return load, torch.where(is_current, torch.full_like(slot_of, current_slot), slot_of)

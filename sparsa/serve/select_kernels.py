@@ -8,7 +8,8 @@ results identical to the references (tests compare them under TRITON_INTERPRET=1
   forecast_scores_triton   f . kbar per row, fp32 accumulation straight from bf16 block keys
   ssa_scores_triton        SSA's group-summed softmax over block keys, two passes over them
   finish_selection_triton  forcing rules + top-k (ties to the lower block), ascending, -1 padded
-  slot_diff_triton         resident-block matching and slot assignment
+  slot_diff_triton         resident-block matching and slot assignment (also in the engine's
+                           in-place form, slot_update_triton)
 The score kernels serve per-row block keys (decode); they agree with the references to fp32
 rounding (summation order), the other two exactly.
 """
@@ -22,8 +23,11 @@ from .. import _triton_interpreter  # noqa: F401  (interpreter patch)
 
 
 @triton.jit
-def _slot_diff_kernel(SEL, BM, CUR, NEW, LOAD, SLOT_OF, HITS, MISSES, n_heads, K, S,
-                      KP: tl.constexpr, SP: tl.constexpr):
+def _slot_diff_kernel(SEL, BM, CUR, NEW, LOAD, SLOT_OF, HITS, MISSES, TOTALS, n_heads, K, S,
+                      KP: tl.constexpr, SP: tl.constexpr, CURRENT_SLOT: tl.constexpr, ENGINE: tl.constexpr):
+    """ENGINE=False: `slot_diff` outputs. ENGINE=True (`slot_update`): NEW aliases BM (each program
+    reads its row before writing it), hits and misses are added atomically into TOTALS [2], and the
+    current block's entries get CURRENT_SLOT instead of -1."""
     pid = tl.program_id(0)  # sequence * n_heads + head
     row = pid.to(tl.int64)
     ks = tl.arange(0, KP)
@@ -45,14 +49,21 @@ def _slot_diff_kernel(SEL, BM, CUR, NEW, LOAD, SLOT_OF, HITS, MISSES, n_heads, K
     assign = miss[:, None] & free[None, :] & (miss_rank[:, None] == free_rank[None, :])  # [KP, SP]
     miss_slot = tl.max(tl.where(assign, ss[None, :], -1), 1)
     hit_slot = tl.min(tl.where(match, ss[None, :], SP), 1)
-    slot_of = tl.where(hit, hit_slot, tl.where(miss, miss_slot, -1)).to(tl.int64)
+    slot_of = tl.where(hit, hit_slot, tl.where(miss, miss_slot, -1))
+    if ENGINE:
+        slot_of = tl.where((sel == cur) & (ks < K), CURRENT_SLOT, slot_of)
+    slot_of = slot_of.to(tl.int64)
     load = tl.max(tl.where(assign, sel[:, None], -1), 0)  # [SP] block to copy into each slot
     new_map = tl.where(load >= 0, load, tl.where(keep, held, -1))
     tl.store(NEW + row * S + ss, new_map.to(tl.int64), mask=ss < S)
     tl.store(LOAD + row * S + ss, load.to(tl.int64), mask=ss < S)
     tl.store(SLOT_OF + row * K + ks, slot_of, mask=ks < K)
-    tl.store(HITS + row, tl.sum(hit.to(tl.int64), 0))
-    tl.store(MISSES + row, tl.sum(miss.to(tl.int64), 0))
+    if ENGINE:
+        tl.atomic_add(TOTALS, tl.sum(hit.to(tl.int64), 0))
+        tl.atomic_add(TOTALS + 1, tl.sum(miss.to(tl.int64), 0))
+    else:
+        tl.store(HITS + row, tl.sum(hit.to(tl.int64), 0))
+        tl.store(MISSES + row, tl.sum(miss.to(tl.int64), 0))
 
 
 def slot_diff_triton(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor):
@@ -69,9 +80,27 @@ def slot_diff_triton(selection: torch.Tensor, block_map: torch.Tensor, current: 
     hits = torch.empty((batch, n_heads), dtype=torch.long, device=dev)
     misses = torch.empty_like(hits)
     kp, sp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(s, 2))
-    _slot_diff_kernel[(batch * n_heads,)](sel, held, cur, new_map, load, slot_of, hits, misses, n_heads, k, s,
-                                          KP=kp, SP=sp, num_warps=8)
+    _slot_diff_kernel[(batch * n_heads,)](sel, held, cur, new_map, load, slot_of, hits, misses, hits, n_heads, k, s,
+                                          KP=kp, SP=sp, CURRENT_SLOT=-1, ENGINE=False, num_warps=8)
     return new_map, load, slot_of, hits, misses
+
+
+def slot_update_triton(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor,
+                       totals: torch.Tensor, current_slot: int = 0):
+    """Same contract and results as `sparsa.serve.select.slot_update` (one kernel launch)."""
+    batch, n_heads, k = selection.shape
+    s = block_map.shape[-1]
+    if block_map.dtype != torch.long or not block_map.is_contiguous():
+        raise ValueError("block_map must be a contiguous int64 tensor (it is updated in place)")
+    sel = selection.contiguous()
+    cur = current.to(torch.long).contiguous()
+    load = torch.empty((batch, n_heads, s), dtype=torch.long, device=sel.device)
+    slot_of = torch.empty((batch, n_heads, k), dtype=torch.long, device=sel.device)
+    kp, sp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(s, 2))
+    _slot_diff_kernel[(batch * n_heads,)](sel, block_map, cur, block_map, load, slot_of, totals, totals, totals,
+                                          n_heads, k, s, KP=kp, SP=sp, CURRENT_SLOT=current_slot, ENGINE=True,
+                                          num_warps=8)
+    return load, slot_of
 
 
 @triton.jit
