@@ -30,6 +30,7 @@ from sparsa.hf import (
 )
 from sparsa.hf.attention import SparsaSettings, gathered_sparse_attention, select_blocks_at
 from sparsa.ops import select_blocks, sparse_attention
+from tests.helpers import rel_err
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 register()
@@ -57,11 +58,6 @@ def clone_with(model: LlamaForCausalLM, attn: str) -> LlamaForCausalLM:
     other = LlamaForCausalLM._from_config(copy.deepcopy(model.config), attn_implementation=attn, dtype=torch.float32)
     other.load_state_dict(model.state_dict())
     return other.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def cache_kwargs(model, cache) -> dict:

@@ -50,10 +50,10 @@ def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_
                method: str = "auto") -> torch.Tensor:
     """SSA block importance. q [R, Hq, D]; kbar [R, H, NB, D] (per row) or [H, NB, D] (shared);
     pos [R]. -> [R, H, NB] float32 (garbage where not visible; `finish_selection` masks it).
-    method: "torch", "kernel" (`sparsa.serve.select_kernels`; per-row kbar only) or "auto" (the
-    kernel for per-row kbar on CUDA)."""
+    method: "torch", "kernel" (`sparsa.serve.select_kernels`; per-row kbar of q's dtype only) or
+    "auto" (the kernel for per-row kbar of q's dtype on CUDA)."""
     _check_method(method)
-    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and q.is_cuda)):
+    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and q.is_cuda and q.dtype == kbar.dtype)):
         from .select_kernels import ssa_scores_triton
 
         return ssa_scores_triton(q, kbar, pos, block_size=block_size, scale=scale)

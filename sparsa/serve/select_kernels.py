@@ -66,41 +66,37 @@ def _slot_diff_kernel(SEL, BM, CUR, NEW, LOAD, SLOT_OF, HITS, MISSES, TOTALS, n_
         tl.store(MISSES + row, tl.sum(miss.to(tl.int64), 0))
 
 
+def _launch_slot_kernel(selection, held, current, new_map, hits, misses, totals, *, current_slot: int, engine: bool):
+    """Allocates the load list and entry slots and runs `_slot_diff_kernel`; returns (load, slot_of)."""
+    batch, n_heads, k = selection.shape
+    s = held.shape[-1]
+    load = torch.empty((batch, n_heads, s), dtype=torch.long, device=selection.device)
+    slot_of = torch.empty((batch, n_heads, k), dtype=torch.long, device=selection.device)
+    kp, sp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(s, 2))
+    _slot_diff_kernel[(batch * n_heads,)](selection.contiguous(), held, current.to(torch.long).contiguous(), new_map,
+                                          load, slot_of, hits, misses, totals, n_heads, k, s, KP=kp, SP=sp,
+                                          CURRENT_SLOT=current_slot, ENGINE=engine, num_warps=8)
+    return load, slot_of
+
+
 def slot_diff_triton(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor):
     """Same contract and results as `sparsa.serve.select.slot_diff` (one kernel launch)."""
-    batch, n_heads, k = selection.shape
-    s = block_map.shape[-1]
-    sel = selection.contiguous()
     held = block_map.to(torch.long).contiguous()
-    cur = current.to(torch.long).contiguous()
-    dev = sel.device
-    new_map = torch.empty((batch, n_heads, s), dtype=torch.long, device=dev)
-    load = torch.empty_like(new_map)
-    slot_of = torch.empty((batch, n_heads, k), dtype=torch.long, device=dev)
-    hits = torch.empty((batch, n_heads), dtype=torch.long, device=dev)
+    new_map = torch.empty_like(held)
+    hits = torch.empty(selection.shape[:2], dtype=torch.long, device=selection.device)
     misses = torch.empty_like(hits)
-    kp, sp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(s, 2))
-    _slot_diff_kernel[(batch * n_heads,)](sel, held, cur, new_map, load, slot_of, hits, misses, hits, n_heads, k, s,
-                                          KP=kp, SP=sp, CURRENT_SLOT=-1, ENGINE=False, num_warps=8)
+    load, slot_of = _launch_slot_kernel(selection, held, current, new_map, hits, misses, hits, current_slot=-1,
+                                        engine=False)
     return new_map, load, slot_of, hits, misses
 
 
 def slot_update_triton(selection: torch.Tensor, block_map: torch.Tensor, current: torch.Tensor,
                        totals: torch.Tensor, current_slot: int = 0):
     """Same contract and results as `sparsa.serve.select.slot_update` (one kernel launch)."""
-    batch, n_heads, k = selection.shape
-    s = block_map.shape[-1]
     if block_map.dtype != torch.long or not block_map.is_contiguous():
         raise ValueError("block_map must be a contiguous int64 tensor (it is updated in place)")
-    sel = selection.contiguous()
-    cur = current.to(torch.long).contiguous()
-    load = torch.empty((batch, n_heads, s), dtype=torch.long, device=sel.device)
-    slot_of = torch.empty((batch, n_heads, k), dtype=torch.long, device=sel.device)
-    kp, sp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(s, 2))
-    _slot_diff_kernel[(batch * n_heads,)](sel, block_map, cur, block_map, load, slot_of, totals, totals, totals,
-                                          n_heads, k, s, KP=kp, SP=sp, CURRENT_SLOT=current_slot, ENGINE=True,
-                                          num_warps=8)
-    return load, slot_of
+    return _launch_slot_kernel(selection, block_map, current, block_map, totals, totals, totals,
+                               current_slot=current_slot, engine=True)
 
 
 @triton.jit
@@ -136,8 +132,7 @@ def _finish_topk_kernel(SCORE, POS, OUT, n_heads, n_blocks, topk, block_size, in
     take = take & valid
     slot = tl.cumsum(take.to(tl.int32), 0) - 1  # ascending block order
     tl.store(OUT + row * topk + slot, blk.to(tl.int32), mask=take)
-    ks = tl.arange(0, NBP)
-    tl.store(OUT + row * topk + ks, tl.full([NBP], -1, tl.int32), mask=(ks >= n_sel) & (ks < topk))
+    tl.store(OUT + row * topk + blk, tl.full([NBP], -1, tl.int32), mask=(blk >= n_sel) & (blk < topk))  # padding
 
 
 def finish_selection_triton(score: torch.Tensor, pos: torch.Tensor, *, block_size: int, topk: int,

@@ -14,23 +14,13 @@ import torch.nn.functional as F
 
 import sparsa
 from sparsa.ops.kl import chunked, naive
+from tests.helpers import rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SPARSA_BACKEND", "triton")
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(x).any(), "NaN in output"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 def make_inputs(

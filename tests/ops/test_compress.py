@@ -10,19 +10,10 @@ from sparsa.ops.compress import (
     n_compressed,
     naive,
 )
+from tests.helpers import rel_err as rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SPARSA_BACKEND", "triton")
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_both(q, kc, vc, length, stride, cu=None, scale=None):

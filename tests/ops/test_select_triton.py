@@ -16,11 +16,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SPARSA_BACKEND", "triton")
-
-
 def reference_scores(q, k, rule, block_size, scale, length=None, stride=None, keys=None):
     """float64 block scores [B, T, Hkv, n_all] (-inf invalid) of one document."""
     q64 = q.double().cpu()

@@ -13,6 +13,7 @@ import sparsa
 from sparsa.ops.sparse_attn import naive
 from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn.index import random_selection
+from tests.helpers import rel_err as rel
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -25,12 +26,6 @@ ORDERS = ("q_outer", "kv_outer")
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all() or not torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(batch, seqlen, hkv, group, dim, dtype, dim_v=None, logit=None, seed=0):
