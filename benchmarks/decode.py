@@ -89,14 +89,15 @@ def full_depth_capacity(model, contexts, modes, layers: int, host_fraction: floa
     with torch.device("meta"):
         deep_params = sum(p.numel() for p in SparsaLM(cfg).parameters())
     here = sum(p.numel() * p.element_size() for p in model.parameters())
-    dev_free = device_available_bytes(torch.device("cuda")) + here - deep_params * 2
+    deep_bytes = deep_params * next(model.parameters()).element_size()
+    dev_free = device_available_bytes(torch.device("cuda")) + here - deep_bytes
     rows = []
     for context in contexts:
         for mode in modes:
             best, why = largest_batch(model, mode, context + 1024, host_fraction, cap, cfg=cfg, dev_free=dev_free)
             rows.append({"layers": layers, "context": context, "mode": mode, "largest_batch": best,
                          "limited_by": why["limit"], "device_free_GiB": dev_free / 2**30,
-                         "host_budget_GiB": why["host_budget_GiB"], "weights_GiB": deep_params * 2 / 2**30})
+                         "host_budget_GiB": why["host_budget_GiB"], "weights_GiB": deep_bytes / 2**30})
     return rows
 
 

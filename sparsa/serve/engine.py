@@ -467,7 +467,8 @@ class Engine:
         self._pending[layer_idx] = entry_slot
 
     def _wait(self, layer_idx: int) -> torch.Tensor:
-        slot_of = self._pending.pop(layer_idx)
+        """Entry slots of `layer_idx`'s selection; in sparda, first make the main stream wait for its copy."""
+        entry_slot = self._pending.pop(layer_idx)
         event = self.done_events[layer_idx]
         if self.mode == "sparda" and event is not None:
             main = torch.cuda.current_stream(self.device)
@@ -479,7 +480,7 @@ class Engine:
                 self._wait_events.append((a, b))
             else:
                 main.wait_event(event)
-        return slot_of
+        return entry_slot
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -18,9 +18,11 @@ import torch
 from ..ops.select.naive import topk_indices
 
 
-def _check_method(method: str) -> None:
+def _use_kernel(method: str, x: torch.Tensor, auto_ok: bool = True) -> bool:
+    """Validates `method`; True for "kernel", and for "auto" on CUDA tensors when `auto_ok`."""
     if method not in ("auto", "torch", "kernel"):
         raise ValueError(f"method must be 'auto', 'torch' or 'kernel', got {method!r}")
+    return method == "kernel" or (method == "auto" and x.is_cuda and auto_ok)
 
 
 def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int, topk: int,
@@ -29,8 +31,7 @@ def finish_selection(score: torch.Tensor, pos: torch.Tensor, *, block_size: int,
 
     method: "torch" (this reference), "kernel" (`sparsa.serve.select_kernels`, one Triton launch)
     or "auto" (the kernel for CUDA tensors)."""
-    _check_method(method)
-    if method == "kernel" or (method == "auto" and score.is_cuda):
+    if _use_kernel(method, score):
         from .select_kernels import finish_selection_triton
 
         return finish_selection_triton(score, pos, block_size=block_size, topk=topk, init_blocks=init_blocks,
@@ -52,8 +53,7 @@ def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_
     pos [R]. -> [R, H, NB] float32 (garbage where not visible; `finish_selection` masks it).
     method: "torch", "kernel" (`sparsa.serve.select_kernels`; per-row kbar of q's dtype only) or
     "auto" (the kernel for per-row kbar of q's dtype on CUDA)."""
-    _check_method(method)
-    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and q.is_cuda and q.dtype == kbar.dtype)):
+    if _use_kernel(method, q, auto_ok=q.dtype == kbar.dtype) and kbar.ndim == 4:
         from .select_kernels import ssa_scores_triton
 
         return ssa_scores_triton(q, kbar, pos, block_size=block_size, scale=scale)
@@ -76,8 +76,7 @@ def ssa_scores(q: torch.Tensor, kbar: torch.Tensor, pos: torch.Tensor, *, block_
 def forecast_scores(f: torch.Tensor, kbar: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Raw dot products f . kbar in fp32. f [R, H, D]; kbar [R, H, NB, D] or [H, NB, D] -> [R, H, NB].
     method as `ssa_scores`."""
-    _check_method(method)
-    if kbar.ndim == 4 and (method == "kernel" or (method == "auto" and f.is_cuda)):
+    if _use_kernel(method, f) and kbar.ndim == 4:
         from .select_kernels import forecast_scores_triton
 
         return forecast_scores_triton(f, kbar)
@@ -100,8 +99,7 @@ def slot_diff(selection: torch.Tensor, block_map: torch.Tensor, current: torch.T
              slot_of [B,H,K] slot of each selection entry (-1 for padding and the current block),
              hits [B,H] int64, misses [B,H] int64).
     """
-    _check_method(method)
-    if method == "kernel" or (method == "auto" and selection.is_cuda):
+    if _use_kernel(method, selection):
         from .select_kernels import slot_diff_triton
 
         return slot_diff_triton(selection, block_map, current)
@@ -139,10 +137,9 @@ def slot_update(selection: torch.Tensor, block_map: torch.Tensor, current: torch
     `totals` (int64 [2]) accumulates (hits, misses). Returns (load [B,H,S], entry_slot [B,H,K]):
     the slot of every selection entry, `current_slot` for the current block (which attention reads
     from the tail), -1 for padding. One kernel launch on CUDA instead of a dozen small ones."""
-    _check_method(method)
     if totals.shape != (2,) or totals.dtype != torch.long:
         raise ValueError(f"totals must be an int64 tensor of shape (2,), got {tuple(totals.shape)} {totals.dtype}")
-    if method == "kernel" or (method == "auto" and selection.is_cuda):
+    if _use_kernel(method, selection):
         from .select_kernels import slot_update_triton
 
         return slot_update_triton(selection, block_map, current, totals, current_slot)

@@ -85,6 +85,3 @@ class LocalitySelection:
             self._prev[layer] = selection.detach().clone()
         else:
             prev.copy_(selection)
-
-    def reset(self) -> None:
-        self._prev.clear()

@@ -830,8 +830,9 @@ def _configs(pairs):
 
 
 # (BM, BN, warps, stages); lists pruned offline with ptxas -v for sm_90 at D = 128 (no or few spills)
-# forward: the tiles of two CTAs per SM (96 KiB shared memory or less) let one CTA's GEMMs overlap
-# the other's exponentials (the kernel does two exp2 per logit, SDPA one)
+# forward: the last three fit two CTAs per SM (<= 96 KiB of shared memory), so that one CTA's GEMMs
+# could overlap another's exponentials; on the H100 the autotuner picked one of them only at 2K
+# (64 x 64, 4 warps) and 128 x 64 / 128 x 128 with 8 warps from 4K up (benchmarks/results/attention_kl_h100.md)
 _FWD_CONFIGS = _configs(
     [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
 )
