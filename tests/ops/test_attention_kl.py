@@ -444,3 +444,23 @@ def test_gpu_group_and_block_bf16():
     blk_ref.sum().backward()
     assert rel_err(blk, blk_ref) < 1e-3
     assert rel_err(f.grad, f_ref.grad) < 1e-2 and rel_err(kbar.grad, kb_ref.grad) < 1e-2
+
+
+@needs_cuda
+def test_gpu_launch_cache_repeats_and_new_shapes():
+    """Second and later launches go through sparsa.ops._launch's cache: same shapes twice, then a
+    batch of 2 with the strides of the batch-1 call (only the grid differs), then inputs whose pointer
+    is not 16-byte aligned (a new specialisation); every result is checked against the reference."""
+    g = torch.Generator().manual_seed(23)
+    for batch in (1, 1, 2, 2):
+        inputs = make_inputs(batch, 300, 300, 4, 2, 2, 64, 64, torch.float16, "cuda", 1.0, g)
+        _compare_attention_kl(inputs, causal=True, teacher_grad=False, val_tol=1e-3, grad_tol=2e-2)
+    for _ in range(2):
+        q_t, k_t, q_s, k_s = make_inputs(1, 300, 300, 4, 2, 2, 64, 64, torch.float16, "cuda", 1.0, g)
+        shifted = torch.empty(q_s.numel() + 1, dtype=q_s.dtype, device="cuda")[1:].view_as(q_s)
+        shifted.copy_(q_s)
+        assert shifted.data_ptr() % 16 != 0
+        out = sparsa.attention_kl(q_t, k_t, shifted, k_s, reduction="none")
+        ref, _, _ = naive.attention_kl(*(x.cpu().double() for x in (q_t, k_t, q_s, k_s)), causal=True,
+                                       scale_t=64**-0.5, scale_s=64**-0.5, direction="forward")
+        assert rel_err(out, ref) < 1e-3

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output, new_output_like
+from .._launch import FastLauncher
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -887,6 +888,21 @@ def _kernel(name: str, fn, configs):
     return _TUNED[name], {}
 
 
+_LAUNCHERS = {}
+
+
+def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
+    """Launches kernel `name` (runtime `args`, constexpr `consts`), through the launch cache on the GPU."""
+    kernel, meta = _kernel(name, fn, configs)
+    if _INTERPRET:
+        kernel[grid](*args, **consts, **meta)
+        return
+    launcher = _LAUNCHERS.get(name)
+    if launcher is None:
+        launcher = _LAUNCHERS[name] = FastLauncher(fn)
+    launcher(kernel, grid, args, consts, meta)
+
+
 def _tune_key(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 1 << 14)  # sizes >= 16K share one tuning
 
@@ -935,17 +951,17 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
     lse_q = lse_p if only_p else new_output_like(lse_p)
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
-    kernel, meta = _kernel("fwd", _kl_fwd_kernel, _FWD_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
-    kernel[grid](
+    args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, cu,
         *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
         *_strides3(kl), lse_p.stride(0), lse_p.stride(1),
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q),
-        DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
-        SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET, **meta,
     )
+    consts = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
+                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
+    _launch("fwd", _kl_fwd_kernel, _FWD_CONFIGS, grid, args, consts)
     return kl, lse_p, lse_q
 
 
@@ -971,14 +987,14 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
                   "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
-    kernel, meta = _kernel("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
-    kernel[grid](
+    args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
         *_strides3(dummy_p), *_strides3(dummy_q),
         n_q, n_k, n_heads, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
-        _tune_key(docs.max_q), NEED_P=need_p, NEED_Q=need_q, **common, **meta,
+        _tune_key(docs.max_q),
     )
+    _launch("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS, grid, args, dict(NEED_P=need_p, NEED_Q=need_q, **common))
     # dK: one launch when both sides are needed and share the KV grouping, else one per side
     launches = []
     if need_p and need_q and group_p == group_q:
@@ -988,15 +1004,15 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
             launches.append((False, True, n_kv_q, group_q))
         if need_p:
             launches.append((True, False, n_kv_p, group_p))
-    kernel, meta = _kernel("dk", _kl_bwd_dk_kernel, _DK_CONFIGS)
     for with_p, with_q, n_kv, group in launches:
         grid = lambda m, n_kv=n_kv: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
-        kernel[grid](
+        args = (
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
             n_q, n_k, n_kv, group, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
-            _tune_key(docs.max_q), NEED_P=with_p, NEED_Q=with_q, **common, **meta,
+            _tune_key(docs.max_q),
         )
+        _launch("dk", _kl_bwd_dk_kernel, _DK_CONFIGS, grid, args, dict(NEED_P=with_p, NEED_Q=with_q, **common))
     return dqp, dkp, dqq, dkq
 
 
@@ -1013,16 +1029,16 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
     kl = new_output((batch, n_q, n_kv), torch.float32, qt.device)
     lse_s = new_output((batch, n_kv, n_q), torch.float32, qt.device)
     cu = cu_seqlens if cu_seqlens is not None else lse_s
-    kernel, meta = _kernel("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
-    kernel[grid](
+    args = (
         qt, kt, qs, ks, lse_t, kl, lse_s, cu,
         *_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
         lse_t.stride(0), lse_t.stride(1), *_strides3(kl), lse_s.stride(0), lse_s.stride(1),
         n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, _tune_key(docs.max_q),
-        DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
-        VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET, **meta,
     )
+    consts = dict(DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
+                  VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET)
+    _launch("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS, grid, args, consts)
     return kl, lse_s, lse_t
 
 
@@ -1041,10 +1057,10 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
             lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
     scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s, _tune_key(docs.max_q))
-    kernel, meta = _kernel("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS)
     grid = lambda m: (triton.cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
-    kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales, **common, **meta)
-    kernel, meta = _kernel("group_dk", _group_bwd_dk_kernel, _GROUP_DK_CONFIGS)
+    _launch("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS, grid,
+            (qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales), common)
     grid = lambda m: (triton.cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
-    kernel[grid](qt, kt, qs, ks, lse_t, lse_s, grad, dks, cu, *args, *_strides3(dks), *scales, **common, **meta)
+    _launch("group_dk", _group_bwd_dk_kernel, _GROUP_DK_CONFIGS, grid,
+            (qt, kt, qs, ks, lse_t, lse_s, grad, dks, cu, *args, *_strides3(dks), *scales), common)
     return dqs, dks

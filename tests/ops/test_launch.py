@@ -1,0 +1,83 @@
+"""FastLauncher (sparsa/ops/_launch.py) with a stand-in for Triton's jit function and compiled kernel."""
+import torch
+
+from sparsa.ops._launch import FastLauncher
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, dims):
+        return lambda *args: self.log.append(("fast", dims, args))
+
+
+class FakeKernel:
+    """Plays `kernel[grid](*args, **kwargs)`: records the call, returns a compiled kernel."""
+
+    arg_names = ["x", "n", "scale", "FLAG", "BM"]
+
+    def __init__(self, best=None):
+        self.log = []
+        self.compiles = 0
+        if best is not None:
+            self.best_config = type("Config", (), {"kwargs": best})()
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles += 1
+            self.log.append(("triton", grid(kwargs if "BM" in kwargs else self.best_config.kwargs), args, kwargs))
+            return FakeCompiled(self.log)
+
+        return run
+
+
+def _launcher(kernel):
+    return FastLauncher(kernel, device=lambda: 0)
+
+
+def test_second_identical_launch_skips_triton_and_passes_constexprs_in_order():
+    kernel = FakeKernel()
+    launch = _launcher(kernel)
+    x = torch.zeros(64)
+    rows = [10]
+    grid = lambda m: (rows[0] // m["BM"],)
+    launch(kernel, grid, (x, 7, 0.5), {"FLAG": True}, {"BM": 2, "num_warps": 4})
+    rows[0] = 20  # the grid is evaluated again on every launch
+    launch(kernel, grid, (x, 7, 0.25), {"FLAG": True}, {"BM": 2, "num_warps": 4})
+    assert kernel.compiles == 1
+    assert kernel.log[0][0] == "triton" and kernel.log[0][1] == (5,)
+    assert kernel.log[1] == ("fast", (10, 1, 1), (x, 7, 0.25, True, 2))
+
+
+def test_anything_triton_specialises_on_is_a_new_launch():
+    kernel = FakeKernel()
+    launch = _launcher(kernel)
+    grid = lambda m: (1,)
+    x = torch.zeros(64)
+    calls = [
+        ((x, 7, 0.5), {"FLAG": True}),
+        ((x, 8, 0.5), {"FLAG": True}),  # another integer value
+        ((x, True, 0.5), {"FLAG": True}),  # a bool is not the integer 1
+        ((x.double(), 8, 0.5), {"FLAG": True}),  # dtype
+        ((x[1:], 8, 0.5), {"FLAG": True}),  # 16-byte alignment of the pointer
+        ((x, 8, 0.5), {"FLAG": False}),  # a constexpr
+    ]
+    for args, consts in calls:
+        launch(kernel, grid, args, consts, {"BM": 1})
+    assert kernel.compiles == len(calls)
+    for args, consts in calls:
+        launch(kernel, grid, args, consts, {"BM": 1})
+    assert kernel.compiles == len(calls)
+    assert [e[0] for e in kernel.log[len(calls):]] == ["fast"] * len(calls)
+
+
+def test_autotuned_kernel_reuses_the_config_it_ran_with():
+    kernel = FakeKernel(best={"BM": 4})
+    launch = _launcher(kernel)
+    x = torch.zeros(64)
+    grid = lambda m: (16 // m["BM"], 3)
+    launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {})
+    launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {})
+    assert kernel.compiles == 1
+    assert kernel.log[1] == ("fast", (4, 3, 1), (x, 7, 0.5, False, 4))
