@@ -301,9 +301,11 @@ class Engine:
                     h = h * gate.to(h.dtype)
                 xs = x[:, s:e] + attn.o_proj(h.reshape(1, e - s, -1))
                 x[:, s:e] = xs + layer.mlp(layer.mlp_norm(xs))
-            if off:
-                cache.host_k[layer_idx][b, :, :nb_used].copy_(pool_k[0, :, :nb_used], non_blocking=True)
-                cache.host_v[layer_idx][b, :, :nb_used].copy_(pool_v[0, :, :nb_used], non_blocking=True)
+            if off:  # one contiguous copy per head: PyTorch copies a strided [H, nb_used] view to the host
+                # through a pageable staging tensor and a CPU copy, synchronously
+                for h in range(self.n_kv):
+                    cache.host_k[layer_idx][b, h, :nb_used].copy_(pool_k[0, h, :nb_used], non_blocking=True)
+                    cache.host_v[layer_idx][b, h, :nb_used].copy_(pool_v[0, h, :nb_used], non_blocking=True)
                 cur = (seqlen - 1) // bs
                 cache.tail_k[layer_idx][b].copy_(pool_k[0, :, cur])
                 cache.tail_v[layer_idx][b].copy_(pool_v[0, :, cur])
