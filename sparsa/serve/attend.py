@@ -121,6 +121,32 @@ if triton is not None:
         tl.store(l_ptr + base * BG + g, l_i)
 
 
+    @triton.jit
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, s_or, s_oh,
+                        H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+                        N_SPLITS: tl.constexpr, BSPLIT: tl.constexpr):
+        """out[r, h*G + g] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max_s m_s) (0 for empty splits)."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, BSPLIT)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        base = (r * H + h) * N_SPLITS
+        split_ok = (sp < N_SPLITS)[:, None]
+        m = tl.load(m_ptr + (base + sp)[:, None] * BG + g[None, :], mask=split_ok, other=float("-inf"))  # [S, BG]
+        l = tl.load(l_ptr + (base + sp)[:, None] * BG + g[None, :], mask=split_ok, other=0.0)
+        big = tl.max(m, axis=0)
+        big = tl.where(big == float("-inf"), 0.0, big)
+        den = tl.sum(tl.exp(m - big[None, :]) * l, axis=0)  # [BG]
+        num = tl.zeros([BG, D], tl.float32)
+        for s in range(N_SPLITS):
+            w = tl.exp(tl.load(m_ptr + (base + s) * BG + g) - big)  # exp(-inf) = 0 for an empty split
+            num += w[:, None] * tl.load(acc_ptr + ((base + s) * BG + g)[:, None] * D + d[None, :])
+        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(out_ptr + r.to(tl.int64) * s_or + (h * G + g)[:, None] * s_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+
+
 def _pow2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
@@ -163,14 +189,10 @@ def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
-    m, l, acc = m[..., :group], l[..., :group], acc[..., :group, :]
-    big = m.amax(dim=2, keepdim=True)
-    w = torch.exp(m - torch.where(torch.isinf(big), torch.zeros_like(big), big))
-    w = torch.where(torch.isinf(m), torch.zeros_like(w), w)
-    num = (w[..., None] * acc).sum(dim=2)
-    den = (w * l).sum(dim=2)
-    out = num / torch.where(den == 0, torch.ones_like(den), den)[..., None]
-    return out.reshape(rows, n_heads_q, head_dim).to(q.dtype)
+    out = torch.empty(rows, n_heads_q, head_dim, dtype=q.dtype, device=dev)
+    _combine_kernel[(rows, n_heads_kv)](acc, m, l, out, out.stride(0), out.stride(1), H=n_heads_kv, G=group, BG=bg,
+                                        D=head_dim, N_SPLITS=n_splits, BSPLIT=max(2, _pow2(n_splits)), num_warps=4)
+    return out
 
 
 def block_attention(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float, shared: bool = False,
