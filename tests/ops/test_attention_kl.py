@@ -464,3 +464,14 @@ def test_gpu_launch_cache_repeats_and_new_shapes():
         ref, _, _ = naive.attention_kl(*(x.cpu().double() for x in (q_t, k_t, q_s, k_s)), causal=True,
                                        scale_t=64**-0.5, scale_s=64**-0.5, direction="forward")
         assert rel_err(out, ref) < 1e-3
+
+
+def test_launch_arithmetic_helpers_match_triton():
+    triton = pytest.importorskip("triton")
+    from sparsa.ops.kl import triton_ops
+
+    for n in range(0, 3000):
+        assert triton_ops._pow2(n) == triton.next_power_of_2(max(n, 1))
+        for b in (1, 16, 64, 128):
+            assert triton_ops._cdiv(n, b) == triton.cdiv(n, b)
+    assert triton_ops._tune_key(100_000) == 1 << 14 and triton_ops._pad_dim(40) == 64
