@@ -262,6 +262,24 @@ def check_no_sync():
     return None
 
 
+@check("generate(cuda_graph=True) == eager generate: same tokens and counters (sparse, offload, sparda, bf16)")
+def check_generate_graph():
+    model = small_model(torch.bfloat16, seed=9)
+    prompts, _ = data(9, (380, 120), 1)
+    out = {}
+    for mode in ("sparse", "offload", "sparda"):
+        runs = {}
+        for graph in (False, True):
+            eng = Engine(model, mode=mode, max_batch=2, prefill_chunk=256)
+            runs[graph] = eng.generate(prompts, max_new_tokens=40, cuda_graph=graph)
+            eng.close()
+        assert runs[True].tokens == runs[False].tokens, f"{mode}: tokens differ"
+        for key in ("decode_steps", "block_lookups", "block_hits"):
+            assert runs[True].counters[key] == runs[False].counters[key], (mode, key)
+        out[mode] = {"decode_s_eager": round(runs[False].decode_s, 3), "decode_s_graph": round(runs[True].decode_s, 3)}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -270,8 +288,8 @@ def main():
         print("no GPU: nothing to check")
         return 0
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    for fn in (check_gather, check_attention, check_exact, check_forward, check_bf16, check_graph, check_no_sync,
-               check_gather_speed):
+    for fn in (check_gather, check_attention, check_exact, check_forward, check_bf16, check_graph, check_generate_graph,
+               check_no_sync, check_gather_speed):
         fn()
         torch.cuda.empty_cache()
     if args.out:

@@ -593,3 +593,61 @@ def test_slot_update_is_slot_diff_in_place(method):
         bm_ref = new_map
     with pytest.raises(ValueError, match="totals"):
         slot_update(sel, bm_ref, cur, torch.zeros(3, dtype=torch.long))
+
+
+class _ReplayByEagerStep:
+    """Stand-in for a captured CUDA graph on the CPU: a replay runs the engine's decode step on the
+    static tokens (the GPU work a replay would do) and leaves the host-side step counters untouched
+    (a replay runs no Python); the capture only advances those counters (it runs the Python, not the
+    kernels)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def capture(self, static):
+        self.static = static
+        self.logits = torch.full((static.shape[0], self.engine.model.config.vocab_size), float("nan"))
+        self.engine._step += 1
+        self.engine._decode_steps += 1
+        return self, self.logits
+
+    def replay(self):
+        eng = self.engine
+        counters = (eng._step, eng._decode_steps)
+        self.logits.copy_(eng.decode_step(self.static))
+        eng._step, eng._decode_steps = counters
+
+
+@pytest.mark.parametrize("mode", ["sparse", "sparda"])
+def test_graphed_decode_steps_match_eager_steps(mode):
+    """GraphedDecode (generate(cuda_graph=True)): eager warm-up steps, one capture, replays with the new
+    tokens copied in; logits and counters equal plain decode steps."""
+    from sparsa.serve.engine import GraphedDecode
+
+    model = make_model(4, forecasts=mode == "sparda")
+    prompts, cont = batch_data(seed=5, lengths=(40, 23), n_new=9)
+    eager = Engine(model, mode=mode, max_batch=2, prefill_chunk=16)
+    graphed = Engine(model, mode=mode, max_batch=2, prefill_chunk=16)
+    eager.prefill(prompts)
+    graphed.prefill(prompts)
+    fake = _ReplayByEagerStep(graphed)
+    decode = GraphedDecode(graphed, warmup=2, capture=fake.capture)
+    for i in range(cont.shape[1]):
+        ref = eager.decode_step(cont[:, i])
+        got = decode(cont[:, i].clone())
+        assert torch.equal(got, ref), (i, (got - ref).abs().max())
+    assert decode.eager_steps == 2 and decode.graph is fake
+    assert graphed.counters()["decode_steps"] == eager.counters()["decode_steps"] == cont.shape[1]
+    assert graphed._step == eager._step
+    decode.close()
+    assert graphed.graph is None and decode.graph is None
+
+
+def test_generate_cuda_graph_bad_requests():
+    model = make_model(4)
+    eng = Engine(model, mode="sparse", max_batch=1, prefill_chunk=16)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        eng.generate([[1, 2, 3]], max_new_tokens=2, cuda_graph="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            eng.generate([[1, 2, 3]], max_new_tokens=2, cuda_graph=True)

@@ -24,6 +24,8 @@ def add_generate_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda)")
     p.add_argument("--stats", action="store_true", help="print the engine counters as JSON to stderr")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decode step from a CUDA graph (CUDA; modes sparse, offload, sparda)")
 
 
 def load_text_tokenizer(checkpoint, vocab_size: int):
@@ -77,7 +79,8 @@ def cmd_generate(args) -> int:
         out.flush()
 
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, stop_tokens=stops, on_step=on_step)
+                             top_p=args.top_p, seed=args.seed, stop_tokens=stops, on_step=on_step,
+                             cuda_graph=args.cuda_graph)
     out.write(tok.decode(generated)[shown[0]:] + "\n")
     for i, row in enumerate(result.tokens[1:], start=1):
         out.write(f"[{i}] {args.prompt[i]}{tok.decode(row)}\n")

@@ -67,6 +67,40 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
     return (probs / noise).argmax(dim=-1)
 
 
+class GraphedDecode:
+    """Decode steps for `Engine.generate(cuda_graph=True)`: the first `warmup` steps run eagerly, the
+    next one is captured in a CUDA graph (`capture`, default `engine.capture_graph`) and every step from
+    then on is a replay with the new tokens copied into the graph's static input: the same kernels
+    without the per-step Python and launch cost. Capturing records a step without running it, so the
+    step is replayed right after; the engine's host-side step counters are kept as in eager decoding."""
+
+    def __init__(self, engine: "Engine", warmup: int = 2, capture=None):
+        self.engine, self.warmup, self.eager_steps = engine, warmup, 0
+        self.capture = capture or (lambda tokens: engine.capture_graph(tokens, warmup=0))
+        self.graph = self.static = self.logits = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        eng = self.engine
+        if self.eager_steps < self.warmup:
+            self.eager_steps += 1
+            return eng.decode_step(tokens)
+        if self.graph is None:
+            self.static = tokens.clone()
+            self.graph, self.logits = self.capture(self.static)
+            eng._step -= 1  # the capture ran decode_step's Python, not its kernels
+            eng._decode_steps -= 1
+        else:
+            self.static.copy_(tokens)
+        self.graph.replay()
+        eng._step += 1
+        eng._decode_steps += 1
+        return self.logits
+
+    def close(self) -> None:
+        self.graph = self.static = self.logits = None
+        self.engine.graph = None
+
+
 class Engine:
     def __init__(self, model, *, mode: str = "sparse", max_batch: int = 1, max_len: int | None = None,
                  topk: int | None = None, prefill_chunk: int = 512, gather: str = "auto", check_every: int = 32,
@@ -487,13 +521,23 @@ class Engine:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop_tokens=(), on_step=None) -> GenerationResult:
+                 seed: int | None = None, stop_tokens=(), on_step=None, cuda_graph: bool = False) -> GenerationResult:
         """Prefill `prompts` (lists of token ids, lengths may differ), then decode.
 
         temperature 0 = greedy; top_p in (0, 1] nucleus sampling; seed makes sampling reproducible;
         a sequence stops after emitting one of `stop_tokens`. `on_step(step, tokens [B] on the
         device)` is called after every sampled token (for streaming; reading it synchronises).
+        cuda_graph=True (CUDA; modes sparse, offload, sparda): after two eager steps the decode step
+        is captured once and replayed (`GraphedDecode`).
         """
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if cuda_graph and not self.cuda:
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        if cuda_graph and self.mode == "dense":
+            raise ValueError("cuda_graph=True supports the modes sparse, offload and sparda, not dense")
+        if cuda_graph and (self.record is not None or self.replay is not None):
+            raise ValueError("cuda_graph=True cannot record or replay selections (they need Python per step)")
         if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -514,6 +558,7 @@ class Engine:
         out = torch.full((batch, max(max_new_tokens, 1)), -1, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         steps = 0
+        decode = GraphedDecode(self) if cuda_graph else self.decode_step
         for step in range(max_new_tokens):
             token = sample_tokens(logits, temperature, top_p, generator)
             token = torch.where(finished, torch.full_like(token, -1), token)
@@ -526,10 +571,12 @@ class Engine:
                 break
             if self.check_every and (step + 1) % self.check_every == 0 and bool(finished.all()):
                 break
-            logits = self.decode_step(torch.where(token < 0, torch.zeros_like(token), token))
+            logits = decode(torch.where(token < 0, torch.zeros_like(token), token))
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
+        if cuda_graph:
+            decode.close()
         rows = []
         for r in out[:, :steps].tolist():
             kept = []
