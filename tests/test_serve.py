@@ -33,6 +33,19 @@ def make_config(**kw):
     return ModelConfig(**base)
 
 
+def _kernels_runnable() -> bool:
+    """Triton kernels run here: triton importable and a GPU or the interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+KERNELS_OK = _kernels_runnable()
+needs_kernels = pytest.mark.skipif(not KERNELS_OK, reason="needs triton (GPU or interpreter)")
+
+
 class StandInForecast(nn.Module):
     """Contract stand-in: f = RoPE(W u) [B, T, Hkv, D]."""
 
@@ -259,8 +272,8 @@ def test_bad_requests_raise_clear_errors():
 
 @pytest.mark.parametrize("method", ["torch", "kernel"])
 def test_slot_diff_keeps_resident_blocks(method):
-    if method == "kernel" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if method == "kernel" and not KERNELS_OK:
+        pytest.skip("needs triton (GPU or interpreter)")
     g = torch.Generator().manual_seed(0)
     b, h, k = 3, 2, 6
     bm = torch.full((b, h, k), -1, dtype=torch.long)
@@ -318,17 +331,7 @@ def test_gather_and_write_paths_agree():
     assert torch.equal(host_k[1, :, 8, 7], kn[1]) and torch.equal(host_v[0, :, 0, 5], vn[0])
 
 
-def _interpreter_ok():
-    import os
-
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs triton (GPU or interpreter)")
+@needs_kernels
 def test_triton_kernels_match_references():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -392,7 +395,7 @@ def test_cli_generate_streams_text(tmp_path, capsys):
         assert "hit_rate" in captured.err
 
 
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs triton (GPU or interpreter)")
+@needs_kernels
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="CPU model through the Triton interpreter; on a GPU scripts/gpu_serve.py covers these paths")
 def test_engine_kernel_paths_match_reference_paths():
@@ -479,9 +482,8 @@ def test_locality_selection_sets_retention_and_keeps_modes_exact():
     assert 0.55 < share < 0.95, share
 
 
+@needs_kernels
 def test_slot_diff_kernel_matches_reference_at_engine_sizes():
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(3)
     b, h, k, n_blocks = 2, 3, 96, 400  # selections are built on the CPU, then moved
@@ -512,9 +514,8 @@ def test_slot_diff_kernel_matches_reference_at_engine_sizes():
 
 
 @pytest.mark.parametrize("n_blocks,topk", [(37, 8), (5, 8), (300, 96)])
+@needs_kernels
 def test_finish_selection_kernel_matches_reference(n_blocks, topk):
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     from sparsa.serve.select import finish_selection
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -536,9 +537,8 @@ def test_finish_selection_kernel_matches_reference(n_blocks, topk):
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 24), (4, 32)])
+@needs_kernels
 def test_score_kernels_match_references(group, head_dim):
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     from sparsa.serve.select import forecast_scores, ssa_scores
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -565,8 +565,8 @@ def test_score_kernels_match_references(group, head_dim):
 
 @pytest.mark.parametrize("method", ["torch", "kernel"])
 def test_slot_update_is_slot_diff_in_place(method):
-    if method == "kernel" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if method == "kernel" and not KERNELS_OK:
+        pytest.skip("needs triton (GPU or interpreter)")
     from sparsa.serve.select import slot_update
 
     dev = "cuda" if method == "kernel" and torch.cuda.is_available() else "cpu"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._intmath import next_pow2
+
 try:  # triton is optional on CPU-only installs
     import triton
     import triton.language as tl
@@ -147,18 +149,14 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
-def _pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int, scale: float,
                            shared: bool = False, tail_k=None, tail_v=None, n_splits: int | None = None) -> torch.Tensor:
     rows, n_heads_q, head_dim = q.shape
     n_heads_kv, n_entries = idx.shape[1], idx.shape[2]
     group = n_heads_q // n_heads_kv
-    if head_dim != _pow2(head_dim) or block_size != _pow2(block_size) or block_size < 16:
+    if head_dim != next_pow2(head_dim) or block_size != next_pow2(block_size) or block_size < 16:
         raise ValueError("the Triton block attention needs power-of-two head_dim and block_size >= 16")
-    bg = max(16, _pow2(group))
+    bg = max(16, next_pow2(group))
     if n_splits is None:
         programs = rows * n_heads_kv
         n_splits = 1 if programs >= 256 else min(n_entries, max(1, 512 // max(programs, 1)))
@@ -191,7 +189,7 @@ def block_attention_triton(q, pool_k, pool_v, idx, blk, pos, *, block_size: int,
     )
     out = torch.empty(rows, n_heads_q, head_dim, dtype=q.dtype, device=dev)
     _combine_kernel[(rows, n_heads_kv)](acc, m, l, out, out.stride(0), out.stride(1), H=n_heads_kv, G=group, BG=bg,
-                                        D=head_dim, N_SPLITS=n_splits, BSPLIT=max(2, _pow2(n_splits)), num_warps=4)
+                                        D=head_dim, N_SPLITS=n_splits, BSPLIT=max(2, next_pow2(n_splits)), num_warps=4)
     return out
 
 

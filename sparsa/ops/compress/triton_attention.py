@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._checks import doc_spans
+from .._intmath import next_pow2
 from ..select import _interpreter_compat  # noqa: F401  (CPU interpreter fix, tests only)
 
 LOG2E = 1.4426950408889634
@@ -262,10 +263,6 @@ def _bwd_dkv_kernel(
                  mask=v_mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _documents(seqlen, n_keys, cu_seqlens, key_cu_seqlens):
     """[(q_start, q_len, k_start, k_len)] of each document."""
     if cu_seqlens is None:
@@ -296,7 +293,7 @@ GPU_CONFIG_WIDE = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkv": (32, 32, 
 
 
 def _config(q, head_dim, dv, kernel: str):
-    block_d, block_dv = max(16, _next_pow2(head_dim)), max(16, _next_pow2(dv))
+    block_d, block_dv = max(16, next_pow2(head_dim)), max(16, next_pow2(dv))
     if not q.is_cuda:  # CPU interpreter: few large tiles
         return dict(BM=64, BN=64, BD=block_d, BDV=block_dv), dict(num_warps=4, num_stages=1)
     table = GPU_CONFIG_WIDE if max(block_d, block_dv) > 128 else GPU_CONFIG

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output, new_output_like
+from .._intmath import cdiv, next_pow2
 from .._launch import FastLauncher
 
 LOG2E = 1.4426950408889634
@@ -903,19 +904,8 @@ def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
     launcher(kernel, grid, args, consts, meta)
 
 
-# plain-int helpers: triton.cdiv / next_power_of_2 are constexpr functions in Triton 3.6, several
-# microseconds per host call, and the grid is evaluated on every launch
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 def _tune_key(n: int) -> int:
-    return min(_pow2(n), 1 << 14)  # sizes >= 16K share one tuning
+    return min(next_pow2(n), 1 << 14)  # sizes >= 16K share one tuning
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -923,7 +913,7 @@ def _prec(x: torch.Tensor) -> str:
 
 
 def _pad_dim(d: int) -> int:
-    return max(16, _pow2(d))
+    return max(16, next_pow2(d))
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -962,7 +952,7 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
     lse_q = lse_p if only_p else new_output_like(lse_p)
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
-    grid = lambda m: (_cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
+    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, cu,
         *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
@@ -998,7 +988,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
                   "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
-    grid = lambda m: (_cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
+    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
         *_strides3(dummy_p), *_strides3(dummy_q),
@@ -1016,7 +1006,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
         if need_p:
             launches.append((True, False, n_kv_p, group_p))
     for with_p, with_q, n_kv, group in launches:
-        grid = lambda m, n_kv=n_kv: (_cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
+        grid = lambda m, n_kv=n_kv: (cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
         args = (
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
@@ -1040,7 +1030,7 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
     kl = new_output((batch, n_q, n_kv), torch.float32, qt.device)
     lse_s = new_output((batch, n_kv, n_q), torch.float32, qt.device)
     cu = cu_seqlens if cu_seqlens is not None else lse_s
-    grid = lambda m: (_cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
+    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     args = (
         qt, kt, qs, ks, lse_t, kl, lse_s, cu,
         *_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
@@ -1068,10 +1058,10 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
             lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
     scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s, _tune_key(docs.max_q))
-    grid = lambda m: (_cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
+    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     _launch("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS, grid,
             (qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales), common)
-    grid = lambda m: (_cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
+    grid = lambda m: (cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
     _launch("group_dk", _group_bwd_dk_kernel, _GROUP_DK_CONFIGS, grid,
             (qt, kt, qs, ks, lse_t, lse_s, grad, dks, cu, *args, *_strides3(dks), *scales), common)
     return dqs, dks

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._checks import doc_spans
+from .._intmath import next_pow2
 from . import _interpreter_compat  # noqa: F401  (CPU interpreter fix, tests only)
 
 LOG2E = 1.4426950408889634
@@ -249,10 +250,6 @@ def pool_keys(k: torch.Tensor, length: int, stride: int, cu_seqlens=None) -> tor
     return torch.cat([pool(k[:, s:e]) for s, e in doc_spans(cu_seqlens)], dim=1)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _tiles(doc_q: list[tuple[int, int]], doc_k: list[tuple[int, int]], block_m: int, device):
     """Per-tile metadata: (tile start local, doc q start, doc q len, doc key start, doc key count) int32."""
     cols = [[], [], [], [], []]
@@ -280,14 +277,14 @@ def select_blocks_triton(q, keys, *, block_size, topk, init_blocks, local_blocks
     out = torch.full((batch, seqlen, n_heads_kv, topk), -2, dtype=torch.int32, device=q.device)
 
     interpret = not q.is_cuda
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     cfg = dict(INTERPRETER_CONFIG if interpret else GPU_CONFIG_BY_GROUP.get(group_pad, GPU_CONFIG))
     block_m = max(cfg["rows"] // group_pad, 1)
     block_m = max(block_m, 16 // group_pad if group_pad < 16 else 1)
-    kp = max(16, _next_pow2(topk))
+    kp = max(16, next_pow2(topk))
     block_c = kp * cfg["nsub"]  # blocks per scoring step
     block_k = 32 if interpret else 64
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     tl_sort = cfg["tl_sort"] if tl_sort is None else tl_sort
     num_warps = cfg["warps"] or (8 if block_m * group_pad > 64 else 4)
 

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch)
 from .._alloc import new_output
+from .._intmath import next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -114,7 +115,7 @@ def _q_outer_fwd_kernel(
 
 
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, next_pow2(x))
 
 
 def precision_for(dtype: torch.dtype) -> str:
