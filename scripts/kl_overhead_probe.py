@@ -6,6 +6,8 @@ For each size: host enqueue time per call (forward, forward+backward; 200 calls,
 inside the loop), `do_bench` medians, a CUDA-graph replay of the forward (pure GPU time), the same
 for SDPA, and the launch cost of an empty Triton kernel with as many arguments as the forward.
 With --profile, a cProfile of 200 forward+backward calls at the first size (top rows by own time).
+With --trace, a torch.profiler table of 20 forward+backward calls at the first size: GPU time per
+kernel and host time per op, and the host time of the backward's pieces called directly.
 """
 import argparse
 import cProfile
@@ -56,6 +58,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="2048,4096,8192")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--trace", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     x = torch.zeros(1, device="cuda")
@@ -93,6 +96,8 @@ def main():
                 with torch.no_grad():
                     graph = f", graph replay {graph_ms(fn):.3f} ms"
             print(f"N={n} {name}: host {host:.3f} ms/call, do_bench {bench:.3f} ms{graph}", flush=True)
+    if args.trace:
+        trace(sizes[0])
     if args.profile:
         n = sizes[0]
         q_t, k_t, q_s, k_s = (torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -109,6 +114,45 @@ def main():
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
         print(s.getvalue()[:6000])
+
+
+def trace(n):
+    from sparsa.ops.kl import triton_ops
+
+    q_t, k_t, q_s, k_s = (torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+
+    def fwd_bwd():
+        q_s.grad = k_s.grad = None
+        sparsa.attention_kl(q_t, k_t, q_s, k_s).backward()
+
+    for _ in range(5):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(20):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=50))
+    scale = 128**-0.5
+    kl, lse_p, lse_q = triton_ops.kl_forward(q_t, k_t, q_s.detach(), k_s.detach(), causal=True,
+                                              scale_p=scale, scale_q=scale)
+    grad = torch.ones((), device="cuda").expand(kl.shape)
+    pieces = {
+        "kl_forward (launch only)": lambda: triton_ops.kl_forward(
+            q_t, k_t, q_s, k_s, causal=True, scale_p=scale, scale_q=scale),
+        "kl_backward (2 launches)": lambda: triton_ops.kl_backward(
+            q_t, k_t, q_s, k_s, kl, lse_p, lse_q, grad, causal=True, scale_p=scale, scale_q=scale,
+            need_p=False, need_q=True),
+        "attention_kl (no grad)": lambda: sparsa.attention_kl(q_t, k_t, q_s.detach(), k_s.detach()),
+        "attention_kl fwd (grad)": lambda: sparsa.attention_kl(q_t, k_t, q_s, k_s),
+        "fwd+bwd": fwd_bwd,
+    }
+    for name, fn in pieces.items():
+        print(f"N={n} host {name}: {host_ms(fn):.3f} ms/call", flush=True)
 
 
 if __name__ == "__main__":

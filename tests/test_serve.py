@@ -651,3 +651,5 @@ def test_generate_cuda_graph_bad_requests():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             eng.generate([[1, 2, 3]], max_new_tokens=2, cuda_graph=True)
+        # the default (None) switches the graph on only where it applies: eager on the CPU
+        assert eng.generate([[1, 2, 3]], max_new_tokens=3).steps == 3

@@ -4,6 +4,7 @@ Text is UTF-8 bytes for sparsa checkpoints (vocab 256); checkpoints converted fr
 `sparsa convert` carry their tokenizer in `<checkpoint>/tokenizer` and stop at its EOS token."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -24,8 +25,9 @@ def add_generate_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda)")
     p.add_argument("--stats", action="store_true", help="print the engine counters as JSON to stderr")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the decode step from a CUDA graph (CUDA; modes sparse, offload, sparda)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decode step from a CUDA graph (default: on for CUDA in modes sparse, "
+                        "offload, sparda; --no-cuda-graph: eager steps)")
 
 
 def load_text_tokenizer(checkpoint, vocab_size: int):

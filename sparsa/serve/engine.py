@@ -521,17 +521,21 @@ class Engine:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop_tokens=(), on_step=None, cuda_graph: bool = False) -> GenerationResult:
+                 seed: int | None = None, stop_tokens=(), on_step=None,
+                 cuda_graph: bool | None = None) -> GenerationResult:
         """Prefill `prompts` (lists of token ids, lengths may differ), then decode.
 
         temperature 0 = greedy; top_p in (0, 1] nucleus sampling; seed makes sampling reproducible;
         a sequence stops after emitting one of `stop_tokens`. `on_step(step, tokens [B] on the
         device)` is called after every sampled token (for streaming; reading it synchronises).
         cuda_graph=True (CUDA; modes sparse, offload, sparda): after two eager steps the decode step
-        is captured once and replayed (`GraphedDecode`).
+        is captured once and replayed (`GraphedDecode`). None (default): on wherever it applies
+        (CUDA, not dense, no selection record/replay); False: eager steps.
         """
-        if not isinstance(cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
+        if cuda_graph is None:
+            cuda_graph = self.cuda and self.mode != "dense" and self.record is None and self.replay is None
         if cuda_graph and not self.cuda:
             raise ValueError("cuda_graph=True needs a CUDA device")
         if cuda_graph and self.mode == "dense":
