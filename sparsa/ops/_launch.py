@@ -9,6 +9,10 @@ then remembers the compiled kernel and the meta-parameters it ran with, keyed by
 Triton specialises on: each tensor's dtype and 16-byte alignment, the exact value and type of each
 integer or bool, and the constexprs. Later calls with the same key go straight to the compiled kernel.
 Floats are passed through (Triton does not specialise them). `SPARSA_FAST_LAUNCH=0` turns it off.
+
+A cached launch calls the compiled kernel's C launcher directly with the current stream when no launch
+hooks are registered (Triton's own `compiled[grid](...)` builds launch metadata and calls two empty hook
+chains on every launch); with hooks (a profiler), it goes through `compiled[grid]`.
 """
 from __future__ import annotations
 
@@ -32,12 +36,46 @@ def _dims(grid: tuple) -> tuple:
     return tuple(grid) + (1,) * (3 - len(grid))
 
 
+def _no_hooks(hook) -> bool:
+    """A launch hook that does nothing: None or an empty `triton.knobs.HookChain`."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _launch_hooks_idle() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # older Triton: no knobs module, keep the standard path
+        return False
+    return _no_hooks(knobs.runtime.launch_enter_hook) and _no_hooks(knobs.runtime.launch_exit_hook)
+
+
+def _direct_runner(compiled, stream_of=None):
+    """The C launcher of a compiled kernel, or None where this Triton's CompiledKernel differs.
+    stream_of(device) -> the raw current stream (default: Triton's driver, which asks PyTorch)."""
+    try:
+        if stream_of is None:
+            from triton.runtime.driver import driver
+
+            stream_of = driver.active.get_current_stream
+        run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+    if not callable(run):
+        return None
+
+    def launch(device, dims, args):
+        run(*dims, stream_of(device), function, packed, None, None, None, *args)
+
+    return launch
+
+
 class FastLauncher:
     """Launch cache for one `@triton.jit` function (see the module docstring)."""
 
-    def __init__(self, fn, max_entries: int = 1024, device=None):
+    def __init__(self, fn, max_entries: int = 1024, device=None, stream_of=None):
         self.param_names = list(fn.arg_names)
         self.device = device or torch.cuda.current_device  # Triton launches on the current device
+        self.stream_of = stream_of  # None: Triton's driver (tests pass a stand-in)
         self.max_entries = max_entries
         self._cache: dict = {}
 
@@ -48,11 +86,16 @@ class FastLauncher:
         if not ENABLED:
             kernel[grid](*args, **consts, **meta)
             return
-        key = (self.device(), *map(arg_key, args), *consts.items())
+        device = self.device()
+        key = (device, *map(arg_key, args), *consts.items())
         hit = self._cache.get(key)
         if hit is not None:
-            compiled, chosen, tail = hit
-            compiled[_dims(grid(chosen))](*args, *tail)  # the grid may depend on shapes outside the key
+            compiled, chosen, tail, direct = hit
+            dims = _dims(grid(chosen))  # the grid may depend on shapes outside the key
+            if direct is not None and _launch_hooks_idle():
+                direct(device, dims, (*args, *tail))
+            else:
+                compiled[dims](*args, *tail)
             return
         compiled = kernel[grid](*args, **consts, **meta)
         chosen = dict(meta)
@@ -64,4 +107,5 @@ class FastLauncher:
             return  # an unexpected signature: keep launching through Triton
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
-        self._cache[key] = (compiled, chosen, tuple(values[n] for n in self.param_names[len(args):]))
+        tail = tuple(values[n] for n in self.param_names[len(args):])
+        self._cache[key] = (compiled, chosen, tail, _direct_runner(compiled, self.stream_of))

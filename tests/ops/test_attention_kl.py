@@ -349,20 +349,37 @@ def test_triton_group_attention_kl_matches_reference(triton_backend, case):
 
 
 @needs_triton
-def test_triton_scalar_reductions_and_stride0_grad(triton_backend):
+@pytest.mark.parametrize("op", ["attention", "attention_reverse_teacher_grad", "group"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n_q", [30, 37])  # 37 > N_K = 30: 7 fully masked rows, the mean excludes them
+def test_triton_scalar_reductions_and_stride0_grad(triton_backend, op, reduction, n_q):
+    """The reductions inside the autograd functions: value, and gradients of a scaled loss (the upstream
+    gradient reaches the kernels as a stride-0 view of a 0-d tensor, the 1/n of the mean as a factor)."""
     g = torch.Generator().manual_seed(15)
-    inputs = make_inputs(1, 30, 30, 2, 1, 1, 16, 16, torch.float32, DEVICE, 1.0, g)
-    q_s = inputs[2].clone().requires_grad_()
-    loss = sparsa.attention_kl(inputs[0], inputs[1], q_s, inputs[3])  # mean: backward passes a stride-0 grad
-    loss.backward()
-    ref_in = [x.cpu().double() for x in inputs]
-    ref_in[2].requires_grad_()
+    inputs = make_inputs(2, n_q, 30, 4, 2, 2 if op == "group" else 1, 16, 8, torch.float32, DEVICE, 1.5, g)
+    if op == "group":  # one student head per KV group
+        inputs = (*inputs[:2], inputs[2][:, :, :2].contiguous(), inputs[3])
+
+    def run(tensors):
+        if op == "group":
+            return sparsa.group_attention_kl(*tensors, reduction=reduction)
+        if op == "attention":
+            return sparsa.attention_kl(*tensors, reduction=reduction)
+        return sparsa.attention_kl(*tensors, reduction=reduction, direction="reverse", teacher_grad=True)
+
+    trained = [0, 1, 2, 3] if op.endswith("teacher_grad") else [2, 3]
+    ours = [x.clone().requires_grad_(i in trained) for i, x in enumerate(inputs)]
+    loss = run(ours)
+    (loss * -3.25).backward()
+    ref_in = [x.cpu().double().requires_grad_(i in trained) for i, x in enumerate(inputs)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSA_BACKEND", "naive")
-        ref = sparsa.attention_kl(*ref_in)
-    ref.backward()
+        ref = run(ref_in)
+    (ref * -3.25).backward()
+    assert loss.dim() == 0
     assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
-    assert rel_err(q_s.grad, ref_in[2].grad) < 2e-5
+    for i in trained:
+        assert rel_err(ours[i].grad, ref_in[i].grad) < 2e-5, i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +481,11 @@ def test_gpu_launch_cache_repeats_and_new_shapes():
         ref, _, _ = naive.attention_kl(*(x.cpu().double() for x in (q_t, k_t, q_s, k_s)), causal=True,
                                        scale_t=64**-0.5, scale_s=64**-0.5, direction="forward")
         assert rel_err(out, ref) < 1e-3
+    from sparsa.ops.kl import triton_ops
+
+    entries = [e for launcher in triton_ops._LAUNCHERS.values() for e in launcher._cache.values()]
+    assert {"fwd", "dq", "dk"} <= set(triton_ops._LAUNCHERS) and entries
+    assert all(e[3] is not None for e in entries)  # cached launches call the C launcher directly
 
 
 def test_launch_arithmetic_helpers_match_triton():

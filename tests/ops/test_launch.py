@@ -81,3 +81,42 @@ def test_autotuned_kernel_reuses_the_config_it_ran_with():
     launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {})
     assert kernel.compiles == 1
     assert kernel.log[1] == ("fast", (4, 3, 1), (x, 7, 0.5, False, 4))
+
+
+class FakeDirectCompiled(FakeCompiled):
+    """A compiled kernel with Triton 3.6's C-launcher attributes: `run(gx, gy, gz, stream, function,
+    packed_metadata, launch_metadata, enter_hook, exit_hook, *args)`."""
+
+    function = "fn-handle"
+    packed_metadata = "packed"
+
+    def run(self, *call):
+        self.log.append(("direct", call))
+
+
+class FakeDirectKernel(FakeKernel):
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles += 1
+            return FakeDirectCompiled(self.log)
+
+        return run
+
+
+def test_cached_launch_calls_the_c_launcher_directly_unless_hooks_are_registered():
+    knobs = __import__("pytest").importorskip("triton.knobs")
+    kernel = FakeDirectKernel()
+    launch = FastLauncher(kernel, device=lambda: 3, stream_of=lambda dev: f"stream{dev}")
+    x = torch.zeros(64)
+    grid = lambda m: (4, 2)
+    for _ in range(2):
+        launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {"BM": 16})
+    assert kernel.compiles == 1
+    assert kernel.log == [("direct", (4, 2, 1, "stream3", "fn-handle", "packed", None, None, None, x, 7, 0.5, False, 16))]
+    hook = lambda metadata: None
+    knobs.runtime.launch_enter_hook.add(hook)  # a profiler's hook: the standard path, which calls it
+    try:
+        launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {"BM": 16})
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert kernel.log[-1] == ("fast", (4, 2, 1), (x, 7, 0.5, False, 16))

@@ -103,8 +103,11 @@ def _n_valid_rows(n_q: int, n_k: int, causal: bool, batch: int, cu_seqlens) -> i
 
 
 def _reduce(rows: torch.Tensor, reduction: str, n_valid: int) -> torch.Tensor:
+    """Rows that are not valid are exactly 0, so the mean is the sum / n_valid (one kernel when all are valid)."""
     if reduction == "none":
         return rows
+    if reduction == "mean" and n_valid == rows.numel():
+        return rows.mean()
     total = rows.sum()
     if reduction == "sum":
         return total
@@ -114,99 +117,81 @@ def _reduce(rows: torch.Tensor, reduction: str, n_valid: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # autograd functions around the Triton kernels
 # ----------------------------------------------------------------------------------------------
+def _grad_factor(reduction: str, n_valid: int) -> float:
+    return 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+
+
+def _row_grad(grad: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient per row: a scalar loss's gradient as a stride-0 view (no kernel)."""
+    return grad.expand(kl.shape) if grad.dim() == 0 else grad
+
+
 class _AttentionKLTriton(torch.autograd.Function):
-    """KL(P || Q) per row; inputs are the P side (qp, kp) and the Q side (qq, kq)."""
+    """Reduced KL(P || Q) over rows; inputs are the P side (qp, kp) and the Q side (qq, kq).
+
+    The reduction (`_reduce`) is part of the function: one autograd node, and no separate kernels in the
+    backward (the kernels read the upstream gradient through its strides and scale their outputs)."""
 
     @staticmethod
-    def forward(ctx, qp, kp, qq, kq, causal, scale_p, scale_q, cu_seqlens, max_len):
+    def forward(ctx, qp, kp, qq, kq, causal, scale_p, scale_q, cu_seqlens, max_len, reduction, n_valid):
         from . import triton_ops
 
         kl, lse_p, lse_q = triton_ops.kl_forward(
             qp, kp, qq, kq, causal=causal, scale_p=scale_p, scale_q=scale_q, cu_seqlens=cu_seqlens, max_len=max_len
         )
         ctx.save_for_backward(qp, kp, qq, kq, kl, lse_p, lse_q, cu_seqlens)
-        ctx.config = (causal, scale_p, scale_q, max_len)
+        ctx.config = (causal, scale_p, scale_q, max_len, _grad_factor(reduction, n_valid))
         ctx.mark_non_differentiable(lse_p, lse_q)
         ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] gradients for the LSE outputs
-        return kl, lse_p, lse_q
+        return _reduce(kl, reduction, n_valid), lse_p, lse_q
 
     @staticmethod
-    def backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+    def backward(ctx, grad_loss, _grad_lse_p, _grad_lse_q):
         from . import triton_ops
 
         qp, kp, qq, kq, kl, lse_p, lse_q, cu_seqlens = ctx.saved_tensors
-        causal, scale_p, scale_q, max_len = ctx.config
+        causal, scale_p, scale_q, max_len, factor = ctx.config
         need_p = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_q = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        if grad_kl is None or not (need_p or need_q):
-            return (None,) * 9
+        if grad_loss is None or not (need_p or need_q):
+            return (None,) * 11
         dqp, dkp, dqq, dkq = triton_ops.kl_backward(
-            qp,
-            kp,
-            qq,
-            kq,
-            kl,
-            lse_p,
-            lse_q,
-            grad_kl,
-            causal=causal,
-            scale_p=scale_p,
-            scale_q=scale_q,
-            need_p=need_p,
-            need_q=need_q,
-            cu_seqlens=cu_seqlens,
-            max_len=max_len,
+            qp, kp, qq, kq, kl, lse_p, lse_q, _row_grad(grad_loss, kl), causal=causal, scale_p=scale_p,
+            scale_q=scale_q, need_p=need_p, need_q=need_q, cu_seqlens=cu_seqlens, max_len=max_len, grad_factor=factor,
         )
-        return dqp, dkp, dqq, dkq, None, None, None, None, None
+        return dqp, dkp, dqq, dkq, None, None, None, None, None, None, None
 
 
 class _GroupKLTriton(torch.autograd.Function):
-    """KL(pbar_teacher || q_student) per (row, group); the teacher (q_t, k_t) is frozen."""
+    """Reduced KL(pbar_teacher || q_student) over (row, group); the teacher (q_t, k_t) is frozen."""
 
     @staticmethod
-    def forward(ctx, q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu_seqlens, max_len):
+    def forward(ctx, q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu_seqlens, max_len, reduction, n_valid):
         from . import triton_ops
 
         kl, lse_s, lse_t = triton_ops.group_forward(
-            q_t,
-            k_t,
-            q_s,
-            k_s,
-            causal=causal,
-            scale_t=scale_t,
-            scale_s=scale_s,
-            cu_seqlens=cu_seqlens,
+            q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens,
             max_len=max_len,
         )
-        ctx.save_for_backward(q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens)
-        ctx.config = (causal, scale_t, scale_s, max_len)
+        ctx.save_for_backward(q_t, k_t, q_s, k_s, kl, lse_t, lse_s, cu_seqlens)
+        ctx.config = (causal, scale_t, scale_s, max_len, _grad_factor(reduction, n_valid))
         ctx.mark_non_differentiable(lse_s)
         ctx.set_materialize_grads(False)
-        return kl, lse_s
+        return _reduce(kl, reduction, n_valid), lse_s
 
     @staticmethod
-    def backward(ctx, grad_kl, _grad_lse):
+    def backward(ctx, grad_loss, _grad_lse):
         from . import triton_ops
 
-        q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens = ctx.saved_tensors
-        causal, scale_t, scale_s, max_len = ctx.config
-        if grad_kl is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
-            return (None,) * 9
+        q_t, k_t, q_s, k_s, kl, lse_t, lse_s, cu_seqlens = ctx.saved_tensors
+        causal, scale_t, scale_s, max_len, factor = ctx.config
+        if grad_loss is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            return (None,) * 11
         dqs, dks = triton_ops.group_backward(
-            q_t,
-            k_t,
-            q_s,
-            k_s,
-            lse_t,
-            lse_s,
-            grad_kl,
-            causal=causal,
-            scale_t=scale_t,
-            scale_s=scale_s,
-            cu_seqlens=cu_seqlens,
-            max_len=max_len,
+            q_t, k_t, q_s, k_s, lse_t, lse_s, _row_grad(grad_loss, kl), causal=causal, scale_t=scale_t,
+            scale_s=scale_s, cu_seqlens=cu_seqlens, max_len=max_len, grad_factor=factor,
         )
-        return None, None, dqs, dks, None, None, None, None, None
+        return None, None, dqs, dks, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,19 +244,19 @@ def attention_kl(
         q_t, k_t = q_t.detach(), k_t.detach()
     batch, n_q = q_t.shape[:2]
     n_k = k_t.shape[1]
+    n_valid = _n_valid_rows(n_q, n_k, causal, batch, cu) * q_t.shape[2]
     fp64 = torch.float64 in (q_t.dtype, q_s.dtype)
     if use_triton(q_t) and not fp64:
-        if direction == "forward":
-            kl, lse_p, lse_q = _AttentionKLTriton.apply(q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu, max_len)
-            lse_t2, lse_s2 = lse_p, lse_q
-        else:
-            kl, lse_p, lse_q = _AttentionKLTriton.apply(q_s, k_s, q_t, k_t, causal, scale_s, scale_t, cu, max_len)
-            lse_t2, lse_s2 = lse_q, lse_p
-        if return_lse:
-            from .triton_ops import LN2
+        sides = (q_t, k_t, q_s, k_s, causal, scale_t, scale_s)
+        if direction == "reverse":
+            sides = (q_s, k_s, q_t, k_t, causal, scale_s, scale_t)
+        loss, lse_p, lse_q = _AttentionKLTriton.apply(*sides, cu, max_len, reduction, n_valid)
+        if not return_lse:
+            return loss
+        from .triton_ops import LN2
 
-            lse_t = (lse_t2 * LN2).transpose(1, 2)
-            lse_s = (lse_s2 * LN2).transpose(1, 2)
+        lse_t2, lse_s2 = (lse_p, lse_q) if direction == "forward" else (lse_q, lse_p)
+        return loss, (lse_t2 * LN2).transpose(1, 2), (lse_s2 * LN2).transpose(1, 2)
     else:
         kl, lse_t, lse_s = naive.attention_kl(
             q_t,
@@ -284,7 +269,6 @@ def attention_kl(
             direction=direction,
             cu_seqlens=cu_seqlens,
         )
-    n_valid = _n_valid_rows(n_q, n_k, causal, batch, cu) * q_t.shape[2]
     loss = _reduce(kl, reduction, n_valid)
     if return_lse:
         return loss, lse_t, lse_s
@@ -329,18 +313,19 @@ def group_attention_kl(
     cu, max_len = _check_docs(cu_seqlens, q_t, k_t)
     q_t, k_t = q_t.detach(), k_t.detach()
     batch, n_q = q_t.shape[:2]
+    n_valid = _n_valid_rows(n_q, k_t.shape[1], causal, batch, cu) * n_heads_kv
     fp64 = torch.float64 in (q_t.dtype, q_s.dtype)
     if use_triton(q_t) and not fp64:
-        kl, lse_s2 = _GroupKLTriton.apply(q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu, max_len)
-        if return_lse:
-            from .triton_ops import LN2
+        loss, lse_s2 = _GroupKLTriton.apply(q_t, k_t, q_s, k_s, causal, scale_t, scale_s, cu, max_len, reduction,
+                                            n_valid)
+        if not return_lse:
+            return loss
+        from .triton_ops import LN2
 
-            lse_s = (lse_s2 * LN2).transpose(1, 2)
-    else:
-        kl, lse_s = naive.group_attention_kl(
-            q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens
-        )
-    n_valid = _n_valid_rows(n_q, k_t.shape[1], causal, batch, cu) * n_heads_kv
+        return loss, (lse_s2 * LN2).transpose(1, 2)
+    kl, lse_s = naive.group_attention_kl(
+        q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens
+    )
     loss = _reduce(kl, reduction, n_valid)
     return (loss, lse_s) if return_lse else loss
 

@@ -292,7 +292,7 @@ def _kl_bwd_dq_kernel(
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
     sdqp_b, sdqp_t, sdqp_h, sdqq_b, sdqq_t, sdqq_h,
-    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, scale_p, scale_q, tune_key,
+    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
@@ -360,10 +360,10 @@ def _kl_bwd_dq_kernel(
                 )
         if NEED_Q:
             base = DQQ + batch64 * sdqq_b + h64 * sdqq_h + q_start.to(tl.int64) * sdqq_t
-            _store_rows(base, offs_m, sdqq_t, q_len, (dqq * scale_q).to(DQQ.dtype.element_ty), DQ, BDQ)
+            _store_rows(base, offs_m, sdqq_t, q_len, (dqq * out_scale_q).to(DQQ.dtype.element_ty), DQ, BDQ)
         if NEED_P:
             base = DQP + batch64 * sdqp_b + h64 * sdqp_h + q_start.to(tl.int64) * sdqp_t
-            _store_rows(base, offs_m, sdqp_t, q_len, (dqp * scale_p).to(DQP.dtype.element_ty), DP, BDP)
+            _store_rows(base, offs_m, sdqp_t, q_len, (dqp * out_scale_p).to(DQP.dtype.element_ty), DP, BDP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ def _kl_bwd_dk_kernel(
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
     sdkp_b, sdkp_t, sdkp_h, sdkq_b, sdkq_t, sdkq_h,
-    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, scale_p, scale_q, tune_key,
+    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
@@ -507,10 +507,10 @@ def _kl_bwd_dk_kernel(
         hk64 = hk.to(tl.int64)
         if NEED_Q:
             base = DKQ + batch64 * sdkq_b + hk64 * sdkq_h + k_start.to(tl.int64) * sdkq_t
-            _store_rows(base, offs_n, sdkq_t, k_len, (dkq * scale_q).to(DKQ.dtype.element_ty), DQ, BDQ)
+            _store_rows(base, offs_n, sdkq_t, k_len, (dkq * out_scale_q).to(DKQ.dtype.element_ty), DQ, BDQ)
         if NEED_P:
             base = DKP + batch64 * sdkp_b + hk64 * sdkp_h + k_start.to(tl.int64) * sdkp_t
-            _store_rows(base, offs_n, sdkp_t, k_len, (dkp * scale_p).to(DKP.dtype.element_ty), DP, BDP)
+            _store_rows(base, offs_n, sdkp_t, k_len, (dkp * out_scale_p).to(DKP.dtype.element_ty), DP, BDP)
 
 
 
@@ -677,7 +677,7 @@ def _group_bwd_dq_kernel(
     QT, KT, QS, KS, LSET, LSES, GRAD, DQS, CU,
     sqt_b, sqt_t, sqt_h, skt_b, skt_t, skt_h, sqs_b, sqs_t, sqs_h, sks_b, sks_t, sks_h,
     slt_b, slt_h, sls_b, sls_h, sg_b, sg_t, sg_h, sdq_b, sdq_t, sdq_h,
-    n_q, n_k, n_kv, scale_t2, scale_s2, scale_s, tune_key,
+    n_q, n_k, n_kv, scale_t2, scale_s2, out_scale_s, tune_key,
     DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
@@ -734,7 +734,7 @@ def _group_bwd_dq_kernel(
                     lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
                 )
         base = DQS + batch64 * sdq_b + g64 * sdq_h + q_start.to(tl.int64) * sdq_t
-        _store_rows(base, offs_m, sdq_t, q_len, (dqs * scale_s).to(DQS.dtype.element_ty), DS, BDS)
+        _store_rows(base, offs_m, sdq_t, q_len, (dqs * out_scale_s).to(DQS.dtype.element_ty), DS, BDS)
 
 
 @triton.jit
@@ -766,7 +766,7 @@ def _group_bwd_dk_kernel(
     QT, KT, QS, KS, LSET, LSES, GRAD, DKS, CU,
     sqt_b, sqt_t, sqt_h, skt_b, skt_t, skt_h, sqs_b, sqs_t, sqs_h, sks_b, sks_t, sks_h,
     slt_b, slt_h, sls_b, sls_h, sg_b, sg_t, sg_h, sdk_b, sdk_t, sdk_h,
-    n_q, n_k, n_kv, scale_t2, scale_s2, scale_s, tune_key,
+    n_q, n_k, n_kv, scale_t2, scale_s2, out_scale_s, tune_key,
     DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
@@ -822,7 +822,7 @@ def _group_bwd_dk_kernel(
                     dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
                 )
         base = DKS + batch64 * sdk_b + g64 * sdk_h + k_start.to(tl.int64) * sdk_t
-        _store_rows(base, offs_n, sdk_t, k_len, (dks * scale_s).to(DKS.dtype.element_ty), DS, BDS)
+        _store_rows(base, offs_n, sdk_t, k_len, (dks * out_scale_s).to(DKS.dtype.element_ty), DS, BDS)
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration
@@ -967,8 +967,9 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
 
 
 def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scale_q, need_p, need_q,
-                cu_seqlens=None, max_len=None):
-    """grad [B, T, H] (any strides, stride 0 allowed) -> (dqp, dkp, dqq, dkq), None where not needed."""
+                cu_seqlens=None, max_len=None, grad_factor=1.0):
+    """grad [B, T, H] (any strides, stride 0 allowed), times the constant grad_factor ->
+    (dqp, dkp, dqq, dkq), None where not needed."""
     qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
     batch, n_q, n_heads, dp = qp.shape
     n_k, n_kv_p = kp.shape[1], kp.shape[2]
@@ -989,10 +990,11 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
     grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
+    out_p, out_q = scale_p * grad_factor, scale_q * grad_factor  # the kernels scale dQ, dK once at the end
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
         *_strides3(dummy_p), *_strides3(dummy_q),
-        n_q, n_k, n_heads, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
+        n_q, n_k, n_heads, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, out_p, out_q,
         _tune_key(docs.max_q),
     )
     _launch("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS, grid, args, dict(NEED_P=need_p, NEED_Q=need_q, **common))
@@ -1010,7 +1012,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
         args = (
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
-            n_q, n_k, n_kv, group, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, scale_p, scale_q,
+            n_q, n_k, n_kv, group, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, out_p, out_q,
             _tune_key(docs.max_q),
         )
         _launch("dk", _kl_bwd_dk_kernel, _DK_CONFIGS, grid, args, dict(NEED_P=with_p, NEED_Q=with_q, **common))
@@ -1043,8 +1045,9 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
     return kl, lse_s, lse_t
 
 
-def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale_s, cu_seqlens=None, max_len=None):
-    """grad [B, T, Hkv] (any strides) -> (dqs, dks)."""
+def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale_s, cu_seqlens=None, max_len=None,
+                   grad_factor=1.0):
+    """grad [B, T, Hkv] (any strides), times the constant grad_factor -> (dqs, dks)."""
     qt, kt, qs, ks = (_unit_last(x) for x in (qt, kt, qs, ks))
     batch, n_q, n_heads_q, dt = qt.shape
     n_k, n_kv = kt.shape[1], kt.shape[2]
@@ -1057,7 +1060,7 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
                   "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs), "INTERPRET": _INTERPRET}
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
             lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
-    scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s, _tune_key(docs.max_q))
+    scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s * grad_factor, _tune_key(docs.max_q))
     grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     _launch("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS, grid,
             (qt, kt, qs, ks, lse_t, lse_s, grad, dqs, cu, *args, *_strides3(dqs), *scales), common)
