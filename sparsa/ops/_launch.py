@@ -10,9 +10,10 @@ Triton specialises on: each tensor's dtype and 16-byte alignment, the exact valu
 integer or bool, and the constexprs. Later calls with the same key go straight to the compiled kernel.
 Floats are passed through (Triton does not specialise them). `SPARSA_FAST_LAUNCH=0` turns it off.
 
-A cached launch calls the compiled kernel's C launcher directly with the current stream when no launch
-hooks are registered (Triton's own `compiled[grid](...)` builds launch metadata and calls two empty hook
-chains on every launch); with hooks (a profiler), it goes through `compiled[grid]`.
+A cached launch calls the compiled kernel's C launcher directly with the current stream and the tensors'
+raw pointers when no launch hooks are registered (Triton's own `compiled[grid](...)` builds launch
+metadata, calls two empty hook chains and queries the driver about every pointer on every launch); with
+hooks (a profiler), it goes through `compiled[grid]`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ ENABLED = os.environ.get("SPARSA_FAST_LAUNCH", "1") != "0"
 
 
 def arg_key(x):
-    """What Triton specialises a runtime argument on."""
+    """What Triton specialises a runtime argument on (plus the tensor's device kind: the direct launch
+    passes raw pointers, so a CPU tensor must never reuse a CUDA launch)."""
     if isinstance(x, torch.Tensor):
-        return x.dtype, x.data_ptr() % 16 == 0
+        return x.dtype, x.data_ptr() % 16 == 0, x.is_cuda
     if isinstance(x, float):
         return float
     return type(x), x
@@ -64,7 +66,10 @@ def _direct_runner(compiled, stream_of=None):
         return None
 
     def launch(device, dims, args):
-        run(*dims, stream_of(device), function, packed, None, None, None, *args)
+        # tensors as raw device pointers: Triton's launcher then skips its per-pointer driver query
+        # (cuPointerGetAttribute), which validated them when this signature was first launched
+        ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        run(*dims, stream_of(device), function, packed, None, None, None, *ptrs)
 
     return launch
 

@@ -112,7 +112,8 @@ def test_cached_launch_calls_the_c_launcher_directly_unless_hooks_are_registered
     for _ in range(2):
         launch(kernel, grid, (x, 7, 0.5), {"FLAG": False}, {"BM": 16})
     assert kernel.compiles == 1
-    assert kernel.log == [("direct", (4, 2, 1, "stream3", "fn-handle", "packed", None, None, None, x, 7, 0.5, False, 16))]
+    ptr = x.data_ptr()  # tensors reach the C launcher as raw pointers
+    assert kernel.log == [("direct", (4, 2, 1, "stream3", "fn-handle", "packed", None, None, None, ptr, 7, 0.5, False, 16))]
     hook = lambda metadata: None
     knobs.runtime.launch_enter_hook.add(hook)  # a profiler's hook: the standard path, which calls it
     try:

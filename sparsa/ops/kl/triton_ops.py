@@ -34,6 +34,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# attention-KL kernels issue programs tile by tile across all heads up to this length (`_heads_first`)
+HEADS_FIRST_MAX_LEN = 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,6 +119,17 @@ def _key_tile_ranges(n0, q_len, k_len, CAUSAL: tl.constexpr, BM: tl.constexpr, B
     return m_lo, m_mid
 
 
+@triton.jit
+def _tile_pids(HEADS_FIRST: tl.constexpr):
+    """(tile index, batch*head index) of this program. HEADS_FIRST: grid (B*H, tiles), so programs are
+    issued tile by tile across all heads (a global heaviest-first order when the kernel reverses the
+    tile index; a short tail at small N); otherwise grid (tiles, B*H), head by head (neighbouring
+    programs share K/V in L2 at large N)."""
+    if HEADS_FIRST:
+        return tl.program_id(1), tl.num_programs(1), tl.program_id(0)
+    return tl.program_id(0), tl.num_programs(0), tl.program_id(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # attention KL: forward
 # ----------------------------------------------------------------------------------------------
@@ -179,9 +192,10 @@ def _kl_fwd_kernel(
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) causal tiles first
-    pid_bh = tl.program_id(1)
+    tile, n_tiles, pid_bh = _tile_pids(HEADS_FIRST)
+    pid_m = n_tiles - 1 - tile  # heavy (late) causal tiles first
     h = pid_bh % n_heads
     b = pid_bh // n_heads
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
@@ -296,9 +310,10 @@ def _kl_bwd_dq_kernel(
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    tile, n_tiles, pid_bh = _tile_pids(HEADS_FIRST)
+    pid_m = n_tiles - 1 - tile
     h = pid_bh % n_heads
     b = pid_bh // n_heads
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
@@ -468,9 +483,9 @@ def _kl_bwd_dk_kernel(
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # early key tiles carry the most causal work: first
-    pid_bh = tl.program_id(1)
+    pid_n, _, pid_bh = _tile_pids(HEADS_FIRST)  # early key tiles carry the most causal work: first
     hk = pid_bh % n_kv_grid
     b = pid_bh // n_kv_grid
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
@@ -835,8 +850,10 @@ def _configs(pairs):
 # forward: the last three fit two CTAs per SM (<= 96 KiB of shared memory), so that one CTA's GEMMs
 # could overlap another's exponentials; on the H100 the autotuner picked one of them only at 2K
 # (64 x 64, 4 warps) and 128 x 64 / 128 x 128 with 8 warps from 4K up (benchmarks/results/attention_kl_h100.md)
+# (128, 64, 8, 4): 192 KiB of shared memory, 163 registers; (64, 64, 4, 3): 128 KiB, 176 registers (ptxas -v)
 _FWD_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+    [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+     (128, 32, 8, 2), (64, 32, 4, 2)]
 )
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 64, 8, 3)])
 # dK: key tiles of 32 use mma.sync (HMMA); key tiles >= 64 use wgmma but spill a little outside the
@@ -904,6 +921,18 @@ def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
     launcher(kernel, grid, args, consts, meta)
 
 
+def _heads_first(max_len: int) -> bool:
+    """Grid order of the attention-KL kernels (see `_tile_pids`); SPARSA_KL_HEADS_FIRST=0/1 forces it."""
+    forced = os.environ.get("SPARSA_KL_HEADS_FIRST")
+    if forced is not None:
+        return forced != "0"
+    return max_len <= HEADS_FIRST_MAX_LEN
+
+
+def _tile_grid(n_tiles: int, n_bh: int, heads_first: bool) -> tuple:
+    return (n_bh, n_tiles) if heads_first else (n_tiles, n_bh)
+
+
 def _tune_key(n: int) -> int:
     return min(next_pow2(n), 1 << 14)  # sizes >= 16K share one tuning
 
@@ -952,7 +981,8 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
     lse_q = lse_p if only_p else new_output_like(lse_p)
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
-    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
+    heads_first = _heads_first(docs.max_q)
+    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads, heads_first)
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, cu,
         *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
@@ -961,7 +991,8 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
         scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q),
     )
     consts = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
-                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
+                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET,
+                  HEADS_FIRST=heads_first)
     _launch("fwd", _kl_fwd_kernel, _FWD_CONFIGS, grid, args, consts)
     return kl, lse_p, lse_q
 
@@ -985,11 +1016,12 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     dummy_kp = dkp if need_p else kp
     dummy_q = dqq if need_q else qq
     dummy_kq = dkq if need_q else kq
+    heads_first = _heads_first(docs.max_q)
     common = {"DP": dp, "DQ": dq, "BDP": _pad_dim(dp), "BDQ": _pad_dim(dq), "CAUSAL": causal, "VARLEN": docs.varlen,
-                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
+                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET, "HEADS_FIRST": heads_first}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
-    grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads)
+    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads, heads_first)
     out_p, out_q = scale_p * grad_factor, scale_q * grad_factor  # the kernels scale dQ, dK once at the end
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
@@ -1008,7 +1040,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
         if need_p:
             launches.append((True, False, n_kv_p, group_p))
     for with_p, with_q, n_kv, group in launches:
-        grid = lambda m, n_kv=n_kv: (cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv)
+        grid = lambda m, n_kv=n_kv: _tile_grid(cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv, heads_first)
         args = (
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
