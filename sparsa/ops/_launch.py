@@ -18,20 +18,33 @@ hooks (a profiler), it goes through `compiled[grid]`.
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 
 import torch
 
 ENABLED = os.environ.get("SPARSA_FAST_LAUNCH", "1") != "0"
 
 
-def arg_key(x):
-    """What Triton specialises a runtime argument on (plus the tensor's device kind: the direct launch
-    passes raw pointers, so a CPU tensor must never reuse a CUDA launch)."""
-    if isinstance(x, torch.Tensor):
-        return x.dtype, x.data_ptr() % 16 == 0, x.is_cuda
-    if isinstance(x, float):
-        return float
-    return type(x), x
+class _Layout:
+    """Where the tensors and the specialised scalars (ints, bools, ...; not floats) sit in an argument
+    tuple with given argument types. Triton specialises a tensor on its dtype and 16-byte alignment (the
+    key adds the device kind: the direct launch passes raw pointers, so a CPU tensor must never reuse a
+    CUDA launch), an integer on its value, and does not specialise floats."""
+
+    def __init__(self, kinds: tuple):
+        self.tensors = [i for i, k in enumerate(kinds) if issubclass(k, torch.Tensor)]
+        others = [i for i, k in enumerate(kinds) if not issubclass(k, (torch.Tensor, float))]
+        self.pick_tensors = _picker(self.tensors)
+        self.pick_others = _picker(others)
+
+
+def _picker(positions: list):
+    """args -> tuple of args[i] for i in positions."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        return lambda args, i=positions[0]: (args[i],)
+    return itemgetter(*positions)
 
 
 def _dims(grid: tuple) -> tuple:
@@ -43,12 +56,21 @@ def _no_hooks(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
 
+_KNOBS = []  # triton.knobs, imported on first use (None for a Triton without it)
+
+
 def _launch_hooks_idle() -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # older Triton: no knobs module, keep the standard path
+    if not _KNOBS:
+        try:
+            from triton import knobs
+        except ImportError:  # older Triton: keep the standard path
+            knobs = None
+        _KNOBS.append(knobs)
+    knobs = _KNOBS[0]
+    if knobs is None:
         return False
-    return _no_hooks(knobs.runtime.launch_enter_hook) and _no_hooks(knobs.runtime.launch_exit_hook)
+    runtime = knobs.runtime
+    return _no_hooks(runtime.launch_enter_hook) and _no_hooks(runtime.launch_exit_hook)
 
 
 def _direct_runner(compiled, stream_of=None):
@@ -66,10 +88,7 @@ def _direct_runner(compiled, stream_of=None):
         return None
 
     def launch(device, dims, args):
-        # tensors as raw device pointers: Triton's launcher then skips its per-pointer driver query
-        # (cuPointerGetAttribute), which validated them when this signature was first launched
-        ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-        run(*dims, stream_of(device), function, packed, None, None, None, *ptrs)
+        run(*dims, stream_of(device), function, packed, None, None, None, *args)
 
     return launch
 
@@ -83,6 +102,7 @@ class FastLauncher:
         self.stream_of = stream_of  # None: Triton's driver (tests pass a stand-in)
         self.max_entries = max_entries
         self._cache: dict = {}
+        self._layouts: dict = {}
 
     def __call__(self, kernel, grid, args: tuple, consts: dict, meta: dict):
         """kernel: the jit function or its `triton.autotune` wrapper; grid: callable of the meta-parameters;
@@ -92,13 +112,25 @@ class FastLauncher:
             kernel[grid](*args, **consts, **meta)
             return
         device = self.device()
-        key = (device, *map(arg_key, args), *consts.items())
+        kinds = tuple(map(type, args))
+        layout = self._layouts.get(kinds)
+        if layout is None:
+            layout = self._layouts[kinds] = _Layout(kinds)
+        tensors = layout.pick_tensors(args)
+        ptrs = [t.data_ptr() for t in tensors]
+        key = (device, kinds, tuple(consts.items()), layout.pick_others(args),
+               tuple([(t.dtype, t.is_cuda) for t in tensors]), tuple([p % 16 == 0 for p in ptrs]))
         hit = self._cache.get(key)
         if hit is not None:
             compiled, chosen, tail, direct = hit
             dims = _dims(grid(chosen))  # the grid may depend on shapes outside the key
             if direct is not None and _launch_hooks_idle():
-                direct(device, dims, (*args, *tail))
+                # tensors as raw device pointers: Triton's launcher then skips its per-pointer driver
+                # query (cuPointerGetAttribute), which validated them when this signature was first launched
+                raw = list(args)
+                for i, p in zip(layout.tensors, ptrs):
+                    raw[i] = p
+                direct(device, dims, (*raw, *tail))
             else:
                 compiled[dims](*args, *tail)
             return

@@ -121,16 +121,12 @@ def _grad_factor(reduction: str, n_valid: int) -> float:
     return 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
 
 
-def _row_grad(grad: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-    """The upstream gradient per row: a scalar loss's gradient as a stride-0 view (no kernel)."""
-    return grad.expand(kl.shape) if grad.dim() == 0 else grad
-
-
 class _AttentionKLTriton(torch.autograd.Function):
     """Reduced KL(P || Q) over rows; inputs are the P side (qp, kp) and the Q side (qq, kq).
 
     The reduction (`_reduce`) is part of the function: one autograd node, and no separate kernels in the
-    backward (the kernels read the upstream gradient through its strides and scale their outputs)."""
+    backward (the kernels read a scalar loss's 0-d gradient as one value for all rows and scale their
+    outputs by 1/n for the mean)."""
 
     @staticmethod
     def forward(ctx, qp, kp, qq, kq, causal, scale_p, scale_q, cu_seqlens, max_len, reduction, n_valid):
@@ -156,7 +152,7 @@ class _AttentionKLTriton(torch.autograd.Function):
         if grad_loss is None or not (need_p or need_q):
             return (None,) * 11
         dqp, dkp, dqq, dkq = triton_ops.kl_backward(
-            qp, kp, qq, kq, kl, lse_p, lse_q, _row_grad(grad_loss, kl), causal=causal, scale_p=scale_p,
+            qp, kp, qq, kq, kl, lse_p, lse_q, grad_loss, causal=causal, scale_p=scale_p,
             scale_q=scale_q, need_p=need_p, need_q=need_q, cu_seqlens=cu_seqlens, max_len=max_len, grad_factor=factor,
         )
         return dqp, dkp, dqq, dkq, None, None, None, None, None, None, None
@@ -173,7 +169,7 @@ class _GroupKLTriton(torch.autograd.Function):
             q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens,
             max_len=max_len,
         )
-        ctx.save_for_backward(q_t, k_t, q_s, k_s, kl, lse_t, lse_s, cu_seqlens)
+        ctx.save_for_backward(q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens)
         ctx.config = (causal, scale_t, scale_s, max_len, _grad_factor(reduction, n_valid))
         ctx.mark_non_differentiable(lse_s)
         ctx.set_materialize_grads(False)
@@ -183,12 +179,12 @@ class _GroupKLTriton(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_lse):
         from . import triton_ops
 
-        q_t, k_t, q_s, k_s, kl, lse_t, lse_s, cu_seqlens = ctx.saved_tensors
+        q_t, k_t, q_s, k_s, lse_t, lse_s, cu_seqlens = ctx.saved_tensors
         causal, scale_t, scale_s, max_len, factor = ctx.config
         if grad_loss is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             return (None,) * 11
         dqs, dks = triton_ops.group_backward(
-            q_t, k_t, q_s, k_s, lse_t, lse_s, _row_grad(grad_loss, kl), causal=causal, scale_t=scale_t,
+            q_t, k_t, q_s, k_s, lse_t, lse_s, grad_loss, causal=causal, scale_t=scale_t,
             scale_s=scale_s, cu_seqlens=cu_seqlens, max_len=max_len, grad_factor=factor,
         )
         return None, None, dqs, dks, None, None, None, None, None, None, None

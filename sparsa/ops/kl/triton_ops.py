@@ -945,12 +945,18 @@ def _pad_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+def _grad_strides(grad: torch.Tensor) -> tuple:
+    """Strides of a per-row upstream gradient [B, T, H]; a 0-d gradient (of a scalar loss) is read as
+    one value for every row (strides 0) without an expanded view."""
+    return (0, 0, 0) if grad.dim() == 0 else _strides3(grad)
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _strides3(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 class _Docs:
@@ -999,7 +1005,8 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
 
 def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scale_q, need_p, need_q,
                 cu_seqlens=None, max_len=None, grad_factor=1.0):
-    """grad [B, T, H] (any strides, stride 0 allowed), times the constant grad_factor ->
+    """grad [B, T, H] (any strides, stride 0 allowed) or 0-d (one value for all rows), times the constant
+    grad_factor ->
     (dqp, dkp, dqq, dkq), None where not needed."""
     qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
     batch, n_q, n_heads, dp = qp.shape
@@ -1020,7 +1027,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     common = {"DP": dp, "DQ": dq, "BDP": _pad_dim(dp), "BDQ": _pad_dim(dq), "CAUSAL": causal, "VARLEN": docs.varlen,
                   "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET, "HEADS_FIRST": heads_first}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
-                 *_strides3(kl), lse_p.stride(0), lse_p.stride(1), grad.stride(0), grad.stride(1), grad.stride(2))
+                 *_strides3(kl), lse_p.stride(0), lse_p.stride(1), *_grad_strides(grad))
     grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads, heads_first)
     out_p, out_q = scale_p * grad_factor, scale_q * grad_factor  # the kernels scale dQ, dK once at the end
     args = (
@@ -1079,7 +1086,7 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
 
 def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale_s, cu_seqlens=None, max_len=None,
                    grad_factor=1.0):
-    """grad [B, T, Hkv] (any strides), times the constant grad_factor -> (dqs, dks)."""
+    """grad [B, T, Hkv] (any strides) or 0-d, times the constant grad_factor -> (dqs, dks)."""
     qt, kt, qs, ks = (_unit_last(x) for x in (qt, kt, qs, ks))
     batch, n_q, n_heads_q, dt = qt.shape
     n_k, n_kv = kt.shape[1], kt.shape[2]
@@ -1091,7 +1098,7 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     common = {"DT": dt, "DS": ds, "BDT": _pad_dim(dt), "BDS": _pad_dim(ds), "GROUP": n_heads_q // n_kv, "CAUSAL": causal,
                   "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs), "INTERPRET": _INTERPRET}
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
-            lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_strides3(grad))
+            lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_grad_strides(grad))
     scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s * grad_factor, _tune_key(docs.max_q))
     grid = lambda m: (cdiv(docs.max_q, m["BM"]), docs.n_seq * n_kv)
     _launch("group_dq", _group_bwd_dq_kernel, _GROUP_DQ_CONFIGS, grid,
