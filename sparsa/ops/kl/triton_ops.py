@@ -134,17 +134,32 @@ def _tile_pids(HEADS_FIRST: tl.constexpr):
 # attention KL: forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_step(
-    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off,
-    m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+def _fwd_logits(
+    qp, qq, KPb, KQb, skp_t, skq_t, n0, k_len,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BN: tl.constexpr,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
-    PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+    MASK: tl.constexpr, ONLY_P: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
 ):
-    # raw logits; the scales (> 0, log2 domain) are folded into FMAs: exp2(a * s - m) with m scaled
+    """Raw logits of key tile [n0, n0 + BN): a = qp kp^T, b = qq kq^T ([BM, BN] fp32; b = a with ONLY_P)."""
     offs_n = n0 + tl.arange(0, BN)
     kp = _load_rows(KPb, offs_n, skp_t, k_len, DP, BDP, MASK)
     a = tl.dot(qp, tl.trans(kp), input_precision=PREC_P)  # [BM, BN]
+    if ONLY_P:
+        b = a
+    else:
+        kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, MASK)
+        b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q)
+    return a, b
+
+
+@triton.jit
+def _fwd_update(
+    a, b, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+    BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
+):
+    """The five running values of each row after one key tile of logits a, b.
+
+    The scales (> 0, log2 domain) are folded into FMAs: exp2(a * s - m) with m scaled."""
+    offs_n = n0 + tl.arange(0, BN)
     if MASK:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
@@ -159,8 +174,6 @@ def _fwd_step(
     w = tl.exp2(a * scale_p2 - m_use[:, None])
     l_p = l_p * alpha + tl.sum(w, 1)
     if not ONLY_P:
-        kq = _load_rows(KQb, offs_n, skq_t, k_len, DQ, BDQ, MASK)
-        b = tl.dot(qq, tl.trans(kq), input_precision=PREC_Q)
         if SAME_SCALE:
             diff = a - b  # scaled once per row below
         else:
@@ -180,6 +193,19 @@ def _fwd_step(
         l_q = l_q * tl.exp2(m_q - mq_use) + tl.sum(tl.exp2(b * scale_q2 - mq_use[:, None]), 1)
         m_q = mq_new
     return m_new, l_p, acc, m_q, l_q
+
+
+@triton.jit
+def _fwd_step(
+    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off,
+    m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+    DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr, BN: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
+):
+    a, b = _fwd_logits(qp, qq, KPb, KQb, skp_t, skq_t, n0, k_len, DP, DQ, BDP, BDQ, BN, MASK, ONLY_P, PREC_P, PREC_Q)
+    return _fwd_update(a, b, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                       BN, MASK, CAUSAL, ONLY_P, SAME_SCALE)
 
 
 @triton.jit
