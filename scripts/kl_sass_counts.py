@@ -29,7 +29,7 @@ def compile_fwd(bm: int, bn: int, warps: int, stages: int):
     ptrs = {"QP": "*bf16", "KP": "*bf16", "QQ": "*bf16", "KQ": "*bf16", "KL": "*fp32", "LSEP": "*fp32",
             "LSEQ": "*fp32", "CU": "*fp32"}
     const = dict(DP=128, DQ=128, BDP=128, BDQ=128, CAUSAL=True, VARLEN=False, ONLY_P=False, SAME_SCALE=True,
-                 PREC_P="tf32", PREC_Q="tf32", BM=bm, BN=bn, INTERPRET=False, HEADS_FIRST=False)
+                 PREC_P="tf32", PREC_Q="tf32", BM=bm, BN=bn, INTERPRET=False)
     sig = {n: ptrs.get(n, "constexpr" if n in const else ("fp32" if n.startswith("scale") else "i32")) for n in names}
     div = [i for i, n in enumerate(names) if n in ptrs or (n.startswith("s") and not n.startswith("scale"))]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},

@@ -254,9 +254,11 @@ def _compare_attention_kl(
         (2, 33, 40, 2, 1, 2, 16, 16, False, torch.float16, "reverse", False),
     ],
 )
-@pytest.mark.parametrize("heads_first", ["1", "0"])  # both grid orders of the kernels (triton_ops._tile_pids)
-def test_triton_attention_kl_matches_reference(triton_backend, case, heads_first, monkeypatch):
-    monkeypatch.setenv("SPARSA_KL_HEADS_FIRST", heads_first)
+# grid orders of the kernels (triton_ops._tile_pids): the size rule (all heads together at these sizes),
+# head by head, and groups of 3 heads (the last group smaller)
+@pytest.mark.parametrize("head_group", ["", "1", "3"])
+def test_triton_attention_kl_matches_reference(triton_backend, case, head_group, monkeypatch):
+    monkeypatch.setenv("SPARSA_KL_HEAD_GROUP", head_group)
     batch, n_q, n_k, heads, h_t, h_s, d_t, d_s, causal, dtype, direction, teacher_grad = case
     g = torch.Generator().manual_seed(10)
     inputs = make_inputs(batch, n_q, n_k, heads, h_t, h_s, d_t, d_s, dtype, DEVICE, 1.0, g)

@@ -34,8 +34,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# attention-KL kernels issue programs tile by tile across all heads up to this length (`_heads_first`)
-HEADS_FIRST_MAX_LEN = 4096
+# K-tile bytes the heads issued together by the attention-KL grids may keep in L2 (`_head_group`)
+HEAD_GROUP_L2_BYTES = 24 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,14 +120,20 @@ def _key_tile_ranges(n0, q_len, k_len, CAUSAL: tl.constexpr, BM: tl.constexpr, B
 
 
 @triton.jit
-def _tile_pids(HEADS_FIRST: tl.constexpr):
-    """(tile index, batch*head index) of this program. HEADS_FIRST: grid (B*H, tiles), so programs are
-    issued tile by tile across all heads (a global heaviest-first order when the kernel reverses the
-    tile index; a short tail at small N); otherwise grid (tiles, B*H), head by head (neighbouring
-    programs share K/V in L2 at large N)."""
-    if HEADS_FIRST:
-        return tl.program_id(1), tl.num_programs(1), tl.program_id(0)
-    return tl.program_id(0), tl.num_programs(0), tl.program_id(1)
+def _tile_pids(n_bh, head_group):
+    """(tile index, number of tiles, batch*head index) of this program in a 1-D grid of n_tiles * n_bh.
+
+    Programs are issued in groups of `head_group` consecutive (batch, head) pairs; inside a group tile by
+    tile across its heads. The kernels order tiles heaviest first, so a group runs its heavy causal tiles
+    first on all its heads (a short tail), while the K tiles of only `head_group` heads compete for L2
+    (`_head_group` sizes the group from the key length)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.num_programs(0) // n_bh
+    per_group = head_group * n_tiles
+    grp = pid // per_group
+    in_group = tl.minimum(head_group, n_bh - grp * head_group)  # the last group may be smaller
+    r = pid - grp * per_group
+    return r // in_group, n_tiles, grp * head_group + r % in_group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,13 +220,12 @@ def _kl_fwd_kernel(
     sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h,
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h,
-    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, tune_key,
+    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, tune_key, n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
 ):
-    tile, n_tiles, pid_bh = _tile_pids(HEADS_FIRST)
+    tile, n_tiles, pid_bh = _tile_pids(n_bh, head_group)
     pid_m = n_tiles - 1 - tile  # heavy (late) causal tiles first
     h = pid_bh % n_heads
     b = pid_bh // n_heads
@@ -332,13 +337,12 @@ def _kl_bwd_dq_kernel(
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
     sdqp_b, sdqp_t, sdqp_h, sdqq_b, sdqq_t, sdqq_h,
-    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key,
+    n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key, n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
 ):
-    tile, n_tiles, pid_bh = _tile_pids(HEADS_FIRST)
+    tile, n_tiles, pid_bh = _tile_pids(n_bh, head_group)
     pid_m = n_tiles - 1 - tile
     h = pid_bh % n_heads
     b = pid_bh // n_heads
@@ -505,13 +509,12 @@ def _kl_bwd_dk_kernel(
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
     sdkp_b, sdkp_t, sdkp_h, sdkq_b, sdkq_t, sdkq_h,
-    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key,
+    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key, n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
 ):
-    pid_n, _, pid_bh = _tile_pids(HEADS_FIRST)  # early key tiles carry the most causal work: first
+    pid_n, _, pid_bh = _tile_pids(n_bh, head_group)  # early key tiles carry the most causal work: first
     hk = pid_bh % n_kv_grid
     b = pid_bh // n_kv_grid
     batch, q_start, q_len, k_start, k_len = _doc_bounds(CU, b, n_q, n_k, VARLEN)
@@ -947,16 +950,22 @@ def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
     launcher(kernel, grid, args, consts, meta)
 
 
-def _heads_first(max_len: int) -> bool:
-    """Grid order of the attention-KL kernels (see `_tile_pids`); SPARSA_KL_HEADS_FIRST=0/1 forces it."""
-    forced = os.environ.get("SPARSA_KL_HEADS_FIRST")
-    if forced is not None:
-        return forced != "0"
-    return max_len <= HEADS_FIRST_MAX_LEN
+def _head_group(n_keys: int, key_bytes: int, n_bh: int) -> int:
+    """Heads issued together by the attention-KL grids (`_tile_pids`): as many as keep their K tiles
+    (n_keys * key_bytes each) within HEAD_GROUP_L2_BYTES. SPARSA_KL_HEAD_GROUP=n forces it."""
+    forced = os.environ.get("SPARSA_KL_HEAD_GROUP")
+    group = int(forced) if forced else HEAD_GROUP_L2_BYTES // max(1, n_keys * key_bytes)
+    return max(1, min(group, n_bh))
 
 
-def _tile_grid(n_tiles: int, n_bh: int, heads_first: bool) -> tuple:
-    return (n_bh, n_tiles) if heads_first else (n_tiles, n_bh)
+def _tile_grid(n_tiles: int, n_bh: int) -> tuple:
+    return (n_tiles * n_bh,)
+
+
+def _key_bytes(kp: torch.Tensor, kq: torch.Tensor, only_p: bool) -> int:
+    """Bytes of K read per key and head (both sides)."""
+    size = kp.shape[3] * kp.element_size()
+    return size if only_p else size + kq.shape[3] * kq.element_size()
 
 
 def _tune_key(n: int) -> int:
@@ -1013,18 +1022,18 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
     lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
     lse_q = lse_p if only_p else new_output_like(lse_p)
     cu = cu_seqlens if cu_seqlens is not None else lse_p  # dummy pointer when not varlen
-    heads_first = _heads_first(docs.max_q)
-    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads, heads_first)
+    n_bh = docs.n_seq * n_heads
+    head_group = _head_group(docs.max_k, _key_bytes(kp, kq, only_p), n_bh)
+    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), n_bh)
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, cu,
         *_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
         *_strides3(kl), lse_p.stride(0), lse_p.stride(1),
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
-        scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q),
+        scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q), n_bh, head_group,
     )
     consts = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
-                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET,
-                  HEADS_FIRST=heads_first)
+                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
     _launch("fwd", _kl_fwd_kernel, _FWD_CONFIGS, grid, args, consts)
     return kl, lse_p, lse_q
 
@@ -1049,18 +1058,19 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     dummy_kp = dkp if need_p else kp
     dummy_q = dqq if need_q else qq
     dummy_kq = dkq if need_q else kq
-    heads_first = _heads_first(docs.max_q)
+    key_bytes = _key_bytes(kp, kq, False)
     common = {"DP": dp, "DQ": dq, "BDP": _pad_dim(dp), "BDQ": _pad_dim(dq), "CAUSAL": causal, "VARLEN": docs.varlen,
-                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET, "HEADS_FIRST": heads_first}
+                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), *_grad_strides(grad))
-    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), docs.n_seq * n_heads, heads_first)
+    n_bh = docs.n_seq * n_heads
+    grid = lambda m: _tile_grid(cdiv(docs.max_q, m["BM"]), n_bh)
     out_p, out_q = scale_p * grad_factor, scale_q * grad_factor  # the kernels scale dQ, dK once at the end
     args = (
         qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_p, dummy_q, cu, *head_args,
         *_strides3(dummy_p), *_strides3(dummy_q),
         n_q, n_k, n_heads, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, out_p, out_q,
-        _tune_key(docs.max_q),
+        _tune_key(docs.max_q), n_bh, _head_group(docs.max_k, key_bytes, n_bh),
     )
     _launch("dq", _kl_bwd_dq_kernel, _DQ_CONFIGS, grid, args, dict(NEED_P=need_p, NEED_Q=need_q, **common))
     # dK: one launch when both sides are needed and share the KV grouping, else one per side
@@ -1073,12 +1083,13 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
         if need_p:
             launches.append((True, False, n_kv_p, group_p))
     for with_p, with_q, n_kv, group in launches:
-        grid = lambda m, n_kv=n_kv: _tile_grid(cdiv(docs.max_k, m["BN"]), docs.n_seq * n_kv, heads_first)
+        n_bh_kv = docs.n_seq * n_kv
+        grid = lambda m, n_bh_kv=n_bh_kv: _tile_grid(cdiv(docs.max_k, m["BN"]), n_bh_kv)
         args = (
             qp, kp, qq, kq, kl, lse_p, lse_q, grad, dummy_kp, dummy_kq, cu, *head_args,
             *_strides3(dummy_kp), *_strides3(dummy_kq),
             n_q, n_k, n_kv, group, group_p, group_q, scale_p * LOG2E, scale_q * LOG2E, out_p, out_q,
-            _tune_key(docs.max_q),
+            _tune_key(docs.max_q), n_bh_kv, _head_group(docs.max_q, key_bytes, n_bh_kv),
         )
         _launch("dk", _kl_bwd_dk_kernel, _DK_CONFIGS, grid, args, dict(NEED_P=with_p, NEED_Q=with_q, **common))
     return dqp, dkp, dqq, dkq
