@@ -954,8 +954,11 @@ def _head_group(n_keys: int, key_bytes: int, n_bh: int) -> int:
     """Heads issued together by the attention-KL grids (`_tile_pids`): as many as keep their K tiles
     (n_keys * key_bytes each) within HEAD_GROUP_L2_BYTES. SPARSA_KL_HEAD_GROUP=n forces it."""
     forced = os.environ.get("SPARSA_KL_HEAD_GROUP")
-    group = int(forced) if forced else HEAD_GROUP_L2_BYTES // max(1, n_keys * key_bytes)
-    return max(1, min(group, n_bh))
+    if forced:
+        return max(1, min(int(forced), n_bh))
+    widest = max(1, min(HEAD_GROUP_L2_BYTES // max(1, n_keys * key_bytes), n_bh))
+    n_groups = cdiv(n_bh, widest)
+    return cdiv(n_bh, n_groups)  # groups of equal size (a small last group would run its heavy tiles last)
 
 
 def _tile_grid(n_tiles: int, n_bh: int) -> tuple:
