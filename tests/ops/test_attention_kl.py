@@ -492,6 +492,25 @@ def test_gpu_launch_cache_repeats_and_new_shapes():
     assert all(e[3] is not None for e in entries)  # cached launches call the C launcher directly
 
 
+def test_head_group_rule(monkeypatch):
+    """Grid head groups (triton_ops._head_group): K tiles of a group within HEAD_GROUP_L2_BYTES, equal-size
+    groups, at least 1 and at most all heads; SPARSA_KL_HEAD_GROUP forces a (clamped) value."""
+    pytest.importorskip("triton")
+    from sparsa.ops.kl import triton_ops
+
+    monkeypatch.delenv("SPARSA_KL_HEAD_GROUP", raising=False)
+    bf16_d128 = 2 * 128 * 2  # both sides' K bytes per key
+    got = {n: triton_ops._head_group(n, bf16_d128, 32) for n in (1024, 2048, 4096, 8192, 16384, 32768, 1 << 20)}
+    assert got == {1024: 32, 2048: 16, 4096: 11, 8192: 6, 16384: 3, 32768: 1, 1 << 20: 1}
+    for n_bh in range(1, 70):
+        for n_keys in (100, 3000, 9000):
+            g = triton_ops._head_group(n_keys, bf16_d128, n_bh)
+            assert 1 <= g <= n_bh
+            assert g * n_keys * bf16_d128 <= triton_ops.HEAD_GROUP_L2_BYTES or g == 1
+    monkeypatch.setenv("SPARSA_KL_HEAD_GROUP", "100")
+    assert triton_ops._head_group(4096, bf16_d128, 8) == 8
+
+
 def test_launch_arithmetic_helpers_match_triton():
     triton = pytest.importorskip("triton")
     from sparsa.ops._intmath import cdiv, next_pow2
