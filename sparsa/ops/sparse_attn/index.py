@@ -65,7 +65,9 @@ def valid_slots(idx: torch.Tensor, meta: DocMeta, block_size: int) -> torch.Tens
     """idx [N, H, K] int32 -> bool [N, H, K]: slot holds a block with at least one visible key, not a repeat."""
     n_tokens = idx.shape[0]
     tloc = torch.arange(n_tokens, device=idx.device) - meta.tok_docstart  # [N]
-    valid = (idx >= 0) & (idx.long() * block_size <= tloc[:, None, None])
+    # block c starts at or before the token  <=>  c <= the token's own block (no product that could overflow)
+    own_block = (tloc // block_size).to(idx.dtype)
+    valid = (idx >= 0) & (idx <= own_block[:, None, None])
     if idx.shape[-1] > 1:
         valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
     return valid
@@ -89,7 +91,8 @@ def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int,
     sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
     valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
     n_groups = n_heads * meta.n_blocks
-    key_dtype = torch.int32 if n_groups < 2**31 - 1 else torch.int64
+    # the narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes
+    key_dtype = torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
     head = torch.arange(n_heads, device=device, dtype=key_dtype)
     gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(key_dtype)[:, None, None]) + sl.to(key_dtype)
     gid = torch.where(valid, gid, n_groups)  # invalid slots sort last
@@ -102,7 +105,10 @@ def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int,
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     pos[perm] = torch.arange(n_pairs, dtype=torch.int32, device=device)
     pos = torch.where(gid < n_groups, pos, -1).view(n_heads, n_tokens, topk)
-    toks = ((perm // topk) % n_tokens).to(torch.int32)
+    if n_pairs < 2**31:
+        toks = (perm.to(torch.int32) // topk) % n_tokens
+    else:
+        toks = ((perm // topk) % n_tokens).to(torch.int32)
     return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos)
 
 
