@@ -78,3 +78,13 @@ def test_pair_index_ignores_out_of_range_blocks():
     idx = torch.tensor([[[0, 2**30, 2**31 - 1]]] * 8, dtype=torch.int32)
     index = build_pair_index(idx, meta, 4, 0, 1)
     assert index.pos[0, :, 1:].eq(-1).all() and int(index.counts.sum()) == 8
+
+
+def test_uniform_doc_meta_is_cached_and_equals_the_packed_layout():
+    a = doc_meta(3, 10, None, 4, "cpu")
+    assert doc_meta(3, 10, None, 4, torch.device("cpu")) is a  # cached: no new tensors per call
+    packed = doc_meta(1, 30, torch.tensor([0, 10, 20, 30], dtype=torch.int32), 4, "cpu")
+    assert packed is not a and (a.n_tokens, a.n_blocks) == (packed.n_tokens, packed.n_blocks) == (30, 9)
+    for name in ("tok_docstart", "tok_blockbase", "blk_start", "blk_len"):
+        assert torch.equal(getattr(a, name), getattr(packed, name)), name
+    assert a.blk_len.tolist() == [4, 4, 2] * 3 and a.blk_start.tolist()[:4] == [0, 4, 8, 10]

@@ -15,6 +15,7 @@ Terms (every document / batch row is flattened into one packed sequence of N tok
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -32,12 +33,23 @@ class DocMeta:
 
 
 def doc_meta(batch: int, seqlen: int, cu_seqlens, block_size: int, device) -> DocMeta:
-    """Document layout of the flattened [B*T] token axis (batch rows are documents too)."""
+    """Document layout of the flattened [B*T] token axis (batch rows are documents too).
+
+    Without cu_seqlens the layout depends on (batch, seqlen, block_size, device) only and is cached (its
+    tensors are read-only inputs of the kernels), saving a dozen small kernels and host-to-device copies
+    per call."""
     if cu_seqlens is None:
-        lens = [seqlen] * batch
-    else:
-        offs = [int(x) for x in cu_seqlens.tolist()]
-        lens = [b - a for a, b in itertools.pairwise(offs)]
+        return _uniform_doc_meta(batch, seqlen, block_size, torch.device(device))
+    offs = [int(x) for x in cu_seqlens.tolist()]
+    return _doc_meta([b - a for a, b in itertools.pairwise(offs)], block_size, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _uniform_doc_meta(batch: int, seqlen: int, block_size: int, device: torch.device) -> DocMeta:
+    return _doc_meta([seqlen] * batch, block_size, device)
+
+
+def _doc_meta(lens: list, block_size: int, device) -> DocMeta:
     n_tokens = sum(lens)
     nblk = [-(-n // block_size) for n in lens]
     starts, bases, s, bb = [], [], 0, 0
