@@ -88,3 +88,19 @@ def test_uniform_doc_meta_is_cached_and_equals_the_packed_layout():
     for name in ("tok_docstart", "tok_blockbase", "blk_start", "blk_len"):
         assert torch.equal(getattr(a, name), getattr(packed, name)), name
     assert a.blk_len.tolist() == [4, 4, 2] * 3 and a.blk_start.tolist()[:4] == [0, 4, 8, 10]
+
+
+def test_tile_tables_of_selection_and_compressed_attention_are_cached():
+    """The per-tile tables are built once per document layout (their host-to-device copy would wait for
+    the device on every call) and are read-only tuples."""
+    pytest.importorskip("triton")
+    from sparsa.ops.compress import triton_attention
+    from sparsa.ops.select import triton_select
+
+    a = triton_select._tiles(((0, 40),), ((0, 9),), 16, torch.device("cpu"))
+    assert triton_select._tiles(((0, 40),), ((0, 9),), 16, torch.device("cpu")) is a and isinstance(a, tuple)
+    assert a[0].tolist() == [0, 16, 32] and a[4].tolist() == [9, 9, 9]
+    docs = ((0, 10, 0, 3), (10, 20, 3, 5))
+    b = triton_attention._tiles(docs, 8, False, torch.device("cpu"))
+    assert triton_attention._tiles(docs, 8, False, torch.device("cpu")) is b
+    assert b[0].tolist() == [0, 8, 0, 8, 16] and b[1].tolist() == [0, 0, 10, 10, 10]

@@ -16,6 +16,8 @@ count) so that no tile crosses a document boundary. Pointer offsets are int64.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -271,7 +273,11 @@ def _documents(seqlen, n_keys, cu_seqlens, key_cu_seqlens):
     return [(s, e - s, ks, ke - ks) for (s, e), ks, ke in zip(doc_spans(cu_seqlens), kcu[:-1], kcu[1:])]
 
 
-def _tiles(docs, block: int, over_keys: bool, device):
+@functools.lru_cache(maxsize=64)
+def _tiles(docs: tuple, block: int, over_keys: bool, device):
+    """Per-tile metadata (start, doc q start, doc q len, doc key start, doc key count) int32 of each query
+    (or key) tile. Cached per layout: read-only kernel inputs whose host-to-device copy would wait for the
+    device on every call."""
     cols = [[], [], [], [], []]
     for qs, ql, ks, kl in docs:
         for start in range(0, kl if over_keys else ql, block):
@@ -279,7 +285,7 @@ def _tiles(docs, block: int, over_keys: bool, device):
                 col.append(val)
     if not cols[0]:  # no key at all (every document shorter than one window): one empty tile
         cols = [[0], [0], [0], [0], [0]]
-    return [torch.tensor(c, dtype=torch.int32, device=device) for c in cols]
+    return tuple(torch.tensor(c, dtype=torch.int32, device=device) for c in cols)
 
 
 # (BM, BN, num_warps, num_stages) per kernel on the GPU; the benchmark may try others.
@@ -319,7 +325,7 @@ def attention_fwd(q, k, v, *, scale, stride, length, window, cu_seqlens=None, ke
         return out, lse
     meta, launch = _config(q, head_dim, dv, "fwd")
     docs = _documents(seqlen, n_keys, cu_seqlens, key_cu_seqlens)
-    tiles = _tiles(docs, meta["BM"], False, q.device)
+    tiles = _tiles(tuple(docs), meta["BM"], False, q.device)
     n_tiles = tiles[0].numel()
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _fwd_kernel[(n_tiles, batch * n_heads_q)](
@@ -349,14 +355,14 @@ def attention_bwd(q, k, v, out, lse, dout, *, scale, stride, length, window, cu_
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     consts = dict(G=group, D=head_dim, DV=dv, STRIDE=stride, LENGTH=length, WINDOW=window, DOT_PREC=dot_prec)
     meta, launch = _config(q, head_dim, dv, "dq")
-    tiles = _tiles(docs, meta["BM"], False, q.device)
+    tiles = _tiles(tuple(docs), meta["BM"], False, q.device)
     n_tiles = tiles[0].numel()
     _bwd_dq_kernel[(n_tiles, batch * n_heads_q)](
         q, k, v, dout, lse, delta, dq, *tiles, *_common(q, k, v, dout, lse),
         n_heads_q, n_tiles, scale, scale * LOG2E, **consts, **meta, **launch,
     )
     meta, launch = _config(q, head_dim, dv, "dkv")
-    ktiles = _tiles(docs, meta["BN"], True, q.device)
+    ktiles = _tiles(tuple(docs), meta["BN"], True, q.device)
     n_ktiles = ktiles[0].numel()
     # Split the queries of each key tile into segments of about DKV_ITERATIONS (query tile, head) steps
     # when a tile sees many queries (compressed keys: the first tile sees the whole sequence), so that

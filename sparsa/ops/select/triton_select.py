@@ -22,6 +22,8 @@ SSA is the "sum" rule with pooled keys = block mean keys (length = stride = bloc
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -250,14 +252,18 @@ def pool_keys(k: torch.Tensor, length: int, stride: int, cu_seqlens=None) -> tor
     return torch.cat([pool(k[:, s:e]) for s, e in doc_spans(cu_seqlens)], dim=1)
 
 
-def _tiles(doc_q: list[tuple[int, int]], doc_k: list[tuple[int, int]], block_m: int, device):
-    """Per-tile metadata: (tile start local, doc q start, doc q len, doc key start, doc key count) int32."""
+@functools.lru_cache(maxsize=64)
+def _tiles(doc_q: tuple[tuple[int, int], ...], doc_k: tuple[tuple[int, int], ...], block_m: int, device):
+    """Per-tile metadata: (tile start local, doc q start, doc q len, doc key start, doc key count) int32.
+
+    Cached per layout: the tables are read-only kernel inputs, and building them copies from host memory,
+    which waits for the device (a host synchronisation per call otherwise)."""
     cols = [[], [], [], [], []]
     for (qs, ql), (ks, kl) in zip(doc_q, doc_k):
         for t0 in range(0, ql, block_m):
             for col, val in zip(cols, (t0, qs, ql, ks, kl)):
                 col.append(val)
-    return [torch.tensor(c, dtype=torch.int32, device=device) for c in cols]
+    return tuple(torch.tensor(c, dtype=torch.int32, device=device) for c in cols)
 
 
 def select_blocks_triton(q, keys, *, block_size, topk, init_blocks, local_blocks, scale, length, stride,
@@ -296,7 +302,7 @@ def select_blocks_triton(q, keys, *, block_size, topk, init_blocks, local_blocks
         doc_q = [(s, e - s) for s, e in doc_spans(cu_seqlens)]
         kcu = key_cu_seqlens.tolist()
         doc_k = [(s, e - s) for s, e in zip(kcu[:-1], kcu[1:])]
-    tile_q, tile_dq, tile_ql, tile_dk, tile_kl = _tiles(doc_q, doc_k, block_m, q.device)
+    tile_q, tile_dq, tile_ql, tile_dk, tile_kl = _tiles(tuple(doc_q), tuple(doc_k), block_m, q.device)
     n_tiles = tile_q.numel()
 
     first = -(-length // stride) - 1
