@@ -1,7 +1,8 @@
 """Block -> token index for the KV-outer kernels, built by a sort over the (token, slot) pairs.
 
-All tensors live on the device of the inputs; nothing here synchronises with the host
-(grid sizes use host-side upper bounds; programs with no work exit at once).
+All tensors live on the device of the inputs. Grid sizes use host-side upper bounds (programs with no
+work exit at once); the only host synchronisation is building a document layout (`doc_meta`: reading
+cu_seqlens, copying small tables to the device), done once per layout without cu_seqlens (cached).
 
 Terms (every document / batch row is flattened into one packed sequence of N tokens):
   global block gb: the c-th block of a document, numbered over all documents (NBG in all);
