@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._checks import doc_spans
 from .._intmath import next_pow2
-from ..select import _interpreter_compat  # noqa: F401  (CPU interpreter fix, tests only)
+from ... import _triton_interpreter  # noqa: F401  (CPU interpreter fix, tests only)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

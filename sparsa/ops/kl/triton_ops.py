@@ -509,7 +509,8 @@ def _kl_bwd_dk_kernel(
     sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h,
     sdkp_b, sdkp_t, sdkp_h, sdkq_b, sdkq_t, sdkq_h,
-    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key, n_bh, head_group,
+    n_q, n_k, n_kv_grid, group_grid, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key,
+    n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
@@ -876,10 +877,11 @@ def _configs(pairs):
 
 
 # (BM, BN, warps, stages); lists pruned offline with ptxas -v for sm_90 at D = 128 (no or few spills)
-# forward: the last three fit two CTAs per SM (<= 96 KiB of shared memory), so that one CTA's GEMMs
-# could overlap another's exponentials; on the H100 the autotuner picked one of them only at 2K
-# (64 x 64, 4 warps) and 128 x 64 / 128 x 128 with 8 warps from 4K up (benchmarks/results/attention_kl_h100.md)
-# (128, 64, 8, 4): 192 KiB of shared memory, 163 registers; (64, 64, 4, 3): 128 KiB, 176 registers (ptxas -v)
+# forward: (64, 64, 4, 2), (128, 32, 8, 2) and (64, 32, 4, 2) fit two CTAs per SM (<= 96 KiB of shared memory),
+# so that one CTA's GEMMs could overlap another's exponentials; (128, 64, 8, 4) takes 192 KiB and
+# (64, 64, 4, 3) 128 KiB. The H100 autotuner's choices vary between runs: 64 x 64 / 4 warps at 2K-4K,
+# 128 x 64 / 8 warps at 8K, 128 x 128 from 16K in run 8; 128 x 64 / 8 warps at 2K-4K, 128 x 128 at 8K,
+# 128 x 64 with 4 stages from 16K in run 7 (benchmarks/results/attention_kl_h100_run{7,8}.json)
 _FWD_CONFIGS = _configs(
     [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
      (128, 32, 8, 2), (64, 32, 4, 2)]
@@ -1044,8 +1046,7 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
 def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scale_q, need_p, need_q,
                 cu_seqlens=None, max_len=None, grad_factor=1.0):
     """grad [B, T, H] (any strides, stride 0 allowed) or 0-d (one value for all rows), times the constant
-    grad_factor ->
-    (dqp, dkp, dqq, dkq), None where not needed."""
+    grad_factor -> (dqp, dkp, dqq, dkq), None where not needed."""
     qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
     batch, n_q, n_heads, dp = qp.shape
     n_k, n_kv_p = kp.shape[1], kp.shape[2]

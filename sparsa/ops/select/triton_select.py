@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .._checks import doc_spans
 from .._intmath import next_pow2
-from . import _interpreter_compat  # noqa: F401  (CPU interpreter fix, tests only)
+from ... import _triton_interpreter  # noqa: F401  (CPU interpreter fix, tests only)
 
 LOG2E = 1.4426950408889634
 _FORCED_KEY = tl.constexpr(0x7F800000 << 32)  # +inf score bits in the high word

@@ -17,7 +17,6 @@ from .._intmath import next_pow2
 LOG2E = 1.4426950408889634
 
 
-
 @triton.jit
 def _q_outer_fwd_kernel(
     Q,
