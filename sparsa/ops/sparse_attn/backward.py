@@ -7,7 +7,8 @@ DKDV   one program per work item = (KV head, block, up to MAXP pairs): the block
          dK += dS^T Q * scale; dQ_pair = dS K * scale -> fp32 per-(pair, head) buffer.
        A group cut into several items (hot blocks such as block 0) writes fp32 partial dK/dV
        slots that SPLIT_REDUCE sums in a fixed order; other groups write dK/dV directly.
-DQ     per (token, KV head): dq = sum over the token's slots of dQ_pair (fixed order).
+DQ     per (token, KV head): dq = sum over the token's slots of dQ_pair (fixed order; a program takes
+       several tokens x G heads as rows).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .index import PairIndex, group_split_info, work_list
+from .index import PairIndex, group_split_info, reduce_config, work_list
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -190,23 +191,29 @@ def _dq_reduce_kernel(
     TOPK: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """dq of TOKENS consecutive tokens x G heads of one KV head: the sum of each row's slot partials in
+    slot order, without a branch per slot (all rows' loads of a slot issued together)."""
     hl = tl.program_id(1).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_g < G)[:, None] & (offs_d < D)[None, :]
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    pos_row = POS + (hl * N + t) * TOPK
+    tr = offs_r // G
+    g = offs_r % G
+    t = tl.program_id(0).to(tl.int64) * TOKENS + tr
+    rmask = (tr < TOKENS) & (t < N)
+    dmask = offs_d < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    pos_row = POS + (hl * N + t) * TOPK  # [R]
     for s in range(TOPK):
-        pp = tl.load(pos_row + s).to(tl.int64)
-        if pp >= 0:
-            rows = pp * G + offs_g
-            acc += tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    hq = (h0 + hl) * G + offs_g
-    tl.store(DQ + (t * Hq + hq)[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=mask)
+        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
+        rows = pp * G + g
+        part = tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=(pp >= 0)[:, None] & dmask[None, :], other=0.0)
+        acc += part.to(tl.float32)
+    orow = t * Hq + (h0 + hl) * G + g
+    tl.store(DQ + orow[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 # pairs per dK/dV work item: hot blocks (block 0, ...) are cut into items of this size for balance
@@ -309,7 +316,8 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_DV=block_dv,
         num_warps=4,
     )
-    _dq_reduce_kernel[(n_tokens, index.n_heads)](
+    block_r, tokens, warps = reduce_config(group, head_dim)
+    _dq_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
         dq,
         dqp,
         index.pos,
@@ -319,7 +327,8 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         TOPK=topk,
         G=group,
         D=head_dim,
-        BLOCK_G=_pow2(group, 2),
+        BLOCK_R=block_r,
+        TOKENS=tokens,
         BLOCK_D=block_d,
-        num_warps=4 if block_d * _pow2(group, 2) >= 1024 else 2,
+        num_warps=warps,
     )

@@ -4,7 +4,8 @@ tokens that chose it), the G heads of those tokens stacked as rows of one MMA ti
 MAIN   one key block, BLOCK_M rows = PAIRS tokens x G heads (gathered query rows):
        S = Q K^T * scale*log2e (key > token masked); m = rowmax; P = exp2(S - m); l = rowsum;
        partial O_p = P V / l and partial lse2_p = m + log2(l), each with its own local max.
-REDUCE per (token, KV head), over the token's slots (fixed order, deterministic):
+REDUCE per (token, KV head), over the token's slots (fixed order, deterministic; a program takes several
+       tokens, its rows are tokens x G heads):
        M = max lse2_p; O = sum 2^(lse2_p - M) O_p / sum 2^(lse2_p - M); LSE = M + log2(sum ...).
 """
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .index import PairIndex, work_list
+from .index import PairIndex, reduce_config, work_list
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -103,44 +104,45 @@ def _kv_fwd_reduce_kernel(
     TOPK: tl.constexpr,
     G: tl.constexpr,
     DV: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """One program per (TOKENS consecutive tokens, KV head); rows = those tokens x their G heads. Merges
+    each row's partials slot by slot (slot order: deterministic); no branch per slot, so the loads of
+    all rows of a slot are issued together."""
     hl = tl.program_id(1).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_dv = tl.arange(0, BLOCK_DV)
-    gmask = offs_g < G
+    tr = offs_r // G
+    g = offs_r % G
+    t = tl.program_id(0).to(tl.int64) * TOKENS + tr
+    rmask = (tr < TOKENS) & (t < N)
     dvmask = offs_dv < DV
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
-    pos_row = POS + (hl * N + t) * TOPK
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    pos_row = POS + (hl * N + t) * TOPK  # [R]
     for s in range(TOPK):
-        pp = tl.load(pos_row + s).to(tl.int64)
-        if pp >= 0:
-            rows = pp * G + offs_g
-            lp = tl.load(LSEP + rows, mask=gmask, other=0.0)
-            op = tl.load(
-                OP + rows[:, None] * DV + offs_dv[None, :], mask=gmask[:, None] & dvmask[None, :], other=0.0
-            ).to(tl.float32)
-            m_new = tl.maximum(m_i, lp)
-            alpha = tl.exp2(m_i - m_new)
-            beta = tl.exp2(lp - m_new)
-            l_i = l_i * alpha + beta
-            acc = acc * alpha[:, None] + op * beta[:, None]
-            m_i = m_new
+        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
+        ok = pp >= 0
+        rows = pp * G + g
+        lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
+        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
+        m_new = tl.maximum(m_i, lp)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(lp - m_use)
+        l_i = l_i * alpha + beta
+        acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
+        m_i = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    hq = (h0 + hl) * G + offs_g
-    tl.store(
-        O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :],
-        out.to(O.dtype.element_ty),
-        mask=gmask[:, None] & dvmask[None, :],
-    )
-    tl.store(LSE + t * Hq + hq, lse, mask=gmask)
+    orow = t * Hq + (h0 + hl) * G + g
+    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    tl.store(LSE + orow, lse, mask=rmask)
 
 
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
@@ -206,7 +208,8 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
         num_warps=warps,
         num_stages=1,
     )
-    _kv_fwd_reduce_kernel[(n_tokens, index.n_heads)](
+    block_r, tokens, warps = reduce_config(group, head_dim_v)
+    _kv_fwd_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
         o,
         lse,
         op,
@@ -218,7 +221,8 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
         TOPK=topk,
         G=group,
         DV=head_dim_v,
-        BLOCK_G=_pow2(group, 2),
+        BLOCK_R=block_r,
+        TOKENS=tokens,
         BLOCK_DV=block_dv,
-        num_warps=4 if block_dv * _pow2(group, 2) >= 1024 else 2,
+        num_warps=warps,
     )
