@@ -7,6 +7,9 @@ import torch
 from sparsa.ops.sparse_attn import index as index_mod
 from sparsa.ops.sparse_attn.index import PairIndex, build_pair_index, doc_meta, group_split_info, work_list
 
+# the index kernels run on the GPU when there is one, else in the Triton interpreter (tests/conftest.py)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _expected_groups(idx, meta, block_size, h0, n_heads):
     """{group: [tokens in order]} from the definition: a slot is valid when >= 0, its block starts at or
@@ -46,13 +49,14 @@ def test_pair_index_matches_definition(packed):
     block_size, n_heads_kv, topk = 4, 3, 5
     if packed:
         cu = torch.tensor([0, 7, 30, 41], dtype=torch.int32)
-        meta = doc_meta(1, 41, cu, block_size, "cpu")
+        meta = doc_meta(1, 41, cu, block_size, DEV)
     else:
-        meta = doc_meta(2, 23, None, block_size, "cpu")
+        meta = doc_meta(2, 23, None, block_size, DEV)
     n_tokens = meta.n_tokens
     # random blocks incl. future ones (invalid), -1 padding and repeats of the previous slot
     idx = torch.randint(-1, 7, (n_tokens, n_heads_kv, topk), generator=g, dtype=torch.int32)
     idx[:, :, 2] = idx[:, :, 1]
+    idx = idx.to(DEV)
     _check(idx, meta, block_size, 0, n_heads_kv)
     _check(idx, meta, block_size, 1, 2)  # a head slice
 
@@ -61,12 +65,12 @@ def test_pair_index_with_32bit_keys():
     """More than 2^15 groups: the sort key is int32 (the path of long sequences and many heads)."""
     g = torch.Generator().manual_seed(4)
     block_size, n_tokens = 1, 17000
-    meta = doc_meta(1, n_tokens, None, block_size, "cpu")
+    meta = doc_meta(1, n_tokens, None, block_size, DEV)
     assert 2 * meta.n_blocks >= 2**15
     idx = torch.randint(0, n_tokens, (n_tokens, 2, 2), generator=g, dtype=torch.int32)
     idx[:, :, 0] = torch.arange(n_tokens, dtype=torch.int32)[:, None]  # the token's own block: always valid
-    index = build_pair_index(idx, meta, block_size, 0, 2)
-    counts, gstart, toks = index.counts, index.gstart, index.toks
+    index = build_pair_index(idx.to(DEV), meta, block_size, 0, 2)
+    counts, gstart, toks = index.counts.cpu(), index.gstart.cpu(), index.toks.cpu()
     assert int(counts.sum()) == int((index.pos >= 0).sum())
     # every token's own block holds exactly that token first (sorted by group, then token)
     own = torch.arange(n_tokens)
@@ -76,8 +80,8 @@ def test_pair_index_with_32bit_keys():
 
 def test_pair_index_ignores_out_of_range_blocks():
     """Blocks far beyond the sequence (unchecked on CUDA) are invalid slots, not an overflowed start."""
-    meta = doc_meta(1, 8, None, 4, "cpu")
-    idx = torch.tensor([[[0, 2**30, 2**31 - 1]]] * 8, dtype=torch.int32)
+    meta = doc_meta(1, 8, None, 4, DEV)
+    idx = torch.tensor([[[0, 2**30, 2**31 - 1]]] * 8, dtype=torch.int32, device=DEV)
     index = build_pair_index(idx, meta, 4, 0, 1)
     assert index.pos[0, :, 1:].eq(-1).all() and int(index.counts.sum()) == 8
 
@@ -197,19 +201,19 @@ def _random_idx(n_tokens, n_heads_kv, topk, high, seed, dtype=torch.int32):
 def test_kernels_equal_the_pytorch_reference(packed, dtype):
     block_size, n_heads_kv, topk = 4, 3, 6
     if packed:
-        meta = doc_meta(1, 90, torch.tensor([0, 7, 30, 41, 90], dtype=torch.int32), block_size, "cpu")
+        meta = doc_meta(1, 90, torch.tensor([0, 7, 30, 41, 90], dtype=torch.int32), block_size, DEV)
     else:
-        meta = doc_meta(2, 45, None, block_size, "cpu")
-    idx = _random_idx(meta.n_tokens, n_heads_kv, topk, 14, seed=5 + packed, dtype=dtype)
+        meta = doc_meta(2, 45, None, block_size, DEV)
+    idx = _random_idx(meta.n_tokens, n_heads_kv, topk, 14, seed=5 + packed, dtype=dtype).to(DEV)
     _compare_with_reference(idx, meta, block_size, 0, n_heads_kv)
     _compare_with_reference(idx, meta, block_size, 1, 2)  # a head slice
     _compare_with_reference(idx, meta, block_size, 2, 1)
 
 
 def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
-    meta = doc_meta(1, 3000, torch.tensor([0, 1234, 3000], dtype=torch.int32), 1, "cpu")
+    meta = doc_meta(1, 3000, torch.tensor([0, 1234, 3000], dtype=torch.int32), 1, DEV)
     assert 11 * meta.n_blocks >= 2**15
-    idx = _random_idx(meta.n_tokens, 12, 4, 3000, seed=9)
+    idx = _random_idx(meta.n_tokens, 12, 4, 3000, seed=9).to(DEV)
     index = build_pair_index(idx, meta, 1, 1, 11)
     assert index.gstart.numel() == 11 * meta.n_blocks
     _compare_with_reference(idx, meta, 1, 1, 11, per_items=(5,))
@@ -217,6 +221,6 @@ def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
 
 def test_wide_pos_kernel_path(monkeypatch):
     """The int64 division path of more than 2^31 slots, forced on a small input."""
-    meta = doc_meta(1, 50, None, 4, "cpu")
+    meta = doc_meta(1, 50, None, 4, DEV)
     monkeypatch.setattr(index_mod, "WIDE_PAIRS", 0)
-    _compare_with_reference(_random_idx(50, 2, 5, 14, seed=11), meta, 4, 0, 2)
+    _compare_with_reference(_random_idx(50, 2, 5, 14, seed=11).to(DEV), meta, 4, 0, 2)
