@@ -1,28 +1,22 @@
-"""A/B on the GPU: sparse attention with the Triton index kernels (sparsa/ops/sparse_attn/index.py) against
-the former pure-PyTorch index (the reference copies in tests/ops/test_pair_index.py), same process,
-alternating, do_bench medians in ms (index build included). Setup as benchmarks/sparse_attention.py.
+"""A/B on the GPU: sparse attention (KV-outer) with the pair index built by PyTorch ops or by the Triton
+kernels (SPARSA_PAIR_INDEX=torch|triton, sparsa/ops/sparse_attn/index.py), same process, alternating,
+do_bench medians in ms (index build included), outputs compared. Setup as benchmarks/sparse_attention.py.
 
     PYTHONPATH=. python3 scripts/index_ab.py [--sizes 65536] [--groups 1,4]
 """
 import argparse
 import json
+import os
 
 import torch
 
 import sparsa
 from benchmarks.sparse_attention import BS, bench, make
-from sparsa.ops.sparse_attn import backward as bwd_mod
-from sparsa.ops.sparse_attn import kv_outer as kv_mod
-from sparsa.ops.sparse_attn import triton_ops
-from tests.ops import test_pair_index as ref_mod
-
-NEW = (triton_ops.build_pair_index, kv_mod.work_list, bwd_mod.work_list, bwd_mod.group_split_info)
-OLD = (ref_mod._reference_build_pair_index, lambda i, p, with_slots=False: ref_mod._reference_work_list(i, p, with_slots),
-       lambda i, p, with_slots=False: ref_mod._reference_work_list(i, p, with_slots), ref_mod._reference_group_split_info)
+from sparsa.ops.sparse_attn.index import PAIR_INDEX_BACKENDS
 
 
-def use(fns):
-    triton_ops.build_pair_index, kv_mod.work_list, bwd_mod.work_list, bwd_mod.group_split_info = fns
+def use(name):
+    os.environ["SPARSA_PAIR_INDEX"] = name
 
 
 def main():
@@ -41,13 +35,16 @@ def main():
                 qr.grad = kr.grad = vr.grad = None
                 sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
 
+            outs = {}
             for rnd in range(2):
-                for name, fns in (("triton_index", NEW), ("torch_index", OLD)):
-                    use(fns)
+                for name in PAIR_INDEX_BACKENDS:
+                    use(name)
+                    outs[name] = fwd()
                     row = {"N": n, "G": group, "index": name, "round": rnd, "fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwd_bwd)}
                     print(json.dumps(row), flush=True)
-            use(NEW)
-            del q, k, v, idx, qr, kr, vr, do
+            a, b = (outs[name] for name in PAIR_INDEX_BACKENDS)
+            print(json.dumps({"N": n, "G": group, "outputs_equal": bool(torch.equal(a, b))}), flush=True)
+            use("torch")
             torch.cuda.empty_cache()
 
 

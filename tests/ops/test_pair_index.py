@@ -1,14 +1,28 @@
 """The block -> token pair index of the KV-outer kernels (sparsa/ops/sparse_attn/index.py) against its
-definition, with the 16-bit and the 32-bit sort keys, and the Triton index kernels against the former
-pure-PyTorch implementation."""
+definition (both implementations), with the 16-bit and the 32-bit sort keys, and the Triton index kernels
+(index_triton.py) against the PyTorch path element for element."""
 import pytest
 import torch
 
 from sparsa.ops.sparse_attn import index as index_mod
-from sparsa.ops.sparse_attn.index import PairIndex, build_pair_index, doc_meta, group_split_info, work_list
+from sparsa.ops.sparse_attn import index_triton
+from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta
 
 # the index kernels run on the GPU when there is one, else in the Triton interpreter (tests/conftest.py)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=index_mod.PAIR_INDEX_BACKENDS)
+def pair_index_backend(request, monkeypatch):
+    """Runs a test with each implementation behind build_pair_index / work_list."""
+    monkeypatch.setenv("SPARSA_PAIR_INDEX", request.param)
+    return request.param
+
+
+def test_unknown_pair_index_backend_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("SPARSA_PAIR_INDEX", "cuda")
+    with pytest.raises(ValueError, match="SPARSA_PAIR_INDEX"):
+        index_mod.pair_index_backend()
 
 
 def _expected_groups(idx, meta, block_size, h0, n_heads):
@@ -43,6 +57,7 @@ def _check(idx, meta, block_size, h0, n_heads):
     assert heads.max().item() < n_heads if n_valid else True
 
 
+@pytest.mark.usefixtures("pair_index_backend")
 @pytest.mark.parametrize("packed", [False, True])
 def test_pair_index_matches_definition(packed):
     g = torch.Generator().manual_seed(3)
@@ -61,6 +76,7 @@ def test_pair_index_matches_definition(packed):
     _check(idx, meta, block_size, 1, 2)  # a head slice
 
 
+@pytest.mark.usefixtures("pair_index_backend")
 def test_pair_index_with_32bit_keys():
     """More than 2^15 groups: the sort key is int32 (the path of long sequences and many heads)."""
     g = torch.Generator().manual_seed(4)
@@ -78,6 +94,7 @@ def test_pair_index_with_32bit_keys():
     assert (toks[gstart[meta.n_blocks + own]] == own.to(torch.int32)).all()
 
 
+@pytest.mark.usefixtures("pair_index_backend")
 def test_pair_index_ignores_out_of_range_blocks():
     """Blocks far beyond the sequence (unchecked on CUDA) are invalid slots, not an overflowed start."""
     meta = doc_meta(1, 8, None, 4, DEV)
@@ -112,63 +129,13 @@ def test_tile_tables_of_selection_and_compressed_attention_are_cached():
     assert b[0].tolist() == [0, 8, 0, 8, 16] and b[1].tolist() == [0, 0, 10, 10, 10]
 
 
-def _reference_build_pair_index(idx, meta, block_size, h0, n_heads):
-    """The pure-PyTorch build_pair_index (before the Triton kernels), kept as the exact reference."""
-    n_tokens, _, topk = idx.shape
-    sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
-    own_block = ((torch.arange(n_tokens) - meta.tok_docstart) // block_size).to(sl.dtype)
-    valid = (sl >= 0) & (sl <= own_block[:, None, None])
-    valid[..., 1:] &= sl[..., 1:] != sl[..., :-1]
-    n_groups = n_heads * meta.n_blocks
-    key_dtype = torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
-    head = torch.arange(n_heads, dtype=key_dtype)
-    gid = head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(key_dtype)[:, None, None] + sl.to(key_dtype)
-    gid = torch.where(valid, gid, n_groups).permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
-    sorted_gid, perm = torch.sort(gid, stable=True)
-    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, dtype=key_dtype))
-    n_pairs = gid.numel()
-    pos = torch.empty(n_pairs, dtype=torch.int32)
-    pos[perm] = torch.arange(n_pairs, dtype=torch.int32)
-    pos = torch.where(gid < n_groups, pos, -1).view(n_heads, n_tokens, topk)
-    toks = (perm.to(torch.int32) // topk) % n_tokens
-    return PairIndex(h0, n_heads, n_pairs, bounds[1:] - bounds[:-1], bounds[:-1], toks, pos)
-
-
-def _reference_work_list(index, per_item, with_slots):
-    """The pure-PyTorch work_list (before the Triton kernels): (work, n_slots)."""
-    counts, gstart = index.counts, index.gstart
-    n_groups = counts.numel()
-    w = torch.arange(-(-index.n_pairs_max // per_item) + n_groups)
-    nitems = (counts + per_item - 1) // per_item
-    cum = torch.cumsum(nitems, 0)
-    grp = torch.searchsorted(cum, w, right=True)
-    ok = grp < n_groups
-    grp = grp.clamp(max=n_groups - 1)
-    local = w - (cum[grp] - nitems[grp])
-    start = gstart[grp] + local * per_item
-    end = torch.minimum(start + per_item, gstart[grp] + counts[grp])
-    cols = [torch.where(ok, start, 0), torch.where(ok, end, 0), grp]
-    if not with_slots:
-        return torch.stack(cols, 1), 0
-    sizes = torch.where(nitems > 1, nitems, 0)
-    base = torch.cumsum(sizes, 0) - sizes
-    cols.append(torch.where(ok & (nitems[grp] > 1), base[grp] + local, -1))
-    return torch.stack(cols, 1), max(1, 2 * index.n_pairs_max // per_item)
-
-
-def _reference_group_split_info(index, per_item):
-    nitems = (index.counts + per_item - 1) // per_item
-    sizes = torch.where(nitems > 1, nitems, 0)
-    return torch.stack([sizes, torch.cumsum(sizes, 0) - sizes], 1)
-
-
 def _assert_identical(a, b, name):
     assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
 
 
 def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2, 3, 7)):
-    new = build_pair_index(idx, meta, block_size, h0, n_heads)
-    ref = _reference_build_pair_index(idx, meta, block_size, h0, n_heads)
+    new = index_triton.build_pair_index_triton(idx, meta, block_size, h0, n_heads)
+    ref = index_mod._build_pair_index_torch(idx, meta, block_size, h0, n_heads)
     assert (new.h0, new.n_heads, new.n_pairs_max) == (ref.h0, ref.n_heads, ref.n_pairs_max)
     for name in ("counts", "gstart", "toks", "pos"):
         _assert_identical(getattr(new, name), getattr(ref, name), name)
@@ -176,12 +143,12 @@ def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2,
     split_groups = 0
     for per_item in per_items:
         for with_slots in (False, True):
-            work, n_slots = work_list(new, per_item, with_slots=with_slots)
-            ref_work, ref_slots = _reference_work_list(ref, per_item, with_slots)
+            work, n_slots = index_triton.work_list_triton(new, per_item, with_slots)
+            ref_work, ref_slots = index_mod._work_list_torch(ref, per_item, with_slots)
             _assert_identical(work, ref_work, f"work per_item={per_item} with_slots={with_slots}")
             assert n_slots == ref_slots
-        split = group_split_info(new, per_item)
-        _assert_identical(split, _reference_group_split_info(ref, per_item), f"split per_item={per_item}")
+        split = index_triton.group_split_info_triton(new, per_item)
+        _assert_identical(split, index_mod._group_split_info_torch(ref, per_item), f"split per_item={per_item}")
         split_groups += int((split[:, 0] > 0).sum())
     assert split_groups > 0  # some groups are cut into several items
 
@@ -214,7 +181,7 @@ def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
     meta = doc_meta(1, 3000, torch.tensor([0, 1234, 3000], dtype=torch.int32), 1, DEV)
     assert 11 * meta.n_blocks >= 2**15
     idx = _random_idx(meta.n_tokens, 12, 4, 3000, seed=9).to(DEV)
-    index = build_pair_index(idx, meta, 1, 1, 11)
+    index = index_triton.build_pair_index_triton(idx, meta, 1, 1, 11)
     assert index.gstart.numel() == 11 * meta.n_blocks
     _compare_with_reference(idx, meta, 1, 1, 11, per_items=(5,))
 
@@ -222,5 +189,5 @@ def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
 def test_wide_pos_kernel_path(monkeypatch):
     """The int64 division path of more than 2^31 slots, forced on a small input."""
     meta = doc_meta(1, 50, None, 4, DEV)
-    monkeypatch.setattr(index_mod, "WIDE_PAIRS", 0)
+    monkeypatch.setattr(index_triton, "WIDE_PAIRS", 0)
     _compare_with_reference(_random_idx(50, 2, 5, 14, seed=11).to(DEV), meta, 4, 0, 2)

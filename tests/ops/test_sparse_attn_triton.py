@@ -154,6 +154,17 @@ def test_reductions_over_several_token_programs(group, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
+def test_kv_outer_with_the_triton_pair_index(monkeypatch):
+    """The attention with the Triton-built index (SPARSA_PAIR_INDEX=triton), packed documents, G = 3."""
+    monkeypatch.setenv("SPARSA_PAIR_INDEX", "triton")
+    cu = torch.tensor([0, 23, 48, 80], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 80, 1, 3, 16, torch.float32, seed=31)
+    idx = random_selection(
+        1, 80, 1, 3, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(31), device=DEVICE
+    )
+    check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
+
+
 def test_random_selection_helper():
     idx = random_selection(1, 300, 2, 6, 16, generator=torch.Generator().manual_seed(0))
     cur = torch.arange(300) // 16

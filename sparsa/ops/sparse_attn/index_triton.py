@@ -1,0 +1,233 @@
+"""Triton kernels that build the KV-outer pair index (index.py's PairIndex, work list, split table) with a
+handful of launches; the outputs equal index.py's PyTorch path element for element (tests/ops/test_pair_index.py).
+
+  _pair_key_kernel   idx -> sort keys in (head, token, slot) order, the `valid_slots` test fused in;
+  torch.sort (stable) and torch.searchsorted (group bounds) as in the PyTorch path;
+  _pair_pos_kernel   perm, sorted keys -> pos (inverse permutation, -1 for invalid slots) and toks;
+  _group_items_kernel + torch.cumsum: items per group and their running sums, then _work_kernel writes
+                     every work row (binary search of the row in the running sums) and _split_info_kernel
+                     the dK/dV split table.
+1-D grids of INDEX_BLOCK elements, int64 offsets. Selected by SPARSA_PAIR_INDEX=triton (index.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bound)
+from .index import DocMeta, PairIndex
+
+
+# elements (slots, sorted positions, work rows, groups) per program of the index kernels
+INDEX_BLOCK = 1024
+# from this many slots on, the pos/toks kernel divides slot numbers in int64 (tests lower it)
+WIDE_PAIRS = 2**31
+
+
+@triton.jit
+def _pair_key_kernel(
+    IDX,
+    DOCSTART,
+    BLOCKBASE,
+    GID,
+    N,
+    NBG,
+    n_groups,
+    h0,
+    block_size,
+    stride_n,
+    stride_h,
+    stride_k,
+    TOPK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Sort keys of BLOCK_T tokens x all slots of one local head hl (the `valid_slots` test fused in):
+    GID [Hs, N, TOPK] = hl * NBG + block base of the token + slot's block, n_groups if invalid."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_tblocks = tl.cdiv(N, BLOCK_T)
+    hl = pid // n_tblocks
+    t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] int64
+    s = tl.arange(0, BLOCK_K)  # [BK]
+    tmask = t < N
+    mask = tmask[:, None] & (s < TOPK)[None, :]  # [BT, BK]
+    slot = IDX + t[:, None] * stride_n + (h0 + hl) * stride_h + s[None, :] * stride_k
+    c = tl.load(slot, mask=mask, other=-1).to(tl.int64)
+    # slot 0 has no previous slot: -1 never equals a valid block
+    prev = tl.load(slot - stride_k, mask=mask & (s > 0)[None, :], other=-1).to(tl.int64)
+    own = (t - tl.load(DOCSTART + t, mask=tmask, other=0)) // block_size  # [BT] the token's own local block
+    base = hl * NBG + tl.load(BLOCKBASE + t, mask=tmask, other=0)  # [BT]
+    valid = (c >= 0) & (c <= own[:, None]) & (c != prev)
+    key = tl.where(valid, base[:, None] + c, n_groups)
+    tl.store(GID + (hl * N + t)[:, None] * TOPK + s[None, :], key.to(GID.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pair_pos_kernel(
+    PERM, SORTED, POS, TOKS, n_pairs, N, n_groups, TOPK: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """For BLOCK sorted positions p: POS[perm[p]] = p (-1 if the key is the invalid one), TOKS[p] = the
+    token of the slot perm[p] of the (head, token, slot) order. WIDE: more than 2^31 slots (int64 division)."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = p < n_pairs
+    q = tl.load(PERM + p, mask=mask, other=0)
+    key = tl.load(SORTED + p, mask=mask, other=0)
+    tl.store(POS + q, tl.where(key < n_groups, p, -1).to(tl.int32), mask=mask)
+    if not WIDE:
+        q = q.to(tl.int32)
+    tl.store(TOKS + p, ((q // TOPK) % N).to(tl.int32), mask=mask)
+
+
+def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
+    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads).
+
+    Launches: key kernel, sort, arange + searchsorted + sub (group bounds), pos/toks kernel."""
+    n_tokens, _, topk = idx.shape
+    device = idx.device
+    n_groups = n_heads * meta.n_blocks
+    n_pairs = n_heads * n_tokens * topk
+    # the narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes
+    key_dtype = torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
+    gid = torch.empty(n_pairs, dtype=key_dtype, device=device)  # order (head, token, slot)
+    block_k = triton.next_power_of_2(topk)
+    block_t = max(1, INDEX_BLOCK // block_k)
+    if n_pairs:
+        grid = (n_heads * triton.cdiv(n_tokens, block_t),)
+        _pair_key_kernel[grid](
+            idx,
+            meta.tok_docstart,
+            meta.tok_blockbase,
+            gid,
+            n_tokens,
+            meta.n_blocks,
+            n_groups,
+            h0,
+            block_size,
+            *idx.stride(),
+            TOPK=topk,
+            BLOCK_T=block_t,
+            BLOCK_K=block_k,
+        )
+    sorted_gid, perm = torch.sort(gid, stable=True)
+    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=device, dtype=key_dtype))
+    counts = bounds[1:] - bounds[:-1]
+    gstart = bounds[:-1]
+    pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
+    toks = torch.empty(n_pairs, dtype=torch.int32, device=device)
+    if n_pairs:
+        wide = n_pairs >= WIDE_PAIRS
+        _pair_pos_kernel[(triton.cdiv(n_pairs, INDEX_BLOCK),)](
+            perm, sorted_gid, pos, toks, n_pairs, n_tokens, n_groups, TOPK=topk, WIDE=wide, BLOCK=INDEX_BLOCK
+        )
+    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos.view(n_heads, n_tokens, topk))
+
+
+@triton.jit
+def _group_items_kernel(COUNTS, ITEMS, n_groups, per_item, BLOCK: tl.constexpr):
+    """ITEMS [n_groups, 2] = (items of the group, the same if it is cut into several items else 0)."""
+    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = g < n_groups
+    nitems = (tl.load(COUNTS + g, mask=mask, other=0) + per_item - 1) // per_item
+    tl.store(ITEMS + g * 2, nitems, mask=mask)
+    tl.store(ITEMS + g * 2 + 1, tl.where(nitems > 1, nitems, 0), mask=mask)
+
+
+def _item_cumsum(index: PairIndex, per_item: int) -> torch.Tensor:
+    """[n_groups, 2] int64 inclusive cumsums of (items per group, items of the groups cut into several)."""
+    n_groups = index.counts.numel()
+    items = torch.empty(n_groups, 2, dtype=torch.int64, device=index.counts.device)
+    _group_items_kernel[(triton.cdiv(n_groups, INDEX_BLOCK),)](
+        index.counts, items, n_groups, per_item, BLOCK=INDEX_BLOCK
+    )
+    return torch.cumsum(items, 0)
+
+
+@triton.jit
+def _cum_range(CUM, g, col, mask):
+    """Exclusive and inclusive cumsum (column col of CUM [n_groups, 2]) at groups g."""
+    before = tl.load(CUM + (g - 1) * 2 + col, mask=mask & (g > 0), other=0)
+    return before, tl.load(CUM + g * 2 + col, mask=mask, other=0)
+
+
+@triton.jit
+def _work_kernel(
+    COUNTS, GSTART, CUM, WORK, n_groups, n_rows, per_item, n_steps, COLS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """BLOCK rows w of WORK [W, COLS]: the group g of item w (binary search of w in the inclusive item
+    cumsum, n_steps halvings), the item's pair range and (COLS == 4) its partial slot. Rows past the last
+    item: (0, 0, n_groups - 1[, -1])."""
+    w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = w < n_rows
+    lo = tl.zeros([BLOCK], dtype=tl.int64)
+    hi = tl.full([BLOCK], n_groups, dtype=tl.int64)
+    for _ in range(n_steps):  # lo = number of groups whose items all come before w
+        mid = (lo + hi) >> 1
+        left = lo < hi
+        below = tl.load(CUM + mid * 2, mask=mask & left, other=0) <= w
+        lo = tl.where(left & below, mid + 1, lo)
+        hi = tl.where(left & ~below, mid, hi)
+    ok = lo < n_groups
+    g = tl.minimum(lo, n_groups - 1)
+    first, _ = _cum_range(CUM, g, 0, mask)
+    local = w - first
+    gs = tl.load(GSTART + g, mask=mask, other=0)
+    start = gs + local * per_item
+    end = tl.minimum(start + per_item, gs + tl.load(COUNTS + g, mask=mask, other=0))
+    row = WORK + w * COLS
+    tl.store(row, tl.where(ok, start, 0), mask=mask)
+    tl.store(row + 1, tl.where(ok, end, 0), mask=mask)
+    tl.store(row + 2, g, mask=mask)
+    if COLS == 4:
+        base, upto = _cum_range(CUM, g, 1, mask)
+        tl.store(row + 3, tl.where(ok & (upto > base), base + local, -1), mask=mask)
+
+
+def work_list_triton(index: PairIndex, per_item: int, with_slots: bool = False):
+    """Flat work list: each group's sorted range cut into items of at most `per_item` pairs.
+
+    Returns (work [W, 3 or 4] int64: start, end, group[, partial slot or -1], n_slots_max).
+    W is a host-side upper bound; padding items have start == end == 0 (group n_groups - 1, slot -1).
+    With `with_slots`, the items of groups cut into several items get consecutive partial slots.
+    Launches: items kernel, cumsum, work kernel.
+    """
+    n_groups = index.counts.numel()
+    w_max = -(-index.n_pairs_max // per_item) + n_groups
+    cols = 4 if with_slots else 3
+    cum = _item_cumsum(index, per_item)
+    work = torch.empty(w_max, cols, dtype=torch.int64, device=cum.device)
+    _work_kernel[(triton.cdiv(w_max, INDEX_BLOCK),)](
+        index.counts,
+        index.gstart,
+        cum,
+        work,
+        n_groups,
+        w_max,
+        per_item,
+        n_groups.bit_length(),
+        COLS=cols,
+        BLOCK=INDEX_BLOCK,
+    )
+    n_slots = max(1, 2 * index.n_pairs_max // per_item) if with_slots else 0  # ceil(c/p) < 2c/p for c > p
+    return work, n_slots
+
+
+@triton.jit
+def _split_info_kernel(CUM, SPLIT, n_groups, BLOCK: tl.constexpr):
+    """SPLIT [n_groups, 2] = (items of a group cut into several, else 0; its first partial slot)."""
+    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = g < n_groups
+    base, upto = _cum_range(CUM, g, 1, mask)
+    tl.store(SPLIT + g * 2, upto - base, mask=mask)
+    tl.store(SPLIT + g * 2 + 1, base, mask=mask)
+
+
+def group_split_info_triton(index: PairIndex, per_item: int) -> torch.Tensor:
+    """[n_groups, 2] int64: (items of the group, first partial slot) for the dK/dV split reduction.
+    Launches: items kernel, cumsum, split kernel."""
+    n_groups = index.counts.numel()
+    cum = _item_cumsum(index, per_item)
+    split = torch.empty(n_groups, 2, dtype=torch.int64, device=cum.device)
+    _split_info_kernel[(triton.cdiv(n_groups, INDEX_BLOCK),)](cum, split, n_groups, BLOCK=INDEX_BLOCK)
+    return split
