@@ -220,21 +220,23 @@ def _dq_reduce_kernel(
 MAX_PAIRS_PER_ITEM = 2048
 
 
-# (BLOCK_M, num_warps) forced by the tuning benchmark; None = bwd_config's choice
-BWD_OVERRIDE: tuple[int, int] | None = None
+# (BLOCK_M, num_warps[, maxnreg]) forced by the tuning scripts; None = bwd_config's choice
+BWD_OVERRIDE: tuple | None = None
 # dtype of the per-(pair, head) dQ partials for bf16 inputs: bf16 (half the traffic; measured error
 # within 1.2x of fp32 partials) or torch.float32. fp16 and fp32 inputs always use fp32 (range).
 DQ_PARTIAL_DTYPE: torch.dtype = torch.bfloat16
 
 
 def bwd_config(group: int, head_dim: int, block_size: int):
+    """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced)."""
     if BWD_OVERRIDE is not None:
-        return max(BWD_OVERRIDE[0], _pow2(group)), BWD_OVERRIDE[1]
+        extra = {"maxnreg": BWD_OVERRIDE[2]} if len(BWD_OVERRIDE) > 2 else {}
+        return max(BWD_OVERRIDE[0], _pow2(group)), BWD_OVERRIDE[1], extra
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
     else:
         block_m, warps = 32, 8
-    return max(block_m, _pow2(group)), warps
+    return max(block_m, _pow2(group)), warps, {}
 
 
 def compute_delta(o, do):
@@ -254,7 +256,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
     topk = index.pos.shape[-1]
-    block_m, warps = bwd_config(group, head_dim, block_size)
+    block_m, warps, launch_opts = bwd_config(group, head_dim, block_size)
     pairs = block_m // group
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
     work, n_slots = work_list(index, per_item, with_slots=True)
@@ -297,6 +299,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         PRECISION=precision_for(q.dtype),
         num_warps=warps,
         num_stages=2,
+        **launch_opts,
     )
     _split_reduce_kernel[(split.shape[0],)](
         dk,

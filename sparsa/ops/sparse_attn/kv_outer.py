@@ -151,17 +151,18 @@ def _kv_fwd_reduce_kernel(
 PARTIAL_DTYPE: torch.dtype | None = None
 
 
-# (BLOCK_M, num_warps) forced by the tuning benchmark; None = fwd_config's choice
-FWD_OVERRIDE: tuple[int, int] | None = None
+# (BLOCK_M, num_warps[, maxnreg]) forced by the tuning scripts; None = fwd_config's choice
+FWD_OVERRIDE: tuple | None = None
 
 
 def fwd_config(group: int, head_dim: int, block_size: int):
-    """(BLOCK_M rows per tile, num_warps)."""
+    """(BLOCK_M rows per tile, num_warps, extra launch options: {"maxnreg": n} when forced)."""
     if FWD_OVERRIDE is not None:
-        return max(FWD_OVERRIDE[0], _pow2(group)), FWD_OVERRIDE[1]
+        extra = {"maxnreg": FWD_OVERRIDE[2]} if len(FWD_OVERRIDE) > 2 else {}
+        return max(FWD_OVERRIDE[0], _pow2(group)), FWD_OVERRIDE[1], extra
     block_m = 128 if max(head_dim, block_size) <= 128 else 64
     block_m = max(block_m, _pow2(group))
-    return block_m, 4 if max(head_dim, block_size) <= 128 else 8
+    return block_m, 4 if max(head_dim, block_size) <= 128 else 8, {}
 
 
 def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: float, o, lse):
@@ -170,7 +171,7 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
     topk = index.pos.shape[-1]
-    block_m, warps = fwd_config(group, head_dim, block_size)
+    block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
     pairs = block_m // group
     work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
@@ -207,6 +208,7 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
         PRECISION=precision_for(q.dtype),
         num_warps=warps,
         num_stages=1,
+        **launch_opts,
     )
     block_r, tokens, warps = reduce_config(group, head_dim_v)
     _kv_fwd_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](

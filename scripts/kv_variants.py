@@ -1,0 +1,85 @@
+"""KV-outer launch variants on the GPU, one process: forward MAIN tile rows / warps / register cap
+(kv_outer.FWD_OVERRIDE) and dK/dV backward ones (backward.BWD_OVERRIDE); do_bench medians in ms (index
+build included), each variant's output and gradients compared with the default's.
+
+    PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
+
+Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 rows, 4 warps) takes 248
+registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills
+(two CTAs of 8 warps), 64 rows / 4 warps with maxnreg=128 spills 40 bytes (four CTAs). The dK/dV kernel
+(128 rows, 8 warps) takes 255 registers and 152 bytes of stack, one CTA per SM.
+Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16).
+"""
+import argparse
+import json
+
+import torch
+
+import sparsa
+from benchmarks.sparse_attention import BS, bench, make
+from sparsa.ops.sparse_attn import backward as bwd_mod
+from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+FWD_VARIANTS = [None, (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 4, 168), None]
+BWD_VARIANTS = [None, (64, 4), (32, 4), (64, 8), None]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="8192,65536")
+    p.add_argument("--groups", default="1,4")
+    args = p.parse_args()
+    rows = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        for group in (int(g) for g in args.groups.split(",")):
+            q, k, v, idx = make(n, group)
+            qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+            do = torch.randn_like(q)
+
+            def fwd():
+                return sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order="kv_outer")
+
+            def fwd_bwd():
+                qr.grad = kr.grad = vr.grad = None
+                sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
+
+            ref = None
+            for cfg in FWD_VARIANTS:
+                kv_mod.FWD_OVERRIDE = cfg
+                try:
+                    out = fwd()
+                    ref = out if ref is None else ref
+                    row = {"N": n, "G": group, "fwd_cfg": cfg, "fwd_ms": bench(fwd), "diff": rel(out, ref)}
+                except Exception as exc:  # noqa: BLE001 - report the variant and go on
+                    row = {"N": n, "G": group, "fwd_cfg": cfg, "error": repr(exc)[:200]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            kv_mod.FWD_OVERRIDE = None
+            ref_grads = None
+            for cfg in BWD_VARIANTS:
+                bwd_mod.BWD_OVERRIDE = cfg
+                try:
+                    fwd_bwd()
+                    grads = (qr.grad.clone(), kr.grad.clone(), vr.grad.clone())
+                    ref_grads = grads if ref_grads is None else ref_grads
+                    diff = max(rel(a, b) for a, b in zip(grads, ref_grads))
+                    row = {"N": n, "G": group, "bwd_cfg": cfg, "fwdbwd_ms": bench(fwd_bwd), "diff": diff}
+                except Exception as exc:  # noqa: BLE001
+                    row = {"N": n, "G": group, "bwd_cfg": cfg, "error": repr(exc)[:200]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            bwd_mod.BWD_OVERRIDE = None
+            torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}\n| N | G | variant | ms | diff vs default |\n|---|---|---|---|---|")
+    for r in rows:
+        name = f"fwd {r['fwd_cfg'] or 'default'}" if "fwd_cfg" in r else f"fwd+bwd, bwd {r['bwd_cfg'] or 'default'}"
+        ms = r.get("fwd_ms", r.get("fwdbwd_ms"))
+        print(f"| {r['N']} | {r['G']} | {name} | {ms if ms is None else f'{ms:.3f}'} | {r.get('diff', r.get('error'))} |")
+
+
+if __name__ == "__main__":
+    main()
