@@ -2,7 +2,7 @@
 # GPU tests and benchmarks in one call, short table last.
 #   bash scripts/gpu_check.sh [--quick] [--only NAME ...]
 # Steps (NAME): sparse_attn_check serve_check gpu_pytest bench_sparse_attn bench_attention_kl
-# bench_sparse_layer bench_decode; opt-in probe, run only when named: sa_probe
+# bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [ "$name" = sa_probe ]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -50,6 +50,8 @@ step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL
 step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"
 step bench_decode 600 "$PY" benchmarks/decode.py "${DEC_ARGS[@]}"
 step sa_probe 300 "$PY" scripts/sparse_attn_probe.py ${SA_PROBE_ARGS:-}
+step index_ab 300 "$PY" scripts/index_ab.py
+step kv_variants 400 "$PY" scripts/kv_variants.py
 for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"
 cat "$SUMMARY"
