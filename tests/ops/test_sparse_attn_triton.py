@@ -143,10 +143,10 @@ def test_reductions_over_several_token_programs(group, monkeypatch):
     """The per-token reductions (forward merge, dQ sum) take several tokens per program: force 16-row
     programs (G = 3: 5 tokens and one masked row each; 96 tokens end in a partial program), topk = 5 and
     holes of -1 slots."""
-    from sparsa.ops.sparse_attn import index as index_mod
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-    monkeypatch.setattr(index_mod, "REDUCE_ROWS", 1)
-    block_r, tokens, _ = index_mod.reduce_config(group, 16)
+    monkeypatch.setattr(kv_mod, "REDUCE_ROWS", 1)
+    block_r, tokens, _ = kv_mod.reduce_config(group, 16)
     assert block_r == 16 and tokens == 16 // group and 96 % tokens != 0 or group == 1
     q, k, v, do = make_inputs(1, 96, 1, group, 16, torch.float32, seed=20 + group)
     idx = random_selection(1, 96, 1, 5, 16, generator=torch.Generator().manual_seed(group), device=DEVICE)

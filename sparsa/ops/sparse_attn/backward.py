@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .index import PairIndex, group_split_info, reduce_config, work_list
+from .index import PairIndex, group_split_info, work_list
+from .kv_outer import reduce_config
 from .q_outer import LOG2E, _pow2, precision_for
 
 

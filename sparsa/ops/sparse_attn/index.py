@@ -265,15 +265,3 @@ def random_selection(
                 ind = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind)
                 out[b, s + c0 : s + c1, :, :width] = ind.to(torch.int32)
     return out
-
-
-# rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum), head dim <= 128
-REDUCE_ROWS = 32
-
-
-def reduce_config(group: int, head_dim: int):
-    """(BLOCK_R rows, tokens per program, num_warps) of the per-token reductions: whole tokens of G rows,
-    about REDUCE_ROWS x 128 elements per program and slot."""
-    rows = max(16, REDUCE_ROWS * 128 // max(head_dim, 16))
-    block_r = max(rows, 1 << (group - 1).bit_length())
-    return block_r, block_r // group, 4

@@ -15,8 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .index import PairIndex, reduce_config, work_list
+from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, precision_for
+
+
+# rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum), head dim <= 128
+REDUCE_ROWS = 32
+
+
+def reduce_config(group: int, head_dim: int):
+    """(BLOCK_R rows, tokens per program, num_warps) of the per-token reductions: whole tokens of G rows,
+    about REDUCE_ROWS x 128 elements per program and slot."""
+    rows = max(16, REDUCE_ROWS * 128 // max(head_dim, 16))
+    block_r = max(rows, 1 << (group - 1).bit_length())
+    return block_r, block_r // group, 4
 
 
 @triton.jit
