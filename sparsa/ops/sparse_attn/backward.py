@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .index import PairIndex, group_split_info, work_list
-from .kv_outer import reduce_config
+from .kv_outer import forced_config, reduce_config, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -199,12 +199,8 @@ def _dq_reduce_kernel(
     """dq of TOKENS consecutive tokens x G heads of one KV head: the sum of each row's slot partials in
     slot order, without a branch per slot (all rows' loads of a slot issued together)."""
     hl = tl.program_id(1).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
+    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
-    tr = offs_r // G
-    g = offs_r % G
-    t = tl.program_id(0).to(tl.int64) * TOKENS + tr
-    rmask = (tr < TOKENS) & (t < N)
     dmask = offs_d < D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     pos_row = POS + (hl * N + t) * TOPK  # [R]
@@ -231,8 +227,7 @@ DQ_PARTIAL_DTYPE: torch.dtype = torch.bfloat16
 def bwd_config(group: int, head_dim: int, block_size: int):
     """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced)."""
     if BWD_OVERRIDE is not None:
-        extra = {"maxnreg": BWD_OVERRIDE[2]} if len(BWD_OVERRIDE) > 2 else {}
-        return max(BWD_OVERRIDE[0], _pow2(group)), BWD_OVERRIDE[1], extra
+        return forced_config(BWD_OVERRIDE, group)
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
     else:

@@ -116,13 +116,20 @@ def pair_index_backend() -> str:
     return name
 
 
+def _triton_path():
+    """index_triton when SPARSA_PAIR_INDEX=triton, else None (the PyTorch functions of this module)."""
+    if pair_index_backend() != "triton":
+        return None
+    from . import index_triton
+
+    return index_triton
+
+
 def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
     """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads)."""
-    if pair_index_backend() == "triton":
-        from .index_triton import build_pair_index_triton
-
-        return build_pair_index_triton(idx, meta, block_size, h0, n_heads)
-    return _build_pair_index_torch(idx, meta, block_size, h0, n_heads)
+    fast = _triton_path()
+    build = fast.build_pair_index_triton if fast else _build_pair_index_torch
+    return build(idx, meta, block_size, h0, n_heads)
 
 
 def work_list(index: PairIndex, per_item: int, with_slots: bool = False):
@@ -132,20 +139,31 @@ def work_list(index: PairIndex, per_item: int, with_slots: bool = False):
     W is a host-side upper bound; padding items have start == end == 0 (group n_groups - 1, slot -1).
     With `with_slots`, the items of groups cut into several items get consecutive partial slots.
     """
-    if pair_index_backend() == "triton":
-        from .index_triton import work_list_triton
-
-        return work_list_triton(index, per_item, with_slots)
-    return _work_list_torch(index, per_item, with_slots)
+    fast = _triton_path()
+    return (fast.work_list_triton if fast else _work_list_torch)(index, per_item, with_slots)
 
 
 def group_split_info(index: PairIndex, per_item: int) -> torch.Tensor:
     """[n_groups, 2] int64: (items of the group, first partial slot) for the dK/dV split reduction."""
-    if pair_index_backend() == "triton":
-        from .index_triton import group_split_info_triton
+    fast = _triton_path()
+    return (fast.group_split_info_triton if fast else _group_split_info_torch)(index, per_item)
 
-        return group_split_info_triton(index, per_item)
-    return _group_split_info_torch(index, per_item)
+
+def key_dtype(n_groups: int) -> torch.dtype:
+    """The narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes."""
+    return torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
+
+
+def sort_groups(gid: torch.Tensor, n_groups: int):
+    """Stable sort of the keys gid [P] -> (sorted keys, perm, counts [n_groups], gstart [n_groups])."""
+    sorted_gid, perm = torch.sort(gid, stable=True)
+    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=gid.device, dtype=gid.dtype))
+    return sorted_gid, perm, bounds[1:] - bounds[:-1], bounds[:-1]
+
+
+def partial_slots(index: PairIndex, per_item: int) -> int:
+    """Upper bound on the dK/dV partial slots of a work list: ceil(c/p) < 2c/p for c > p."""
+    return max(1, 2 * index.n_pairs_max // per_item)
 
 
 def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
@@ -155,16 +173,12 @@ def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h
     sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
     valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
     n_groups = n_heads * meta.n_blocks
-    # the narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes
-    key_dtype = torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
-    head = torch.arange(n_heads, device=device, dtype=key_dtype)
-    gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(key_dtype)[:, None, None]) + sl.to(key_dtype)
+    kdt = key_dtype(n_groups)
+    head = torch.arange(n_heads, device=device, dtype=kdt)
+    gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(kdt)[:, None, None]) + sl.to(kdt)
     gid = torch.where(valid, gid, n_groups)  # invalid slots sort last
     gid = gid.permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
-    sorted_gid, perm = torch.sort(gid, stable=True)
-    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=device, dtype=key_dtype))
-    counts = bounds[1:] - bounds[:-1]
-    gstart = bounds[:-1]
+    _, perm, counts, gstart = sort_groups(gid, n_groups)
     n_pairs = gid.numel()
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     pos[perm] = torch.arange(n_pairs, dtype=torch.int32, device=device)
@@ -177,12 +191,7 @@ def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h
 
 
 def _work_list_torch(index: PairIndex, per_item: int, with_slots: bool = False):
-    """Flat work list: each group's sorted range cut into items of at most `per_item` pairs.
-
-    Returns (work [W, 3 or 4] int64: start, end, group[, partial slot or -1], n_slots_max).
-    W is a host-side upper bound; padding items have start == end == 0.
-    With `with_slots`, the items of groups cut into several items get consecutive partial slots.
-    """
+    """`work_list` with PyTorch ops."""
     counts, gstart = index.counts, index.gstart
     n_groups = counts.numel()
     device = counts.device
@@ -206,18 +215,17 @@ def _work_list_torch(index: PairIndex, per_item: int, with_slots: bool = False):
         base = torch.cumsum(sizes, 0) - sizes
         slot = torch.where(ok & split[grp], base[grp] + local, torch.full_like(local, -1))
         cols.append(slot)
-        n_slots = max(1, 2 * index.n_pairs_max // per_item)  # ceil(c/p) < 2c/p for c > p
+        n_slots = partial_slots(index, per_item)
     return torch.stack(cols, 1).contiguous(), n_slots
 
 
 def _group_split_info_torch(index: PairIndex, per_item: int) -> torch.Tensor:
-    """[n_groups, 2] int64: (items of the group, first partial slot) for the dK/dV split reduction."""
+    """`group_split_info` with PyTorch ops."""
     nitems = (index.counts + per_item - 1) // per_item
     split = nitems > 1
     sizes = torch.where(split, nitems, torch.zeros_like(nitems))
     base = torch.cumsum(sizes, 0) - sizes
     return torch.stack([sizes, base], 1).contiguous()
-
 
 
 def random_selection(

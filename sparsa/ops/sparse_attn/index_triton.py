@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bound)
-from .index import DocMeta, PairIndex
+from .index import DocMeta, PairIndex, key_dtype, partial_slots, sort_groups
 
 
 # elements (slots, sorted positions, work rows, groups) per program of the index kernels
@@ -81,16 +81,13 @@ def _pair_pos_kernel(
 
 
 def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
-    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads).
-
-    Launches: key kernel, sort, arange + searchsorted + sub (group bounds), pos/toks kernel."""
+    """`index.build_pair_index`. Launches: key kernel, sort, arange + searchsorted + sub (group bounds),
+    pos/toks kernel."""
     n_tokens, _, topk = idx.shape
     device = idx.device
     n_groups = n_heads * meta.n_blocks
     n_pairs = n_heads * n_tokens * topk
-    # the narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes
-    key_dtype = torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
-    gid = torch.empty(n_pairs, dtype=key_dtype, device=device)  # order (head, token, slot)
+    gid = torch.empty(n_pairs, dtype=key_dtype(n_groups), device=device)  # order (head, token, slot)
     block_k = triton.next_power_of_2(topk)
     block_t = max(1, INDEX_BLOCK // block_k)
     if n_pairs:
@@ -110,10 +107,7 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
             BLOCK_T=block_t,
             BLOCK_K=block_k,
         )
-    sorted_gid, perm = torch.sort(gid, stable=True)
-    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=device, dtype=key_dtype))
-    counts = bounds[1:] - bounds[:-1]
-    gstart = bounds[:-1]
+    sorted_gid, perm, counts, gstart = sort_groups(gid, n_groups)
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     toks = torch.empty(n_pairs, dtype=torch.int32, device=device)
     if n_pairs:
@@ -185,13 +179,7 @@ def _work_kernel(
 
 
 def work_list_triton(index: PairIndex, per_item: int, with_slots: bool = False):
-    """Flat work list: each group's sorted range cut into items of at most `per_item` pairs.
-
-    Returns (work [W, 3 or 4] int64: start, end, group[, partial slot or -1], n_slots_max).
-    W is a host-side upper bound; padding items have start == end == 0 (group n_groups - 1, slot -1).
-    With `with_slots`, the items of groups cut into several items get consecutive partial slots.
-    Launches: items kernel, cumsum, work kernel.
-    """
+    """`index.work_list` in three launches: items kernel, cumsum, work kernel."""
     n_groups = index.counts.numel()
     w_max = -(-index.n_pairs_max // per_item) + n_groups
     cols = 4 if with_slots else 3
@@ -209,7 +197,7 @@ def work_list_triton(index: PairIndex, per_item: int, with_slots: bool = False):
         COLS=cols,
         BLOCK=INDEX_BLOCK,
     )
-    n_slots = max(1, 2 * index.n_pairs_max // per_item) if with_slots else 0  # ceil(c/p) < 2c/p for c > p
+    n_slots = partial_slots(index, per_item) if with_slots else 0
     return work, n_slots
 
 
@@ -224,8 +212,7 @@ def _split_info_kernel(CUM, SPLIT, n_groups, BLOCK: tl.constexpr):
 
 
 def group_split_info_triton(index: PairIndex, per_item: int) -> torch.Tensor:
-    """[n_groups, 2] int64: (items of the group, first partial slot) for the dK/dV split reduction.
-    Launches: items kernel, cumsum, split kernel."""
+    """`index.group_split_info`. Launches: items kernel, cumsum, split kernel."""
     n_groups = index.counts.numel()
     cum = _item_cumsum(index, per_item)
     split = torch.empty(n_groups, 2, dtype=torch.int64, device=cum.device)

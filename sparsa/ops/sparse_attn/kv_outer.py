@@ -32,6 +32,16 @@ def reduce_config(group: int, head_dim: int):
 
 
 @triton.jit
+def token_rows(N, G: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr):
+    """Rows of a reduction program over TOKENS consecutive tokens (program axis 0) x G heads:
+    (token t [R] int64, head in the group g [R], row mask [R]); rows past TOKENS * G or N are masked."""
+    offs_r = tl.arange(0, BLOCK_R)
+    tr = offs_r // G
+    t = tl.program_id(0).to(tl.int64) * TOKENS + tr
+    return t, offs_r % G, (tr < TOKENS) & (t < N)
+
+
+@triton.jit
 def _kv_fwd_main_kernel(
     Q,
     K,
@@ -124,12 +134,8 @@ def _kv_fwd_reduce_kernel(
     each row's partials slot by slot (slot order: deterministic); no branch per slot, so the loads of
     all rows of a slot are issued together."""
     hl = tl.program_id(1).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
+    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
     offs_dv = tl.arange(0, BLOCK_DV)
-    tr = offs_r // G
-    g = offs_r % G
-    t = tl.program_id(0).to(tl.int64) * TOKENS + tr
-    rmask = (tr < TOKENS) & (t < N)
     dvmask = offs_dv < DV
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -167,11 +173,16 @@ PARTIAL_DTYPE: torch.dtype | None = None
 FWD_OVERRIDE: tuple | None = None
 
 
+def forced_config(override: tuple, group: int):
+    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg])."""
+    extra = {"maxnreg": override[2]} if len(override) > 2 else {}
+    return max(override[0], _pow2(group)), override[1], extra
+
+
 def fwd_config(group: int, head_dim: int, block_size: int):
     """(BLOCK_M rows per tile, num_warps, extra launch options: {"maxnreg": n} when forced)."""
     if FWD_OVERRIDE is not None:
-        extra = {"maxnreg": FWD_OVERRIDE[2]} if len(FWD_OVERRIDE) > 2 else {}
-        return max(FWD_OVERRIDE[0], _pow2(group)), FWD_OVERRIDE[1], extra
+        return forced_config(FWD_OVERRIDE, group)
     block_m = 128 if max(head_dim, block_size) <= 128 else 64
     block_m = max(block_m, _pow2(group))
     return block_m, 4 if max(head_dim, block_size) <= 128 else 8, {}
