@@ -159,13 +159,13 @@ def _fwd_logits(
 
 @triton.jit
 def _fwd_update(
-    a, b, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
-    BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
+    a, b, offs_n, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
 ):
-    """The five running values of each row after one key tile of logits a, b.
+    """The five running values of each row after one key tile of logits a, b (key indices offs_n).
 
-    The scales (> 0, log2 domain) are folded into FMAs: exp2(a * s - m) with m scaled."""
-    offs_n = n0 + tl.arange(0, BN)
+    The scales (> 0, log2 domain) are folded into FMAs: exp2(a * s - m) with m scaled. Also the update of
+    the Gluon forward (gluon_fwd.py), so it uses only operations both languages share."""
     if MASK:
         valid = offs_n[None, :] < k_len
         if CAUSAL:
@@ -202,6 +202,18 @@ def _fwd_update(
 
 
 @triton.jit
+def _fwd_finish(m_p, l_p, acc, m_q, l_q):
+    """(LSE_p2, LSE_q2, KL in nats) of each row from its five running values; fully masked rows
+    (l_p = 0) give 0 for all three."""
+    has = l_p > 0.0
+    l_p_safe = tl.where(has, l_p, 1.0)
+    lse_p = tl.where(has, m_p + tl.log2(l_p_safe), 0.0)
+    lse_q = tl.where(has, m_q + tl.log2(tl.where(has, l_q, 1.0)), 0.0)
+    kl = tl.where(has, (acc / l_p_safe - lse_p + lse_q) * 0.6931471805599453, 0.0)
+    return lse_p, lse_q, kl
+
+
+@triton.jit
 def _fwd_step(
     qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off,
     m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
@@ -210,8 +222,8 @@ def _fwd_step(
     PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
 ):
     a, b = _fwd_logits(qp, qq, KPb, KQb, skp_t, skq_t, n0, k_len, DP, DQ, BDP, BDQ, BN, MASK, ONLY_P, PREC_P, PREC_Q)
-    return _fwd_update(a, b, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
-                       BN, MASK, CAUSAL, ONLY_P, SAME_SCALE)
+    return _fwd_update(a, b, n0 + tl.arange(0, BN), offs_m, k_len, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                       MASK, CAUSAL, ONLY_P, SAME_SCALE)
 
 
 @triton.jit
@@ -280,15 +292,10 @@ def _kl_fwd_kernel(
                     scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
                 )
         row_ok = offs_m < q_len
-        has = l_p > 0.0  # fully masked rows: KL = 0, LSE = 0
-        l_p_safe = tl.where(has, l_p, 1.0)
-        lse_p = tl.where(has, m_p + tl.log2(l_p_safe), 0.0)
+        lse_p, lse_q, kl = _fwd_finish(m_p, l_p, acc, m_q, l_q)
         lse_off = batch64 * slse_b + h.to(tl.int64) * slse_h + q_start + offs_m
         tl.store(LSEP + lse_off, lse_p, mask=row_ok)
         if not ONLY_P:
-            l_q_safe = tl.where(has, l_q, 1.0)
-            lse_q = tl.where(has, m_q + tl.log2(l_q_safe), 0.0)
-            kl = tl.where(has, (acc / l_p_safe - lse_p + lse_q) * 0.6931471805599453, 0.0)
             tl.store(LSEQ + lse_off, lse_q, mask=row_ok)
             kl_off = batch64 * skl_b + h.to(tl.int64) * skl_h + (q_start + offs_m).to(tl.int64) * skl_t
             tl.store(KL + kl_off, kl, mask=row_ok)
@@ -1018,6 +1025,10 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
 
     With only_p the Q side is ignored and only lse_p2 is meaningful (teacher LSE pass)."""
     qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
+    from . import gluon_fwd  # Hopper path; imported here since it builds on this module
+
+    if gluon_fwd.eligible(qp, kp, qq, kq, cu_seqlens, only_p):
+        return gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=scale_p, scale_q=scale_q)
     batch, n_q, n_heads, dp = qp.shape
     n_k = kp.shape[1]
     dq = qq.shape[3]

@@ -1,0 +1,137 @@
+"""GPU check of the Gluon StreamKL forward (sparsa/ops/kl/gluon_fwd.py): outputs against the Triton kernel
+and the float64 reference, then forward times of Gluon configs against the Triton kernel and SDPA.
+
+    SPARSA_POISON_OUTPUTS=1 python3 scripts/kl_gluon_check.py [--sizes 2048,8192,32768] [--configs 128,64,8,2 ...]
+
+Correctness cases: GQA groupings that differ between the sides, batch 2, ragged lengths, N_q != N_k (both
+ways, bottom-right causal), non-causal, head dim 64 in fp16, different scales, logits up to |q.k| ~ 50,
+identical sides (KL ~ 0). Outputs are NaN-poisoned when SPARSA_POISON_OUTPUTS=1 (an unwritten element
+fails the check). Timing: batch 1, H = 32, D = 128, causal, bf16, do_bench medians.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparsa.ops.kl import gluon_fwd, naive, triton_ops  # noqa: E402
+
+CASES = [
+    # batch, n_q, n_k, heads, kv heads p, kv heads q, d, dtype, causal, logit multiplier, same inputs, scale_q factor
+    (1, 2048, 2048, 4, 4, 4, 128, torch.bfloat16, True, 1.0, False, 1.0),
+    (2, 1000, 1000, 4, 2, 1, 128, torch.bfloat16, True, 1.0, False, 1.0),
+    (1, 777, 1500, 4, 4, 2, 64, torch.float16, True, 1.0, False, 1.0),
+    (1, 1500, 777, 2, 2, 2, 128, torch.bfloat16, True, 1.0, False, 1.0),
+    (1, 1100, 1100, 2, 1, 2, 128, torch.bfloat16, False, 1.0, False, 1.0),
+    (1, 1024, 1024, 2, 2, 2, 128, torch.bfloat16, True, 50.0, False, 1.0),
+    (1, 1024, 1024, 2, 2, 2, 128, torch.float16, True, 50.0, False, 0.5),
+    (1, 1024, 1024, 2, 2, 2, 128, torch.bfloat16, True, 1.0, True, 1.0),
+]
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def both(qp, kp, qq, kq, causal, sp, sq, config=None):
+    """(Gluon outputs, Triton-kernel outputs) of kl_forward."""
+    g = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=sp, scale_q=sq, config=config)
+    os.environ["SPARSA_KL_GLUON"] = "0"
+    try:
+        t = triton_ops.kl_forward(qp, kp, qq, kq, causal=causal, scale_p=sp, scale_q=sq)
+    finally:
+        os.environ["SPARSA_KL_GLUON"] = "1"
+    return g, t
+
+
+def check(config) -> bool:
+    ok = True
+    for case in CASES:
+        bsz, n_q, n_k, h, hp, hq, d, dtype, causal, mult, same, sq_factor = case
+        gen = torch.Generator(device="cuda").manual_seed(hash(case) % (1 << 31))
+        mk = lambda n, hh: torch.randn(bsz, n, hh, d, device="cuda", generator=gen).to(dtype)  # noqa: E731
+        qp, kp = mk(n_q, h) * mult ** 0.5, mk(n_k, hp) * mult ** 0.5
+        qp, kp = qp.to(dtype), kp.to(dtype)
+        if same:
+            qq, kq = qp.clone(), kp.clone()
+        else:
+            qq, kq = mk(n_q, h), mk(n_k, hq)
+        sp = d ** -0.5
+        sq = sp * sq_factor
+        assert gluon_fwd.eligible(qp, kp, qq, kq, None, False), case
+        (gk, gp, gq), (tk, tp, tq) = both(qp, kp, qq, kq, causal, sp, sq, config)
+        finite = bool(torch.isfinite(gk).all() and torch.isfinite(gp).all() and torch.isfinite(gq).all())
+        errs = [rel(gk, tk), rel(gp, tp), rel(gq, tq)]
+        line = f"case {case[:7]} {str(dtype)[6:]} causal={causal} x{mult} same={same}: finite={finite} " \
+               f"rel err vs triton kl {errs[0]:.1e} lse_p {errs[1]:.1e} lse_q {errs[2]:.1e}"
+        if same:
+            line += f" max |kl| {gk.abs().max().item():.1e}"
+            good = finite and gk.abs().max().item() < 1e-4
+        else:
+            good = finite and max(errs) < 1e-4
+        if n_q * n_k <= 2048 * 2048 and bsz * h <= 8:
+            ref = naive.attention_kl(qp.double(), kp.double(), qq.double(), kq.double(), causal=causal,
+                                     scale_t=sp, scale_s=sq)[0]  # [B, Tq, H]
+            err = (gk.double() - ref).abs().max().item()
+            line += f" | max abs err vs fp64 reference {err:.1e}"
+            good = good and err < 2e-3
+        ok &= good
+        print(("ok   " if good else "FAIL ") + line, flush=True)
+    return ok
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def timing(sizes, configs):
+    h, d = 32, 128
+    for n in sizes:
+        torch.manual_seed(0)
+        qp, kp, qq, kq = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        qh, kh = qp.transpose(1, 2).contiguous(), kp.transpose(1, 2).contiguous()
+        sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
+        os.environ["SPARSA_KL_GLUON"] = "0"
+        tri = bench(lambda: triton_ops.kl_forward(qp, kp, qq, kq, causal=True, scale_p=d ** -0.5, scale_q=d ** -0.5))
+        os.environ["SPARSA_KL_GLUON"] = "1"
+        print(f"N={n:6d} sdpa {sdpa:8.3f} | triton {tri:8.3f} ({tri / sdpa:.3f}x)", flush=True)
+        for cfg in configs:
+            try:
+                ms = bench(lambda: gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=True, scale_p=d ** -0.5,
+                                                              scale_q=d ** -0.5, config=cfg))
+                print(f"N={n:6d} gluon {cfg} {ms:8.3f} ms  {ms / sdpa:.3f}x sdpa  {ms / tri:.3f}x triton", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"N={n:6d} gluon {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="2048,8192,32768")
+    ap.add_argument("--configs", nargs="*", default=["128,64,8,2", "128,64,8,3", "64,64,4,2", "64,64,4,3",
+                                                     "128,32,8,2", "128,32,8,3"])
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs]
+    os.environ["SPARSA_KL_GLUON"] = "1"
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    ok = True
+    if not args.no_check:
+        for cfg in configs[:1]:
+            print(f"correctness, config {cfg}", flush=True)
+            ok = check(cfg)
+    timing([int(s) for s in args.sizes.split(",")], configs)
+    print("checks passed" if ok else "CHECKS FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""StreamKL forward for Hopper (sm_90) in Gluon: the key tile's GEMMs overlap the previous tile's softmax.
+
+Same math and outputs as `_kl_fwd_kernel` (triton_ops.py; the per-tile update and the final LSE / KL are
+the same functions). What differs is the schedule. In the Triton kernel a tile's two GEMMs finish before
+its exponentials start, so tensor, MUFU and FP32 time add up. Here each iteration
+
+    1. issues the TMA loads of key tile j + STAGES into tile j's stage (a ring of STAGES shared-memory
+       stages; tile j's logits are in registers by then),
+    2. issues the two wgmmas of tile j + 1 asynchronously (q_p k_p^T and q_q k_q^T),
+    3. runs the online update of tile j (exponentials, sums, maxima) while those GEMMs run,
+    4. waits for the GEMMs of tile j + 1.
+
+One program: BM query rows of one head (both sides' Q tiles stay in shared memory), num_warps / 4
+warpgroups of 64 rows each. Grid and tile order as the Triton kernel (`_tile_pids`: heavy causal tiles
+first, heads in L2-sized groups).
+
+Scope (`eligible`): CUDA capability 9.x, bf16 / fp16, both sides of head dim 64 or 128, no packed
+documents, both K tensors read as [B * N, H_kv * D] row views (unit stride on D, rows of H_kv * D). Other
+inputs use the Triton kernel. Opt-in while it is slower than the Triton kernel: SPARSA_KL_GLUON=1.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel is used
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+from .._alloc import new_output, new_output_like
+from .._intmath import cdiv
+from . import triton_ops
+
+# (BM, BN, warps, stages) of the one GPU config; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S" overrides it
+DEFAULT_CONFIG = (64, 64, 4, 2)
+
+
+def enabled() -> bool:
+    return HAVE_GLUON and os.environ.get("SPARSA_KL_GLUON", "0") == "1"
+
+
+def _row_view(x: torch.Tensor):
+    """x [B, N, H, D] as a [B * N, H * D] row view when its strides allow it (else None)."""
+    b, n, h, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) != h * d or (b > 1 and x.stride(0) != n * h * d):
+        return None
+    return x.as_strided((b * n, h * d), (h * d, 1))
+
+
+def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
+    """Whether kl_forward may run the Gluon kernel on these inputs."""
+    if not enabled() or only_p or cu_seqlens is not None or triton_ops._INTERPRET:
+        return False
+    if not qp.is_cuda or torch.cuda.get_device_capability(qp.device)[0] != 9:
+        return False
+    if len({x.dtype for x in (qp, kp, qq, kq)}) != 1 or qp.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if qp.shape[3] != qq.shape[3] or qp.shape[3] not in (64, 128):
+        return False
+    return all(_row_view(x) is not None and x.data_ptr() % 16 == 0 for x in (qp, kp, qq, kq))
+
+
+def _config():
+    forced = os.environ.get("SPARSA_KL_GLUON_CONFIG")
+    if forced:
+        return tuple(int(v) for v in forced.split(","))
+    return DEFAULT_CONFIG
+
+
+if HAVE_GLUON:
+    _tile_pids = gluon.jit(triton_ops._tile_pids.fn)
+    _query_tile_ranges = gluon.jit(triton_ops._query_tile_ranges.fn)
+    _update = gluon.jit(triton_ops._fwd_update.fn)
+    _finish = gluon.jit(triton_ops._fwd_finish.fn)
+
+    @gluon.jit
+    def _issue_loads(kp_desc, kq_desc, kp_s, kq_s, ready, tile, n_kt, key_row, col_p, col_q,
+                     BN: gl.constexpr, STAGES: gl.constexpr):
+        """TMA loads of key tile `tile` (both sides) into stage tile % STAGES, if tile < n_kt."""
+        s = tile % STAGES
+        pred = tile < n_kt
+        bar = ready.index(s)
+        mbarrier.expect(bar, kp_desc.block_type.nbytes + kq_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(kp_desc, [key_row + tile * BN, col_p], bar, kp_s.index(s), pred=pred)
+        tma.async_copy_global_to_shared(kq_desc, [key_row + tile * BN, col_q], bar, kq_s.index(s), pred=pred)
+
+    @gluon.jit
+    def _issue_mmas(qp_s, qq_s, kp_s, kq_s, ready, tile, into_a, into_b, STAGES: gl.constexpr):
+        """Waits for key tile `tile` and starts its two GEMMs (async): a = q_p k_p^T, b = q_q k_q^T, written
+        over the registers of into_a / into_b (consumed logits; use_acc=False ignores their values)."""
+        s = tile % STAGES
+        mbarrier.wait(ready.index(s), (tile // STAGES) & 1)
+        a = warpgroup_mma(qp_s, kp_s.index(s).permute((1, 0)), into_a, use_acc=False, is_async=True)
+        b = warpgroup_mma(qq_s, kq_s.index(s).permute((1, 0)), into_b, use_acc=False, is_async=True)
+        return a, b
+
+    @gluon.jit
+    def _step(a, b, spare_a, spare_b, tile, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+              scale_p2, scale_q2, qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+              CAUSAL: gl.constexpr, SAME_SCALE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
+        """One key tile: refills tile `tile`'s stage with tile + STAGES, starts tile + 1's GEMMs into the
+        spare registers, updates the running values with tile `tile`'s logits (a, b) meanwhile, and waits.
+        Returns tile + 1's logits and the running values."""
+        gl.thread_barrier()  # every warpgroup has waited for tile `tile`'s GEMMs: its stage is free
+        _issue_loads(kp_desc, kq_desc, kp_s, kq_s, ready, tile + STAGES, n_kt, key_row, col_p, col_q, BN, STAGES)
+        na, nb = _issue_mmas(qp_s, qq_s, kp_s, kq_s, ready, tile + 1, spare_a, spare_b, STAGES)
+        offs_n = tile * BN + cols
+        if tile * BN >= n_full:
+            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                              scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
+        else:
+            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                              scale_p2, scale_q2, False, CAUSAL, False, SAME_SCALE)
+        na, nb = warpgroup_mma_wait(num_outstanding=0, deps=(na, nb))
+        return na, nb, m_p, l_p, acc, m_q, l_q
+
+    @gluon.jit
+    def _kl_fwd_gluon_kernel(
+        qp_desc, kp_desc, qq_desc, kq_desc, KL, LSEP, LSEQ,
+        skl_b, skl_t, skl_h, slse_b, slse_h,
+        n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, n_bh, head_group,
+        CAUSAL: gl.constexpr, SAME_SCALE: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        BM: gl.constexpr = qp_desc.block_type.shape[0]
+        D: gl.constexpr = qp_desc.block_type.shape[1]
+        BN: gl.constexpr = kp_desc.block_type.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BN, 16])
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+
+        tile, n_tiles, pid_bh = _tile_pids(n_bh, head_group)
+        pid_m = n_tiles - 1 - tile  # heavy (late) causal tiles first
+        h = pid_bh % n_heads
+        b = pid_bh // n_heads
+        m0 = pid_m * BM
+        off = n_k - n_q
+        n_full, hi = _query_tile_ranges(m0, n_q, n_k, CAUSAL, BM, BN)
+        n_kt = gl.maximum(gl.cdiv(hi, BN), 1)  # an all-masked tile still runs once (its rows give 0)
+
+        qp_s = gl.allocate_shared_memory(qp_desc.dtype, [BM, D], qp_desc.layout)
+        qq_s = gl.allocate_shared_memory(qq_desc.dtype, [BM, D], qq_desc.layout)
+        kp_s = gl.allocate_shared_memory(kp_desc.dtype, [STAGES, BN, D], kp_desc.layout)
+        kq_s = gl.allocate_shared_memory(kq_desc.dtype, [STAGES, BN, D], kq_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+
+        q_row = b * n_q + m0
+        mbarrier.expect(q_ready, qp_desc.block_type.nbytes + qq_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(qp_desc, [q_row, h * D], q_ready, qp_s)
+        tma.async_copy_global_to_shared(qq_desc, [q_row, h * D], q_ready, qq_s)
+        key_row = b * n_k
+        col_p = (h // group_p) * D
+        col_q = (h // group_q) * D
+        for first in gl.static_range(STAGES):
+            _issue_loads(kp_desc, kq_desc, kp_s, kq_s, ready, first, n_kt, key_row, col_p, col_q, BN, STAGES)
+
+        offs_m = m0 + gl.arange(0, BM, layout=rows_l)
+        cols = gl.arange(0, BN, layout=cols_l)
+        zero = gl.zeros([BM, BN], gl.float32, layout=mma)
+        m_p = gl.full([BM], float("-inf"), gl.float32, layout=rows_l)
+        l_p = gl.zeros([BM], gl.float32, layout=rows_l)
+        acc = gl.zeros([BM], gl.float32, layout=rows_l)
+        m_q = gl.full([BM], float("-inf"), gl.float32, layout=rows_l)
+        l_q = gl.zeros([BM], gl.float32, layout=rows_l)
+
+        mbarrier.wait(q_ready, 0)
+        xa, xb = _issue_mmas(qp_s, qq_s, kp_s, kq_s, ready, 0, zero, zero, STAGES)
+        xa, xb = warpgroup_mma_wait(num_outstanding=0, deps=(xa, xb))
+        ya = zero
+        yb = zero
+        # two tiles per iteration, so that the logits alternate between two register sets (x, y) without copies
+        n_pairs = (n_kt - 1) // 2
+        for it in range(0, n_pairs):
+            t = 2 * it
+            ya, yb, m_p, l_p, acc, m_q, l_q = _step(
+                xa, xb, ya, yb, t, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                CAUSAL, SAME_SCALE, BN, STAGES)
+            xa, xb, m_p, l_p, acc, m_q, l_q = _step(
+                ya, yb, xa, xb, t + 1, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                CAUSAL, SAME_SCALE, BN, STAGES)
+        t = 2 * n_pairs  # x holds tile t; one or two tiles are left, the last one masked
+        if n_kt - t == 2:
+            ya, yb, m_p, l_p, acc, m_q, l_q = _step(
+                xa, xb, ya, yb, t, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                CAUSAL, SAME_SCALE, BN, STAGES)
+            m_p, l_p, acc, m_q, l_q = _update(ya, yb, (t + 1) * BN + cols, offs_m, n_k, off, m_p, l_p, acc, m_q,
+                                              l_q, scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
+        else:
+            m_p, l_p, acc, m_q, l_q = _update(xa, xb, t * BN + cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                              scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(q_ready)
+
+        lse_p, lse_q, kl = _finish(m_p, l_p, acc, m_q, l_q)
+        row_ok = offs_m < n_q
+        lse_off = b.to(gl.int64) * slse_b + h.to(gl.int64) * slse_h + offs_m
+        gl.store(LSEP + lse_off, lse_p, mask=row_ok)
+        gl.store(LSEQ + lse_off, lse_q, mask=row_ok)
+        kl_off = b.to(gl.int64) * skl_b + h.to(gl.int64) * skl_h + offs_m.to(gl.int64) * skl_t
+        gl.store(KL + kl_off, kl, mask=row_ok)
+
+
+def _descriptor(x: torch.Tensor, rows: int, d: int):
+    view = _row_view(x)
+    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+    return TensorDescriptor.from_tensor(view, [rows, d], layout)
+
+
+def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
+    """kl_forward (triton_ops.py) on the Gluon kernel; inputs must pass `eligible`."""
+    bm, bn, warps, stages = config or _config()
+    batch, n_q, n_heads, d = qp.shape
+    n_k = kp.shape[1]
+    dev = qp.device
+    kl = new_output((batch, n_q, n_heads), torch.float32, dev)
+    lse_p = new_output((batch, n_heads, n_q), torch.float32, dev)
+    lse_q = new_output_like(lse_p)
+    n_bh = batch * n_heads
+    head_group = triton_ops._head_group(n_k, triton_ops._key_bytes(kp, kq, False), n_bh)
+    grid = (cdiv(n_q, bm) * n_bh,)
+    _kl_fwd_gluon_kernel[grid](
+        _descriptor(qp, bm, d), _descriptor(kp, bn, d), _descriptor(qq, bm, d), _descriptor(kq, bn, d),
+        kl, lse_p, lse_q, *kl.stride(), lse_p.stride(0), lse_p.stride(1),
+        n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
+        scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
+        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, STAGES=stages, num_warps=warps,
+    )
+    return kl, lse_p, lse_q
+
+
+def compile_offline(bm: int, bn: int, warps: int, stages: int, d: int = 128):
+    """The kernel compiled for sm_90 without a GPU (bf16, causal, same scales): tests and
+    scripts/kl_gluon_sass.py read its registers and SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    fn = _kl_fwd_gluon_kernel
+    names = fn.arg_names
+    sample = torch.zeros(1, 256, 2, d, dtype=torch.bfloat16)
+    sig = {name: mangle_type(_descriptor(sample, rows, d))
+           for name, rows in (("qp_desc", bm), ("kp_desc", bn), ("qq_desc", bm), ("kq_desc", bn))}
+    const = dict(CAUSAL=True, SAME_SCALE=True, STAGES=stages)
+    for name in names:
+        if name not in sig:
+            sig[name] = {"KL": "*fp32", "LSEP": "*fp32", "LSEQ": "*fp32"}.get(
+                name, "constexpr" if name in const else ("fp32" if name.startswith("scale") else "i32"))
+    aligned = [i for i, name in enumerate(names) if name in ("KL", "LSEP", "LSEQ", "skl_b", "slse_b", "n_q", "n_k")]
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def offline_report(bm: int, bn: int, warps: int, stages: int, d: int = 128):
+    """(SASS text, ptxas -v output, shared bytes) of `compile_offline` with Triton's bundled tools."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    kernel = compile_offline(bm, bn, warps, stages, d)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        info = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    return sass, info, kernel.metadata.shared

@@ -1,0 +1,73 @@
+"""The Gluon StreamKL forward for Hopper (sparsa/ops/kl/gluon_fwd.py).
+
+Without a GPU: when it is used, and its sm_90 build (compiled here with Triton's bundled ptxas): no
+spills, and the schedule the kernel exists for (a key tile's wgmmas are issued before the previous
+tile's exponentials and waited for after them). On a Hopper GPU: outputs against the Triton kernel.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from sparsa.ops.kl import gluon_fwd, triton_ops
+
+needs_gluon = pytest.mark.skipif(not gluon_fwd.HAVE_GLUON, reason="this Triton has no Gluon")
+IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _inputs(n, heads=2, d=128, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(n)
+    return [torch.randn(1, n, heads, d, device=device, generator=g).to(dtype) for _ in range(4)]
+
+
+def test_gluon_forward_only_on_hopper_inputs(monkeypatch):
+    monkeypatch.setenv("SPARSA_KL_GLUON", "1")
+    qp, kp, qq, kq = _inputs(64)
+    assert not gluon_fwd.eligible(qp, kp, qq, kq, None, False)  # CPU tensors
+    monkeypatch.setenv("SPARSA_KL_GLUON", "0")
+    assert not gluon_fwd.enabled()
+    # row views: [B, N, H, D] with unit D stride and rows of H * D; a transposed layout is not one
+    assert gluon_fwd._row_view(qp) is not None
+    assert gluon_fwd._row_view(qp.transpose(1, 2).contiguous().transpose(1, 2)) is None
+
+
+def _overlapped_regions(sass: str) -> list[int]:
+    """Exponentials issued between an HGMMA and the next wgmma wait, for each such window."""
+    counts, inside, n = [], False, 0
+    for line in sass.splitlines():
+        if re.search(r"\bHGMMA\.", line):
+            inside, n = True, 0
+        elif "WARPGROUP.DEPBAR" in line and inside:
+            counts.append(n)
+            inside = False
+        elif inside and "MUFU.EX2" in line:
+            n += 1
+    return counts
+
+
+@needs_gluon
+def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials():
+    sass, info, shared = gluon_fwd.offline_report(*gluon_fwd.DEFAULT_CONFIG)
+    assert "0 bytes spill stores" in info, info
+    assert shared <= 113 * 1024  # two CTAs per SM
+    regions = _overlapped_regions(sass)
+    bm, bn, warps, _ = gluon_fwd.DEFAULT_CONFIG
+    exps_per_tile = 2 * bm * bn // (32 * warps)  # both sides, per thread
+    # the steady-state loop: some window holds a whole tile's exponentials while the next GEMMs run
+    assert regions and max(regions) >= exps_per_tile, regions
+
+
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("n, causal, dtype", [(1000, True, torch.bfloat16), (2048, False, torch.float16)])
+def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype):
+    qp, kp, qq, kq = _inputs(n, heads=4, dtype=dtype, device="cuda")
+    monkeypatch.setenv("SPARSA_KL_GLUON", "1")
+    assert gluon_fwd.eligible(qp, kp, qq, kq, None, False)
+    got = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07)
+    monkeypatch.setenv("SPARSA_KL_GLUON", "0")
+    want = triton_ops.kl_forward(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert ((g - w).norm() / w.norm()).item() < 1e-5
