@@ -206,6 +206,16 @@ def table(rows):
     return "\n".join(lines)
 
 
+def forward_kernel() -> str:
+    """Which StreamKL forward kernel runs at the benchmark's shape on this GPU."""
+    from sparsa.ops.kl import gluon_fwd
+
+    x = torch.empty(1, 128, H, D, device="cuda", dtype=torch.bfloat16)
+    if gluon_fwd.eligible(x, x, x, x, None, False):
+        return f"gluon (BM, BN, warps, stages) = {gluon_fwd._config()}"
+    return "triton (autotuned)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2048,4096,8192,16384,32768,65536,131072")
@@ -224,6 +234,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "shape": f"B=1, H={H}, D={D}, causal, bf16, reduction=mean, teacher frozen",
+        "forward_kernel": forward_kernel(),
     }
     results, extras = [], []
     for n in (int(s) for s in args.sizes.split(",")):

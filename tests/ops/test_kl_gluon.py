@@ -6,7 +6,10 @@ tile's exponentials and waited for after them). On a Hopper GPU: outputs against
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from sparsa.ops.kl import gluon_fwd, triton_ops
 
 needs_gluon = pytest.mark.skipif(not gluon_fwd.HAVE_GLUON, reason="this Triton has no Gluon")
 IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _inputs(n, heads=2, d=128, dtype=torch.bfloat16, device="cpu"):
@@ -47,25 +51,48 @@ def _overlapped_regions(sass: str) -> list[int]:
     return counts
 
 
+def _offline_build(config, tmp_path):
+    """(SASS, ptxas report) of the sm_90 build, compiled in a subprocess: Gluon does not compile under the
+    Triton interpreter that the CPU tests run in (tests/conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SASS_OUT"] = str(tmp_path / "kernel.sass")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = os.path.join(ROOT, "scripts", "kl_gluon_sass.py")
+    report = subprocess.run([sys.executable, script, *map(str, config)], env=env, capture_output=True, text=True,
+                            check=True, timeout=300).stdout
+    return (tmp_path / "kernel.sass").read_text(), report
+
+
 @needs_gluon
-def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials():
-    sass, info, shared = gluon_fwd.offline_report(*gluon_fwd.DEFAULT_CONFIG)
-    assert "0 bytes spill stores" in info, info
+@pytest.mark.parametrize("paired", [0, 1])
+def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(paired, tmp_path):
+    config = gluon_fwd.DEFAULT_CONFIG[:4] + (paired,)
+    sass, report = _offline_build(config, tmp_path)
+    assert "0 bytes spill stores" in report, report
+    shared = int(re.search(r"shared (\d+) B", report).group(1))
     assert shared <= 113 * 1024  # two CTAs per SM
     regions = _overlapped_regions(sass)
-    bm, bn, warps, _ = gluon_fwd.DEFAULT_CONFIG
+    bm, bn, warps = config[:3]
     exps_per_tile = 2 * bm * bn // (32 * warps)  # both sides, per thread
     # the steady-state loop: some window holds a whole tile's exponentials while the next GEMMs run
     assert regions and max(regions) >= exps_per_tile, regions
 
 
+def test_gluon_config_is_checked():
+    assert gluon_fwd._parse_config("64,64,4,2") == (64, 64, 4, 2, 1)
+    with pytest.raises(ValueError, match="SPARSA_KL_GLUON_CONFIG"):
+        gluon_fwd._parse_config("64,64")
+
+
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("n, causal, dtype", [(1000, True, torch.bfloat16), (2048, False, torch.float16)])
-def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype):
+@pytest.mark.parametrize("paired", [0, 1])
+def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype, paired):
     qp, kp, qq, kq = _inputs(n, heads=4, dtype=dtype, device="cuda")
     monkeypatch.setenv("SPARSA_KL_GLUON", "1")
     assert gluon_fwd.eligible(qp, kp, qq, kq, None, False)
-    got = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07)
+    config = gluon_fwd.DEFAULT_CONFIG[:4] + (paired,)
+    got = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07, config=config)
     monkeypatch.setenv("SPARSA_KL_GLUON", "0")
     want = triton_ops.kl_forward(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07)
     for g, w in zip(got, want):
