@@ -1,7 +1,7 @@
 """GPU check of the Gluon StreamKL forward (sparsa/ops/kl/gluon_fwd.py): outputs against the Triton kernel
 and the float64 reference, then forward times of Gluon configs against the Triton kernel and SDPA.
 
-    SPARSA_POISON_OUTPUTS=1 python3 scripts/kl_gluon_check.py [--sizes 2048,8192,32768] [--configs 64,64,4,2,1 ...]
+    SPARSA_POISON_OUTPUTS=1 python3 scripts/kl_gluon_check.py [--sizes 2048,8192,32768] [--configs 64,64,4,2,0,0 ...]
 
 Correctness cases: GQA groupings that differ between the sides, batch 2, ragged lengths, N_q != N_k (both
 ways, bottom-right causal), non-causal, head dim 64 in fp16, different scales, logits up to |q.k| ~ 50,
@@ -131,8 +131,9 @@ def timing(sizes, configs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2048,8192,32768")
-    ap.add_argument("--configs", nargs="*", default=["64,64,4,2,1", "64,64,4,2,0", "64,64,4,3,1", "128,64,8,2,1",
-                                                     "128,64,8,3,1"], help="BM,BN,WARPS,STAGES[,PAIRED]")
+    ap.add_argument("--configs", nargs="*", default=["64,64,4,2,0,0", "64,64,4,2,1,0", "64,64,4,2,0,1",
+                                                     "64,64,4,2,0,2", "128,64,8,2,0,1", "128,64,8,2,1,0"],
+                    help="BM,BN,WARPS,STAGES[,PAIRED[,QREG]] (gluon_fwd._parse_config)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
     configs = [gluon_fwd._parse_config(c) for c in args.configs]
@@ -140,7 +141,7 @@ def main():
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     ok = True
     if not args.no_check:
-        for cfg in configs[:2]:
+        for cfg in configs:
             print(f"correctness, config {cfg}", flush=True)
             ok = check(cfg) and ok
     timing([int(s) for s in args.sizes.split(",")], configs)

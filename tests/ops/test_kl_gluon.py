@@ -64,9 +64,9 @@ def _offline_build(config, tmp_path):
 
 
 @needs_gluon
-@pytest.mark.parametrize("paired", [0, 1])
-def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(paired, tmp_path):
-    config = gluon_fwd.DEFAULT_CONFIG[:4] + (paired,)
+@pytest.mark.parametrize("paired, qreg", [(0, 0), (1, 0), (0, 2)])
+def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(paired, qreg, tmp_path):
+    config = gluon_fwd.DEFAULT_CONFIG[:4] + (paired, qreg)
     sass, report = _offline_build(config, tmp_path)
     assert "0 bytes spill stores" in report, report
     shared = int(re.search(r"shared (\d+) B", report).group(1))
@@ -79,19 +79,20 @@ def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(paired, tmp_pa
 
 
 def test_gluon_config_is_checked():
-    assert gluon_fwd._parse_config("64,64,4,2") == (64, 64, 4, 2, 1)
+    assert gluon_fwd._parse_config("64,64,4,2") == (64, 64, 4, 2, 1, 0)
+    assert gluon_fwd._parse_config("64,64,4,2,0,2") == (64, 64, 4, 2, 0, 2)
     with pytest.raises(ValueError, match="SPARSA_KL_GLUON_CONFIG"):
         gluon_fwd._parse_config("64,64")
 
 
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("n, causal, dtype", [(1000, True, torch.bfloat16), (2048, False, torch.float16)])
-@pytest.mark.parametrize("paired", [0, 1])
-def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype, paired):
+@pytest.mark.parametrize("variant", [(0, 0), (1, 0), (0, 1), (0, 2)])
+def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype, variant):
     qp, kp, qq, kq = _inputs(n, heads=4, dtype=dtype, device="cuda")
     monkeypatch.setenv("SPARSA_KL_GLUON", "1")
     assert gluon_fwd.eligible(qp, kp, qq, kq, None, False)
-    config = gluon_fwd.DEFAULT_CONFIG[:4] + (paired,)
+    config = gluon_fwd.DEFAULT_CONFIG[:4] + variant  # (paired, qreg)
     got = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07, config=config)
     monkeypatch.setenv("SPARSA_KL_GLUON", "0")
     want = triton_ops.kl_forward(qp, kp, qq, kq, causal=causal, scale_p=0.088, scale_q=0.07)

@@ -38,12 +38,13 @@ from .._alloc import new_output, new_output_like
 from .._intmath import cdiv
 from . import triton_ops
 
-# (BM, BN, warps, stages, paired) of the one GPU config; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S,P" overrides it.
+# (BM, BN, warps, stages, paired, qreg) of the one GPU config; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S,P,R"
+# overrides it. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both; not run yet).
 # paired = 1: two key tiles per loop iteration (logits alternate between two register sets, no copies;
 # compiled and tested offline only, not yet run on a GPU). paired = 0 is the loop measured on the H200
 # (benchmarks/results/h200_session6/kl_gluon_check3.log): 64 x 64 / 4 warps / 2 stages (two CTAs per SM)
 # was the fastest of six configs at 2K, 8K and 32K.
-DEFAULT_CONFIG = (64, 64, 4, 2, 0)
+DEFAULT_CONFIG = (64, 64, 4, 2, 0, 0)
 
 
 def enabled() -> bool:
@@ -79,11 +80,12 @@ def _config():
 
 
 def _parse_config(text: str) -> tuple:
-    """"BM,BN,W,S[,P]" -> (BM, BN, W, S, P); P (paired loop) defaults to 1."""
+    """"BM,BN,W,S[,P[,R]]" -> (BM, BN, W, S, P, R); P (paired loop) defaults to 1, R (Q tiles held in
+    registers: 0 none, 1 the P side's, 2 both) to 0."""
     values = tuple(int(v) for v in text.split(","))
-    if len(values) not in (4, 5):
-        raise ValueError(f"SPARSA_KL_GLUON_CONFIG / config must be BM,BN,WARPS,STAGES[,PAIRED], got {text!r}")
-    return values + (1,) * (5 - len(values))
+    if len(values) not in (4, 5, 6):
+        raise ValueError(f"SPARSA_KL_GLUON_CONFIG / config must be BM,BN,WARPS,STAGES[,PAIRED[,QREG]], got {text!r}")
+    return values + (1, 0)[len(values) - 4:]
 
 
 if HAVE_GLUON:
@@ -139,6 +141,7 @@ if HAVE_GLUON:
         skl_b, skl_t, skl_h, slse_b, slse_h,
         n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, n_bh, head_group,
         CAUSAL: gl.constexpr, SAME_SCALE: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr,
+        QREG: gl.constexpr,
     ):
         BM: gl.constexpr = qp_desc.block_type.shape[0]
         D: gl.constexpr = qp_desc.block_type.shape[1]
@@ -188,7 +191,16 @@ if HAVE_GLUON:
         l_q = gl.zeros([BM], gl.float32, layout=rows_l)
 
         mbarrier.wait(q_ready, 0)
-        xa, xb = _issue_mmas(qp_s, qq_s, kp_s, kq_s, ready, 0, zero, zero, STAGES)
+        q_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        if QREG >= 1:  # the P side's Q tile as the register operand of its wgmmas (less shared-memory traffic)
+            qp_op = qp_s.load(q_reg)
+        else:
+            qp_op = qp_s
+        if QREG >= 2:
+            qq_op = qq_s.load(q_reg)
+        else:
+            qq_op = qq_s
+        xa, xb = _issue_mmas(qp_op, qq_op, kp_s, kq_s, ready, 0, zero, zero, STAGES)
         xa, xb = warpgroup_mma_wait(num_outstanding=0, deps=(xa, xb))
         if PAIRED:
             ya = zero
@@ -199,17 +211,17 @@ if HAVE_GLUON:
                 t = 2 * it
                 ya, yb, m_p, l_p, acc, m_q, l_q = _step(
                     xa, xb, ya, yb, t, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
-                    qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                    qp_op, qq_op, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
                     CAUSAL, SAME_SCALE, BN, STAGES)
                 xa, xb, m_p, l_p, acc, m_q, l_q = _step(
                     ya, yb, xa, xb, t + 1, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
-                    qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                    qp_op, qq_op, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
                     CAUSAL, SAME_SCALE, BN, STAGES)
             t = 2 * n_pairs  # x holds tile t; one or two tiles are left, the last one masked
             if n_kt - t == 2:
                 ya, yb, m_p, l_p, acc, m_q, l_q = _step(
                     xa, xb, ya, yb, t, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
-                    qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                    qp_op, qq_op, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
                     CAUSAL, SAME_SCALE, BN, STAGES)
                 m_p, l_p, acc, m_q, l_q = _update(ya, yb, (t + 1) * BN + cols, offs_m, n_k, off, m_p, l_p, acc, m_q,
                                                   l_q, scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
@@ -220,7 +232,7 @@ if HAVE_GLUON:
             for j in range(0, n_kt - 1):
                 xa, xb, m_p, l_p, acc, m_q, l_q = _step(
                     xa, xb, zero, zero, j, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2,
-                    scale_q2, qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
+                    scale_q2, qp_op, qq_op, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
                     CAUSAL, SAME_SCALE, BN, STAGES)
             m_p, l_p, acc, m_q, l_q = _update(xa, xb, (n_kt - 1) * BN + cols, offs_m, n_k, off, m_p, l_p, acc,
                                               m_q, l_q, scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
@@ -246,7 +258,7 @@ def _descriptor(x: torch.Tensor, rows: int, d: int):
 
 def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
     """kl_forward (triton_ops.py) on the Gluon kernel; inputs must pass `eligible`."""
-    bm, bn, warps, stages, paired = _parse_config(",".join(map(str, config))) if config else _config()
+    bm, bn, warps, stages, paired, qreg = _parse_config(",".join(map(str, config))) if config else _config()
     batch, n_q, n_heads, d = qp.shape
     n_k = kp.shape[1]
     dev = qp.device
@@ -261,12 +273,12 @@ def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
         kl, lse_p, lse_q, *kl.stride(), lse_p.stride(0), lse_p.stride(1),
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
-        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, STAGES=stages, PAIRED=bool(paired), num_warps=warps,
+        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, STAGES=stages, PAIRED=bool(paired), QREG=qreg, num_warps=warps,
     )
     return kl, lse_p, lse_q
 
 
-def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, d: int = 128):
+def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, qreg: int = 0, d: int = 128):
     """The kernel compiled for sm_90 without a GPU (bf16, causal, same scales): tests and
     scripts/kl_gluon_sass.py read its registers and SASS."""
     import triton
@@ -279,7 +291,7 @@ def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, 
     sample = torch.zeros(1, 256, 2, d, dtype=torch.bfloat16)
     sig = {name: mangle_type(_descriptor(sample, rows, d))
            for name, rows in (("qp_desc", bm), ("kp_desc", bn), ("qq_desc", bm), ("kq_desc", bn))}
-    const = dict(CAUSAL=True, SAME_SCALE=True, STAGES=stages, PAIRED=bool(paired))
+    const = dict(CAUSAL=True, SAME_SCALE=True, STAGES=stages, PAIRED=bool(paired), QREG=qreg)
     for name in names:
         if name not in sig:
             sig[name] = {"KL": "*fp32", "LSEP": "*fp32", "LSEQ": "*fp32"}.get(
@@ -290,14 +302,14 @@ def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
 
 
-def offline_report(bm: int, bn: int, warps: int, stages: int, paired: int = 1, d: int = 128):
+def offline_report(bm: int, bn: int, warps: int, stages: int, paired: int = 1, qreg: int = 0, d: int = 128):
     """(SASS text, ptxas -v output, shared bytes) of `compile_offline` with Triton's bundled tools."""
     import subprocess
     import tempfile
 
     import triton
 
-    kernel = compile_offline(bm, bn, warps, stages, paired, d)
+    kernel = compile_offline(bm, bn, warps, stages, paired, qreg, d)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
