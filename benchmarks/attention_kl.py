@@ -79,6 +79,28 @@ def time_sdpa(q, k, v):
     return {"sdpa_fwd_ms": fwd, "sdpa_fwdbwd_ms": fwd_bwd}
 
 
+def time_both_forwards(kl_fwd, x):
+    """Forward times with the Triton and the Gluon kernel (SPARSA_KL_GLUON=0 / 1) where both can run."""
+    from sparsa.ops.kl import gluon_fwd
+
+    before = os.environ.get("SPARSA_KL_GLUON")
+    os.environ["SPARSA_KL_GLUON"] = "1"
+    try:
+        if not gluon_fwd.eligible(x, x, x, x, None, False):
+            return {}
+        times = {}
+        with torch.no_grad():
+            for flag, name in (("0", "kl_fwd_triton_ms"), ("1", "kl_fwd_gluon_ms")):
+                os.environ["SPARSA_KL_GLUON"] = flag
+                times[name] = bench(kl_fwd)
+        return times
+    finally:
+        if before is None:
+            os.environ.pop("SPARSA_KL_GLUON")
+        else:
+            os.environ["SPARSA_KL_GLUON"] = before
+
+
 def run_size(n, with_naive, results):
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(n)
@@ -104,6 +126,7 @@ def run_size(n, with_naive, results):
     q_s.grad = k_s.grad = None
 
     row.update(time_sdpa(q_t, k_t, q_s))
+    row.update(time_both_forwards(kl_fwd, q_t))
 
     if with_naive and n <= NAIVE_MAX:
         scale = D**-0.5
@@ -203,6 +226,13 @@ def table(rows):
             f"{fmt(nf) if nf is not None else '-'} | {fmt(r.get('naive_fwdbwd_ms'))} | "
             f"{fmt(nx / GiB) if nx is not None else '-'} | {f'{speed:.0f}x' if speed else '-'} |"
         )
+    if any("kl_fwd_gluon_ms" in r for r in rows):
+        lines += ["", "Forward by kernel (same run; the table above uses the one selected by SPARSA_KL_GLUON):", "",
+                  "| N | Triton fwd ms | Gluon fwd ms | Triton / SDPA | Gluon / SDPA |", "|---|---|---|---|---|"]
+        for r in rows:
+            if "kl_fwd_gluon_ms" in r:
+                t, g, sd = r["kl_fwd_triton_ms"], r["kl_fwd_gluon_ms"], r["sdpa_fwd_ms"]
+                lines.append(f"| {r['N'] // 1024}K | {fmt(t)} | {fmt(g)} | {t / sd:.2f}x | {g / sd:.2f}x |")
     return "\n".join(lines)
 
 
