@@ -49,7 +49,7 @@ step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/tes
 step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
 step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
 # the Gluon StreamKL forward (opt-in in the library): its checks and config A/B, then the benchmark with it
-step kl_gluon 300 env SPARSA_POISON_OUTPUTS=1 "$PY" scripts/kl_gluon_check.py --sizes 2048,8192,32768,65536
+step kl_gluon 540 env SPARSA_POISON_OUTPUTS=1 "$PY" scripts/kl_gluon_check.py --sizes 2048,8192,32768,65536 --config-timeout 120
 step bench_attention_kl_gluon 600 env SPARSA_KL_GLUON=1 "$PY" benchmarks/attention_kl.py --out "$LOGS/gluon" "${KL_ARGS[@]}"
 step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"
 step bench_decode 600 "$PY" benchmarks/decode.py "${DEC_ARGS[@]}"

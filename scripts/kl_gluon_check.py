@@ -7,11 +7,16 @@ Correctness cases: GQA groupings that differ between the sides, batch 2, ragged 
 ways, bottom-right causal), non-causal, head dim 64 in fp16, different scales, logits up to |q.k| ~ 50,
 identical sides (KL ~ 0). Outputs are NaN-poisoned when SPARSA_POISON_OUTPUTS=1 (an unwritten element
 fails the check). Timing: batch 1, H = 32, D = 128, causal, bf16, do_bench medians.
+
+Each config runs in its own subprocess (`--one`) with a timeout (`--config-timeout`), so that a hang or a
+crash of one variant is reported and the others still run; SDPA and the Triton kernel are timed once, in
+the parent, and the ratios are computed there.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -103,48 +108,93 @@ def host_ms(call, reps=20):
     return ms
 
 
-def timing(sizes, configs):
-    h, d = 32, 128
-    for n in sizes:
-        torch.manual_seed(0)
-        qp, kp, qq, kq = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        qh, kh = qp.transpose(1, 2).contiguous(), kp.transpose(1, 2).contiguous()
-        sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
-        os.environ["SPARSA_KL_GLUON"] = "0"
-        tri = bench(lambda: triton_ops.kl_forward(qp, kp, qq, kq, causal=True, scale_p=d ** -0.5, scale_q=d ** -0.5))
-        os.environ["SPARSA_KL_GLUON"] = "1"
-        print(f"N={n:6d} sdpa {sdpa:8.3f} | triton {tri:8.3f} ({tri / sdpa:.3f}x)", flush=True)
-        if n == sizes[0]:
-            call = lambda: gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=True, scale_p=0.1, scale_q=0.1)  # noqa: E731
-            print(f"host time per Gluon call (enqueue, 20 calls): {host_ms(call):.3f} ms", flush=True)
-        for cfg in configs:
-            try:
-                ms = bench(lambda: gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=True, scale_p=d ** -0.5,
-                                                              scale_q=d ** -0.5, config=cfg))
-                print(f"N={n:6d} gluon {cfg} {ms:8.3f} ms  {ms / sdpa:.3f}x sdpa  {ms / tri:.3f}x triton", flush=True)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"N={n:6d} gluon {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+def _inputs(n, h=32, d=128):
+    torch.manual_seed(0)
+    return [torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
 
+
+def _baseline(n, report_host):
+    """(SDPA causal forward ms, Triton-kernel KL forward ms) at N = n."""
+    d = 128
+    qp, kp, qq, kq = _inputs(n)
+    qh, kh = qp.transpose(1, 2).contiguous(), kp.transpose(1, 2).contiguous()
+    sdpa = bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
+    os.environ["SPARSA_KL_GLUON"] = "0"
+    tri = bench(lambda: triton_ops.kl_forward(qp, kp, qq, kq, causal=True, scale_p=d ** -0.5, scale_q=d ** -0.5))
+    os.environ["SPARSA_KL_GLUON"] = "1"
+    print(f"N={n:6d} sdpa {sdpa:8.3f} | triton {tri:8.3f} ({tri / sdpa:.3f}x)", flush=True)
+    if report_host:
+        call = lambda: gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=True, scale_p=0.1, scale_q=0.1)  # noqa: E731
+        print(f"host time per Gluon call (enqueue, 20 calls): {host_ms(call):.3f} ms", flush=True)
+    return sdpa, tri
+
+
+def _gluon_ms(n, cfg):
+    qp, kp, qq, kq = _inputs(n)
+    return bench(lambda: gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=True, scale_p=128 ** -0.5,
+                                                    scale_q=128 ** -0.5, config=cfg))
+
+
+def baselines(sizes):
+    """{N: (SDPA ms, Triton-kernel ms)}; the first size also reports the host time of a Gluon call."""
+    out = {}
+    for n in sizes:
+        out[n] = _baseline(n, n == sizes[0])
         torch.cuda.empty_cache()
+    return out
+
+
+def run_one(cfg, sizes, with_check) -> bool:
+    """Correctness and forward times of one config; prints `RESULT <N> <ms>` lines for the parent."""
+    ok = True
+    if with_check:
+        print(f"correctness, config {cfg}", flush=True)
+        ok = check(cfg)
+    for n in sizes:
+        print(f"RESULT {n} {_gluon_ms(n, cfg)}", flush=True)
+        torch.cuda.empty_cache()
+    return ok
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2048,8192,32768")
     ap.add_argument("--configs", nargs="*", default=["64,64,4,2,0,0", "64,64,4,2,1,0", "64,64,4,2,0,1",
-                                                     "64,64,4,2,0,2", "128,64,8,2,0,1", "128,64,8,2,1,0"],
-                    help="BM,BN,WARPS,STAGES[,PAIRED[,QREG]] (gluon_fwd._parse_config)")
+                                                     "64,64,4,2,0,2", "ws,64,4,0", "ws,64,4,1", "ws,64,3,0"],
+                    help="BM,BN,WARPS,STAGES[,PAIRED[,QREG]] or ws[,BN[,STAGES[,QREG]]] (gluon_fwd._parse_config)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--one", help="internal: run one config in this process")
+    ap.add_argument("--config-timeout", type=float, default=150.0, help="seconds per config (a hang is reported)")
     args = ap.parse_args()
-    configs = [gluon_fwd._parse_config(c) for c in args.configs]
+    sizes = [int(s) for s in args.sizes.split(",")]
     os.environ["SPARSA_KL_GLUON"] = "1"
+    if args.one:
+        sys.exit(0 if run_one(gluon_fwd._parse_config(args.one), sizes, not args.no_check) else 1)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    base = baselines(sizes)
     ok = True
-    if not args.no_check:
-        for cfg in configs:
-            print(f"correctness, config {cfg}", flush=True)
-            ok = check(cfg) and ok
-    timing([int(s) for s in args.sizes.split(",")], configs)
+    for text in args.configs:
+        cfg = gluon_fwd._parse_config(text)  # a bad config fails here, before any launch
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", text, "--sizes", args.sizes]
+        cmd += ["--no-check"] if args.no_check else []
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
+            out, status = proc.stdout, (None if proc.returncode == 0 else f"exit {proc.returncode}: "
+                                        + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+        except subprocess.TimeoutExpired as exc:
+            partial = exc.stdout or ""
+            out = partial.decode() if isinstance(partial, bytes) else partial
+            status = f"timed out after {args.config_timeout:.0f} s (a hang?)"
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                n, ms = int(line.split()[1]), float(line.split()[2])
+                sdpa, tri = base[n]
+                print(f"N={n:6d} gluon {cfg} {ms:8.3f} ms  {ms / sdpa:.3f}x sdpa  {ms / tri:.3f}x triton", flush=True)
+            elif line.strip():
+                print(line, flush=True)
+        if status:
+            ok = False
+            print(f"config {cfg}: {status}", flush=True)
     print("checks passed" if ok else "CHECKS FAILED")
     sys.exit(0 if ok else 1)
 

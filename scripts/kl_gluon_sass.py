@@ -1,7 +1,9 @@
 """Compiles the Gluon StreamKL forward (sparsa/ops/kl/gluon_fwd.py) for sm_90 without a GPU and reports
 registers, spills, shared memory, ptxas warnings and the kernel's opcode mix.
 
-    python3 scripts/kl_gluon_sass.py [BM BN WARPS STAGES [PAIRED [QREG]]]      (default: gluon_fwd.DEFAULT_CONFIG)
+    python3 scripts/kl_gluon_sass.py [BM BN WARPS STAGES [PAIRED [QREG]] | ws [BN [STAGES [QREG]]]]
+
+(default: gluon_fwd.DEFAULT_CONFIG)
 
 SASS_OUT=file also writes the disassembly there.
 """
@@ -16,7 +18,7 @@ from sparsa.ops.kl import gluon_fwd
 
 
 def main():
-    cfg = gluon_fwd._parse_config(",".join(sys.argv[1:7])) if len(sys.argv) >= 5 else gluon_fwd.DEFAULT_CONFIG
+    cfg = gluon_fwd._parse_config(",".join(sys.argv[1:])) if len(sys.argv) > 1 else gluon_fwd.DEFAULT_CONFIG
     sass, info, shared = gluon_fwd.offline_report(*cfg)
     print(f"config {cfg} shared {shared} B")
     for line in info.splitlines():

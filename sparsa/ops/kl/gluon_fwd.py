@@ -80,12 +80,37 @@ def _config():
 
 
 def _parse_config(text: str) -> tuple:
-    """"BM,BN,W,S[,P[,R]]" -> (BM, BN, W, S, P, R); P (paired loop) defaults to 1, R (Q tiles held in
-    registers: 0 none, 1 the P side's, 2 both) to 0."""
-    values = tuple(int(v) for v in text.split(","))
-    if len(values) not in (4, 5, 6):
-        raise ValueError(f"SPARSA_KL_GLUON_CONFIG / config must be BM,BN,WARPS,STAGES[,PAIRED[,QREG]], got {text!r}")
+    """"BM,BN,W,S[,P[,R]]" -> (BM, BN, W, S, P, R): P (paired loop) defaults to 1, R (Q tiles held in
+    registers: 0 none, 1 the P side's, 2 both) to 0. "ws[,BN[,S[,R]]]" -> ("ws", BN, S, R), the
+    warp-specialised kernel of gluon_fwd_ws.py (defaults 64, 4, 0)."""
+    parts = [v.strip() for v in text.split(",")]
+    try:
+        if parts[0] == "ws":
+            values = tuple(int(v) for v in parts[1:])
+            if len(values) > 3:
+                raise ValueError
+            return ("ws",) + values + (64, 4, 0)[len(values):]
+        values = tuple(int(v) for v in parts)
+        if len(values) not in (4, 5, 6):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"SPARSA_KL_GLUON_CONFIG / config must be BM,BN,WARPS,STAGES[,PAIRED[,QREG]] or ws[,BN[,STAGES[,QREG]]], "
+            f"got {text!r}"
+        ) from None
     return values + (1, 0)[len(values) - 4:]
+
+
+def _variant(config: tuple):
+    """(kernel, rows per Q-tile load, query rows per program, key tile rows, num_warps, constexprs)."""
+    if config[0] == "ws":
+        from . import gluon_fwd_ws
+
+        _, bn, stages, qreg = config
+        rows = gluon_fwd_ws.WG_ROWS.value
+        return gluon_fwd_ws._kl_fwd_ws_kernel, rows, 2 * rows, bn, 4, dict(STAGES=stages, QREG=qreg)
+    bm, bn, warps, stages, paired, qreg = config
+    return _kl_fwd_gluon_kernel, bm, bm, bn, warps, dict(STAGES=stages, PAIRED=bool(paired), QREG=qreg)
 
 
 if HAVE_GLUON:
@@ -116,6 +141,52 @@ if HAVE_GLUON:
         return a, b
 
     @gluon.jit
+    def _update_tile(a, b, tile, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q, scale_p2, scale_q2,
+                     CAUSAL: gl.constexpr, SAME_SCALE: gl.constexpr, BN: gl.constexpr):
+        """The running values after key tile `tile`'s logits, masked from key n_full on."""
+        offs_n = tile * BN + cols
+        if tile * BN >= n_full:
+            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                              scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
+        else:
+            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                              scale_p2, scale_q2, False, CAUSAL, False, SAME_SCALE)
+        return m_p, l_p, acc, m_q, l_q
+
+    @gluon.jit
+    def _running_init(ROWS: gl.constexpr, rows_l: gl.constexpr):
+        """The five running values of ROWS rows before any key: m_p, l_p, acc, m_q, l_q."""
+        m = gl.full([ROWS], float("-inf"), gl.float32, layout=rows_l)
+        z = gl.zeros([ROWS], gl.float32, layout=rows_l)
+        return m, z, z, m, z
+
+    @gluon.jit
+    def _q_operands(qp_tile, qq_tile, mma: gl.constexpr, QREG: gl.constexpr):
+        """The Q tiles as the wgmmas' A operands: shared memory, or registers (QREG >= 1: the P side's,
+        QREG >= 2: both), which halves those GEMMs' shared-memory reads."""
+        q_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        if QREG >= 1:
+            qp_op = qp_tile.load(q_reg)
+        else:
+            qp_op = qp_tile
+        if QREG >= 2:
+            qq_op = qq_tile.load(q_reg)
+        else:
+            qq_op = qq_tile
+        return qp_op, qq_op
+
+    @gluon.jit
+    def _store_rows(m_p, l_p, acc, m_q, l_q, offs_m, n_q, b, h, KL, LSEP, LSEQ, skl_b, skl_t, skl_h, slse_b, slse_h):
+        """LSE_p2, LSE_q2 and KL of rows offs_m (those < n_q) from their running values."""
+        lse_p, lse_q, kl = _finish(m_p, l_p, acc, m_q, l_q)
+        row_ok = offs_m < n_q
+        lse_off = b.to(gl.int64) * slse_b + h.to(gl.int64) * slse_h + offs_m
+        gl.store(LSEP + lse_off, lse_p, mask=row_ok)
+        gl.store(LSEQ + lse_off, lse_q, mask=row_ok)
+        kl_off = b.to(gl.int64) * skl_b + h.to(gl.int64) * skl_h + offs_m.to(gl.int64) * skl_t
+        gl.store(KL + kl_off, kl, mask=row_ok)
+
+    @gluon.jit
     def _step(a, b, spare_a, spare_b, tile, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
               scale_p2, scale_q2, qp_s, qq_s, kp_s, kq_s, ready, kp_desc, kq_desc, n_kt, key_row, col_p, col_q,
               CAUSAL: gl.constexpr, SAME_SCALE: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
@@ -125,13 +196,8 @@ if HAVE_GLUON:
         gl.thread_barrier()  # every warpgroup has waited for tile `tile`'s GEMMs: its stage is free
         _issue_loads(kp_desc, kq_desc, kp_s, kq_s, ready, tile + STAGES, n_kt, key_row, col_p, col_q, BN, STAGES)
         na, nb = _issue_mmas(qp_s, qq_s, kp_s, kq_s, ready, tile + 1, spare_a, spare_b, STAGES)
-        offs_n = tile * BN + cols
-        if tile * BN >= n_full:
-            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
-                                              scale_p2, scale_q2, True, CAUSAL, False, SAME_SCALE)
-        else:
-            m_p, l_p, acc, m_q, l_q = _update(a, b, offs_n, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
-                                              scale_p2, scale_q2, False, CAUSAL, False, SAME_SCALE)
+        m_p, l_p, acc, m_q, l_q = _update_tile(a, b, tile, n_full, cols, offs_m, n_k, off, m_p, l_p, acc, m_q, l_q,
+                                               scale_p2, scale_q2, CAUSAL, SAME_SCALE, BN)
         na, nb = warpgroup_mma_wait(num_outstanding=0, deps=(na, nb))
         return na, nb, m_p, l_p, acc, m_q, l_q
 
@@ -184,22 +250,10 @@ if HAVE_GLUON:
         offs_m = m0 + gl.arange(0, BM, layout=rows_l)
         cols = gl.arange(0, BN, layout=cols_l)
         zero = gl.zeros([BM, BN], gl.float32, layout=mma)
-        m_p = gl.full([BM], float("-inf"), gl.float32, layout=rows_l)
-        l_p = gl.zeros([BM], gl.float32, layout=rows_l)
-        acc = gl.zeros([BM], gl.float32, layout=rows_l)
-        m_q = gl.full([BM], float("-inf"), gl.float32, layout=rows_l)
-        l_q = gl.zeros([BM], gl.float32, layout=rows_l)
+        m_p, l_p, acc, m_q, l_q = _running_init(BM, rows_l)
 
         mbarrier.wait(q_ready, 0)
-        q_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        if QREG >= 1:  # the P side's Q tile as the register operand of its wgmmas (less shared-memory traffic)
-            qp_op = qp_s.load(q_reg)
-        else:
-            qp_op = qp_s
-        if QREG >= 2:
-            qq_op = qq_s.load(q_reg)
-        else:
-            qq_op = qq_s
+        qp_op, qq_op = _q_operands(qp_s, qq_s, mma, QREG)
         xa, xb = _issue_mmas(qp_op, qq_op, kp_s, kq_s, ready, 0, zero, zero, STAGES)
         xa, xb = warpgroup_mma_wait(num_outstanding=0, deps=(xa, xb))
         if PAIRED:
@@ -240,13 +294,7 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(q_ready)
 
-        lse_p, lse_q, kl = _finish(m_p, l_p, acc, m_q, l_q)
-        row_ok = offs_m < n_q
-        lse_off = b.to(gl.int64) * slse_b + h.to(gl.int64) * slse_h + offs_m
-        gl.store(LSEP + lse_off, lse_p, mask=row_ok)
-        gl.store(LSEQ + lse_off, lse_q, mask=row_ok)
-        kl_off = b.to(gl.int64) * skl_b + h.to(gl.int64) * skl_h + offs_m.to(gl.int64) * skl_t
-        gl.store(KL + kl_off, kl, mask=row_ok)
+        _store_rows(m_p, l_p, acc, m_q, l_q, offs_m, n_q, b, h, KL, LSEP, LSEQ, skl_b, skl_t, skl_h, slse_b, slse_h)
 
 
 def _descriptor(x: torch.Tensor, rows: int, d: int):
@@ -257,8 +305,13 @@ def _descriptor(x: torch.Tensor, rows: int, d: int):
 
 
 def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
-    """kl_forward (triton_ops.py) on the Gluon kernel; inputs must pass `eligible`."""
-    bm, bn, warps, stages, paired, qreg = _parse_config(",".join(map(str, config))) if config else _config()
+    """kl_forward (triton_ops.py) on a Gluon kernel; inputs must pass `eligible`. config: a tuple or
+    string as `_parse_config` reads (default: SPARSA_KL_GLUON_CONFIG or DEFAULT_CONFIG)."""
+    if config is None:
+        config = _config()
+    elif not isinstance(config, str):
+        config = ",".join(map(str, config))
+    kernel, q_rows, bm, bn, warps, consts = _variant(_parse_config(config) if isinstance(config, str) else config)
     batch, n_q, n_heads, d = qp.shape
     n_k = kp.shape[1]
     dev = qp.device
@@ -268,30 +321,30 @@ def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
     n_bh = batch * n_heads
     head_group = triton_ops._head_group(n_k, triton_ops._key_bytes(kp, kq, False), n_bh)
     grid = (cdiv(n_q, bm) * n_bh,)
-    _kl_fwd_gluon_kernel[grid](
-        _descriptor(qp, bm, d), _descriptor(kp, bn, d), _descriptor(qq, bm, d), _descriptor(kq, bn, d),
+    kernel[grid](
+        _descriptor(qp, q_rows, d), _descriptor(kp, bn, d), _descriptor(qq, q_rows, d), _descriptor(kq, bn, d),
         kl, lse_p, lse_q, *kl.stride(), lse_p.stride(0), lse_p.stride(1),
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
-        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, STAGES=stages, PAIRED=bool(paired), QREG=qreg, num_warps=warps,
+        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, **consts, num_warps=warps,
     )
     return kl, lse_p, lse_q
 
 
-def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, qreg: int = 0, d: int = 128):
-    """The kernel compiled for sm_90 without a GPU (bf16, causal, same scales): tests and
-    scripts/kl_gluon_sass.py read its registers and SASS."""
+def compile_offline(*config, d: int = 128):
+    """A kernel variant (`_parse_config` fields) compiled for sm_90 without a GPU (bf16, causal, same
+    scales): tests and scripts/kl_gluon_sass.py read its registers and SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn = _kl_fwd_gluon_kernel
+    fn, q_rows, _, bn, warps, consts = _variant(_parse_config(",".join(map(str, config))))
     names = fn.arg_names
     sample = torch.zeros(1, 256, 2, d, dtype=torch.bfloat16)
     sig = {name: mangle_type(_descriptor(sample, rows, d))
-           for name, rows in (("qp_desc", bm), ("kp_desc", bn), ("qq_desc", bm), ("kq_desc", bn))}
-    const = dict(CAUSAL=True, SAME_SCALE=True, STAGES=stages, PAIRED=bool(paired), QREG=qreg)
+           for name, rows in (("qp_desc", q_rows), ("kp_desc", bn), ("qq_desc", q_rows), ("kq_desc", bn))}
+    const = dict(CAUSAL=True, SAME_SCALE=True, **consts)
     for name in names:
         if name not in sig:
             sig[name] = {"KL": "*fp32", "LSEP": "*fp32", "LSEQ": "*fp32"}.get(
@@ -302,14 +355,14 @@ def compile_offline(bm: int, bn: int, warps: int, stages: int, paired: int = 1, 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
 
 
-def offline_report(bm: int, bn: int, warps: int, stages: int, paired: int = 1, qreg: int = 0, d: int = 128):
+def offline_report(*config, d: int = 128):
     """(SASS text, ptxas -v output, shared bytes) of `compile_offline` with Triton's bundled tools."""
     import subprocess
     import tempfile
 
     import triton
 
-    kernel = compile_offline(bm, bn, warps, stages, paired, qreg, d)
+    kernel = compile_offline(*config, d=d)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
