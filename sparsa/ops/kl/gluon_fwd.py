@@ -10,13 +10,15 @@ its exponentials start, so tensor, MUFU and FP32 time add up. Here each iteratio
     3. runs the online update of tile j (exponentials, sums, maxima) while those GEMMs run,
     4. waits for the GEMMs of tile j + 1.
 
-One program: BM query rows of one head (both sides' Q tiles stay in shared memory), num_warps / 4
-warpgroups of 64 rows each. Grid and tile order as the Triton kernel (`_tile_pids`: heavy causal tiles
-first, heads in L2-sized groups).
+One program: BM query rows of one head (both sides' Q tiles stay in shared memory, or in registers with
+qreg), num_warps / 4 warpgroups of 64 rows each. Grid and tile order as the Triton kernel (`_tile_pids`:
+heavy causal tiles first, heads in L2-sized groups). gluon_fwd_ws.py holds a warp-specialised variant
+(config "ws").
 
 Scope (`eligible`): CUDA capability 9.x, bf16 / fp16, both sides of head dim 64 or 128, no packed
 documents, both K tensors read as [B * N, H_kv * D] row views (unit stride on D, rows of H_kv * D). Other
-inputs use the Triton kernel. Opt-in while it is slower than the Triton kernel: SPARSA_KL_GLUON=1.
+inputs use the Triton kernel. Opt-in (SPARSA_KL_GLUON=1) until it has been measured at every benchmark size
+(docs/kernels/attention_kl.md).
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from . import triton_ops
 # overrides it. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both; not run yet).
 # paired = 1: two key tiles per loop iteration (logits alternate between two register sets, no copies;
 # compiled and tested offline only, not yet run on a GPU). paired = 0 is the loop measured on the H200
-# (benchmarks/results/h200_session6/kl_gluon_check3.log): 64 x 64 / 4 warps / 2 stages (two CTAs per SM)
-# was the fastest of six configs at 2K, 8K and 32K.
+# (benchmarks/results/h200_session6/kl_gluon_check{2,3}.log): 64 x 64 / 4 warps / 2 stages (two CTAs per SM)
+# was the fastest config measured (six at 2K, four at 8K and 32K).
 DEFAULT_CONFIG = (64, 64, 4, 2, 0, 0)
 
 
