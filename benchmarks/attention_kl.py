@@ -8,7 +8,7 @@ PyTorch that materialises both distributions in fp32 (what existing distillation
 run only while it fits in memory. Peak extra memory = peak allocated during the call minus what was
 allocated before (inputs) minus the gradients the call returns. Times: triton.testing.do_bench medians.
 
-Usage: python benchmarks/attention_kl.py [--sizes 2048,4096] [--out DIR] [--no-naive] [--extras]
+Usage: python benchmarks/attention_kl.py [--sizes 2048,4096] [--out DIR] [--no-naive] [--extras] [--forward-only]
 Writes DIR/attention_kl.json and DIR/attention_kl.md and prints the table last.
 """
 
@@ -99,6 +99,24 @@ def time_both_forwards(kl_fwd, x):
             os.environ.pop("SPARSA_KL_GLUON")
         else:
             os.environ["SPARSA_KL_GLUON"] = before
+
+
+def run_forward_only(n, results):
+    """Forward only (--forward-only): StreamKL with each kernel that can run, and SDPA."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q_t, k_t, q_s, k_s = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                          for _ in range(4))
+
+    def kl_fwd():
+        return sparsa.attention_kl(q_t, k_t, q_s, k_s)
+
+    with torch.no_grad():
+        row = {"N": n, "kl_fwd_ms": bench(kl_fwd)}
+        qh, kh = q_t.transpose(1, 2).contiguous(), k_t.transpose(1, 2).contiguous()
+        row["sdpa_fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
+    row.update(time_both_forwards(kl_fwd, q_t))
+    results.append(row)
+    print(json.dumps(row), flush=True)
 
 
 def run_size(n, with_naive, results):
@@ -214,7 +232,7 @@ def table(rows):
     )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        if "kl_fwd_ms" not in r:
+        if "kl_fwdbwd_ms" not in r:  # errors, and --forward-only rows (in the table below)
             continue
         nf = r.get("naive_fwd_ms")
         speed = nf / r["kl_fwd_ms"] if isinstance(nf, float) else None
@@ -226,6 +244,10 @@ def table(rows):
             f"{fmt(nf) if nf is not None else '-'} | {fmt(r.get('naive_fwdbwd_ms'))} | "
             f"{fmt(nx / GiB) if nx is not None else '-'} | {f'{speed:.0f}x' if speed else '-'} |"
         )
+    for r in rows:
+        if "kl_fwd_ms" in r and "kl_fwdbwd_ms" not in r:
+            lines.append(f"| {r['N'] // 1024}K | {fmt(r['kl_fwd_ms'])} | - | - | {fmt(r['sdpa_fwd_ms'])} | - | "
+                         f"{r['kl_fwd_ms'] / r['sdpa_fwd_ms']:.2f}x | - | - | - | - | - |")
     if any("kl_fwd_gluon_ms" in r for r in rows):
         lines += ["", "Forward by kernel (same run; the table above uses the one selected by SPARSA_KL_GLUON):", "",
                   "| N | Triton fwd ms | Gluon fwd ms | Triton / SDPA | Gluon / SDPA |", "|---|---|---|---|---|"]
@@ -252,6 +274,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--extras", action="store_true", help="also time group and block KL")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="only the forward (StreamKL with each kernel that can run, SDPA): the quick comparison")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention_kl.py needs a CUDA GPU")
@@ -269,7 +293,10 @@ def main():
     results, extras = [], []
     for n in (int(s) for s in args.sizes.split(",")):
         try:
-            run_size(n, not args.no_naive, results)
+            if args.forward_only:
+                run_forward_only(n, results)
+            else:
+                run_size(n, not args.no_naive, results)
         except Exception as exc:  # noqa: BLE001 - keep going: report what failed
             results.append({"N": n, "error": repr(exc)[:300]})
             print(json.dumps(results[-1]), flush=True)
