@@ -10,6 +10,7 @@ and the ratio to SDPA's causal forward of the same shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -30,25 +31,21 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+@contextlib.contextmanager
 def forced(meta):
-    """Context: the forward kernel launches with `meta` (a dict of BM, BN, num_warps, num_stages)."""
+    """The forward kernel launches with `meta` (a dict of BM, BN, num_warps, num_stages) inside the block."""
     original = triton_ops._kernel
 
     def kernel(name, fn, configs):
-        if name == "fwd":
-            return fn, dict(meta)
-        return original(name, fn, configs)
+        return (fn, dict(meta)) if name == "fwd" else original(name, fn, configs)
 
-    class _Ctx:
-        def __enter__(self):
-            triton_ops._kernel = kernel
-            triton_ops._LAUNCHERS.pop("fwd", None)
-
-        def __exit__(self, *exc):
-            triton_ops._kernel = original
-            triton_ops._LAUNCHERS.pop("fwd", None)
-
-    return _Ctx()
+    triton_ops._kernel = kernel
+    triton_ops._LAUNCHERS.pop("fwd", None)
+    try:
+        yield
+    finally:
+        triton_ops._kernel = original
+        triton_ops._LAUNCHERS.pop("fwd", None)
 
 
 def main():

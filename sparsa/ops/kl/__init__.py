@@ -130,11 +130,16 @@ class _AttentionKLTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qp, kp, qq, kq, causal, scale_p, scale_q, cu_seqlens, max_len, reduction, n_valid):
-        from . import triton_ops
+        from . import gluon_fwd, triton_ops
 
-        kl, lse_p, lse_q = triton_ops.kl_forward(
-            qp, kp, qq, kq, causal=causal, scale_p=scale_p, scale_q=scale_q, cu_seqlens=cu_seqlens, max_len=max_len
-        )
+        if gluon_fwd.eligible(qp, kp, qq, kq, cu_seqlens, False):  # opt-in Hopper kernel, same outputs
+            kl, lse_p, lse_q = gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=scale_p,
+                                                          scale_q=scale_q)
+        else:
+            kl, lse_p, lse_q = triton_ops.kl_forward(
+                qp, kp, qq, kq, causal=causal, scale_p=scale_p, scale_q=scale_q, cu_seqlens=cu_seqlens,
+                max_len=max_len
+            )
         ctx.save_for_backward(qp, kp, qq, kq, kl, lse_p, lse_q, cu_seqlens)
         ctx.config = (causal, scale_p, scale_q, max_len, _grad_factor(reduction, n_valid))
         ctx.mark_non_differentiable(lse_p, lse_q)

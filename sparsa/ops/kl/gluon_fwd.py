@@ -22,6 +22,7 @@ inputs use the Triton kernel. Opt-in (SPARSA_KL_GLUON=1) until it has been measu
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,7 +63,7 @@ def _row_view(x: torch.Tensor):
 
 
 def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
-    """Whether kl_forward may run the Gluon kernel on these inputs."""
+    """Whether the attention-KL forward (sparsa/ops/kl/__init__.py) may run the Gluon kernel on these inputs."""
     if not enabled() or only_p or cu_seqlens is not None or triton_ops._INTERPRET:
         return False
     if not qp.is_cuda or torch.cuda.get_device_capability(qp.device)[0] != 9:
@@ -74,11 +75,13 @@ def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
     return all(_row_view(x) is not None and x.data_ptr() % 16 == 0 for x in (qp, kp, qq, kq))
 
 
-def _config():
-    forced = os.environ.get("SPARSA_KL_GLUON_CONFIG")
-    if forced:
-        return _parse_config(forced)
-    return DEFAULT_CONFIG
+def _config(config=None) -> tuple:
+    """A config as `_parse_config` returns it, from a tuple, a string, or (None) SPARSA_KL_GLUON_CONFIG or
+    DEFAULT_CONFIG."""
+    if config is None:
+        forced = os.environ.get("SPARSA_KL_GLUON_CONFIG")
+        return _parse_config(forced) if forced else DEFAULT_CONFIG
+    return _parse_config(config if isinstance(config, str) else ",".join(map(str, config)))
 
 
 def _parse_config(text: str) -> tuple:
@@ -299,21 +302,22 @@ if HAVE_GLUON:
         _store_rows(m_p, l_p, acc, m_q, l_q, offs_m, n_q, b, h, KL, LSEP, LSEQ, skl_b, skl_t, skl_h, slse_b, slse_h)
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows: int, d: int, bf16: bool):
+    """Shared-memory layout of a [rows, d] TMA tile (built once per shape: the launch path is host-bound
+    at short sequences)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if bf16 else gl.float16)
+
+
 def _descriptor(x: torch.Tensor, rows: int, d: int):
-    view = _row_view(x)
-    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-    return TensorDescriptor.from_tensor(view, [rows, d], layout)
+    """TMA descriptor of x's [B * N, H * D] row view, in [rows, d] tiles."""
+    return TensorDescriptor.from_tensor(_row_view(x), [rows, d], _tile_layout(rows, d, x.dtype == torch.bfloat16))
 
 
 def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
     """kl_forward (triton_ops.py) on a Gluon kernel; inputs must pass `eligible`. config: a tuple or
     string as `_parse_config` reads (default: SPARSA_KL_GLUON_CONFIG or DEFAULT_CONFIG)."""
-    if config is None:
-        config = _config()
-    elif not isinstance(config, str):
-        config = ",".join(map(str, config))
-    kernel, q_rows, bm, bn, warps, consts = _variant(_parse_config(config) if isinstance(config, str) else config)
+    kernel, q_rows, bm, bn, warps, consts = _variant(_config(config))
     batch, n_q, n_heads, d = qp.shape
     n_k = kp.shape[1]
     dev = qp.device
@@ -341,7 +345,7 @@ def compile_offline(*config, d: int = 128):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn, q_rows, _, bn, warps, consts = _variant(_parse_config(",".join(map(str, config))))
+    fn, q_rows, _, bn, warps, consts = _variant(_config(config))
     names = fn.arg_names
     sample = torch.zeros(1, 256, 2, d, dtype=torch.bfloat16)
     sig = {name: mangle_type(_descriptor(sample, rows, d))

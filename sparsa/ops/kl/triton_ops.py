@@ -1025,10 +1025,6 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
 
     With only_p the Q side is ignored and only lse_p2 is meaningful (teacher LSE pass)."""
     qp, kp, qq, kq = (_unit_last(x) for x in (qp, kp, qq, kq))
-    from . import gluon_fwd  # Hopper path; imported here since it builds on this module
-
-    if gluon_fwd.eligible(qp, kp, qq, kq, cu_seqlens, only_p):
-        return gluon_fwd.kl_forward_gluon(qp, kp, qq, kq, causal=causal, scale_p=scale_p, scale_q=scale_q)
     batch, n_q, n_heads, dp = qp.shape
     n_k = kp.shape[1]
     dq = qq.shape[3]
