@@ -2,7 +2,7 @@
 # GPU tests and benchmarks in one call, short table last.
 #   bash scripts/gpu_check.sh [--quick] [--only NAME ...]
 # Steps (NAME): sparse_attn_check serve_check gpu_pytest bench_sparse_attn bench_attention_kl kl_gluon
-# bench_attention_kl_gluon
+# kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
@@ -45,12 +45,13 @@ fi
 step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py $QUICK
 step serve_check 300 "$PY" scripts/gpu_serve.py
 # GPU-only pytest cases (bf16 kernels, CUDA paths); CPU interpreter cases are CI's
-step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_kl_gluon.py tests/ops/test_sparse_attn_triton.py -k gpu
+step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_kl_gluon.py tests/ops/test_launch.py tests/ops/test_sparse_attn_triton.py -k gpu
 step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
 step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
-# the Gluon StreamKL forward (opt-in in the library): its checks and config A/B, then the benchmark with it
+# the Gluon StreamKL forward (default on Hopper from gluon_fwd.GLUON_MIN_KEYS keys): its checks and config A/B,
+# then the API forward with each config and the automatic choice at every size
 step kl_gluon 540 env SPARSA_POISON_OUTPUTS=1 "$PY" scripts/kl_gluon_check.py --sizes 2048,8192,32768,65536 --config-timeout 120
-step bench_attention_kl_gluon 600 env SPARSA_KL_GLUON=1 "$PY" benchmarks/attention_kl.py --out "$LOGS/gluon" "${KL_ARGS[@]}"
+step kl_dispatch 560 "$PY" scripts/kl_dispatch_sweep.py --out "$LOGS"
 step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"
 step bench_decode 600 "$PY" benchmarks/decode.py "${DEC_ARGS[@]}"
 step sa_probe 300 "$PY" scripts/sparse_attn_probe.py ${SA_PROBE_ARGS:-}

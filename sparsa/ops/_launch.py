@@ -8,7 +8,10 @@ more than the GPU time of short calls (StreamKL at 2K tokens: 0.16 ms forward on
 then remembers the compiled kernel and the meta-parameters it ran with, keyed by everything
 Triton specialises on: each tensor's dtype and 16-byte alignment, the exact value and type of each
 integer or bool, and the constexprs. Later calls with the same key go straight to the compiled kernel.
-Floats are passed through (Triton does not specialise them). `SPARSA_FAST_LAUNCH=0` turns it off.
+Floats are passed through (Triton does not specialise them). Host-side TMA tensor descriptors (Gluon's
+`TensorDescriptor`) are keyed by their dtype, shape, strides, block shape, layout and padding and passed
+on as they are (Triton's launcher encodes each into a CUtensorMap on every launch).
+`SPARSA_FAST_LAUNCH=0` turns it off.
 
 A cached launch calls the compiled kernel's C launcher directly with the current stream and the tensors'
 raw pointers when no launch hooks are registered (Triton's own `compiled[grid](...)` builds launch
@@ -33,9 +36,24 @@ class _Layout:
 
     def __init__(self, kinds: tuple):
         self.tensors = [i for i, k in enumerate(kinds) if issubclass(k, torch.Tensor)]
-        others = [i for i, k in enumerate(kinds) if not issubclass(k, (torch.Tensor, float))]
+        descriptors = [i for i, k in enumerate(kinds) if _is_descriptor(k)]
+        others = [i for i, k in enumerate(kinds)
+                  if not issubclass(k, (torch.Tensor, float)) and i not in descriptors]
         self.pick_tensors = _picker(self.tensors)
+        self.pick_descriptors = _picker(descriptors)
         self.pick_others = _picker(others)
+
+
+def _is_descriptor(kind: type) -> bool:
+    """A host-side TMA tensor descriptor class (triton.tools / Gluon `TensorDescriptor`)."""
+    return kind.__name__ == "TensorDescriptor"
+
+
+def _descriptor_key(d) -> tuple:
+    """What a launch depends on of a host-side tensor descriptor (its base is 16-byte aligned by
+    construction; the CUtensorMap itself is rebuilt on every launch)."""
+    return (d.base.dtype, d.base.is_cuda, tuple(d.shape), tuple(d.strides), tuple(d.block_shape), d.layout,
+            d.padding)
 
 
 def _picker(positions: list):
@@ -119,7 +137,8 @@ class FastLauncher:
         tensors = layout.pick_tensors(args)
         ptrs = [t.data_ptr() for t in tensors]
         key = (device, kinds, tuple(consts.items()), layout.pick_others(args),
-               tuple([(t.dtype, t.is_cuda) for t in tensors]), tuple([p % 16 == 0 for p in ptrs]))
+               tuple([(t.dtype, t.is_cuda) for t in tensors]), tuple([p % 16 == 0 for p in ptrs]),
+               tuple([_descriptor_key(d) for d in layout.pick_descriptors(args)]))
         hit = self._cache.get(key)
         if hit is not None:
             compiled, chosen, tail, direct = hit

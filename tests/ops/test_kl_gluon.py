@@ -32,6 +32,7 @@ def test_gluon_forward_only_on_hopper_inputs(monkeypatch):
     assert not gluon_fwd.eligible(qp, kp, qq, kq, None, False)  # CPU tensors
     monkeypatch.setenv("SPARSA_KL_GLUON", "0")
     assert not gluon_fwd.enabled()
+    assert gluon_fwd.mode() == "off"
     # row views: [B, N, H, D] with unit D stride and rows of H * D; a transposed layout is not one
     assert gluon_fwd._row_view(qp) is not None
     assert gluon_fwd._row_view(qp.transpose(1, 2).contiguous().transpose(1, 2)) is None
@@ -67,10 +68,11 @@ def _offline_build(config, tmp_path):
 @pytest.mark.parametrize(
     "config, max_shared",
     [
-        (gluon_fwd.DEFAULT_CONFIG[:4] + (0, 0), 113 << 10),  # two CTAs per SM
-        (gluon_fwd.DEFAULT_CONFIG[:4] + (1, 0), 113 << 10),
-        (gluon_fwd.DEFAULT_CONFIG[:4] + (0, 2), 113 << 10),
+        ((64, 64, 4, 2, 0, 0), 113 << 10),  # two CTAs per SM
+        ((64, 64, 4, 2, 1, 0), 113 << 10),
+        ((64, 64, 4, 2, 0, 2), 113 << 10),
         (("ws", 64, 4, 0), 227 << 10),  # one CTA per SM
+        (gluon_fwd.DEFAULT_CONFIG, 227 << 10),
     ],
 )
 def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(config, max_shared, tmp_path):
@@ -85,6 +87,17 @@ def test_gluon_forward_sm90_build_overlaps_gemms_and_exponentials(config, max_sh
     assert regions and max(regions) >= exps_per_tile, regions
     if config[0] == "ws":  # both compute warpgroups
         assert sum(r >= exps_per_tile for r in regions) >= 2, regions
+
+
+@needs_gluon
+def test_gluon_dispatch_mode_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARSA_KL_GLUON", raising=False)
+    assert gluon_fwd.mode() == "auto"
+    monkeypatch.setenv("SPARSA_KL_GLUON", "1")
+    assert gluon_fwd.mode() == "on"
+    monkeypatch.setenv("SPARSA_KL_GLUON", "yes")
+    with pytest.raises(ValueError, match="SPARSA_KL_GLUON"):
+        gluon_fwd.mode()
 
 
 def test_gluon_config_is_checked():
@@ -112,3 +125,23 @@ def test_gpu_gluon_forward_matches_triton_kernel(monkeypatch, n, causal, dtype):
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
         assert ((g - w).norm() / w.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+def test_gpu_automatic_dispatch_uses_gluon_from_the_key_threshold(monkeypatch):
+    """Unset SPARSA_KL_GLUON: the Gluon kernel from GLUON_MIN_KEYS keys on, the Triton kernel below; the
+    public op gives the same values either way, also on a second (cached) launch."""
+    import sparsa
+
+    monkeypatch.delenv("SPARSA_KL_GLUON", raising=False)
+    monkeypatch.delenv("SPARSA_KL_GLUON_CONFIG", raising=False)
+    for n in (gluon_fwd.GLUON_MIN_KEYS - 64, gluon_fwd.GLUON_MIN_KEYS):
+        qp, kp, qq, kq = _inputs(n, heads=4, device="cuda")
+        assert gluon_fwd.eligible(qp, kp, qq, kq, None, False) == (n >= gluon_fwd.GLUON_MIN_KEYS)
+        auto = [sparsa.attention_kl(qp, kp, qq, kq, reduction="none") for _ in range(2)]
+        monkeypatch.setenv("SPARSA_KL_GLUON", "0")
+        want = sparsa.attention_kl(qp, kp, qq, kq, reduction="none")
+        monkeypatch.delenv("SPARSA_KL_GLUON")
+        for got in auto:
+            assert torch.isfinite(got).all()
+            assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -121,3 +121,34 @@ def test_cached_launch_calls_the_c_launcher_directly_unless_hooks_are_registered
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert kernel.log[-1] == ("fast", (4, 2, 1), (x, 7, 0.5, False, 16))
+
+
+class TensorDescriptor:
+    """Stand-in with the fields of Gluon's host-side TMA descriptor (the launcher matches the class name)."""
+
+    def __init__(self, base, block_shape, layout="swizzle128", padding="zero"):
+        self.base, self.shape, self.strides = base, list(base.shape), list(base.stride())
+        self.block_shape, self.layout, self.padding = block_shape, layout, padding
+
+
+def test_tensor_descriptors_are_keyed_by_what_the_kernel_depends_on_and_passed_on_unchanged():
+    kernel = FakeDirectKernel()
+    launch = FastLauncher(kernel, device=lambda: 0, stream_of=lambda dev: "s")
+    grid = lambda m: (1,)
+    x = torch.zeros(8, 64)
+    first = TensorDescriptor(x, [4, 64])
+    launch(kernel, grid, (first, 7, 0.5), {"FLAG": False}, {"BM": 16})
+    again = TensorDescriptor(x.clone(), [4, 64])  # another tensor of the same layout: a cached launch
+    launch(kernel, grid, (again, 7, 0.5), {"FLAG": False}, {"BM": 16})
+    assert kernel.compiles == 1
+    assert kernel.log[-1][1][9:] == (again, 7, 0.5, False, 16)  # the descriptor itself, not a pointer
+    others = [
+        TensorDescriptor(x, [8, 64]),  # block shape
+        TensorDescriptor(torch.zeros(16, 64), [4, 64]),  # shape
+        TensorDescriptor(x.double(), [4, 64]),  # dtype
+        TensorDescriptor(x, [4, 64], layout="swizzle64"),
+        TensorDescriptor(torch.zeros(64, 8).t(), [4, 64]),  # strides
+    ]
+    for d in others:
+        launch(kernel, grid, (d, 7, 0.5), {"FLAG": False}, {"BM": 16})
+    assert kernel.compiles == 1 + len(others)

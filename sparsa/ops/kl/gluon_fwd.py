@@ -17,8 +17,12 @@ heavy causal tiles first, heads in L2-sized groups). gluon_fwd_ws.py holds a war
 
 Scope (`eligible`): CUDA capability 9.x, bf16 / fp16, both sides of head dim 64 or 128, no packed
 documents, both K tensors read as [B * N, H_kv * D] row views (unit stride on D, rows of H_kv * D). Other
-inputs use the Triton kernel. Opt-in (SPARSA_KL_GLUON=1) until it has been measured at every benchmark size
-(docs/kernels/attention_kl.md).
+inputs use the Triton kernel.
+
+Dispatch (`mode`): by default the Gluon kernel runs where it was measured faster than the Triton kernel
+(eligible inputs with at least GLUON_MIN_KEYS keys; shorter sequences are host-bound and keep the Triton
+kernel); SPARSA_KL_GLUON=1 runs it on every eligible input, SPARSA_KL_GLUON=0 never. Measurements:
+docs/kernels/attention_kl.md.
 """
 from __future__ import annotations
 
@@ -38,20 +42,36 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 from .._alloc import new_output, new_output_like
+from .._launch import FastLauncher
 from .._intmath import cdiv
 from . import triton_ops
 
-# (BM, BN, warps, stages, paired, qreg) of the one GPU config; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S,P,R"
-# overrides it. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both; not run yet).
-# paired = 1: two key tiles per loop iteration (logits alternate between two register sets, no copies;
-# compiled and tested offline only, not yet run on a GPU). paired = 0 is the loop measured on the H200
-# (benchmarks/results/h200_session6/kl_gluon_check{2,3}.log): 64 x 64 / 4 warps / 2 stages (two CTAs per SM)
-# was the fastest config measured (six at 2K, four at 8K and 32K).
-DEFAULT_CONFIG = (64, 64, 4, 2, 0, 0)
+# Config of the kernel: (BM, BN, warps, stages, paired, qreg), or ("ws", BN, stages, qreg) for the
+# warp-specialised kernel of gluon_fwd_ws.py; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S[,P[,R]]" or "ws,BN,S,R"
+# overrides it. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both); paired = 1:
+# two key tiles per loop iteration. ws,64,4,1 (128 rows per program, two compute warpgroups sharing a 4-stage
+# key ring, P side's Q in registers) was the fastest or within 2% of the fastest of the six configs measured
+# at every size from 4K to 128K on the H100 (session 7, benchmarks/results/h100_session7/kl_dispatch_sweep.log).
+DEFAULT_CONFIG = ("ws", 64, 4, 1)
+# Below this many keys the Gluon launch is host-bound and the Triton kernel is used (unless SPARSA_KL_GLUON=1):
+# at 2K the Gluon forward measured 0.155 ms against the Triton kernel's 0.135 ms, at 4K 0.367 against 0.407.
+GLUON_MIN_KEYS = 4096
+
+
+def mode() -> str:
+    """"off" (SPARSA_KL_GLUON=0, or no Gluon in this Triton), "on" (=1: every eligible input) or "auto"
+    (unset: eligible inputs with at least GLUON_MIN_KEYS keys)."""
+    if not HAVE_GLUON:
+        return "off"
+    value = os.environ.get("SPARSA_KL_GLUON", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"SPARSA_KL_GLUON must be 0, 1 or unset, got {value!r}")
+    return {"": "auto", "0": "off", "1": "on"}[value]
 
 
 def enabled() -> bool:
-    return HAVE_GLUON and os.environ.get("SPARSA_KL_GLUON", "0") == "1"
+    """Whether the Gluon kernel may run at all (`mode` is not "off")."""
+    return mode() != "off"
 
 
 def _row_view(x: torch.Tensor):
@@ -64,7 +84,10 @@ def _row_view(x: torch.Tensor):
 
 def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
     """Whether the attention-KL forward (sparsa/ops/kl/__init__.py) may run the Gluon kernel on these inputs."""
-    if not enabled() or only_p or cu_seqlens is not None or triton_ops._INTERPRET:
+    how = mode()
+    if how == "off" or only_p or cu_seqlens is not None or triton_ops._INTERPRET:
+        return False
+    if how == "auto" and kp.shape[1] < GLUON_MIN_KEYS:
         return False
     if not qp.is_cuda or torch.cuda.get_device_capability(qp.device)[0] != 9:
         return False
@@ -327,14 +350,21 @@ def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
     n_bh = batch * n_heads
     head_group = triton_ops._head_group(n_k, triton_ops._key_bytes(kp, kq, False), n_bh)
     grid = (cdiv(n_q, bm) * n_bh,)
-    kernel[grid](
+    args = (
         _descriptor(qp, q_rows, d), _descriptor(kp, bn, d), _descriptor(qq, q_rows, d), _descriptor(kq, bn, d),
         kl, lse_p, lse_q, *kl.stride(), lse_p.stride(0), lse_p.stride(1),
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
-        CAUSAL=causal, SAME_SCALE=scale_p == scale_q, **consts, num_warps=warps,
     )
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:  # the launch cache of the Triton kernels: the Gluon JIT's binder costs ~0.1 ms per call
+        launcher = _LAUNCHERS[kernel] = FastLauncher(kernel)
+    launcher(kernel, lambda meta: grid, args, dict(CAUSAL=causal, SAME_SCALE=scale_p == scale_q, **consts),
+             {"num_warps": warps})
     return kl, lse_p, lse_q
+
+
+_LAUNCHERS: dict = {}  # Gluon kernel -> FastLauncher
 
 
 def compile_offline(*config, d: int = 128):
