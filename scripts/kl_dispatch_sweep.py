@@ -50,6 +50,12 @@ def with_env(values: dict, fn):
                 os.environ[k] = v
 
 
+def sdpa_ms(q, k) -> float:
+    """Causal SDPA forward of the same shape (k as the values)."""
+    qh, kh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+    return bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
+
+
 def sweep_size(n: int, configs: list[str]) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(n)
     q_t, k_t, q_s, k_s = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -60,9 +66,7 @@ def sweep_size(n: int, configs: list[str]) -> dict:
 
     row = {"N": n}
     with torch.no_grad():
-        qh, kh = q_t.transpose(1, 2).contiguous(), k_t.transpose(1, 2).contiguous()
-        row["sdpa"] = bench(lambda: F.scaled_dot_product_attention(qh, kh, kh, is_causal=True))
-        del qh, kh
+        row["sdpa"] = sdpa_ms(q_t, k_t)
         off = {"SPARSA_KL_GLUON": "0", "SPARSA_KL_GLUON_CONFIG": None}
         row["triton"] = with_env(off, lambda: bench(kl_fwd))
         ref = with_env(off, kl_fwd)
