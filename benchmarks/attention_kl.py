@@ -262,10 +262,12 @@ def forward_kernel() -> str:
     """Which StreamKL forward kernel runs at the benchmark's shape on this GPU."""
     from sparsa.ops.kl import gluon_fwd
 
-    x = torch.empty(1, 128, H, D, device="cuda", dtype=torch.bfloat16)
-    if gluon_fwd.eligible(x, x, x, x, None, False):
-        return f"gluon (BM, BN, warps, stages) = {gluon_fwd._config()}"
-    return "triton (autotuned)"
+    x = torch.empty(1, gluon_fwd.GLUON_MIN_KEYS, H, D, device="cuda", dtype=torch.bfloat16)
+    if not gluon_fwd.eligible(x, x, x, x, None, False):
+        return f"triton (autotuned); SPARSA_KL_GLUON mode {gluon_fwd.mode()}"
+    return (f"gluon from {gluon_fwd.GLUON_MIN_KEYS} keys (SPARSA_KL_GLUON mode {gluon_fwd.mode()}), config "
+            f"{gluon_fwd._config(None, gluon_fwd.GLUON_MIN_KEYS)} below {gluon_fwd.SHORT_KEYS} keys, "
+            f"{gluon_fwd._config()} from there")
 
 
 def main():

@@ -48,14 +48,23 @@ from . import triton_ops
 
 # Config of the kernel: (BM, BN, warps, stages, paired, qreg), or ("ws", BN, stages, qreg) for the
 # warp-specialised kernel of gluon_fwd_ws.py; SPARSA_KL_GLUON_CONFIG="BM,BN,W,S[,P[,R]]" or "ws,BN,S,R"
-# overrides it. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both); paired = 1:
-# two key tiles per loop iteration. ws,64,4,1 (128 rows per program, two compute warpgroups sharing a 4-stage
-# key ring, P side's Q in registers) was the fastest or within 2% of the fastest of the six configs measured
-# at every size from 4K to 128K on the H100 (session 7, benchmarks/results/h100_session7/kl_dispatch_sweep.log).
+# overrides `choose_config`. qreg: Q tiles read from registers by the wgmmas (0 none, 1 the P side's, 2 both);
+# paired = 1: two key tiles per loop iteration. Measured on the H100 (session 7,
+# benchmarks/results/h100_session7/kl_dispatch_sweep*.json), forward through the API:
+# - ws,64,4,1 (128 rows per program, two compute warpgroups sharing a 4-stage key ring, P side's Q in
+#   registers) was the fastest or within 2% of the fastest of six configs at every size from 8K to 128K;
+# - 64,64,4,2,0,1 (64 rows, two CTAs per SM) was the fastest at 2K (0.117 ms against 0.126) and 4K.
 DEFAULT_CONFIG = ("ws", 64, 4, 1)
-# Below this many keys the Gluon launch is host-bound and the Triton kernel is used (unless SPARSA_KL_GLUON=1):
-# at 2K the Gluon forward measured 0.155 ms against the Triton kernel's 0.135 ms, at 4K 0.367 against 0.407.
-GLUON_MIN_KEYS = 4096
+SHORT_CONFIG = (64, 64, 4, 2, 0, 1)
+SHORT_KEYS = 8192  # below this many keys: SHORT_CONFIG
+# Below this many keys the Triton kernel is used unless SPARSA_KL_GLUON=1 (shorter sequences were not measured;
+# at 2K the Gluon forward took 0.117 ms against the Triton kernel's 0.138 ms, both through the launch cache).
+GLUON_MIN_KEYS = 2048
+
+
+def choose_config(n_keys: int) -> tuple:
+    """The config for n_keys keys per sequence: SHORT_CONFIG below SHORT_KEYS, else DEFAULT_CONFIG."""
+    return SHORT_CONFIG if n_keys < SHORT_KEYS else DEFAULT_CONFIG
 
 
 def mode() -> str:
@@ -98,12 +107,12 @@ def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
     return all(_row_view(x) is not None and x.data_ptr() % 16 == 0 for x in (qp, kp, qq, kq))
 
 
-def _config(config=None) -> tuple:
+def _config(config=None, n_keys: int = 1 << 30) -> tuple:
     """A config as `_parse_config` returns it, from a tuple, a string, or (None) SPARSA_KL_GLUON_CONFIG or
-    DEFAULT_CONFIG."""
+    `choose_config(n_keys)`."""
     if config is None:
         forced = os.environ.get("SPARSA_KL_GLUON_CONFIG")
-        return _parse_config(forced) if forced else DEFAULT_CONFIG
+        return _parse_config(forced) if forced else choose_config(n_keys)
     return _parse_config(config if isinstance(config, str) else ",".join(map(str, config)))
 
 
@@ -339,8 +348,8 @@ def _descriptor(x: torch.Tensor, rows: int, d: int):
 
 def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
     """kl_forward (triton_ops.py) on a Gluon kernel; inputs must pass `eligible`. config: a tuple or
-    string as `_parse_config` reads (default: SPARSA_KL_GLUON_CONFIG or DEFAULT_CONFIG)."""
-    kernel, q_rows, bm, bn, warps, consts = _variant(_config(config))
+    string as `_parse_config` reads (default: SPARSA_KL_GLUON_CONFIG or `choose_config`)."""
+    kernel, q_rows, bm, bn, warps, consts = _variant(_config(config, kp.shape[1]))
     batch, n_q, n_heads, d = qp.shape
     n_k = kp.shape[1]
     dev = qp.device
