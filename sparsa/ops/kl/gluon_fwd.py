@@ -20,9 +20,9 @@ documents, both K tensors read as [B * N, H_kv * D] row views (unit stride on D,
 inputs use the Triton kernel.
 
 Dispatch (`mode`): by default the Gluon kernel runs where it was measured faster than the Triton kernel
-(eligible inputs with at least GLUON_MIN_KEYS keys; shorter sequences are host-bound and keep the Triton
-kernel); SPARSA_KL_GLUON=1 runs it on every eligible input, SPARSA_KL_GLUON=0 never. Measurements:
-docs/kernels/attention_kl.md.
+(eligible inputs with at least GLUON_MIN_KEYS keys; shorter sequences were not measured and keep the Triton
+kernel), with the config of `choose_config`; SPARSA_KL_GLUON=1 runs it on every eligible input,
+SPARSA_KL_GLUON=0 never. Measurements: docs/kernels/attention_kl.md.
 """
 from __future__ import annotations
 
