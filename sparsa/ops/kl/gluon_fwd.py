@@ -20,8 +20,8 @@ documents, both K tensors read as [B * N, H_kv * D] row views (unit stride on D,
 inputs use the Triton kernel.
 
 Dispatch (`mode`): by default the Gluon kernel runs where it was measured faster than the Triton kernel
-(eligible inputs with at least GLUON_MIN_KEYS keys; shorter sequences were not measured and keep the Triton
-kernel), with the config of `choose_config`; SPARSA_KL_GLUON=1 runs it on every eligible input,
+(eligible inputs with at least GLUON_MIN_KEYS queries and keys; shorter sequences were not timed and keep
+the Triton kernel), with the config of `choose_config`; SPARSA_KL_GLUON=1 runs it on every eligible input,
 SPARSA_KL_GLUON=0 never. Measurements: docs/kernels/attention_kl.md.
 """
 from __future__ import annotations
@@ -57,8 +57,9 @@ from . import triton_ops
 DEFAULT_CONFIG = ("ws", 64, 4, 1)
 SHORT_CONFIG = (64, 64, 4, 2, 0, 1)
 SHORT_KEYS = 8192  # below this many keys: SHORT_CONFIG
-# Below this many keys the Triton kernel is used unless SPARSA_KL_GLUON=1 (shorter sequences were not measured;
-# at 2K the Gluon forward took 0.117 ms against the Triton kernel's 0.138 ms, both through the launch cache).
+# With fewer queries or keys than this the Triton kernel is used unless SPARSA_KL_GLUON=1 (shorter sequences
+# were not timed; at 2K the Gluon forward took 0.117 ms against the Triton kernel's 0.138 ms, both through the
+# launch cache).
 GLUON_MIN_KEYS = 2048
 
 
@@ -69,7 +70,7 @@ def choose_config(n_keys: int) -> tuple:
 
 def mode() -> str:
     """"off" (SPARSA_KL_GLUON=0, or no Gluon in this Triton), "on" (=1: every eligible input) or "auto"
-    (unset: eligible inputs with at least GLUON_MIN_KEYS keys)."""
+    (unset: eligible inputs with at least GLUON_MIN_KEYS queries and keys)."""
     if not HAVE_GLUON:
         return "off"
     value = os.environ.get("SPARSA_KL_GLUON", "")
@@ -96,7 +97,7 @@ def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
     how = mode()
     if how == "off" or only_p or cu_seqlens is not None or triton_ops._INTERPRET:
         return False
-    if how == "auto" and kp.shape[1] < GLUON_MIN_KEYS:
+    if how == "auto" and min(qp.shape[1], kp.shape[1]) < GLUON_MIN_KEYS:  # the measured range: N_q = N_k >= 2K
         return False
     if not qp.is_cuda or torch.cuda.get_device_capability(qp.device)[0] != 9:
         return False
