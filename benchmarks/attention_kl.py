@@ -267,7 +267,7 @@ def forward_kernel() -> str:
         return f"triton (autotuned); SPARSA_KL_GLUON mode {gluon_fwd.mode()}"
     return (f"gluon from {gluon_fwd.GLUON_MIN_KEYS} keys (SPARSA_KL_GLUON mode {gluon_fwd.mode()}), config "
             f"{gluon_fwd._config(None, gluon_fwd.GLUON_MIN_KEYS)} below {gluon_fwd.SHORT_KEYS} keys, "
-            f"{gluon_fwd._config()} from there")
+            f"{gluon_fwd._config(None, gluon_fwd.SHORT_KEYS)} from there")
 
 
 def main():

@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 from .._alloc import new_output, new_output_like
-from .._launch import FastLauncher
 from .._intmath import cdiv
 from . import triton_ops
 
@@ -108,9 +107,9 @@ def eligible(qp, kp, qq, kq, cu_seqlens, only_p) -> bool:
     return all(_row_view(x) is not None and x.data_ptr() % 16 == 0 for x in (qp, kp, qq, kq))
 
 
-def _config(config=None, n_keys: int = 1 << 30) -> tuple:
+def _config(config, n_keys: int) -> tuple:
     """A config as `_parse_config` returns it, from a tuple, a string, or (None) SPARSA_KL_GLUON_CONFIG or
-    `choose_config(n_keys)`."""
+    `choose_config(n_keys)` (n_keys: keys per sequence)."""
     if config is None:
         forced = os.environ.get("SPARSA_KL_GLUON_CONFIG")
         return _parse_config(forced) if forced else choose_config(n_keys)
@@ -366,15 +365,11 @@ def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
         n_q, n_k, n_heads, n_heads // kp.shape[2], n_heads // kq.shape[2],
         scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
     )
-    launcher = _LAUNCHERS.get(kernel)
-    if launcher is None:  # the launch cache of the Triton kernels: the Gluon JIT's binder costs ~0.1 ms per call
-        launcher = _LAUNCHERS[kernel] = FastLauncher(kernel)
+    # through the Triton kernels' launch cache: the Gluon JIT's own call path costs ~0.1 ms of host time per call
+    launcher = triton_ops.launcher_for(f"gluon:{kernel.fn.__name__}", kernel)
     launcher(kernel, lambda meta: grid, args, dict(CAUSAL=causal, SAME_SCALE=scale_p == scale_q, **consts),
              {"num_warps": warps})
     return kl, lse_p, lse_q
-
-
-_LAUNCHERS: dict = {}  # Gluon kernel -> FastLauncher
 
 
 def compile_offline(*config, d: int = 128):
@@ -385,7 +380,7 @@ def compile_offline(*config, d: int = 128):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn, q_rows, _, bn, warps, consts = _variant(_config(config))
+    fn, q_rows, _, bn, warps, consts = _variant(_config(config, SHORT_KEYS))  # config is given here
     names = fn.arg_names
     sample = torch.zeros(1, 256, 2, d, dtype=torch.bfloat16)
     sig = {name: mangle_type(_descriptor(sample, rows, d))

@@ -953,10 +953,15 @@ def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
     if _INTERPRET:
         kernel[grid](*args, **consts, **meta)
         return
+    launcher_for(name, fn)(kernel, grid, args, consts, meta)
+
+
+def launcher_for(name: str, fn) -> FastLauncher:
+    """The launch cache of kernel `name` (jit function fn), made on first use; also used by gluon_fwd.py."""
     launcher = _LAUNCHERS.get(name)
     if launcher is None:
         launcher = _LAUNCHERS[name] = FastLauncher(fn)
-    launcher(kernel, grid, args, consts, meta)
+    return launcher
 
 
 def _head_group(n_keys: int, key_bytes: int, n_bh: int) -> int:
