@@ -3,6 +3,10 @@
 build included), each variant's output and gradients compared with the default's.
 
     PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
+        [--fwd "128x4;64x4x96"] [--bwd none]
+
+--fwd / --bwd: variants as ROWSxWARPS[xMAXNREG] separated by ';' ("none": skip that half); the default is
+measured first and last in either list.
 
 Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 rows, 4 warps) takes 248
 registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills
@@ -24,6 +28,19 @@ FWD_VARIANTS = [None, (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 4, 168), N
 BWD_VARIANTS = [None, (64, 4), (32, 4), (64, 8), None]
 
 
+def parse_variants(text, default):
+    """'128x4;64x4x96' -> [None, (128, 4), (64, 4, 96), None]; 'none' -> []; None -> default."""
+    if text is None:
+        return default
+    if text.strip().lower() == "none":
+        return []
+    cfgs = [tuple(int(x) for x in part.split("x")) for part in text.split(";") if part.strip()]
+    for cfg in cfgs:
+        if len(cfg) not in (2, 3):
+            raise ValueError(f"variant {cfg} must be ROWSxWARPS or ROWSxWARPSxMAXNREG")
+    return [None, *cfgs, None]
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -32,7 +49,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4")
+    p.add_argument("--fwd", default=None, help="forward MAIN variants, e.g. '128x4;64x4x96' ('none': skip)")
+    p.add_argument("--bwd", default=None, help="dK/dV variants, e.g. '64x4;32x4' ('none': skip)")
     args = p.parse_args()
+    fwd_variants = parse_variants(args.fwd, FWD_VARIANTS)
+    bwd_variants = parse_variants(args.bwd, BWD_VARIANTS)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
@@ -48,7 +69,7 @@ def main():
                 sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
 
             ref = None
-            for cfg in FWD_VARIANTS:
+            for cfg in fwd_variants:
                 kv_mod.FWD_OVERRIDE = cfg
                 try:
                     out = fwd()
@@ -60,7 +81,7 @@ def main():
                 print(json.dumps(row), flush=True)
             kv_mod.FWD_OVERRIDE = None
             ref_grads = None
-            for cfg in BWD_VARIANTS:
+            for cfg in bwd_variants:
                 bwd_mod.BWD_OVERRIDE = cfg
                 try:
                     fwd_bwd()

@@ -1,0 +1,76 @@
+"""GPU time per kernel of one sparsa.sparse_attention call (KV-outer), for each pair-index backend.
+
+    PYTHONPATH=. python3 scripts/sa_kernel_times.py [--sizes 65536] [--groups 1,4] [--calls 5]
+
+For each (N, G) and SPARSA_PAIR_INDEX backend (torch, triton): do_bench median of the forward and of the
+forward+backward, then a torch.profiler table of `--calls` calls of each: GPU time per call of every kernel
+(summed over the head slices), the kernel total and the gap between the total and the do_bench time
+(idle GPU: host-bound launches, allocations, synchronisations). Used to find out why the Triton-built
+index made the attention around it slower (docs/kernels/sparse_attention.md, "Layout and index").
+Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16).
+"""
+import argparse
+import os
+from collections import defaultdict
+
+import torch
+
+import sparsa
+from benchmarks.sparse_attention import BS, bench, make
+from sparsa.ops.sparse_attn.index import PAIR_INDEX_BACKENDS
+
+
+def kernel_times(fn, calls):
+    """{kernel name: GPU ms per call} over `calls` calls of fn (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us > 0:
+            per[evt.key[:70]] += us / 1e3 / calls
+    return dict(per)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="65536")
+    p.add_argument("--groups", default="1,4")
+    p.add_argument("--calls", type=int, default=5)
+    args = p.parse_args()
+    for n in (int(x) for x in args.sizes.split(",")):
+        for group in (int(g) for g in args.groups.split(",")):
+            q, k, v, idx = make(n, group)
+            qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+            do = torch.randn_like(q)
+
+            def fwd():
+                return sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order="kv_outer")
+
+            def fwd_bwd():
+                qr.grad = kr.grad = vr.grad = None
+                sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
+
+            for name in PAIR_INDEX_BACKENDS:
+                os.environ["SPARSA_PAIR_INDEX"] = name
+                for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    ms = bench(fn)
+                    per = kernel_times(fn, args.calls)
+                    total = sum(per.values())
+                    print(f"\nN={n} G={group} index={name} {label}: do_bench {ms:.3f} ms, kernels {total:.3f} ms, "
+                          f"gap {ms - total:.3f} ms", flush=True)
+                    for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
+                        print(f"  {t:8.3f}  {key}", flush=True)
+            os.environ["SPARSA_PAIR_INDEX"] = "torch"
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
