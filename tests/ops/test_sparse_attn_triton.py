@@ -165,6 +165,37 @@ def test_kv_outer_with_the_triton_pair_index(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
 
 
+@pytest.mark.parametrize("local", ["0", "1"])
+@pytest.mark.parametrize("group,rows", [(1, 32), (3, 16)])
+def test_kv_outer_local_blocks_in_the_merge(local, group, rows, monkeypatch):
+    """SPARSA_KV_LOCAL=1: the local blocks (block 0, own, previous) are computed by the merge kernel and
+    skipped by MAIN; =0: every pair through MAIN. Merge tiles of `rows` rows span block and document
+    boundaries (block 16, packed documents); some tokens miss their own or previous block or select only
+    far blocks, one token only its own block."""
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setenv("SPARSA_KV_LOCAL", local)
+    monkeypatch.setattr(kv_mod, "LOCAL_OVERRIDE", (rows, 4))
+    cu = torch.tensor([0, 37, 41, 112], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 112, 2, group, 16, torch.float32, seed=40 + group)
+    idx = random_selection(
+        1, 112, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(group), device=DEVICE
+    )
+    idx[0, 60:70, 0, -1] = -1  # drop the own block (the last slot of an ascending row)
+    idx[0, 90:100, 1, 1:] = -1  # keep only block 0
+    idx[0, 80:84, 0] = torch.tensor([1, 2, -1, -1], dtype=torch.int32, device=DEVICE)  # far blocks only
+    idx[0, 105, 1] = torch.tensor([-1, -1, 4, -1], dtype=torch.int32, device=DEVICE)  # only its own block
+    check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
+
+
+def test_kv_local_setting_is_checked(monkeypatch):
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setenv("SPARSA_KV_LOCAL", "yes")
+    with pytest.raises(ValueError, match="SPARSA_KV_LOCAL"):
+        kv_mod.local_fusion()
+
+
 def test_random_selection_helper():
     idx = random_selection(1, 300, 2, 6, 16, generator=torch.Generator().manual_seed(0))
     cur = torch.arange(300) // 16

@@ -11,6 +11,8 @@ REDUCE per (token, KV head), over the token's slots (fixed order, deterministic;
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,12 +23,35 @@ from .q_outer import LOG2E, _pow2, precision_for
 
 # rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum), head dim <= 128
 REDUCE_ROWS = 32
+# rows of one program of the forward merge with the local blocks fused in (head dim <= 128)
+LOCAL_ROWS = 64
 
 
-def reduce_config(group: int, head_dim: int):
+# (rows, num_warps) of the fused merge kernel forced by the tuning scripts; None = local_config's choice
+LOCAL_OVERRIDE: tuple | None = None
+
+
+def local_config(group: int, head_dim: int):
+    """(BLOCK_R rows, tokens per program, num_warps) of the merge kernel with the local blocks fused in."""
+    if LOCAL_OVERRIDE is not None:
+        rows = max(LOCAL_OVERRIDE[0], 1 << (group - 1).bit_length())
+        return rows, rows // group, LOCAL_OVERRIDE[1]
+    return reduce_config(group, head_dim, LOCAL_ROWS)
+
+
+def local_fusion() -> bool:
+    """Whether the forward computes each token's local blocks (its document's block 0, its own and the
+    previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1 (default) or 0."""
+    value = os.environ.get("SPARSA_KV_LOCAL", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"SPARSA_KV_LOCAL must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
     """(BLOCK_R rows, tokens per program, num_warps) of the per-token reductions: whole tokens of G rows,
-    about REDUCE_ROWS x 128 elements per program and slot."""
-    rows = max(16, REDUCE_ROWS * 128 // max(head_dim, 16))
+    about base_rows (REDUCE_ROWS) x 128 elements per program and slot."""
+    rows = max(16, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
     block_r = max(rows, 1 << (group - 1).bit_length())
     return block_r, block_r // group, 4
 
@@ -39,6 +64,130 @@ def token_rows(N, G: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr):
     tr = offs_r // G
     t = tl.program_id(0).to(tl.int64) * TOKENS + tr
     return t, offs_r % G, (tr < TOKENS) & (t < N)
+
+@triton.jit
+def tile_is_one_doc(DOCSTART, t0, N, LOCAL_TOKENS: tl.constexpr, mask):
+    """Whether the merge tile of LOCAL_TOKENS tokens that starts at t0 lies inside one document."""
+    t1 = tl.minimum(t0 + LOCAL_TOKENS, N) - 1
+    return tl.load(DOCSTART + t0, mask=mask, other=0) == tl.load(DOCSTART + t1, mask=mask, other=0)
+
+
+@triton.jit
+def local_pair(tok, gb, DOCSTART, BLOCKBASE, N, BS, LOCAL_TOKENS: tl.constexpr, mask):
+    """[M] bool: the pair (token tok, global block gb) is one of the token's local blocks (its document's
+    block 0, its own block, the previous one) and its merge tile lies in one document, so that the
+    merge kernel computes it (the same test as _kv_fwd_local_reduce_kernel's)."""
+    ds = tl.load(DOCSTART + tok, mask=mask, other=0)
+    own = (tok - ds) // BS
+    c = gb - tl.load(BLOCKBASE + tok, mask=mask, other=0)
+    local = (c == 0) | (c == own) | (c == own - 1)
+    return local & tile_is_one_doc(DOCSTART, (tok // LOCAL_TOKENS) * LOCAL_TOKENS, N, LOCAL_TOKENS, mask)
+
+
+@triton.jit
+def _kv_fwd_local_reduce_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    OP,
+    LSEP,
+    POS,
+    IDX,
+    DOCSTART,
+    qk_scale,
+    N,
+    Hq,
+    Hkv,
+    h0,
+    BS,
+    TOPK: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """REDUCE with the local blocks fused in: one program per (TOKENS consecutive tokens, KV head), rows =
+    those tokens x G heads. When the tile lies in one document, an online softmax over its tokens' local
+    blocks (block 0, own, previous; each row only over the ones its token selected) from the contiguous
+    query rows starts the merge, and those slots' partials (not written by MAIN) are skipped. Then each
+    row's other partials are merged in slot order, as in _kv_fwd_reduce_kernel."""
+    hl = tl.program_id(1).to(tl.int64)
+    h = h0 + hl
+    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
+    t0 = tl.program_id(0).to(tl.int64) * TOKENS
+    t1 = tl.minimum(t0 + TOKENS, N) - 1
+    ds = tl.load(DOCSTART + t0)
+    one_doc = tile_is_one_doc(DOCSTART, t0, N, TOKENS, True)
+    own = (t - ds) // BS  # [R] (meaningful when one_doc)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    idx_row = IDX + (t * Hkv + h) * TOPK  # [R]
+    if one_doc:
+        hq = h * G + g
+        q = tl.load(Q + (t * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        offs_k = tl.arange(0, BLOCK_K)
+        sel = tl.load(idx_row[:, None] + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1)
+        lo = tl.maximum((t0 - ds) // BS - 1, 0)
+        hi = (t1 - ds) // BS
+        extra = (lo > 0).to(tl.int64)  # block 0 first when it is not in [lo, hi]
+        for i in range(hi - lo + 1 + extra):
+            c = tl.where(i < extra, 0, lo + i - extra)
+            chosen = tl.max((sel == c).to(tl.int32), 1) > 0
+            use = rmask & chosen & ((c == 0) | (c == own) | (c == own - 1))  # [R]
+            kpos = ds + c * BS + offs_n
+            kmask = (offs_n < BS) & (kpos <= t1)
+            k = tl.load(
+                K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+            )
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            sc = tl.where(use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None]), sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(
+                V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+            m_i = m_new
+    pos_row = POS + (hl * N + t) * TOPK  # [R]
+    for s in range(TOPK):
+        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
+        blk = tl.load(idx_row + s, mask=rmask, other=-1)
+        done = one_doc & ((blk == 0) | (blk == own) | (blk == own - 1))  # merged above, no partial
+        ok = (pp >= 0) & ~done
+        rows = pp * G + g
+        lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
+        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
+        m_new = tl.maximum(m_i, lp)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(lp - m_use)
+        l_i = l_i * alpha + beta
+        acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
+        m_i = m_new
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    orow = t * Hq + h * G + g
+    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    tl.store(LSE + orow, lse, mask=rmask)
 
 
 @triton.jit
@@ -57,6 +206,10 @@ def _kv_fwd_main_kernel(
     Hkv,
     NBG,
     h0,
+    DOCSTART,
+    BLOCKBASE,
+    N,
+    BS,
     G: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -66,6 +219,7 @@ def _kv_fwd_main_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
+    LOCAL_TOKENS: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
     start = tl.load(WORK + w * 3)
@@ -88,6 +242,10 @@ def _kv_fwd_main_kernel(
     pidx = start + pr
     rmask = (pr < PAIRS) & (pidx < end)
     tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+    if LOCAL_TOKENS > 0:  # the merge kernel computes these pairs from contiguous rows: skip them
+        rmask = rmask & ~local_pair(tok, gb, DOCSTART, BLOCKBASE, N, BS, LOCAL_TOKENS, rmask)
+        if tl.max(rmask.to(tl.int32), 0) == 0:
+            return
     hq = h * G + g
     q = tl.load(Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     kpos = kst + offs_n
@@ -188,8 +346,9 @@ def fwd_config(group: int, head_dim: int, block_size: int):
     return block_m, 4 if max(head_dim, block_size) <= 128 else 8, {}
 
 
-def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: float, o, lse):
-    """Fills o [N, Hq, Dv] and lse [N, Hq] for the KV heads of `index` (one head slice)."""
+def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scale: float, o, lse):
+    """Fills o [N, Hq, Dv] and lse [N, Hq] for the KV heads of `index` (one head slice); idx [N, Hkv, K]
+    int32 is the selection (read by the merge kernel when the local blocks are fused into it)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
@@ -205,6 +364,9 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
+    local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
+    if not local_fusion():
+        local_tokens = 0
     _kv_fwd_main_kernel[(work.shape[0],)](
         q,
         k,
@@ -220,6 +382,10 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
         n_heads_kv,
         meta.n_blocks,
         index.h0,
+        meta.tok_docstart,
+        meta.tok_blockbase,
+        n_tokens,
+        block_size,
         G=group,
         D=head_dim,
         DV=head_dim_v,
@@ -229,10 +395,43 @@ def kv_outer_forward(q, k, v, index: PairIndex, meta, block_size: int, scale: fl
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
+        LOCAL_TOKENS=local_tokens,
         num_warps=warps,
         num_stages=1,
         **launch_opts,
     )
+    if local_tokens:
+        _kv_fwd_local_reduce_kernel[(triton.cdiv(n_tokens, local_tokens), index.n_heads)](
+            q,
+            k,
+            v,
+            o,
+            lse,
+            op,
+            lsep,
+            index.pos,
+            idx,
+            meta.tok_docstart,
+            scale * LOG2E,
+            n_tokens,
+            n_heads_q,
+            n_heads_kv,
+            index.h0,
+            block_size,
+            TOPK=topk,
+            G=group,
+            D=head_dim,
+            DV=head_dim_v,
+            BLOCK_R=local_rows,
+            TOKENS=local_tokens,
+            BLOCK_N=_pow2(block_size),
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            BLOCK_K=_pow2(topk, 1),
+            PRECISION=precision_for(q.dtype),
+            num_warps=local_warps,
+        )
+        return
     block_r, tokens, warps = reduce_config(group, head_dim_v)
     _kv_fwd_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
         o,

@@ -60,7 +60,7 @@ class _SparseAttention(torch.autograd.Function):
             indices = []
             for h0, hs in _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v, _esize(q.dtype)):
                 index = build_pair_index(idx, meta, block_size, h0, hs)
-                kv_outer_forward(q, k, v, index, meta, block_size, scale, o, lse)
+                kv_outer_forward(q, k, v, idx, index, meta, block_size, scale, o, lse)
                 indices.append(index)
         ctx.save_for_backward(q, k, v, o, lse, idx)
         ctx.meta, ctx.block_size, ctx.scale, ctx.indices = meta, block_size, scale, indices
