@@ -188,6 +188,14 @@ def test_kv_outer_local_blocks_in_the_merge(local, group, rows, monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
 
 
+def test_kv_outer_local_blocks_fp16_large_logits_batch_dv(monkeypatch):
+    """The fused local blocks with fp16 inputs, |q.k| ~ 50, batch 2 (two documents), Dv != D, block 32."""
+    monkeypatch.setenv("SPARSA_KV_LOCAL", "1")
+    q, k, v, do = make_inputs(2, 80, 1, 4, 16, torch.float16, dim_v=32, logit=50.0, seed=12)
+    idx = random_selection(2, 80, 1, 3, 32, generator=torch.Generator().manual_seed(12), device=DEVICE)
+    check(q, k, v, do, idx, 32, orders=("kv_outer",), tol=1e-2)
+
+
 def test_kv_local_setting_is_checked(monkeypatch):
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 

@@ -7,6 +7,9 @@ MAIN   one key block, BLOCK_M rows = PAIRS tokens x G heads (gathered query rows
 REDUCE per (token, KV head), over the token's slots (fixed order, deterministic; a program takes several
        tokens, its rows are tokens x G heads):
        M = max lse2_p; O = sum 2^(lse2_p - M) O_p / sum 2^(lse2_p - M); LSE = M + log2(sum ...).
+LOCAL  (opt-in, SPARSA_KV_LOCAL=1) the merge kernel first runs an online softmax over its tokens' local
+       blocks (block 0, own, previous) from contiguous query rows, then merges the other partials; MAIN
+       skips those pairs (no gathered rows, no partials for 3 of the benchmark's 16 slots).
 """
 
 from __future__ import annotations
@@ -32,17 +35,21 @@ LOCAL_OVERRIDE: tuple | None = None
 
 
 def local_config(group: int, head_dim: int):
-    """(BLOCK_R rows, tokens per program, num_warps) of the merge kernel with the local blocks fused in."""
+    """(BLOCK_R rows, tokens per program, num_warps) of the merge kernel with the local blocks fused in.
+    8 warps: compiled offline for sm_90 (bf16, top-16) 4 warps spill at D = 64 / 256 and block 128, 8 warps
+    do not (G = 1 .. 16, D = 128, block 64 and 16; 64-112 bytes at block 128 with G = 1 or 8)."""
     if LOCAL_OVERRIDE is not None:
         rows = max(LOCAL_OVERRIDE[0], 1 << (group - 1).bit_length())
         return rows, rows // group, LOCAL_OVERRIDE[1]
-    return reduce_config(group, head_dim, LOCAL_ROWS)
+    rows, tokens, _ = reduce_config(group, head_dim, LOCAL_ROWS)
+    return rows, tokens, 8
 
 
 def local_fusion() -> bool:
     """Whether the forward computes each token's local blocks (its document's block 0, its own and the
-    previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1 (default) or 0."""
-    value = os.environ.get("SPARSA_KV_LOCAL", "1")
+    previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1, or 0 (the default until it
+    has been timed on a GPU: docs/kernels/sparse_attention.md)."""
+    value = os.environ.get("SPARSA_KV_LOCAL", "0")
     if value not in ("0", "1"):
         raise ValueError(f"SPARSA_KV_LOCAL must be 0 or 1, got {value!r}")
     return value == "1"
