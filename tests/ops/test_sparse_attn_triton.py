@@ -196,6 +196,25 @@ def test_kv_outer_local_blocks_fp16_large_logits_batch_dv(monkeypatch):
     check(q, k, v, do, idx, 32, orders=("kv_outer",), tol=1e-2)
 
 
+def test_local_block_table_definition():
+    """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
+    merge tile (8 tokens) crosses a document boundary; built once per layout."""
+    from sparsa.ops.sparse_attn.index import doc_meta
+    from sparsa.ops.sparse_attn.kv_outer import local_block_table
+
+    lens, bs, tile = [13, 3, 20], 4, 8
+    meta = doc_meta(1, sum(lens), torch.tensor([0, 13, 16, 36]), bs, "cpu")
+    table = local_block_table(meta, bs, tile)
+    starts, bases = [0, 13, 16], [0, 4, 5]  # document starts; global id of each document's block 0
+    for t in range(sum(lens)):
+        d = max(i for i in range(3) if starts[i] <= t)
+        t0, t1 = t // tile * tile, min(t // tile * tile + tile, sum(lens)) - 1
+        one_doc = all(starts[d] <= x < starts[d] + lens[d] for x in (t0, t1))
+        want = [bases[d], bases[d] + (t - starts[d]) // bs] if one_doc else [-2, -2]
+        assert table[t].tolist() == want, t
+    assert local_block_table(meta, bs, tile) is table
+
+
 def test_kv_local_setting_is_checked(monkeypatch):
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,8 @@ class DocMeta:
     tok_blockbase: torch.Tensor  # [N] int64: global block id of its document's block 0
     blk_start: torch.Tensor  # [NBG] int64
     blk_len: torch.Tensor  # [NBG] int32
+    # tables derived from the layout by the kernels (kv_outer.local_block_table), built once per layout
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def doc_meta(batch: int, seqlen: int, cu_seqlens, block_size: int, device) -> DocMeta:

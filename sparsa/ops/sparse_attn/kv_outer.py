@@ -73,22 +73,39 @@ def token_rows(N, G: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr):
     return t, offs_r % G, (tr < TOKENS) & (t < N)
 
 @triton.jit
-def tile_is_one_doc(DOCSTART, t0, N, LOCAL_TOKENS: tl.constexpr, mask):
-    """Whether the merge tile of LOCAL_TOKENS tokens that starts at t0 lies inside one document."""
-    t1 = tl.minimum(t0 + LOCAL_TOKENS, N) - 1
+def tile_is_one_doc(DOCSTART, t0, N, TOKENS: tl.constexpr, mask):
+    """Whether the merge tile of TOKENS tokens that starts at t0 lies inside one document."""
+    t1 = tl.minimum(t0 + TOKENS, N) - 1
     return tl.load(DOCSTART + t0, mask=mask, other=0) == tl.load(DOCSTART + t1, mask=mask, other=0)
 
 
+def local_block_table(meta, block_size: int, tokens: int) -> torch.Tensor:
+    """[N, 2] int32 per token: global ids of its document's block 0 and of its own block, or (-2, -2) when
+    its merge tile (`tokens` consecutive tokens from a multiple of `tokens`) is not inside one document.
+    MAIN skips a pair (token t, global block gb) when gb is one of them or the own block - 1 (the merge
+    kernel computes those); one 8-byte load per row. Cached on the layout."""
+    key = ("local_blocks", block_size, tokens)
+    if key not in meta.derived:
+        n = meta.n_tokens
+        t = torch.arange(n, device=meta.tok_docstart.device)
+        own = meta.tok_blockbase + (t - meta.tok_docstart) // block_size
+        tile0 = (t // tokens) * tokens
+        tile1 = torch.clamp(tile0 + tokens, max=n) - 1
+        one_doc = meta.tok_docstart[tile0] == meta.tok_docstart[tile1]
+        none = torch.full_like(own, -2)
+        table = torch.stack([torch.where(one_doc, meta.tok_blockbase, none), torch.where(one_doc, own, none)], 1)
+        meta.derived[key] = table.to(torch.int32).contiguous()
+    return meta.derived[key]
+
+
 @triton.jit
-def local_pair(tok, gb, DOCSTART, BLOCKBASE, N, BS, LOCAL_TOKENS: tl.constexpr, mask):
+def local_pair(tok, gb, LOCALBLK, mask):
     """[M] bool: the pair (token tok, global block gb) is one of the token's local blocks (its document's
-    block 0, its own block, the previous one) and its merge tile lies in one document, so that the
-    merge kernel computes it (the same test as _kv_fwd_local_reduce_kernel's)."""
-    ds = tl.load(DOCSTART + tok, mask=mask, other=0)
-    own = (tok - ds) // BS
-    c = gb - tl.load(BLOCKBASE + tok, mask=mask, other=0)
-    local = (c == 0) | (c == own) | (c == own - 1)
-    return local & tile_is_one_doc(DOCSTART, (tok // LOCAL_TOKENS) * LOCAL_TOKENS, N, LOCAL_TOKENS, mask)
+    block 0, its own block, the previous one) and its merge tile lies in one document (local_block_table),
+    so that the merge kernel computes it (the same test as _kv_fwd_local_reduce_kernel's)."""
+    block0 = tl.load(LOCALBLK + tok * 2, mask=mask, other=-2)
+    own = tl.load(LOCALBLK + tok * 2 + 1, mask=mask, other=-2)
+    return (gb == block0) | (gb == own) | (gb == own - 1)
 
 
 @triton.jit
@@ -213,10 +230,7 @@ def _kv_fwd_main_kernel(
     Hkv,
     NBG,
     h0,
-    DOCSTART,
-    BLOCKBASE,
-    N,
-    BS,
+    LOCALBLK,
     G: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -226,7 +240,7 @@ def _kv_fwd_main_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
-    LOCAL_TOKENS: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
     start = tl.load(WORK + w * 3)
@@ -249,8 +263,8 @@ def _kv_fwd_main_kernel(
     pidx = start + pr
     rmask = (pr < PAIRS) & (pidx < end)
     tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
-    if LOCAL_TOKENS > 0:  # the merge kernel computes these pairs from contiguous rows: skip them
-        rmask = rmask & ~local_pair(tok, gb, DOCSTART, BLOCKBASE, N, BS, LOCAL_TOKENS, rmask)
+    if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
+        rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
         if tl.max(rmask.to(tl.int32), 0) == 0:
             return
     hq = h * G + g
@@ -374,6 +388,8 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
     if not local_fusion():
         local_tokens = 0
+    # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
+    local_blocks = local_block_table(meta, block_size, local_tokens) if local_tokens else index.pos
     _kv_fwd_main_kernel[(work.shape[0],)](
         q,
         k,
@@ -389,10 +405,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         n_heads_kv,
         meta.n_blocks,
         index.h0,
-        meta.tok_docstart,
-        meta.tok_blockbase,
-        n_tokens,
-        block_size,
+        local_blocks,
         G=group,
         D=head_dim,
         DV=head_dim_v,
@@ -402,7 +415,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
-        LOCAL_TOKENS=local_tokens,
+        LOCAL=bool(local_tokens),
         num_warps=warps,
         num_stages=1,
         **launch_opts,
