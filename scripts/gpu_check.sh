@@ -61,7 +61,7 @@ step kv_variants 400 "$PY" scripts/kv_variants.py
 # the opt-in KV-outer forward with the local blocks in the merge kernel (SPARSA_KV_LOCAL=1): bf16 checks,
 # then its A/B against the default; GPU time per kernel with either pair index
 step sa_local_check 300 env SPARSA_KV_LOCAL=1 "$PY" scripts/gpu_sparse_attention.py --quick
-step kv_local_ab 300 "$PY" scripts/kv_local_ab.py --sizes 8192,65536 --groups 1,4,8 --local "64x4;32x8;128x8"
+step kv_local_ab 300 "$PY" scripts/kv_local_ab.py --sizes 8192,65536 --groups 1,4,8 --local "64x4;128x8;32x4"
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"

@@ -24,7 +24,7 @@ from benchmarks.sparse_attention import BS, bench, make
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-FWD_VARIANTS = [None, (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 4, 168), None]
+FWD_VARIANTS = [None, (128, 4), (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 4, 168), None]
 BWD_VARIANTS = [None, (64, 4), (32, 4), (64, 8), None]
 
 

@@ -196,6 +196,18 @@ def test_kv_outer_local_blocks_fp16_large_logits_batch_dv(monkeypatch):
     check(q, k, v, do, idx, 32, orders=("kv_outer",), tol=1e-2)
 
 
+@pytest.mark.parametrize("group", [1, 8])
+def test_kv_outer_tuned_main_launch(group):
+    """Head dim 128, block 64: MAIN runs the per-G tuned launch (64 rows, a register cap) of FWD_TUNED."""
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    block_m, _, opts = kv_mod.fwd_config(group, 128, 64)
+    assert (block_m, opts["maxnreg"]) == (kv_mod.FWD_TUNED[group][0], kv_mod.FWD_TUNED[group][2])
+    q, k, v, do = make_inputs(1, 192, 1, group, 128, torch.float32, seed=50 + group)
+    idx = random_selection(1, 192, 1, 3, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
+    check(q, k, v, do, idx, 64, orders=("kv_outer",), grads=False)
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""

@@ -358,10 +358,20 @@ def forced_config(override: tuple, group: int):
     return max(override[0], _pow2(group)), override[1], extra
 
 
+# MAIN launch per group size at head dim 128, block 64 (BLOCK_M, num_warps, maxnreg), where a variant beat
+# the default (128 rows, 4 warps) in every measurement (scripts/kv_variants.py): G = 1 on the H100 at 8K
+# and 16K (1.92 vs 1.98-1.99 ms, 3.74 vs 3.85-3.90) and on the H200 at 64K (14.07 vs 14.23-14.25);
+# G = 8 on the H100 at 8K and 16K (1.48 vs 1.54-1.65, 2.86 vs 2.99). Other G keep the default (G = 4:
+# the default was fastest at 8K and 16K on the H100).
+FWD_TUNED = {1: (64, 4, 128), 8: (64, 4, 96)}
+
+
 def fwd_config(group: int, head_dim: int, block_size: int):
-    """(BLOCK_M rows per tile, num_warps, extra launch options: {"maxnreg": n} when forced)."""
+    """(BLOCK_M rows per tile, num_warps, extra launch options: {"maxnreg": n} when forced or tuned)."""
     if FWD_OVERRIDE is not None:
         return forced_config(FWD_OVERRIDE, group)
+    if head_dim == 128 and block_size == 64 and group in FWD_TUNED:
+        return forced_config(FWD_TUNED[group], group)
     block_m = 128 if max(head_dim, block_size) <= 128 else 64
     block_m = max(block_m, _pow2(group))
     return block_m, 4 if max(head_dim, block_size) <= 128 else 8, {}
