@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -172,6 +173,9 @@ def main():
         "triton": triton.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        # kernel settings read from the environment (sparsa/ops/sparse_attn/index.py, kv_outer.py)
+        "SPARSA_PAIR_INDEX": os.environ.get("SPARSA_PAIR_INDEX", "torch"),
+        "SPARSA_KV_LOCAL": os.environ.get("SPARSA_KV_LOCAL", "0"),
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
