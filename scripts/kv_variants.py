@@ -3,10 +3,11 @@
 build included), each variant's output and gradients compared with the default's.
 
     PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
-        [--fwd "128x4;64x4x96"] [--bwd none]
+        [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"]
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG] separated by ';' ("none": skip that half); the default is
-measured first and last in either list.
+measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
+(SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch).
 
 Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 rows, 4 warps) takes 248
 registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills
@@ -16,6 +17,7 @@ Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf1
 """
 import argparse
 import json
+import os
 
 import torch
 
@@ -34,10 +36,15 @@ def parse_variants(text, default):
         return default
     if text.strip().lower() == "none":
         return []
-    cfgs = [tuple(int(x) for x in part.split("x")) for part in text.split(";") if part.strip()]
-    for cfg in cfgs:
-        if len(cfg) not in (2, 3):
-            raise ValueError(f"variant {cfg} must be ROWSxWARPS or ROWSxWARPSxMAXNREG")
+    cfgs = []
+    for part in (x.strip() for x in text.split(";")):
+        if not part:
+            continue
+        keys = part.startswith("k")  # dK/dV with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1)
+        nums = tuple(int(x) for x in part.lstrip("k").split("x") if x)
+        if len(nums) not in ((0, 2, 3) if keys else (2, 3)):
+            raise ValueError(f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG] (or k alone)")
+        cfgs.append(("keys", *nums) if keys else nums)
     return [None, *cfgs, None]
 
 
@@ -82,7 +89,9 @@ def main():
             kv_mod.FWD_OVERRIDE = None
             ref_grads = None
             for cfg in bwd_variants:
-                bwd_mod.BWD_OVERRIDE = cfg
+                keys = cfg is not None and cfg[0] == "keys"
+                os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
+                bwd_mod.BWD_OVERRIDE = (cfg[1:] or None) if keys else cfg
                 try:
                     fwd_bwd()
                     grads = (qr.grad.clone(), kr.grad.clone(), vr.grad.clone())
@@ -94,6 +103,7 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             bwd_mod.BWD_OVERRIDE = None
+            os.environ.pop("SPARSA_KV_BWD_KEYS", None)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}\n| N | G | variant | ms | diff vs default |\n|---|---|---|---|---|")
     for r in rows:

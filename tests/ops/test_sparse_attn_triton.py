@@ -208,6 +208,22 @@ def test_kv_outer_tuned_main_launch(group):
     check(q, k, v, do, idx, 64, orders=("kv_outer",), grads=False)
 
 
+@pytest.mark.parametrize("keys", ["0", "1"])
+def test_kv_outer_backward_split_groups_both_layouts(keys, monkeypatch):
+    """dK/dV with every group cut into items of one row tile (MAX_PAIRS_PER_ITEM = 1: fp32 partial slots
+    summed by SPLIT_REDUCE), with the gathered rows (SPARSA_KV_BWD_KEYS=0) or the keys (=1) as MMA rows."""
+    from sparsa.ops.sparse_attn import backward as bwd_mod
+
+    monkeypatch.setenv("SPARSA_KV_BWD_KEYS", keys)
+    monkeypatch.setattr(bwd_mod, "MAX_PAIRS_PER_ITEM", 1)
+    cu = torch.tensor([0, 70, 96], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 96, 2, 2, 16, torch.float32, dim_v=32, seed=60)
+    idx = random_selection(
+        1, 96, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(60), device=DEVICE
+    )
+    check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""
@@ -233,6 +249,17 @@ def test_kv_local_setting_is_checked(monkeypatch):
     monkeypatch.setenv("SPARSA_KV_LOCAL", "yes")
     with pytest.raises(ValueError, match="SPARSA_KV_LOCAL"):
         kv_mod.local_fusion()
+
+
+def test_kv_bwd_keys_setting(monkeypatch):
+    from sparsa.ops.sparse_attn import backward as bwd_mod
+
+    assert bwd_mod.bwd_config(4, 128, 64)[:2] == (128, 8)
+    monkeypatch.setenv("SPARSA_KV_BWD_KEYS", "1")
+    assert bwd_mod.bwd_config(4, 128, 64)[:2] == (64, 8)
+    monkeypatch.setenv("SPARSA_KV_BWD_KEYS", "2")
+    with pytest.raises(ValueError, match="SPARSA_KV_BWD_KEYS"):
+        bwd_mod.keys_as_rows()
 
 
 def test_random_selection_helper():

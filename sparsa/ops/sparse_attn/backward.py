@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._env import env_flag
 from .index import PairIndex, group_split_info, work_list
 from .kv_outer import forced_config, reduce_config, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
@@ -30,6 +31,76 @@ def _delta_kernel(O, DO, DELTA, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOC
     o = tl.load(O + r[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + r[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < R)
+
+
+@triton.jit
+def _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D: tl.constexpr, DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The work item's KV head h, key positions kpos [BN] (mask kmask) and its block's K [BN, BD], V [BN, BDV]."""
+    gb = grp % NBG
+    h = h0 + grp // NBG
+    kst = tl.load(BLKSTART + gb)
+    blen = tl.load(BLKLEN + gb)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kpos = kst + offs_n
+    kmask = offs_n < blen
+    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :], other=0.0)
+    vv = tl.load(
+        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0
+    )
+    return h, kpos, kmask, k, vv
+
+
+@triton.jit
+def _bwd_rows(Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One tile of gathered rows (PAIRS pairs from p0 x G heads): pair index, row mask, token, Q, dO, log2 LSE, delta."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pr = offs_m // G
+    pidx = p0 + pr
+    rmask = (pr < PAIRS) & (pidx < end)
+    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+    qrow = tok * Hq + h * G + offs_m % G
+    q = tl.load(Q + qrow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
+    do = tl.load(DO + qrow[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    lse2 = tl.load(LSE + qrow, mask=rmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + qrow, mask=rmask, other=0.0)
+    return pidx, rmask, tok, q, do, lse2, delta
+
+
+@triton.jit
+def _store_dq_pair(DQP, dq, pidx, rmask, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    row = pidx * G + tl.arange(0, BLOCK_M) % G
+    tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _store_dkdv(DK, DVv, DKP, DVP, dk, dv, slot, kpos, kmask, h, Hkv, D: tl.constexpr, DV: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK, dV of the item's block into dk / dv (a group in one item) or into its fp32 partial slot."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if slot < 0:
+        tl.store(
+            DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=kmask[:, None] & (offs_d < D)[None, :],
+        )
+        tl.store(
+            DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+            dv.to(DVv.dtype.element_ty),
+            mask=kmask[:, None] & (offs_dv < DV)[None, :],
+        )
+    else:
+        tl.store(DKP + slot * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk)
+        tl.store(DVP + slot * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
 
 
 @triton.jit
@@ -65,6 +136,8 @@ def _kv_bwd_kernel(
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """dK/dV of one work item with the gathered rows as the MMA rows: S = Q K^T [rows, keys]; P and dS are
+    transposed for dV += P^T dO and dK += dS^T Q."""
     w = tl.program_id(0).to(tl.int64)
     start = tl.load(WORK + w * 4)
     end = tl.load(WORK + w * 4 + 1)
@@ -72,36 +145,13 @@ def _kv_bwd_kernel(
         return
     grp = tl.load(WORK + w * 4 + 2)
     slot = tl.load(WORK + w * 4 + 3)
-    gb = grp % NBG
-    h = h0 + grp // NBG
-    kst = tl.load(BLKSTART + gb)
-    blen = tl.load(BLKLEN + gb)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dmask = offs_d < D
-    dvmask = offs_dv < DV
-    kpos = kst + offs_n
-    kmask = offs_n < blen
-    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(
-        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
-    )
+    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    pr = offs_m // G
-    g = offs_m % G
-    hq = h * G + g
     for p0 in range(start, end, PAIRS):
-        pidx = p0 + pr
-        rmask = (pr < PAIRS) & (pidx < end)
-        tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
-        qrow = tok * Hq + hq
-        q = tl.load(Q + qrow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        do = tl.load(DO + qrow[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & dvmask[None, :], other=0.0)
-        lse2 = tl.load(LSE + qrow, mask=rmask, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + qrow, mask=rmask, other=0.0)
+        pidx, rmask, tok, q, do, lse2, delta = _bwd_rows(
+            Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G, D, DV, BLOCK_M, PAIRS, BLOCK_D, BLOCK_DV
+        )
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
         p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
@@ -110,25 +160,70 @@ def _kv_bwd_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        row = pidx * G + g
-        tl.store(
-            DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty), mask=rmask[:, None] & dmask[None, :]
+        _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
+    _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+
+
+@triton.jit
+def _kv_bwd_keys_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQP,
+    DK,
+    DVv,
+    DKP,
+    DVP,
+    WORK,
+    TOKS,
+    BLKSTART,
+    BLKLEN,
+    scale,
+    qk_scale,
+    Hq,
+    Hkv,
+    NBG,
+    h0,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The same as _kv_bwd_kernel with the block's keys as the MMA rows (the layout of Triton's fused-attention
+    backward): S^T = K Q^T [keys, rows], so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers and
+    only dS is transposed (for dQ = dS K). Opt-in: SPARSA_KV_BWD_KEYS=1."""
+    w = tl.program_id(0).to(tl.int64)
+    start = tl.load(WORK + w * 4)
+    end = tl.load(WORK + w * 4 + 1)
+    if start >= end:
+        return
+    grp = tl.load(WORK + w * 4 + 2)
+    slot = tl.load(WORK + w * 4 + 3)
+    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for p0 in range(start, end, PAIRS):
+        pidx, rmask, tok, q, do, lse2, delta = _bwd_rows(
+            Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G, D, DV, BLOCK_M, PAIRS, BLOCK_D, BLOCK_DV
         )
-    dk = dk * scale
-    if slot < 0:
-        tl.store(
-            DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=kmask[:, None] & dmask[None, :],
-        )
-        tl.store(
-            DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
-            dv.to(DVv.dtype.element_ty),
-            mask=kmask[:, None] & dvmask[None, :],
-        )
-    else:
-        tl.store(DKP + slot * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk)
-        tl.store(DVP + slot * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+        ok = kmask[:, None] & rmask[None, :] & (kpos[:, None] <= tok[None, :])
+        pt = tl.exp2(tl.where(ok, st - lse2[None, :], float("-inf")))
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(vv, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
+        _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
+    _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit
@@ -224,12 +319,22 @@ BWD_OVERRIDE: tuple | None = None
 DQ_PARTIAL_DTYPE: torch.dtype = torch.bfloat16
 
 
+def keys_as_rows() -> bool:
+    """dK/dV kernel with the block's keys as the MMA rows (_kv_bwd_keys_kernel): SPARSA_KV_BWD_KEYS=1, or 0
+    (the default until it has been timed on a GPU)."""
+    return env_flag("SPARSA_KV_BWD_KEYS", False)
+
+
 def bwd_config(group: int, head_dim: int, block_size: int):
     """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced)."""
     if BWD_OVERRIDE is not None:
         return forced_config(BWD_OVERRIDE, group)
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
+        if keys_as_rows() and head_dim >= 128:
+            # compiled offline for sm_90 (bf16, block 64, G = 4): 64 rows / 8 warps 239 registers and no
+            # spills; 128 rows / 8 warps spill 408-512 bytes in this layout
+            block_m = 64
     else:
         block_m, warps = 32, 8
     return max(block_m, _pow2(group)), warps, {}
@@ -262,7 +367,8 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
-    _kv_bwd_kernel[(work.shape[0],)](
+    kernel = _kv_bwd_keys_kernel if keys_as_rows() else _kv_bwd_kernel
+    kernel[(work.shape[0],)](
         q,
         k,
         v,

@@ -14,12 +14,11 @@ LOCAL  (opt-in, SPARSA_KV_LOCAL=1) the merge kernel first runs an online softmax
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import env_flag
 from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, precision_for
 
@@ -49,10 +48,7 @@ def local_fusion() -> bool:
     """Whether the forward computes each token's local blocks (its document's block 0, its own and the
     previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1, or 0 (the default until it
     has been timed on a GPU: docs/kernels/sparse_attention.md)."""
-    value = os.environ.get("SPARSA_KV_LOCAL", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"SPARSA_KV_LOCAL must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_flag("SPARSA_KV_LOCAL", False)
 
 
 def reduce_config(group: int, head_dim: int, base_rows: int | None = None):

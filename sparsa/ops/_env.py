@@ -1,0 +1,14 @@
+"""Boolean kernel switches read from the environment at call time (tests and A/B scripts flip them)."""
+from __future__ import annotations
+
+import os
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The switch `name`: "1" on, "0" off, unset -> default; any other value is a ValueError."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
