@@ -42,6 +42,34 @@ def matmul_rate():
     return 2 * 8192**3 / ms / 1e9
 
 
+def memory_rate():
+    """Measured device memory rate in GB/s (read + write) of a 2 GiB copy."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+# KV-outer traffic model per (pair, query head), bf16 (docs/kernels/sparse_attention.md, "Every target
+# against its traffic floor"): forward = gathered Q row + partial written + partial read back; the local
+# pairs of SPARSA_KV_LOCAL=1 move nothing but one contiguous row per (token, head); backward = gathered Q
+# and dO rows, lse and delta, dQ partial written and read back.
+FWD_PAIR_BYTES, BWD_PAIR_BYTES = 3 * D * 2, 4 * D * 2 + 8
+
+
+def traffic_floor_gb(idx, n_tokens, group):
+    """(forward GB, forward GB with the local blocks fused, backward GB) of the KV-outer model."""
+    meta = doc_meta(1, n_tokens, None, BS, idx.device)
+    flat = idx.view(n_tokens, idx.shape[2], -1)
+    valid = valid_slots(flat, meta, BS)
+    own = (torch.arange(n_tokens, device=idx.device) // BS)[:, None, None]
+    local = valid & ((flat == 0) | (flat == own) | (flat == own - 1))
+    pairs, local_pairs = int(valid.sum()) * group, int(local.sum()) * group
+    fwd = pairs * FWD_PAIR_BYTES
+    fwd_local = (pairs - local_pairs) * FWD_PAIR_BYTES + n_tokens * HQ * D * 2
+    return fwd / 1e9, fwd_local / 1e9, pairs * BWD_PAIR_BYTES / 1e9
+
+
 def visible_keys(idx, n_tokens):
     meta = doc_meta(1, n_tokens, None, BS, idx.device)
     flat = idx.view(n_tokens, idx.shape[2], -1)
@@ -179,6 +207,7 @@ def main():
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
+    info["memory_gbps"] = mem_rate = memory_rate()
     print(info, flush=True)
     rows = []
     if args.tune:
@@ -203,6 +232,10 @@ def main():
             row["fwdbwd"] = time_sparse(q, k, v, idx, row["auto"], True)
             row["tflops_fwd"] = flops / row["fwd"] / 1e9
             row["tflops_fwdbwd"] = 3.5 * flops / row["fwdbwd"] / 1e9
+            fwd_gb, fwd_local_gb, bwd_gb = traffic_floor_gb(idx, n, group)
+            fwd_gb = fwd_local_gb if info["SPARSA_KV_LOCAL"] == "1" else fwd_gb
+            row["floor_fwd_ms"] = fwd_gb / mem_rate * 1e3
+            row["floor_fwdbwd_ms"] = (fwd_gb + bwd_gb) / mem_rate * 1e3
             if n <= 8192:
                 row["reference_fwd"] = time_reference(q, k, v, idx)
             rows.append(row)
@@ -220,11 +253,14 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
-    print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s")
     print(
-        "| N | G | index | fwd q_outer | fwd kv_outer | fwd (auto) | TFLOP/s | fwd+bwd | TFLOP/s | dense fwd | dense fwd+bwd | fwd speedup | fwd+bwd speedup |"
+        f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s, "
+        f"memory {mem_rate:.0f} GB/s; floor = KV-outer traffic model at that memory rate"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| N | G | index | fwd q_outer | fwd kv_outer | fwd (auto) | TFLOP/s | fwd+bwd | TFLOP/s | dense fwd | dense fwd+bwd | fwd speedup | fwd+bwd speedup | floor fwd / fwd+bwd |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "N" not in r:
             continue
@@ -232,6 +268,7 @@ def main():
             f"| {r['N'] // 1024}K | {r['G']} | {r['index']:.2f} | {r['fwd_q_outer']:.2f} | {r['fwd_kv_outer']:.2f} | {r['fwd']:.2f} ({r['auto']}) |"
             f" {r['tflops_fwd']:.0f} | {r['fwdbwd']:.2f} | {r['tflops_fwdbwd']:.0f} | {r['dense_fwd']:.2f} | {r['dense_fwdbwd']:.2f} |"
             f" {r['dense_fwd'] / r['fwd']:.1f}x | {r['dense_fwdbwd'] / r['fwdbwd']:.1f}x |"
+            f" {r['floor_fwd_ms']:.2f} / {r['floor_fwdbwd_ms']:.2f} |"
         )
 
 

@@ -1,0 +1,24 @@
+"""CPU checks of the benchmarks' analytic models (benchmarks/sparse_attention.py)."""
+import pytest
+import torch
+
+from benchmarks import sparse_attention as bench_sa
+from sparsa.ops.sparse_attn.index import random_selection
+
+
+def test_traffic_floor_counts_pairs_and_local_pairs():
+    n, group, bs = 300, 2, bench_sa.BS
+    idx = random_selection(1, n, 3, 4, bs, generator=torch.Generator().manual_seed(0))
+    pairs = local = 0
+    for t in range(n):
+        own = t // bs
+        for h in range(3):
+            row = [int(b) for b in idx[0, t, h] if b >= 0]
+            pairs += len(row)
+            local += sum(b in (0, own, own - 1) for b in row)
+    fwd, fwd_local, bwd = bench_sa.traffic_floor_gb(idx, n, group)
+    row_bytes = bench_sa.D * 2
+    assert fwd * 1e9 == pytest.approx(pairs * group * 3 * row_bytes, rel=1e-12)
+    assert fwd_local * 1e9 == pytest.approx((pairs - local) * group * 3 * row_bytes + n * bench_sa.HQ * row_bytes, rel=1e-12)
+    assert bwd * 1e9 == pytest.approx(pairs * group * (4 * row_bytes + 8), rel=1e-12)
+    assert 0 < local < pairs
