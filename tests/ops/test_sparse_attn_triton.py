@@ -118,6 +118,17 @@ def test_every_token_selects_the_same_block():
     check(q, k, v, do, idx, bs)
 
 
+def test_unsorted_rows_with_repeated_blocks_count_each_block_once():
+    """Set semantics: a block listed twice in non-adjacent slots (and -1 between valid slots) counts once."""
+    seqlen, bs = 64, 16
+    q, k, v, do = make_inputs(1, seqlen, 2, 2, 16, torch.float32, seed=9)
+    cur = (torch.arange(seqlen, device=DEVICE) // bs).int()
+    idx = torch.full((1, seqlen, 2, 4), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, :, 0, 0], idx[0, :, 0, 1], idx[0, :, 0, 3] = cur, 0, cur  # own block twice, block 0 between
+    idx[0, :, 1, 0], idx[0, :, 1, 2], idx[0, :, 1, 3] = 0, cur, 0  # block 0 twice, -1 in slot 1
+    check(q, k, v, do, idx, bs)
+
+
 def test_only_block_zero_and_maximal_padding():
     seqlen, bs, topk = 64, 16, 8
     q, k, v, do = make_inputs(1, seqlen, 1, 2, 16, torch.float32, seed=7)

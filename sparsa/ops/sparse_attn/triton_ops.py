@@ -102,6 +102,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
     vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
-    idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32).contiguous()
+    # the kernels drop a slot that repeats the previous one; sorting each row makes every repeat adjacent,
+    # so a block listed twice counts once (the set semantics of docs/semantics.md) in any slot order
+    idx = torch.sort(block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32), dim=-1).values.contiguous()
     o, lse = _SparseAttention.apply(qf, kf, vf, idx, meta, block_size, float(scale), loop_order)
     return o.view(batch, seqlen, n_heads_q, head_dim_v), lse.view(batch, seqlen, n_heads_q)
