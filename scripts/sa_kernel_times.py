@@ -5,7 +5,8 @@
 For each (N, G) and SPARSA_PAIR_INDEX backend (torch, triton): do_bench median of the forward and of the
 forward+backward, then a torch.profiler table of `--calls` calls of each: GPU time per call of every kernel
 (summed over the head slices), the kernel total and the gap between the total and the do_bench time
-(idle GPU: host-bound launches, allocations, synchronisations). Used to find out why the Triton-built
+(idle GPU: host-bound launches, allocations, synchronisations), and the SM clock / power / temperature
+read through NVML after 20 back-to-back calls. Used to find out why the Triton-built
 index made the attention around it slower (docs/kernels/sparse_attention.md, "Layout and index").
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16).
 """
@@ -18,6 +19,19 @@ import torch
 import sparsa
 from benchmarks.sparse_attention import BS, bench, make
 from sparsa.ops.sparse_attn.index import PAIR_INDEX_BACKENDS
+
+
+def gpu_state(fn, calls=20):
+    """SM clock (MHz), power (W) and temperature (C) read through NVML right after `calls` back-to-back calls
+    of fn (a power-capped GPU lowers its clock under sustained load; gaps between kernels let it recover)."""
+    for _ in range(calls):
+        fn()
+    try:
+        state = (torch.cuda.clock_rate(), torch.cuda.power_draw() / 1000, torch.cuda.temperature())
+    except Exception:  # noqa: BLE001 - NVML missing: report nothing rather than fail the probe
+        state = None
+    torch.cuda.synchronize()
+    return state
 
 
 def kernel_times(fn, calls):
@@ -62,10 +76,12 @@ def main():
                 os.environ["SPARSA_PAIR_INDEX"] = name
                 for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                     ms = bench(fn)
+                    state = gpu_state(fn)
                     per = kernel_times(fn, args.calls)
                     total = sum(per.values())
                     print(f"\nN={n} G={group} index={name} {label}: do_bench {ms:.3f} ms, kernels {total:.3f} ms, "
-                          f"gap {ms - total:.3f} ms", flush=True)
+                          f"gap {ms - total:.3f} ms; SM clock MHz, power W, temperature C under load: {state}",
+                          flush=True)
                     for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
                         print(f"  {t:8.3f}  {key}", flush=True)
             os.environ["SPARSA_PAIR_INDEX"] = "torch"
