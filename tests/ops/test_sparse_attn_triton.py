@@ -235,6 +235,20 @@ def test_kv_outer_backward_split_groups_both_layouts(keys, monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
 
 
+@pytest.mark.parametrize("local", ["0", "1"])
+def test_kv_heads_in_several_slices(local, monkeypatch):
+    """A tiny PAIR_BUFFER_BYTES puts each KV head in its own slice (three pair indices, h0 = 0, 1, 2): forward
+    (with and without the fused local blocks) and backward fill their heads only."""
+    from sparsa.ops.sparse_attn import triton_ops
+
+    monkeypatch.setattr(triton_ops, "PAIR_BUFFER_BYTES", 1)
+    assert len(triton_ops._head_slices(3, 48, 3, 2, 16, 16)) == 3
+    monkeypatch.setenv("SPARSA_KV_LOCAL", local)
+    q, k, v, do = make_inputs(1, 48, 3, 2, 16, torch.float32, seed=70)
+    idx = random_selection(1, 48, 3, 3, 16, generator=torch.Generator().manual_seed(70), device=DEVICE)
+    check(q, k, v, do, idx, 16)
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""
