@@ -213,10 +213,29 @@ def sampled_rows_check(seqlen=131072, hkv=8, group=4, dim=128, bs=64, topk=16, n
         FAILURES.append(RESULTS[-1])
 
 
+def real_activation_cases(path):
+    """bf16 checks on a real model's queries and keys (SmolLM2-135M: G = 3, head dim 64) with the SSA selection
+    of select_blocks at block 64 / top-16 and block 16 / top-16 (block 0 and two local blocks forced); values
+    random. File from scripts/real_activations.py."""
+    from scripts.real_activations import load_qk
+
+    for layer, (q, k) in load_qk(path).items():
+        q, k = q.cuda().to(torch.bfloat16)[None], k.cuda().to(torch.bfloat16)[None]
+        v = torch.randn(k.shape, device="cuda", dtype=torch.bfloat16)
+        for bsz in (64, 16):
+            idx = sparsa.select_blocks(q, k, block_size=bsz, topk=16, init_blocks=1, local_blocks=2)
+            case(f"SmolLM2 layer {layer} T={q.shape[1]} select_blocks block {bsz} top-16", q, k, v, idx, bsz)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--activations",
+        default=None,
+        help="q/k of a real model (scripts/real_activations.py --out FILE): checks on their select_blocks selections",
+    )
     args = ap.parse_args()
     alloc_mod.POISON_OUTPUTS = True
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -260,6 +279,8 @@ def main():
         case("select_blocks (SSA) selection", qa, ka, v, sidx, bs)
     except Exception as exc:  # noqa: BLE001 - report, do not hide
         print(f"SKIP select_blocks selection: {type(exc).__name__}: {exc}", flush=True)
+    if args.activations:
+        real_activation_cases(args.activations)
     # packed documents, block sizes, head dims
     cu = torch.tensor([0, 1000, 3100, 3200, T], dtype=torch.int32, device="cuda")
     q, k, v = inputs(T, 4, 3, D, torch.bfloat16, seed=9)

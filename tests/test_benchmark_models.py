@@ -22,3 +22,12 @@ def test_traffic_floor_counts_pairs_and_local_pairs():
     assert fwd_local * 1e9 == pytest.approx((pairs - local) * group * 3 * row_bytes + n * bench_sa.HQ * row_bytes, rel=1e-12)
     assert bwd * 1e9 == pytest.approx(pairs * group * (4 * row_bytes + 8), rel=1e-12)
     assert 0 < local < pairs
+
+
+def test_mean_union_of_tiles():
+    from scripts.real_activations import mean_union
+
+    idx = torch.tensor([[[0, 1]], [[0, 2]], [[0, -1]], [[3, 3]]], dtype=torch.int32)  # [T=4, Hkv=1, K=2]
+    # tiles of 2 tokens: {0, 1, 2} from 4 pairs, {0, 3} from 3 pairs (-1 ignored, repeats counted as pairs)
+    union, pairs = mean_union(idx, 2)
+    assert union == 2.5 and pairs == (4 / 3 + 3 / 2) / 2

@@ -287,6 +287,28 @@ def test_kv_bwd_keys_setting(monkeypatch):
         bwd_mod.keys_as_rows()
 
 
+REAL_QK = os.path.join(os.path.dirname(__file__), "..", "data", "smollm2_qk_t192_layer12.safetensors")
+
+
+def test_real_activations_and_select_blocks_selection(monkeypatch):
+    """Queries and keys of SmolLM2-135M (layer 12, the first 96 of 192 Shakespeare tokens;
+    scripts/real_activations.py) with the SSA selection of sparsa.select_blocks (block 16, top-4 of 6
+    blocks, block 0 and 2 local blocks forced): G = 3, head dim 64, both loop orders with the fused local
+    blocks, outputs and gradients against the float64 reference."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SPARSA_KV_LOCAL", "1")
+    tensors = load_file(REAL_QK)
+    q, k = (tensors[n][:96].float()[None] for n in ("q.12", "k.12"))  # [1, 96, 9 | 3, 64]
+    gen = torch.Generator().manual_seed(80)
+    v, do = torch.randn(k.shape, generator=gen), torch.randn(q.shape, generator=gen)
+    idx = sparsa.select_blocks(q, k, block_size=16, topk=4, init_blocks=1, local_blocks=2)
+    cur = torch.arange(96) // 16
+    scored = (idx[0] > 0) & (idx[0] < (cur - 1)[:, None, None])
+    assert scored.any()  # past the forced blocks the selection follows the scores
+    check(*(x.to(DEVICE) for x in (q, k, v, do, idx)), 16)
+
+
 def test_random_selection_helper():
     idx = random_selection(1, 300, 2, 6, 16, generator=torch.Generator().manual_seed(0))
     cur = torch.arange(300) // 16
