@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--ns", default=None, help="comma-separated N list (overrides)")
     ap.add_argument("--gs", default=None, help="comma-separated G list (overrides)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--q-tile", action="store_true", help="also time the opt-in q_tile forward (slow on random selections)")
     args = ap.parse_args()
     ns = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536, 131072]
     gs = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
@@ -225,7 +226,7 @@ def main():
             flops = 4 * D * group * keys
             row = {"N": n, "G": group, "dense_fwd": dense_fwd, "dense_fwdbwd": dense_fb, "gflop_fwd": flops / 1e9}
             row["index"] = time_index(q, k, v, idx)
-            for order in ("q_outer", "kv_outer"):
+            for order in ("q_outer", "kv_outer", "q_tile") if args.q_tile else ("q_outer", "kv_outer"):
                 row[f"fwd_{order}"] = time_sparse(q, k, v, idx, order, False)
             row["auto"] = choose_loop_order(group, n, D)
             row["fwd"] = row[f"fwd_{row['auto']}"]
@@ -244,6 +245,7 @@ def main():
                     json.dump({"info": info, "rows": rows}, f, indent=1)
             print(
                 f"  G={group:2d} index {row['index']:.3f} | fwd q_outer {row['fwd_q_outer']:.3f} kv_outer {row['fwd_kv_outer']:.3f}"
+                f"{' q_tile %.3f' % row['fwd_q_tile'] if 'fwd_q_tile' in row else ''}"
                 f" -> auto {row['auto']} {row['fwd']:.3f} ms ({row['tflops_fwd']:.0f} TFLOP/s) | fwd+bwd {row['fwdbwd']:.3f} ms"
                 f" ({row['tflops_fwdbwd']:.0f} TFLOP/s) | ref fwd {row.get('reference_fwd')}",
                 flush=True,

@@ -4,7 +4,7 @@
 # Steps (NAME): sparse_attn_check serve_check gpu_pytest bench_sparse_attn bench_attention_kl kl_gluon
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
-# sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check
+# sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -68,6 +68,7 @@ step kv_bwd_keys 400 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,
 # the kernels on SmolLM2's real queries and keys with select_blocks selections; make the file here (CPU, about
 # 2 min) and carry it: python3 scripts/real_activations.py --tokens 4096 --out .carry/smollm2_qk.safetensors
 step sa_real_check 300 "$PY" scripts/gpu_sparse_attention.py --quick --activations "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
+step sa_real_bench 300 "$PY" scripts/real_selection_bench.py "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"

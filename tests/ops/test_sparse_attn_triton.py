@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="needs a GPU or the Triton interpreter")
 DEVICE = "cuda" if CUDA else "cpu"
-ORDERS = ("q_outer", "kv_outer")
+ORDERS = ("q_outer", "kv_outer", "q_tile")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,10 @@ from ..backend import use_triton
 from . import naive
 
 
+# Triton forward loop orders (`loop_order=`); the backward is KV-outer for all of them
+LOOP_ORDERS = ("q_outer", "kv_outer", "q_tile")
+
+
 def check_block_indices(block_indices, q: torch.Tensor, n_heads_kv: int, block_size: int) -> None:
     check_tensor("block_indices", block_indices, 4)
     if block_indices.dtype not in (torch.int32, torch.int64):
@@ -42,14 +46,16 @@ def sparse_attention(
 
     q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], block_indices [B, T, Hkv, topk] (-1 = none).
     Returns o [B, T, Hq, Dv] and, with `return_lse`, the natural-log LSE [B, T, Hq] in float32.
-    `loop_order` ("q_outer" | "kv_outer") forces a Triton loop order; None chooses automatically.
+    `loop_order` ("q_outer" | "kv_outer" | "q_tile") forces a Triton forward loop order; None chooses between
+    the first two. "q_tile" (opt-in) walks the union of a tile of tokens' blocks: for selections that
+    adjacent tokens share (docs/kernels/sparse_attention.md).
     """
     _, n_heads_kv = check_qkv(q, k, v)
     check_positive_int("block_size", block_size)
     check_block_indices(block_indices, q, n_heads_kv, block_size)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-    if loop_order not in (None, "q_outer", "kv_outer"):
-        raise ValueError(f"loop_order must be None, 'q_outer' or 'kv_outer', got {loop_order!r}")
+    if loop_order not in (None, *LOOP_ORDERS):
+        raise ValueError(f"loop_order must be None or one of {LOOP_ORDERS}, got {loop_order!r}")
     scale = default_scale(scale, q.shape[-1])
     if use_triton(q):
         from .triton_ops import sparse_attention_triton

@@ -18,6 +18,7 @@ from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
 from .q_outer import q_outer_forward
+from .q_tile import q_tile_forward
 
 # upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
 PAIR_BUFFER_BYTES = 6 << 30
@@ -54,6 +55,8 @@ class _SparseAttention(torch.autograd.Function):
         indices = None
         if loop_order == "q_outer":
             o, lse = q_outer_forward(q, k, v, idx, meta, block_size, scale)
+        elif loop_order == "q_tile":
+            o, lse = q_tile_forward(q, k, v, idx, meta, block_size, scale)
         else:
             o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
             lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)

@@ -1,0 +1,171 @@
+"""Query-tile forward (opt-in third loop order, `loop_order="q_tile"`): one program per (TOKENS consecutive
+tokens, KV head), rows = those tokens x their G heads, walking the *union* of the tokens' selected blocks.
+
+The rows' selections are sorted (sparse_attention_triton sorts every row), so the union is a merge of sorted
+lists: each step takes the smallest block any row still has to visit (global block ids, so tiles across
+packed documents merge correctly), loads its K and V once, and updates the online softmax of exactly the
+rows that selected it (a repeated block is used once: `last` remembers each row's previous block). Nothing
+is gathered and no partials are written: a loaded block serves every row of the tile that chose it.
+
+It pays when adjacent tokens share blocks, as real `select_blocks` selections do (scripts/real_activations.py:
+SmolLM2, block 16, top-16, 64-token tiles visit 41-49 distinct blocks against 129 for random selections);
+for random selections the union is nearly TOKENS x topk blocks and the MMAs mostly compute masked rows.
+The backward is the KV-outer one (backward.py), as for the other forward orders.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
+from .._alloc import new_output
+from .kv_outer import reduce_config, token_rows
+from .q_outer import LOG2E, _pow2, precision_for
+
+# rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
+TILE_ROWS = 64
+# in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
+
+
+@triton.jit
+def _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK: tl.constexpr):
+    """[R] global id of the block at slot ptr of each row, or _DONE when the row has no visible block left
+    (slots are ascending after the -1 padding, so the first block past the token's own ends the row)."""
+    c = tl.load(IDX + (t * Hkv + h) * TOPK + ptr, mask=rmask & (ptr < TOPK), other=-1).to(tl.int64)
+    ok = rmask & (ptr < TOPK) & (c >= 0) & (c <= own)
+    return tl.where(ok, base + c, 2**62)
+
+
+@triton.jit
+def _q_tile_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    IDX,
+    DOCSTART,
+    BLOCKBASE,
+    BLKSTART,
+    BLKLEN,
+    qk_scale,
+    N,
+    Hq,
+    Hkv,
+    BS,
+    TOPK: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    h = tl.program_id(1).to(tl.int64)
+    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_k = tl.arange(0, BLOCK_K)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    ds = tl.load(DOCSTART + t, mask=rmask, other=0)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - ds) // BS  # [R] the token's own (local) block
+    orow = t * Hq + h * G + g
+    q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    sel = tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=0
+    )
+    ptr = tl.sum((sel < 0).to(tl.int32), 1)  # [R] first slot after the -1 padding
+    cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+    last = tl.full([BLOCK_R], -1, dtype=tl.int64)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    b = tl.min(cur, 0)
+    while b < 2**62:
+        at_b = cur == b
+        use = at_b & (last != b)
+        kst = tl.load(BLKSTART + b)
+        kpos = kst + offs_n
+        kmask = offs_n < tl.load(BLKLEN + b)
+        k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        sc = tl.where(use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None]), sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(
+            V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m_i = m_new
+        last = tl.where(at_b, b, last)
+        ptr = ptr + at_b.to(tl.int32)
+        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+        b = tl.min(cur, 0)
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    tl.store(LSE + orow, lse, mask=rmask)
+
+
+def tile_config(group: int, head_dim: int):
+    """(BLOCK_R rows, tokens per program, num_warps): about TILE_ROWS x 128 elements per row tile; 8 warps
+    above head dim 128 (compiled offline for sm_90, bf16: at head dim 256 4 warps spill 700 bytes, 8 warps
+    108; none at 64 / 128 with 4)."""
+    rows, tokens, _ = reduce_config(group, head_dim, TILE_ROWS)
+    return rows, tokens, 8 if head_dim > 128 else 4
+
+
+def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
+    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 with ascending rows (-1 first)
+    -> o [N, Hq, Dv], lse [N, Hq] fp32."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
+    lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
+    rows, tokens, warps = tile_config(group, max(head_dim, head_dim_v))
+    topk = idx.shape[-1]
+    _q_tile_fwd_kernel[(triton.cdiv(n_tokens, tokens), n_heads_kv)](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        idx,
+        meta.tok_docstart,
+        meta.tok_blockbase,
+        meta.blk_start,
+        meta.blk_len,
+        scale * LOG2E,
+        n_tokens,
+        n_heads_q,
+        n_heads_kv,
+        block_size,
+        TOPK=topk,
+        G=group,
+        D=head_dim,
+        DV=head_dim_v,
+        BLOCK_R=rows,
+        TOKENS=tokens,
+        BLOCK_N=_pow2(block_size),
+        BLOCK_D=_pow2(head_dim),
+        BLOCK_DV=_pow2(head_dim_v),
+        BLOCK_K=_pow2(topk, 1),
+        PRECISION=precision_for(q.dtype),
+        num_warps=warps,
+    )
+    return o, lse
