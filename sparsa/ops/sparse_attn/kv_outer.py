@@ -68,6 +68,7 @@ def token_rows(N, G: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * TOKENS + tr
     return t, offs_r % G, (tr < TOKENS) & (t < N)
 
+
 @triton.jit
 def tile_is_one_doc(DOCSTART, t0, N, TOKENS: tl.constexpr, mask):
     """Whether the merge tile of TOKENS tokens that starts at t0 lies inside one document."""
