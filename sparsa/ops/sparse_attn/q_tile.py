@@ -93,10 +93,17 @@ def _q_tile_fwd_kernel(
     while b < 2**62:
         at_b = cur == b
         use = at_b & (last != b)
+        # the next step's blocks are known now: issue their gather before this block's loads and MMAs
+        last = tl.where(at_b, b, last)
+        ptr = ptr + at_b.to(tl.int32)
+        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
         kst = tl.load(BLKSTART + b)
         kpos = kst + offs_n
         kmask = offs_n < tl.load(BLKLEN + b)
         k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(
+            V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+        )
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         sc = tl.where(use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None]), sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -104,14 +111,8 @@ def _q_tile_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vv = tl.load(
-            V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
-        )
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
         m_i = m_new
-        last = tl.where(at_b, b, last)
-        ptr = ptr + at_b.to(tl.int32)
-        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
         b = tl.min(cur, 0)
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -124,7 +125,7 @@ def _q_tile_fwd_kernel(
 def tile_config(group: int, head_dim: int):
     """(BLOCK_R rows, tokens per program, num_warps): about TILE_ROWS x 128 elements per row tile; 8 warps
     above head dim 128 (compiled offline for sm_90, bf16: at head dim 256 4 warps spill 700 bytes, 8 warps
-    108; none at 64 / 128 with 4)."""
+    144; none at 64 / 128 with 4)."""
     rows, tokens, _ = reduce_config(group, head_dim, TILE_ROWS)
     return rows, tokens, 8 if head_dim > 128 else 4
 
