@@ -1,0 +1,120 @@
+"""Offline sm_90 build of the selected-block attention kernels (no GPU needed): registers, spills and shared
+memory of each kernel at its default launch, bf16, head dim 128, block 64, top-16.
+
+    python3 scripts/sa_sm90_build.py [--groups 4]          (not under TRITON_INTERPRET=1)
+
+One JSON line per (kernel, G): {"kernel", "G", "warps", "registers", "spill_bytes", "stack_bytes", "shared"}.
+tests/ops/test_sparse_attn_build.py runs it in a subprocess and bounds the spills: a kernel that only
+works in the interpreter, or a change that makes a kernel spill, shows up on a CPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparsa.ops.sparse_attn import backward as bwd
+from sparsa.ops.sparse_attn import kv_outer as kv
+from sparsa.ops.sparse_attn import q_outer as qo
+from sparsa.ops.sparse_attn import q_tile as qt
+
+D, BS, TOPK = 128, 64, 16
+POINTER_TYPES = {
+    "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
+    "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
+    "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK"},
+    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT"},
+}
+FLOAT_ARGS = {"qk_scale", "scale"}
+ALIGNED_INTS = {"Hq", "N", "BS"}  # multiples of 16 in the benchmark's setup (Triton specialises them)
+
+
+def arg_type(name: str) -> str:
+    for kind, names in POINTER_TYPES.items():
+        if name in names:
+            return kind
+    return "fp32" if name in FLOAT_ARGS else "i32"
+
+
+def build(kernel, constexprs: dict, warps: int, stages: int = 1, maxnreg: int | None = None) -> dict:
+    """ptxas -v of the sm_90a build of `kernel` with the given compile-time constants."""
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else arg_type(n) for n in names}
+    aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or n in ALIGNED_INTS]
+    src = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
+                                capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else 0  # noqa: E731
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_bytes": number(r"(\d+) bytes spill stores"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+        "shared": compiled.metadata.shared,
+        "warps": warps,
+    }
+
+
+def kernels(group: int):
+    """(name, kernel, constexprs, warps, stages, maxnreg) of every kernel at its default launch for G."""
+    common = dict(G=group, D=D, DV=D, BLOCK_D=D, BLOCK_DV=D, PRECISION="tf32")
+    block_m, warps, opts = kv.fwd_config(group, D, BS)
+    main = dict(common, BLOCK_M=block_m, PAIRS=block_m // group, BLOCK_N=BS)
+    for local in (False, True):
+        yield f"kv_main local={local}", kv._kv_fwd_main_kernel, dict(main, LOCAL=local), warps, 1, opts.get("maxnreg")
+    rows, tokens, rwarps = kv.reduce_config(group, D)
+    merge = dict(TOPK=TOPK, G=group, DV=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_DV=D)
+    yield "kv_reduce", kv._kv_fwd_reduce_kernel, merge, rwarps, 3, None
+    rows, tokens, lwarps = kv.local_config(group, D)
+    local_merge = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
+    yield "kv_local_reduce", kv._kv_fwd_local_reduce_kernel, local_merge, lwarps, 3, None
+    for keys in (False, True):
+        os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
+        bm, bwarps, _ = bwd.bwd_config(group, D, BS)
+        kernel = bwd._kv_bwd_keys_kernel if keys else bwd._kv_bwd_kernel
+        yield f"kv_dkdv keys={keys}", kernel, dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS), bwarps, 2, None
+    os.environ.pop("SPARSA_KV_BWD_KEYS")
+    rows, tokens, rwarps = kv.reduce_config(group, D)
+    dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D)
+    yield "dq_reduce", bwd._dq_reduce_kernel, dq, rwarps, 3, None
+    qo_const = dict(common, TOPK=TOPK, BLOCK_G=max(16, group), BLOCK_N=BS, BRANCHLESS=True)
+    yield "q_outer", qo._q_outer_fwd_kernel, qo_const, 4, 3, None
+    rows, tokens, twarps = qt.tile_config(group, D)
+    tile = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
+    yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--groups", default="4")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the build needs Triton's compiler")
+    for group in (int(g) for g in args.groups.split(",")):
+        for name, kernel, constexprs, warps, stages, maxnreg in kernels(group):
+            row = {"kernel": name, "G": group, **build(kernel, constexprs, warps, stages, maxnreg)}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
