@@ -24,12 +24,13 @@ from sparsa.ops.sparse_attn import backward as bwd
 from sparsa.ops.sparse_attn import kv_outer as kv
 from sparsa.ops.sparse_attn import q_outer as qo
 from sparsa.ops.sparse_attn import q_tile as qt
+from sparsa.ops.sparse_attn import q_tile_backward as qtb
 
 D, BS, TOPK = 128, 64, 16
 POINTER_TYPES = {
     "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
     "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
-    "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK"},
+    "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES"},
     "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT"},
 }
 FLOAT_ARGS = {"qk_scale", "scale"}
@@ -102,6 +103,11 @@ def kernels(group: int):
     rows, tokens, twarps = qt.tile_config(group, D)
     tile = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
     yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None
+    union = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_T=max(1, 1 << (tokens - 1).bit_length()), BLOCK_K=TOPK,
+                 MAXU=tokens * TOPK)
+    yield "q_tile union", qtb._tile_union_kernel, union, 4, 3, None
+    yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, 3, None
+    yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
 
 
 def main():

@@ -12,8 +12,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# spill bytes allowed per kernel (ptxas -v); the dK/dV kernel with gathered rows spilled 152 bytes when measured
-SPILL_LIMITS = {"kv_dkdv keys=False": 256}
+# spill bytes allowed per kernel (ptxas -v); when written, the dK/dV kernel with gathered rows spilled 152
+# bytes and q_tile's dK/dV 16
+SPILL_LIMITS = {"kv_dkdv keys=False": 256, "q_tile dkdv": 64}
 
 
 def test_every_kernel_builds_for_sm90_without_unexpected_spills():
@@ -27,7 +28,8 @@ def test_every_kernel_builds_for_sm90_without_unexpected_spills():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"] for r in rows}
-    assert {"kv_main local=False", "kv_main local=True", "kv_local_reduce", "kv_dkdv keys=True", "q_tile"} <= names
+    assert {"kv_main local=False", "kv_main local=True", "kv_local_reduce", "kv_dkdv keys=True", "q_tile",
+            "q_tile union", "q_tile dq", "q_tile dkdv"} <= names
     for r in rows:
         assert r["spill_bytes"] <= SPILL_LIMITS.get(r["kernel"], 0), r
         assert r["shared"] <= 227 * 1024, r

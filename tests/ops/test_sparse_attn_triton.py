@@ -249,6 +249,22 @@ def test_kv_heads_in_several_slices(local, monkeypatch):
     check(q, k, v, do, idx, 16)
 
 
+def test_q_tile_backward_with_split_blocks(monkeypatch):
+    """q_tile's dK/dV with every block's tiles cut into one-tile items (TILES_PER_ITEM = 1: partial slots and
+    SPLIT_REDUCE), 8-token tiles across packed documents, G = 2, Dv != D."""
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+    from sparsa.ops.sparse_attn import q_tile_backward as qtb_mod
+
+    monkeypatch.setattr(qtb_mod, "TILES_PER_ITEM", 1)
+    monkeypatch.setattr(qt_mod, "TILE_ROWS", 1)  # 16-row tiles: 8 tokens x 2 heads
+    cu = torch.tensor([0, 37, 41, 96], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 96, 2, 2, 16, torch.float32, dim_v=32, seed=90)
+    idx = random_selection(
+        1, 96, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(90), device=DEVICE
+    )
+    check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""

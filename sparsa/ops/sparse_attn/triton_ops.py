@@ -2,8 +2,9 @@
 
 forward : query-outer (q_outer.py, one program per token and KV head) or KV-outer (kv_outer.py,
           one program per (KV head, block, chunk of the tokens that chose it) + LSE merge);
-backward: KV-outer for both (backward.py): dK/dV per block, dQ through per-pair partials and a
-          fixed-order reduction (deterministic).
+backward: KV-outer (backward.py): dK/dV per block, dQ through per-pair partials and a fixed-order
+          reduction (deterministic); the opt-in query-tile order (q_tile.py) has its own backward over
+          the tiles' block unions (q_tile_backward.py).
 Every batch row / packed document is flattened into one token axis; positions and block indices
 stay local to each document (index.DocMeta). KV heads are processed in slices so that the
 per-pair buffers stay under PAIR_BUFFER_BYTES.
@@ -19,6 +20,7 @@ from .kv_outer import kv_outer_forward
 from .._alloc import new_output
 from .q_outer import q_outer_forward
 from .q_tile import q_tile_forward
+from .q_tile_backward import q_tile_backward
 
 # upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
 PAIR_BUFFER_BYTES = 6 << 30
@@ -67,6 +69,7 @@ class _SparseAttention(torch.autograd.Function):
                 indices.append(index)
         ctx.save_for_backward(q, k, v, o, lse, idx)
         ctx.meta, ctx.block_size, ctx.scale, ctx.indices = meta, block_size, scale, indices
+        ctx.loop_order = loop_order
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -79,6 +82,9 @@ class _SparseAttention(torch.autograd.Function):
         group = n_heads_q // n_heads_kv
         topk = idx.shape[-1]
         do = do.contiguous()
+        if ctx.loop_order == "q_tile":  # its own backward: over the tiles' block unions, no pair index
+            dq, dk, dv = q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size, scale)
+            return dq, dk, dv, None, None, None, None, None
         delta = compute_delta(o, do)
         dq = new_output(q.shape, q.dtype, q.device)
         dk = torch.zeros_like(k)

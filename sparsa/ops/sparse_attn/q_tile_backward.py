@@ -1,0 +1,250 @@
+"""Backward of the query-tile forward (loop_order="q_tile"): no per-pair traffic, like the forward.
+
+UNION  per (tile, KV head): the distinct global blocks the tile's tokens selected, in ascending order (the
+       forward's merge of the sorted rows, without MMAs) -> union lists [tiles, Hkv, TOKENS * topk] + counts.
+DQ     per (tile, KV head), over its union: recompute P = exp2(S - lse2) on the rows that chose the block,
+       dP = dO V^T, dS = P (dP - delta), dq += dS K; written once per row (no partials, no reduction).
+DKDV   the union entries sorted by (KV head, block) give each block the tiles that chose it (a CSR, as the
+       pair index of index.py but over (tile, block) entries: ~TOKENS x fewer than pairs on real selections);
+       one program per work item of a block: dK += dS^T Q, dV += P^T dO over those tiles' contiguous rows.
+       Hot blocks (block 0: every tile) are cut into items whose fp32 partials SPLIT_REDUCE sums in a fixed
+       order (backward.py's machinery). Deterministic, no atomics.
+A row uses block b when its token's (sorted) selection holds b's local index, b is at or before its own
+block, and the key is at or before the token (rows of a tile may belong to different packed documents).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
+from .._alloc import new_output
+from .backward import _split_reduce_kernel, _store_dkdv, compute_delta
+from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_list
+from .q_outer import LOG2E, _pow2, precision_for
+from .q_tile import _next_block, tile_config
+
+# union entries (tiles) per dK/dV work item: block 0 is in every tile's union and is cut into items of this size
+TILES_PER_ITEM = 32
+# warps of the dQ and dK/dV kernels: compiled offline for sm_90 (bf16, head dim 128, block 64, 64-row tiles)
+# 4 warps spill ~250 bytes in dK/dV, 8 warps 0-16
+BWD_WARPS = 8
+
+
+@triton.jit
+def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, TOPK: tl.constexpr,
+                       TOKENS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MAXU: tl.constexpr):
+    """UNION[tile, h, :COUNT] = the ascending distinct global blocks of the tile's TOKENS tokens (one row each)."""
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    t = tile * TOKENS + tl.arange(0, BLOCK_T)
+    rmask = (tl.arange(0, BLOCK_T) < TOKENS) & (t < N)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
+    offs_k = tl.arange(0, BLOCK_K)
+    sel = tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=0
+    )
+    ptr = tl.sum((sel < 0).to(tl.int32), 1)
+    cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+    out = UNION + (tile * Hkv + h) * MAXU
+    n = 0
+    b = tl.min(cur, 0)
+    while b < 2**62:
+        tl.store(out + n, b.to(tl.int32))
+        n += 1
+        ptr = ptr + (cur == b).to(tl.int32)
+        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+        # a block repeated in a row is already in the list: advance past it without a second entry
+        nb = tl.min(cur, 0)
+        while nb == b:
+            ptr = ptr + (cur == b).to(tl.int32)
+            cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+            nb = tl.min(cur, 0)
+        b = nb
+    tl.store(COUNT + tile * Hkv + h, n)
+
+
+@triton.jit
+def _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[R] bool: the row's token selected global block b (its local index is in the token's selection, at
+    or before the token's own block)."""
+    c = b - base  # [R] local index of b in each row's document
+    offs_k = tl.arange(0, BLOCK_K)
+    sel = tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1
+    )
+    chosen = tl.max((sel == c[:, None]).to(tl.int32), 1) > 0
+    return rmask & chosen & (c >= 0) & (c <= own)
+
+
+@triton.jit
+def _tile_rows(Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G: tl.constexpr, D: tl.constexpr,
+               DV: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """Rows of one tile (TOKENS tokens x G heads of KV head h): token, mask, Q, dO, log2 LSE, delta, doc block
+    base and own local block."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t = tile * TOKENS + offs_r // G
+    rmask = (offs_r // G < TOKENS) & (t < N)
+    row = t * Hq + h * G + offs_r % G
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
+    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    lse2 = tl.load(LSE + row, mask=rmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
+    return t, rmask, row, q, do, lse2, delta, base, own
+
+
+@triton.jit
+def _tile_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, scale, qk_scale,
+    N, Hq, Hkv, BS,
+    TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    t, rmask, row, q, do, lse2, delta, base, own = _tile_rows(
+        Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, D, DV, BLOCK_R, TOKENS, BLOCK_D, BLOCK_DV
+    )
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    union = UNION + (tile * Hkv + h) * MAXU
+    for i in range(tl.load(COUNT + tile * Hkv + h)):
+        b = tl.load(union + i).to(tl.int64)
+        use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
+        kpos = tl.load(BLKSTART + b) + offs_n
+        kmask = offs_n < tl.load(BLKLEN + b)
+        k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
+                    other=0.0)
+        vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+                     mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+        p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=rmask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _tile_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DVv, DKP, DVP, WORK, TILES, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN,
+    scale, qk_scale, N, Hq, Hkv, NBG, BS,
+    TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    w = tl.program_id(0).to(tl.int64)
+    start = tl.load(WORK + w * 4)
+    end = tl.load(WORK + w * 4 + 1)
+    if start >= end:
+        return
+    grp = tl.load(WORK + w * 4 + 2)
+    slot = tl.load(WORK + w * 4 + 3)
+    b = grp % NBG
+    h = grp // NBG
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kpos = tl.load(BLKSTART + b) + offs_n
+    kmask = offs_n < tl.load(BLKLEN + b)
+    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & (offs_dv < DV)[None, :],
+                 other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for e in range(start, end):
+        tile = tl.load(TILES + e).to(tl.int64)
+        t, rmask, row, q, do, lse2, delta, base, own = _tile_rows(
+            Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, D, DV, BLOCK_R, TOKENS, BLOCK_D, BLOCK_DV
+        )
+        use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+        p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+
+
+def tile_union(idx, meta, block_size: int, tokens: int):
+    """(union [tiles, Hkv, MAXU] int32 global block ids, counts [tiles, Hkv] int32, MAXU)."""
+    n_tokens, n_heads_kv, topk = idx.shape
+    n_tiles = triton.cdiv(n_tokens, tokens)
+    maxu = tokens * topk
+    union = torch.empty(n_tiles, n_heads_kv, maxu, dtype=torch.int32, device=idx.device)
+    counts = torch.empty(n_tiles, n_heads_kv, dtype=torch.int32, device=idx.device)
+    _tile_union_kernel[(n_tiles, n_heads_kv)](
+        idx, meta.tok_docstart, meta.tok_blockbase, union, counts, n_tokens, n_heads_kv, block_size,
+        TOPK=topk, TOKENS=tokens, BLOCK_T=_pow2(tokens, 1), BLOCK_K=_pow2(topk, 1), MAXU=maxu,
+    )
+    return union, counts, maxu
+
+
+def block_tiles(union, counts, maxu: int, n_blocks: int) -> PairIndex:
+    """The union entries sorted by group (KV head, global block), tiles ascending inside a group: a PairIndex
+    whose `toks` are tile ids (work_list / group_split_info cut it into items)."""
+    n_tiles, n_heads_kv, _ = union.shape
+    n_groups = n_heads_kv * n_blocks
+    step = torch.arange(maxu, device=union.device, dtype=torch.int32)
+    head = torch.arange(n_heads_kv, device=union.device, dtype=torch.int64)[None, :, None]
+    valid = step[None, None, :] < counts[:, :, None]
+    keys = torch.where(valid, head * n_blocks + union.to(torch.int64), n_groups).to(key_dtype(n_groups)).reshape(-1)
+    _, perm, group_counts, gstart = sort_groups(keys, n_groups)
+    tiles = (perm // (n_heads_kv * maxu)).to(torch.int32)
+    return PairIndex(0, n_heads_kv, keys.numel(), group_counts, gstart, tiles, tiles[:0])
+
+
+def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: float):
+    """dq, dk, dv of the q_tile forward. q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], o, do [N, Hq, Dv],
+    lse [N, Hq] (natural log), idx [N, Hkv, K] int32 with ascending rows."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    topk = idx.shape[-1]
+    rows, tokens, _ = tile_config(group, max(head_dim, head_dim_v))
+    delta = compute_delta(o, do)
+    union, counts, maxu = tile_union(idx, meta, block_size, tokens)
+    consts = dict(
+        TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
+        BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
+    )
+    dq = new_output(q.shape, q.dtype, q.device)
+    _tile_dq_kernel[(union.shape[0], n_heads_kv)](
+        q, k, v, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
+        union, counts, scale, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
+        MAXU=maxu, num_warps=BWD_WARPS, **consts,
+    )
+    index = block_tiles(union, counts, maxu, meta.n_blocks)
+    work, n_slots = work_list(index, TILES_PER_ITEM, with_slots=True)
+    split = group_split_info(index, TILES_PER_ITEM)
+    block_n, block_d, block_dv = consts["BLOCK_N"], consts["BLOCK_D"], consts["BLOCK_DV"]
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
+    dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
+    _tile_dkdv_kernel[(work.shape[0],)](
+        q, k, v, do, lse, delta, dk, dv, dkp, dvp, work, index.toks, idx, meta.tok_docstart, meta.tok_blockbase,
+        meta.blk_start, meta.blk_len, scale, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, meta.n_blocks,
+        block_size, num_warps=BWD_WARPS, **consts,
+    )
+    _split_reduce_kernel[(split.shape[0],)](
+        dk, dv, dkp, dvp, split, meta.blk_start, meta.blk_len, n_heads_kv, meta.n_blocks, 0,
+        D=head_dim, DV=head_dim_v, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4,
+    )
+    return dq, dk, dv
