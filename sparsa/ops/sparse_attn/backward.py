@@ -34,6 +34,12 @@ def _delta_kernel(O, DO, DELTA, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
+def _work_item(WORK, w):
+    """Row w of a dK/dV work list [W, 4]: (first entry, end, group, partial slot or -1)."""
+    return tl.load(WORK + w * 4), tl.load(WORK + w * 4 + 1), tl.load(WORK + w * 4 + 2), tl.load(WORK + w * 4 + 3)
+
+
+@triton.jit
 def _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The work item's KV head h, key positions kpos [BN] (mask kmask) and its block's K [BN, BD], V [BN, BDV]."""
@@ -138,13 +144,9 @@ def _kv_bwd_kernel(
 ):
     """dK/dV of one work item with the gathered rows as the MMA rows: S = Q K^T [rows, keys]; P and dS are
     transposed for dV += P^T dO and dK += dS^T Q."""
-    w = tl.program_id(0).to(tl.int64)
-    start = tl.load(WORK + w * 4)
-    end = tl.load(WORK + w * 4 + 1)
+    start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
     if start >= end:
         return
-    grp = tl.load(WORK + w * 4 + 2)
-    slot = tl.load(WORK + w * 4 + 3)
     h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -200,13 +202,9 @@ def _kv_bwd_keys_kernel(
     """The same as _kv_bwd_kernel with the block's keys as the MMA rows (the layout of Triton's fused-attention
     backward): S^T = K Q^T [keys, rows], so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers and
     only dS is transposed (for dQ = dS K). Opt-in: SPARSA_KV_BWD_KEYS=1."""
-    w = tl.program_id(0).to(tl.int64)
-    start = tl.load(WORK + w * 4)
-    end = tl.load(WORK + w * 4 + 1)
+    start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
     if start >= end:
         return
-    grp = tl.load(WORK + w * 4 + 2)
-    slot = tl.load(WORK + w * 4 + 3)
     h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)

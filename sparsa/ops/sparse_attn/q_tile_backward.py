@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
-from .backward import _split_reduce_kernel, _store_dkdv, compute_delta
+from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta
 from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_list
 from .q_outer import LOG2E, _pow2, precision_for
 from .q_tile import _next_block, tile_config
@@ -146,24 +146,11 @@ def _tile_dkdv_kernel(
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    w = tl.program_id(0).to(tl.int64)
-    start = tl.load(WORK + w * 4)
-    end = tl.load(WORK + w * 4 + 1)
+    start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
     if start >= end:
         return
-    grp = tl.load(WORK + w * 4 + 2)
-    slot = tl.load(WORK + w * 4 + 3)
     b = grp % NBG
-    h = grp // NBG
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kpos = tl.load(BLKSTART + b) + offs_n
-    kmask = offs_n < tl.load(BLKLEN + b)
-    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
-                other=0.0)
-    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & (offs_dv < DV)[None, :],
-                 other=0.0)
+    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, 0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for e in range(start, end):
