@@ -10,7 +10,8 @@ is gathered and no partials are written: a loaded block serves every row of the 
 It pays when adjacent tokens share blocks, as real `select_blocks` selections do (scripts/real_activations.py:
 SmolLM2, block 16, top-16, 64-token tiles visit 41-49 distinct blocks against 129 for random selections);
 for random selections the union is nearly TOKENS x topk blocks and the MMAs mostly compute masked rows.
-The backward is the KV-outer one (backward.py), as for the other forward orders.
+Its backward (q_tile_backward.py) works over the same tile unions: dQ per tile, dK/dV per block over the
+tiles that chose it, again without per-pair traffic.
 """
 
 from __future__ import annotations
