@@ -29,7 +29,7 @@ from sparsa.ops.sparse_attn import naive
 from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn.index import random_selection
 
-ORDERS = ("q_outer", "kv_outer")
+ORDERS = ("q_outer", "kv_outer", "q_tile")  # q_tile: opt-in, slow on random selections but checked too
 RESULTS = []
 FAILURES = []
 
@@ -155,7 +155,7 @@ def sel(seqlen, hkv, topk, bs, seed, cu=None, batch=1):
 
 
 def sampled_rows_check(seqlen=131072, hkv=8, group=4, dim=128, bs=64, topk=16, n_rows=24):
-    """Long sequence: both loop orders vs an fp64 per-row reference on sampled tokens (64-bit offsets)."""
+    """Long sequence: every loop order vs an fp64 per-row reference on sampled tokens (64-bit offsets)."""
     q, k, v = inputs(seqlen, hkv, group, dim, torch.bfloat16, seed=99)
     idx = sel(seqlen, hkv, topk, bs, 99)
     rows = torch.cat(
