@@ -265,6 +265,25 @@ def test_q_tile_backward_with_split_blocks(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
 
 
+def test_loop_order_from_the_environment(monkeypatch):
+    """SPARSA_LOOP_ORDER forces the order of calls that pass none."""
+    from sparsa.ops.sparse_attn import triton_ops
+
+    calls = []
+    real = triton_ops.q_tile_forward
+    monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, _ = make_inputs(1, 48, 1, 2, 16, torch.float32, seed=95)
+    idx = random_selection(1, 48, 1, 3, 16, generator=torch.Generator().manual_seed(95), device=DEVICE)
+    sparsa.sparse_attention(q, k, v, idx, block_size=16)
+    assert not calls  # automatic choice: q_outer at this length
+    monkeypatch.setenv("SPARSA_LOOP_ORDER", "q_tile")
+    sparsa.sparse_attention(q, k, v, idx, block_size=16)
+    assert calls == [1]
+    monkeypatch.setenv("SPARSA_LOOP_ORDER", "tiles")
+    with pytest.raises(ValueError, match="SPARSA_LOOP_ORDER"):
+        sparsa.sparse_attention(q, k, v, idx, block_size=16)
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""

@@ -12,6 +12,8 @@ per-pair buffers stay under PAIR_BUFFER_BYTES.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .backward import compute_delta, kv_outer_backward
@@ -34,6 +36,17 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int) -> str:
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
     return "kv_outer"
+
+
+def forced_loop_order() -> str | None:
+    """SPARSA_LOOP_ORDER=q_outer|kv_outer|q_tile: the forward loop order of every call that passes none (A/B of
+    whole models without code changes); unset: the automatic choice."""
+    from . import LOOP_ORDERS
+
+    name = os.environ.get("SPARSA_LOOP_ORDER")
+    if name is not None and name not in LOOP_ORDERS:
+        raise ValueError(f"SPARSA_LOOP_ORDER must be one of {LOOP_ORDERS}, got {name!r}")
+    return name
 
 
 def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int, esize: int = 4):
@@ -106,7 +119,7 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     n_tokens = batch * seqlen
     group = n_heads_q // n_heads_kv
     if loop_order is None:
-        loop_order = choose_loop_order(group, n_tokens, head_dim)
+        loop_order = forced_loop_order() or choose_loop_order(group, n_tokens, head_dim)
     meta = doc_meta(batch, seqlen, cu_seqlens, block_size, q.device)
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
