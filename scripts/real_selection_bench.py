@@ -5,7 +5,7 @@
 
 SmolLM2-135M shapes (Hq = 9, Hkv = 3, G = 3, head dim 64), the recorded layers, block 16 and 64, top-16 with
 block 0 and two local blocks forced, bf16, values random. For each: do_bench medians (ms) of the forward
-with loop_order q_outer / kv_outer / q_tile and of forward+backward (KV-outer backward) with the
+with loop_order q_outer / kv_outer / q_tile (and q_tile at each --tile-rows) and of forward+backward (KV-outer backward) with the
 automatic order and with q_tile, dense causal SDPA, and the same with `random_selection` at the same shape
 (where adjacent tokens share only the forced blocks). Outputs of the orders are compared with each other.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import sparsa
 from benchmarks.sparse_attention import bench
 from scripts.real_activations import load_qk
+from sparsa.ops.sparse_attn import q_tile as qt_mod
 from sparsa.ops.sparse_attn.index import random_selection
 
 ORDERS = ("q_outer", "kv_outer", "q_tile")
@@ -41,6 +42,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("activations")
     p.add_argument("--topk", type=int, default=16)
+    p.add_argument("--tile-rows", default="32,64,128", help="q_tile TILE_ROWS variants (rows per tile at head dim 128)")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for layer, (q, k) in load_qk(args.activations).items():
@@ -61,6 +63,13 @@ def main():
                         lambda order=order: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
                     )
                 row["max_rel_diff"] = max(rel(outs[o], outs["kv_outer"]) for o in ORDERS)
+                default_rows = qt_mod.TILE_ROWS
+                for tile_rows in (int(x) for x in args.tile_rows.split(",")):
+                    qt_mod.TILE_ROWS = tile_rows
+                    row[f"fwd_q_tile_rows{tile_rows}"] = bench(
+                        lambda: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
+                    )
+                qt_mod.TILE_ROWS = default_rows
                 row["fwdbwd_auto"] = fwd_bwd_ms(q, k, v, idx, bs, None)
                 row["fwdbwd_q_tile"] = fwd_bwd_ms(q, k, v, idx, bs, "q_tile")
                 print(json.dumps(row), flush=True)
