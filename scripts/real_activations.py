@@ -73,22 +73,42 @@ def mean_union(idx: torch.Tensor, tile: int) -> tuple[float, float]:
     return sum(unions) / len(unions), sum(shares) / len(shares)
 
 
+def forward_bytes_per_row(idx: torch.Tensor, tile: int, block: int, head_dim: int, group: int) -> tuple[float, float]:
+    """Modelled HBM bytes per (token, query head) of the forward in bf16 (docs/kernels/sparse_attention.md):
+    KV-outer moves 3 rows of 2 * head_dim bytes per pair (gathered query, partial written and read back);
+    q_tile loads each distinct block of a tile once (K and V, shared by the tile's tokens x G rows) and reads
+    the query row and writes the output row once. Upper bounds: blocks shared by several tiles may hit L2."""
+    n_tokens, n_heads, _ = idx.shape
+    pairs = float((idx >= 0).sum()) / (n_tokens * n_heads)
+    union, _ = mean_union(idx, tile)
+    row = 2 * head_dim
+    return 3 * row * pairs, union * block * 2 * row / (tile * group) + 2 * row
+
+
 def locality_table(found: dict[str, torch.Tensor], topk: int = 16) -> list[str]:
     from sparsa import select_blocks
     from sparsa.ops.sparse_attn.index import random_selection
 
-    lines = ["| layer | block | tile | SSA union | SSA pairs per block | random union | random pairs per block |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| layer | block | tile | SSA union | SSA pairs per block | random union | random pairs per block "
+             "| fwd B/row KV-outer | fwd B/row q_tile, SSA | q_tile, random | q_tile MMA / useful, SSA | random |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted((n for n in found if n.startswith("q.")), key=lambda n: int(n.split(".")[1])):
         layer = name.split(".")[1]
         q, k = found[name][None], found[f"k.{layer}"][None]
         for block in (64, 16):
             ssa = select_blocks(q, k, block_size=block, topk=topk, init_blocks=1, local_blocks=2)[0]
             rnd = random_selection(1, q.shape[1], k.shape[2], topk, block, generator=torch.Generator().manual_seed(0))[0]
+            group = q.shape[2] // k.shape[2]
             for tile in (16, 64):
                 su, ss = mean_union(ssa, tile)
                 ru, rs = mean_union(rnd, tile)
-                lines.append(f"| {layer} | {block} | {tile} | {su:.1f} | {ss:.1f} | {ru:.1f} | {rs:.1f} |")
+                kv_b, qt_b = forward_bytes_per_row(ssa, tile, block, q.shape[3], group)
+                _, qt_rnd = forward_bytes_per_row(rnd, tile, block, q.shape[3], group)
+                # q_tile runs every row over the tile's whole union: MMA work / useful work = union / pairs per token
+                waste = su / (float((ssa >= 0).sum()) / ssa.shape[0] / ssa.shape[1])
+                waste_rnd = ru / (float((rnd >= 0).sum()) / rnd.shape[0] / rnd.shape[1])
+                lines.append(f"| {layer} | {block} | {tile} | {su:.1f} | {ss:.1f} | {ru:.1f} | {rs:.1f} "
+                             f"| {kv_b:.0f} | {qt_b:.0f} | {qt_rnd:.0f} | {waste:.1f}x | {waste_rnd:.1f}x |")
     return lines
 
 

@@ -31,3 +31,12 @@ def test_mean_union_of_tiles():
     # tiles of 2 tokens: {0, 1, 2} from 4 pairs, {0, 3} from 3 pairs (-1 ignored, repeats counted as pairs)
     union, pairs = mean_union(idx, 2)
     assert union == 2.5 and pairs == (4 / 3 + 3 / 2) / 2
+
+
+def test_forward_bytes_model():
+    from scripts.real_activations import forward_bytes_per_row
+
+    idx = torch.tensor([[[0, 1]], [[0, 2]], [[0, -1]], [[3, 3]]], dtype=torch.int32)
+    kv, qt = forward_bytes_per_row(idx, tile=2, block=16, head_dim=64, group=2)
+    assert kv == 3 * 128 * 7 / 4  # 7 valid slots over 4 tokens
+    assert qt == 2.5 * 16 * 2 * 128 / (2 * 2) + 2 * 128  # mean union 2.5 blocks of K and V per 2 tokens x 2 heads
