@@ -40,6 +40,28 @@ def _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS: tl.constexpr):
+    """Scalars of the program's tile: last token t1, whether the tile lies in one document, that document's
+    start and the global id of its block 0."""
+    t0 = tl.program_id(0).to(tl.int64) * TOKENS
+    t1 = tl.minimum(t0 + TOKENS, N) - 1
+    ds0 = tl.load(DOCSTART + t0)
+    return t1, ds0 == tl.load(DOCSTART + t1), ds0, tl.load(BLOCKBASE + t0)
+
+
+@triton.jit
+def _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N: tl.constexpr):
+    """Key positions [BLOCK_N] and mask of global block b. In a one-document tile they follow from the
+    document start (no dependent load in the block loop; keys after the tile's last token are never visible,
+    so the block's length is not needed), else from the block table."""
+    offs_n = tl.arange(0, BLOCK_N)
+    kst = tl.where(one_doc, ds0 + (b - base0) * BS, tl.load(BLKSTART + b, mask=~one_doc, other=0))
+    blen = tl.where(one_doc, BS, tl.load(BLKLEN + b, mask=~one_doc, other=0))
+    kpos = kst + offs_n
+    return kpos, (offs_n < blen) & (kpos <= t1)
+
+
+@triton.jit
 def _q_tile_fwd_kernel(
     Q,
     K,
@@ -70,7 +92,7 @@ def _q_tile_fwd_kernel(
 ):
     h = tl.program_id(1).to(tl.int64)
     t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
-    offs_n = tl.arange(0, BLOCK_N)
+    t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_k = tl.arange(0, BLOCK_K)
@@ -98,9 +120,7 @@ def _q_tile_fwd_kernel(
         last = tl.where(at_b, b, last)
         ptr = ptr + at_b.to(tl.int32)
         cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-        kst = tl.load(BLKSTART + b)
-        kpos = kst + offs_n
-        kmask = offs_n < tl.load(BLKLEN + b)
+        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         vv = tl.load(
             V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0

@@ -24,7 +24,7 @@ from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta
 from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_list
 from .q_outer import LOG2E, _pow2, precision_for
-from .q_tile import _next_block, tile_config
+from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
 
 # union entries (tiles) per dK/dV work item: block 0 is in every tile's union and is cut into items of this size
 TILES_PER_ITEM = 32
@@ -114,7 +114,7 @@ def _tile_dq_kernel(
     t, rmask, row, q, do, lse2, delta, base, own = _tile_rows(
         Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, D, DV, BLOCK_R, TOKENS, BLOCK_D, BLOCK_DV
     )
-    offs_n = tl.arange(0, BLOCK_N)
+    t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -122,8 +122,7 @@ def _tile_dq_kernel(
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
         use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
-        kpos = tl.load(BLKSTART + b) + offs_n
-        kmask = offs_n < tl.load(BLKLEN + b)
+        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
                     other=0.0)
         vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
