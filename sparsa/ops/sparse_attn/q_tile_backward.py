@@ -81,24 +81,29 @@ def _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def _tile_rows(Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G: tl.constexpr, D: tl.constexpr,
-               DV: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
-    """Rows of one tile (TOKENS tokens x G heads of KV head h): token, mask, Q, dO, log2 LSE, delta, doc block
-    base and own local block."""
+def _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                 TOKENS: tl.constexpr):
+    """Rows of one tile (TOKENS tokens x G heads of KV head h): token, mask, row index, global id of the token's
+    document block 0 and the token's own local block."""
     offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     t = tile * TOKENS + offs_r // G
     rmask = (offs_r // G < TOKENS) & (t < N)
-    row = t * Hq + h * G + offs_r % G
-    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    lse2 = tl.load(LSE + row, mask=rmask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
     base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
     own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
-    return t, rmask, row, q, do, lse2, delta, base, own
+    return t, rmask, t * Hq + h * G + offs_r % G, base, own
+
+
+@triton.jit
+def _row_data(Q, DO, LSE, DELTA, row, mask, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr):
+    """Q, dO, log2 LSE and delta of the rows under `mask` (masked rows move no data)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=mask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    lse2 = tl.load(LSE + row, mask=mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=mask, other=0.0)
+    return q, do, lse2, delta
 
 
 @triton.jit
@@ -111,9 +116,8 @@ def _tile_dq_kernel(
 ):
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    t, rmask, row, q, do, lse2, delta, base, own = _tile_rows(
-        Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, D, DV, BLOCK_R, TOKENS, BLOCK_D, BLOCK_DV
-    )
+    t, rmask, row, base, own = _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, BLOCK_R, TOKENS)
+    q, do, lse2, delta = _row_data(Q, DO, LSE, DELTA, row, rmask, D, DV, BLOCK_D, BLOCK_DV)
     t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -154,10 +158,10 @@ def _tile_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for e in range(start, end):
         tile = tl.load(TILES + e).to(tl.int64)
-        t, rmask, row, q, do, lse2, delta, base, own = _tile_rows(
-            Q, DO, LSE, DELTA, DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, D, DV, BLOCK_R, TOKENS, BLOCK_D, BLOCK_DV
-        )
+        t, rmask, row, base, own = _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, BLOCK_R, TOKENS)
         use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
+        # only the rows that chose the block are read: the others' loads are masked and move no data
+        q, do, lse2, delta = _row_data(Q, DO, LSE, DELTA, row, use, D, DV, BLOCK_D, BLOCK_DV)
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
