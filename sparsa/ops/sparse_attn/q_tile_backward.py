@@ -8,7 +8,8 @@ DKDV   the union entries sorted by (KV head, block) give each block the tiles th
        pair index of index.py but over (tile, block) entries: ~TOKENS x fewer than pairs on real selections);
        one program per work item of a block: dK += dS^T Q, dV += P^T dO over those tiles' contiguous rows.
        Hot blocks (block 0: every tile) are cut into items whose fp32 partials SPLIT_REDUCE sums in a fixed
-       order (backward.py's machinery). Deterministic, no atomics.
+       order (backward.py's machinery); the partial buffer is sized exactly, after one host synchronisation.
+       Deterministic, no atomics.
 A row uses block b when its token's (sorted) selection holds b's local index, b is at or before its own
 block, and the key is at or before the token (rows of a tile may belong to different packed documents).
 """
@@ -26,8 +27,9 @@ from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_lis
 from .q_outer import LOG2E, _pow2, precision_for
 from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
 
-# union entries (tiles) per dK/dV work item: block 0 is in every tile's union and is cut into items of this size
-TILES_PER_ITEM = 32
+# union entries (tiles) per dK/dV work item: only blocks chosen by more tiles (block 0 is in every tile's union)
+# are cut into items, whose fp32 partial dK/dV (64 KB each at block 64, head dim 128) SPLIT_REDUCE sums
+TILES_PER_ITEM = 256
 # warps of the dQ and dK/dV kernels: compiled offline for sm_90 (bf16, head dim 128, block 64, 64-row tiles)
 # 4 warps spill ~250 bytes in dK/dV, 8 warps 0-16
 BWD_WARPS = 8
@@ -221,8 +223,11 @@ def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: floa
         MAXU=maxu, num_warps=BWD_WARPS, **consts,
     )
     index = block_tiles(union, counts, maxu, meta.n_blocks)
-    work, n_slots = work_list(index, TILES_PER_ITEM, with_slots=True)
+    work, _ = work_list(index, TILES_PER_ITEM, with_slots=True)
     split = group_split_info(index, TILES_PER_ITEM)
+    # exact number of partial slots (one host synchronisation): work_list's host-side bound, 2 x entries /
+    # TILES_PER_ITEM, assumes every tile's union could hold TOKENS x topk blocks (GBs of slots at 64K)
+    n_slots = max(1, int(split[:, 0].sum()))
     block_n, block_d, block_dv = consts["BLOCK_N"], consts["BLOCK_D"], consts["BLOCK_DV"]
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
