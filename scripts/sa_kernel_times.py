@@ -39,7 +39,8 @@ def kernel_times(fn, calls):
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activity = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[activity.CUDA if torch.cuda.is_available() else activity.CPU]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
@@ -48,6 +49,8 @@ def kernel_times(fn, calls):
         us = getattr(evt, "self_device_time_total", None)
         if us is None:
             us = getattr(evt, "self_cuda_time_total", 0.0)
+        if not torch.cuda.is_available():  # CPU dry run of the script: host time per op
+            us = evt.self_cpu_time_total
         if us > 0:
             per[evt.key[:70]] += us / 1e3 / calls
     return dict(per)
