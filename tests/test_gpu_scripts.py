@@ -1,0 +1,23 @@
+"""CPU dry runs of the GPU probes (scripts/gpu_script_dry_run.py): tiny fp32 shapes in the interpreter, so
+that a broken probe fails here rather than on a lent GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBES = [
+    ["scripts/kv_variants.py", "--sizes", "48", "--groups", "4", "--fwd", "64x4x96", "--bwd", "k;k64x4"],
+    ["scripts/kv_local_ab.py", "--sizes", "48", "--groups", "2", "--local", "16x4", "--backward"],
+    ["scripts/sa_kernel_times.py", "--sizes", "48", "--groups", "4", "--calls", "1"],
+]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda p: os.path.basename(p[0]))
+def test_gpu_probe_runs_on_cpu(probe):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_script_dry_run.py"), *probe],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "error" not in out.stdout.lower(), out.stdout[-3000:]
