@@ -1,7 +1,8 @@
-"""Triton selected-block attention: both loop orders behind one autograd function.
+"""Triton selected-block attention: the loop orders behind one autograd function.
 
 forward : query-outer (q_outer.py, one program per token and KV head) or KV-outer (kv_outer.py,
-          one program per (KV head, block, chunk of the tokens that chose it) + LSE merge);
+          one program per (KV head, block, chunk of the tokens that chose it) + LSE merge), chosen
+          automatically; or the opt-in query-tile order (q_tile.py, one program per tile of tokens);
 backward: KV-outer (backward.py): dK/dV per block, dQ through per-pair partials and a fixed-order
           reduction (deterministic); the opt-in query-tile order (q_tile.py) has its own backward over
           the tiles' block unions (q_tile_backward.py).
