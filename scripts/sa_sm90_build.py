@@ -92,8 +92,8 @@ def kernels(group: int):
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, _ = bwd.bwd_config(group, D, BS)
-        kernel = bwd._kv_bwd_keys_kernel if keys else bwd._kv_bwd_kernel
-        yield f"kv_dkdv keys={keys}", kernel, dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS), bwarps, 2, None
+        dkdv = dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS, KEYS_AS_ROWS=keys)
+        yield f"kv_dkdv keys={keys}", bwd._kv_bwd_kernel, dkdv, bwarps, 2, None
     os.environ.pop("SPARSA_KV_BWD_KEYS")
     rows, tokens, rwarps = kv.reduce_config(group, D)
     dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D)

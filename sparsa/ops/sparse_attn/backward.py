@@ -141,9 +141,13 @@ def _kv_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
+    KEYS_AS_ROWS: tl.constexpr,
 ):
-    """dK/dV of one work item with the gathered rows as the MMA rows: S = Q K^T [rows, keys]; P and dS are
-    transposed for dV += P^T dO and dK += dS^T Q."""
+    """dK/dV (and the dQ partials) of one work item. KEYS_AS_ROWS False: the gathered rows are the MMA rows,
+    S = Q K^T [rows, keys], and P and dS are transposed for dV += P^T dO and dK += dS^T Q. True (opt-in,
+    SPARSA_KV_BWD_KEYS=1): the block's keys are the MMA rows (the layout of Triton's fused-attention
+    backward), S^T = K Q^T [keys, rows], so P^T and dS^T feed dV and dK from registers and only dS is
+    transposed (for dQ = dS K)."""
     start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
     if start >= end:
         return
@@ -154,72 +158,24 @@ def _kv_bwd_kernel(
         pidx, rmask, tok, q, do, lse2, delta = _bwd_rows(
             Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G, D, DV, BLOCK_M, PAIRS, BLOCK_D, BLOCK_DV
         )
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
-        p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
-    _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
-
-
-@triton.jit
-def _kv_bwd_keys_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQP,
-    DK,
-    DVv,
-    DKP,
-    DVP,
-    WORK,
-    TOKS,
-    BLKSTART,
-    BLKLEN,
-    scale,
-    qk_scale,
-    Hq,
-    Hkv,
-    NBG,
-    h0,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    PAIRS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """The same as _kv_bwd_kernel with the block's keys as the MMA rows (the layout of Triton's fused-attention
-    backward): S^T = K Q^T [keys, rows], so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers and
-    only dS is transposed (for dQ = dS K). Opt-in: SPARSA_KV_BWD_KEYS=1."""
-    start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
-    if start >= end:
-        return
-    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for p0 in range(start, end, PAIRS):
-        pidx, rmask, tok, q, do, lse2, delta = _bwd_rows(
-            Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G, D, DV, BLOCK_M, PAIRS, BLOCK_D, BLOCK_DV
-        )
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-        ok = kmask[:, None] & rmask[None, :] & (kpos[:, None] <= tok[None, :])
-        pt = tl.exp2(tl.where(ok, st - lse2[None, :], float("-inf")))
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(vv, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
+        if KEYS_AS_ROWS:
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+            ok = kmask[:, None] & rmask[None, :] & (kpos[:, None] <= tok[None, :])
+            pt = tl.exp2(tl.where(ok, st - lse2[None, :], float("-inf")))
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(vv, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
+        else:
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+            ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
+            p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
     _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
 
@@ -318,7 +274,7 @@ DQ_PARTIAL_DTYPE: torch.dtype = torch.bfloat16
 
 
 def keys_as_rows() -> bool:
-    """dK/dV kernel with the block's keys as the MMA rows (_kv_bwd_keys_kernel): SPARSA_KV_BWD_KEYS=1, or 0
+    """dK/dV kernel with the block's keys as the MMA rows (_kv_bwd_kernel's KEYS_AS_ROWS): SPARSA_KV_BWD_KEYS=1, or 0
     (the default until it has been timed on a GPU)."""
     return env_flag("SPARSA_KV_BWD_KEYS", False)
 
@@ -365,8 +321,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
-    kernel = _kv_bwd_keys_kernel if keys_as_rows() else _kv_bwd_kernel
-    kernel[(work.shape[0],)](
+    _kv_bwd_kernel[(work.shape[0],)](
         q,
         k,
         v,
@@ -397,6 +352,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
+        KEYS_AS_ROWS=keys_as_rows(),
         num_warps=warps,
         num_stages=2,
         **launch_opts,
