@@ -83,12 +83,9 @@ def kernels(group: int):
     main = dict(common, BLOCK_M=block_m, PAIRS=block_m // group, BLOCK_N=BS)
     for local in (False, True):
         yield f"kv_main local={local}", kv._kv_fwd_main_kernel, dict(main, LOCAL=local), warps, 1, opts.get("maxnreg")
-    rows, tokens, rwarps = kv.reduce_config(group, D)
-    merge = dict(TOPK=TOPK, G=group, DV=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_DV=D)
-    yield "kv_reduce", kv._kv_fwd_reduce_kernel, merge, rwarps, 3, None
-    rows, tokens, lwarps = kv.local_config(group, D)
-    local_merge = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
-    yield "kv_local_reduce", kv._kv_fwd_local_reduce_kernel, local_merge, lwarps, 3, None
+    for local, (rows, tokens, rwarps) in ((False, kv.reduce_config(group, D)), (True, kv.local_config(group, D))):
+        merge = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK, LOCAL=local)
+        yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, 3, None
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, _ = bwd.bwd_config(group, D, BS)

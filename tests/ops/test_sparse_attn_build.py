@@ -13,8 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # spill bytes allowed per kernel (ptxas -v); when written, the dK/dV kernel with gathered rows spilled 152
-# bytes and q_tile's dK/dV 64
-SPILL_LIMITS = {"kv_dkdv keys=False": 256, "q_tile dkdv": 128}
+# bytes, q_tile's dK/dV 64 and the merge kernel with the local blocks 8
+SPILL_LIMITS = {"kv_dkdv keys=False": 256, "q_tile dkdv": 128, "kv_local_reduce": 32}
 
 
 def test_every_kernel_builds_for_sm90_without_unexpected_spills():

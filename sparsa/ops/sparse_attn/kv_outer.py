@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .._env import env_flag
 from .index import PairIndex, work_list
-from .q_outer import LOG2E, _pow2, precision_for
+from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
 
 # rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum), head dim <= 128
@@ -99,14 +99,14 @@ def local_block_table(meta, block_size: int, tokens: int) -> torch.Tensor:
 def local_pair(tok, gb, LOCALBLK, mask):
     """[M] bool: the pair (token tok, global block gb) is one of the token's local blocks (its document's
     block 0, its own block, the previous one) and its merge tile lies in one document (local_block_table),
-    so that the merge kernel computes it (the same test as _kv_fwd_local_reduce_kernel's)."""
+    so that the merge kernel computes it (the same test as _kv_fwd_merge_kernel's with LOCAL)."""
     block0 = tl.load(LOCALBLK + tok * 2, mask=mask, other=-2)
     own = tl.load(LOCALBLK + tok * 2 + 1, mask=mask, other=-2)
     return (gb == block0) | (gb == own) | (gb == own - 1)
 
 
 @triton.jit
-def _kv_fwd_local_reduce_kernel(
+def _kv_fwd_merge_kernel(
     Q,
     K,
     V,
@@ -134,81 +134,69 @@ def _kv_fwd_local_reduce_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
-    """REDUCE with the local blocks fused in: one program per (TOKENS consecutive tokens, KV head), rows =
-    those tokens x G heads. When the tile lies in one document, an online softmax over its tokens' local
-    blocks (block 0, own, previous; each row only over the ones its token selected) from the contiguous
-    query rows starts the merge, and those slots' partials (not written by MAIN) are skipped. Then each
-    row's other partials are merged in slot order, as in _kv_fwd_reduce_kernel."""
+    """REDUCE: one program per (TOKENS consecutive tokens, KV head), rows = those tokens x their G heads;
+    merges each row's partials slot by slot (slot order: deterministic), without a branch per slot so that
+    the loads of all rows of a slot are issued together.
+    LOCAL (opt-in): when the tile lies in one document, an online softmax over its tokens' local blocks
+    (block 0, own, previous; each row only over the ones its token selected) from the contiguous query rows
+    starts the merge, and those slots' partials (not written by MAIN) are skipped."""
     hl = tl.program_id(1).to(tl.int64)
     h = h0 + hl
     t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
-    t0 = tl.program_id(0).to(tl.int64) * TOKENS
-    t1 = tl.minimum(t0 + TOKENS, N) - 1
-    ds = tl.load(DOCSTART + t0)
-    one_doc = tile_is_one_doc(DOCSTART, t0, N, TOKENS, True)
-    own = (t - ds) // BS  # [R] (meaningful when one_doc)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dmask = offs_d < D
-    dvmask = offs_dv < DV
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     idx_row = IDX + (t * Hkv + h) * TOPK  # [R]
-    if one_doc:
-        hq = h * G + g
-        q = tl.load(Q + (t * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        offs_k = tl.arange(0, BLOCK_K)
-        sel = tl.load(idx_row[:, None] + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1)
-        lo = tl.maximum((t0 - ds) // BS - 1, 0)
-        hi = (t1 - ds) // BS
-        extra = (lo > 0).to(tl.int64)  # block 0 first when it is not in [lo, hi]
-        for i in range(hi - lo + 1 + extra):
-            c = tl.where(i < extra, 0, lo + i - extra)
-            chosen = tl.max((sel == c).to(tl.int32), 1) > 0
-            use = rmask & chosen & ((c == 0) | (c == own) | (c == own - 1))  # [R]
-            kpos = ds + c * BS + offs_n
-            kmask = (offs_n < BS) & (kpos <= t1)
-            k = tl.load(
-                K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+    if LOCAL:
+        t0 = tl.program_id(0).to(tl.int64) * TOKENS
+        t1 = tl.minimum(t0 + TOKENS, N) - 1
+        ds = tl.load(DOCSTART + t0)
+        one_doc = tile_is_one_doc(DOCSTART, t0, N, TOKENS, True)
+        own = (t - ds) // BS  # [R] (meaningful when one_doc)
+        if one_doc:
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_n = tl.arange(0, BLOCK_N)
+            q = tl.load(
+                Q + (t * Hq + h * G + g)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :],
+                other=0.0,
             )
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            sc = tl.where(use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None]), sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(
-                V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-            m_i = m_new
+            offs_k = tl.arange(0, BLOCK_K)
+            sel = tl.load(idx_row[:, None] + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1)
+            lo = tl.maximum((t0 - ds) // BS - 1, 0)
+            hi = (t1 - ds) // BS
+            extra = (lo > 0).to(tl.int64)  # block 0 first when it is not in [lo, hi]
+            for i in range(hi - lo + 1 + extra):
+                c = tl.where(i < extra, 0, lo + i - extra)
+                chosen = tl.max((sel == c).to(tl.int32), 1) > 0
+                use = rmask & chosen & ((c == 0) | (c == own) | (c == own - 1))  # [R]
+                kpos = ds + c * BS + offs_n
+                kmask = (offs_n < BS) & (kpos <= t1)
+                score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+                m_i, l_i, acc = attend_block(
+                    q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV,
+                    PRECISION,
+                )
     pos_row = POS + (hl * N + t) * TOPK  # [R]
     for s in range(TOPK):
         pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
-        blk = tl.load(idx_row + s, mask=rmask, other=-1)
-        done = one_doc & ((blk == 0) | (blk == own) | (blk == own - 1))  # merged above, no partial
-        ok = (pp >= 0) & ~done
+        ok = pp >= 0
+        if LOCAL:
+            blk = tl.load(idx_row + s, mask=rmask, other=-1)
+            ok = ok & ~(one_doc & ((blk == 0) | (blk == own) | (blk == own - 1)))  # merged above, no partial
         rows = pp * G + g
         lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
-        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
+        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
         m_new = tl.maximum(m_i, lp)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
         alpha = tl.exp2(m_i - m_use)
         beta = tl.exp2(lp - m_use)
         l_i = l_i * alpha + beta
         acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
         m_i = m_new
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    orow = t * Hq + h * G + g
-    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
-    tl.store(LSE + orow, lse, mask=rmask)
+    store_rows(O, LSE, t * Hq + h * G + g, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
 @triton.jit
@@ -287,56 +275,6 @@ def _kv_fwd_main_kernel(
         OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :]
     )
     tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask)
-
-
-@triton.jit
-def _kv_fwd_reduce_kernel(
-    O,
-    LSE,
-    OP,
-    LSEP,
-    POS,
-    N,
-    Hq,
-    h0,
-    TOPK: tl.constexpr,
-    G: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    TOKENS: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-):
-    """One program per (TOKENS consecutive tokens, KV head); rows = those tokens x their G heads. Merges
-    each row's partials slot by slot (slot order: deterministic); no branch per slot, so the loads of
-    all rows of a slot are issued together."""
-    hl = tl.program_id(1).to(tl.int64)
-    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dvmask = offs_dv < DV
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    pos_row = POS + (hl * N + t) * TOPK  # [R]
-    for s in range(TOPK):
-        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
-        ok = pp >= 0
-        rows = pp * G + g
-        lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
-        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
-        m_new = tl.maximum(m_i, lp)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
-        alpha = tl.exp2(m_i - m_use)
-        beta = tl.exp2(lp - m_use)
-        l_i = l_i * alpha + beta
-        acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
-        m_i = m_new
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    orow = t * Hq + (h0 + hl) * G + g
-    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
-    tl.store(LSE + orow, lse, mask=rmask)
 
 
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
@@ -427,53 +365,37 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         num_stages=1,
         **launch_opts,
     )
-    if local_tokens:
-        _kv_fwd_local_reduce_kernel[(triton.cdiv(n_tokens, local_tokens), index.n_heads)](
-            q,
-            k,
-            v,
-            o,
-            lse,
-            op,
-            lsep,
-            index.pos,
-            idx,
-            meta.tok_docstart,
-            scale * LOG2E,
-            n_tokens,
-            n_heads_q,
-            n_heads_kv,
-            index.h0,
-            block_size,
-            TOPK=topk,
-            G=group,
-            D=head_dim,
-            DV=head_dim_v,
-            BLOCK_R=local_rows,
-            TOKENS=local_tokens,
-            BLOCK_N=_pow2(block_size),
-            BLOCK_D=block_d,
-            BLOCK_DV=block_dv,
-            BLOCK_K=_pow2(topk, 1),
-            PRECISION=precision_for(q.dtype),
-            num_warps=local_warps,
-        )
-        return
-    block_r, tokens, warps = reduce_config(group, head_dim_v)
-    _kv_fwd_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
+    rows, tokens, merge_warps = (
+        (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
+    )
+    _kv_fwd_merge_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
+        q,
+        k,
+        v,
         o,
         lse,
         op,
         lsep,
         index.pos,
+        idx,
+        meta.tok_docstart,
+        scale * LOG2E,
         n_tokens,
         n_heads_q,
+        n_heads_kv,
         index.h0,
+        block_size,
         TOPK=topk,
         G=group,
+        D=head_dim,
         DV=head_dim_v,
-        BLOCK_R=block_r,
+        BLOCK_R=rows,
         TOKENS=tokens,
+        BLOCK_N=_pow2(block_size),
+        BLOCK_D=block_d,
         BLOCK_DV=block_dv,
-        num_warps=warps,
+        BLOCK_K=_pow2(topk, 1),
+        PRECISION=precision_for(q.dtype),
+        LOCAL=bool(local_tokens),
+        num_warps=merge_warps,
     )

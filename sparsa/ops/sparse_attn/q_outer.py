@@ -18,6 +18,43 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def attend_block(q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D: tl.constexpr,
+                 DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of an online softmax in the log2 domain: loads the block's K and V at positions kpos
+    (mask kmask [BN], KV head h), scores the rows q against it (score_mask [R, BN], or broadcastable to it:
+    False -> -inf) and updates each row's running max m_i, sum l_i and unnormalised output acc."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+                 mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    sc = tl.where(score_mask, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: everything stays 0
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_rows(O, LSE, orow, rmask, acc, m_i, l_i, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Normalised output rows O[orow] and natural-log LSE from their (m, l, acc) online-softmax state (log2
+    domain); a row without any key gets o = 0 and lse = -inf."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + orow, lse, mask=rmask)
+
+
+@triton.jit
 def _q_outer_fwd_kernel(
     Q,
     K,
@@ -48,10 +85,8 @@ def _q_outer_fwd_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     gmask = offs_g < G
     dmask = offs_d < D
-    dvmask = offs_dv < DV
     hq = h * G + offs_g
     q = tl.load(Q + (t * Hq + hq)[:, None] * D + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -62,55 +97,21 @@ def _q_outer_fwd_kernel(
     for s in range(TOPK):
         b = tl.load(idx_row + s).to(tl.int64)
         use = (b >= 0) & (b * BS <= tloc) & (b != prev)
+        kpos = doc0 + b * BS + offs_n
         if BRANCHLESS:  # masked loads move no data; lets the compiler pipeline the block loads
-            kpos = doc0 + b * BS + offs_n
             kmask = (offs_n < BS) & (kpos <= t) & use
-            k = tl.load(
-                K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+            m_i, l_i, acc = attend_block(
+                q, K, V, kpos, kmask, h, Hkv, kmask[None, :], m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
             )
-            vv = tl.load(
-                V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
-            )
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            sc = tl.where(kmask[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-            m_i = m_new
         else:
             if use:
-                kpos = doc0 + b * BS + offs_n
                 kmask = (offs_n < BS) & (kpos <= t)
-                k = tl.load(
-                    K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+                m_i, l_i, acc = attend_block(
+                    q, K, V, kpos, kmask, h, Hkv, kmask[None, :], m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV,
+                    PRECISION,
                 )
-                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                sc = tl.where(kmask[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vv = tl.load(
-                    V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
-                    mask=kmask[:, None] & dvmask[None, :],
-                    other=0.0,
-                )
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-                m_i = m_new
         prev = b
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(
-        O + (t * Hq + hq)[:, None] * DV + offs_dv[None, :],
-        out.to(O.dtype.element_ty),
-        mask=gmask[:, None] & dvmask[None, :],
-    )
-    tl.store(LSE + t * Hq + hq, lse, mask=gmask)
+    store_rows(O, LSE, t * Hq + hq, gmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
 def _pow2(x: int, lo: int = 16) -> int:

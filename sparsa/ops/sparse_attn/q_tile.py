@@ -23,7 +23,7 @@ import triton.language as tl
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
 from .kv_outer import reduce_config, token_rows
-from .q_outer import LOG2E, _pow2, precision_for
+from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
 # rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
 TILE_ROWS = 64
@@ -94,10 +94,8 @@ def _q_tile_fwd_kernel(
     t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
     t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_k = tl.arange(0, BLOCK_K)
     dmask = offs_d < D
-    dvmask = offs_dv < DV
     ds = tl.load(DOCSTART + t, mask=rmask, other=0)
     base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
     own = (t - ds) // BS  # [R] the token's own (local) block
@@ -121,26 +119,12 @@ def _q_tile_fwd_kernel(
         ptr = ptr + at_b.to(tl.int32)
         cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
         kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
-        k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        vv = tl.load(
-            V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
+        score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+        m_i, l_i, acc = attend_block(
+            q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
         )
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        sc = tl.where(use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None]), sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m_i = m_new
         b = tl.min(cur, 0)
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
-    tl.store(LSE + orow, lse, mask=rmask)
+    store_rows(O, LSE, orow, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
 def tile_config(group: int, head_dim: int):
