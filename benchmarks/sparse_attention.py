@@ -89,6 +89,24 @@ def make(n, group, seed=0):
     return q, k, v, idx
 
 
+def sparse_calls(n, group, loop_order=None):
+    """(fwd, fwd_bwd, leaves) on the benchmark's inputs at (N, G), for the probes in scripts/: fwd returns o;
+    fwd_bwd clears the leaves' grads and runs forward and backward (leaves = q, k, v with requires_grad)."""
+    q, k, v, idx = make(n, group)
+    leaves = tuple(x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd():
+        return sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order=loop_order)
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        sparsa.sparse_attention(*leaves, idx, block_size=BS, loop_order=loop_order).backward(do)
+
+    return fwd, fwd_bwd, leaves
+
+
 def time_sparse(q, k, v, idx, order, backward):
     if not backward:
         return bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order=order))

@@ -10,8 +10,7 @@ import os
 
 import torch
 
-import sparsa
-from benchmarks.sparse_attention import BS, bench, make
+from benchmarks.sparse_attention import bench, sparse_calls
 from sparsa.ops.sparse_attn.index import PAIR_INDEX_BACKENDS
 
 
@@ -26,14 +25,7 @@ def main():
     args = p.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            q, k, v, idx = make(n, group)
-            qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-            do = torch.randn_like(q)
-            fwd = lambda: sparsa.sparse_attention(q, k, v, idx, block_size=BS, loop_order="kv_outer")
-
-            def fwd_bwd():
-                qr.grad = kr.grad = vr.grad = None
-                sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS, loop_order="kv_outer").backward(do)
+            fwd, fwd_bwd, _ = sparse_calls(n, group, "kv_outer")
 
             outs = {}
             for rnd in range(2):

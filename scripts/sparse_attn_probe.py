@@ -13,8 +13,7 @@ import argparse
 import torch
 import triton
 
-import sparsa
-from benchmarks.sparse_attention import BS, make
+from benchmarks.sparse_attention import sparse_calls
 from scripts.kl_overhead_probe import host_ms
 
 
@@ -40,16 +39,7 @@ def main():
     first = True
     for n in (int(s) for s in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            q, k, v, idx = make(n, group)
-            qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-            do = torch.randn_like(q)
-
-            def fwd():
-                sparsa.sparse_attention(q, k, v, idx, block_size=BS)
-
-            def fwd_bwd():
-                qr.grad = kr.grad = vr.grad = None
-                sparsa.sparse_attention(qr, kr, vr, idx, block_size=BS).backward(do)
+            fwd, fwd_bwd, _ = sparse_calls(n, group)
 
             for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 host = host_ms(fn, calls=50)
