@@ -87,6 +87,18 @@ def _store_dq_pair(DQP, dq, pidx, rmask, G: tl.constexpr, D: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _store_block_grads(DK, DVv, dk, dv, kpos, kmask, h, Hkv, D: tl.constexpr, DV: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK [BN, BD] and dV [BN, BDV] of one key block (positions kpos, mask kmask, KV head h) in the inputs' dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kmask[:, None] & (offs_d < D)[None, :])
+    tl.store(DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], dv.to(DVv.dtype.element_ty),
+             mask=kmask[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
 def _store_dkdv(DK, DVv, DKP, DVP, dk, dv, slot, kpos, kmask, h, Hkv, D: tl.constexpr, DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dK, dV of the item's block into dk / dv (a group in one item) or into its fp32 partial slot."""
@@ -94,16 +106,7 @@ def _store_dkdv(DK, DVv, DKP, DVP, dk, dv, slot, kpos, kmask, h, Hkv, D: tl.cons
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if slot < 0:
-        tl.store(
-            DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=kmask[:, None] & (offs_d < D)[None, :],
-        )
-        tl.store(
-            DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
-            dv.to(DVv.dtype.element_ty),
-            mask=kmask[:, None] & (offs_dv < DV)[None, :],
-        )
+        _store_block_grads(DK, DVv, dk, dv, kpos, kmask, h, Hkv, D, DV, BLOCK_D, BLOCK_DV)
     else:
         tl.store(DKP + slot * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk)
         tl.store(DVP + slot * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
@@ -216,18 +219,7 @@ def _split_reduce_kernel(
         sl = base + i
         dk += tl.load(DKP + sl * (BLOCK_N * BLOCK_D) + offs_n[:, None] * BLOCK_D + offs_d[None, :])
         dv += tl.load(DVP + sl * (BLOCK_N * BLOCK_DV) + offs_n[:, None] * BLOCK_DV + offs_dv[None, :])
-    kpos = kst + offs_n
-    kmask = offs_n < blen
-    tl.store(
-        DK + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kmask[:, None] & (offs_d < D)[None, :],
-    )
-    tl.store(
-        DVv + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
-        dv.to(DVv.dtype.element_ty),
-        mask=kmask[:, None] & (offs_dv < DV)[None, :],
-    )
+    _store_block_grads(DK, DVv, dk, dv, kst + offs_n, offs_n < blen, h, Hkv, D, DV, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit
