@@ -8,7 +8,7 @@ from ..backend import use_triton
 from . import naive
 
 
-# Triton forward loop orders (`loop_order=`); the backward is KV-outer for all of them
+# Triton forward loop orders (`loop_order=`); q_tile has its own backward, the others share the KV-outer one
 LOOP_ORDERS = ("q_outer", "kv_outer", "q_tile")
 
 

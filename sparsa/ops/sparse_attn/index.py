@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from .._env import env_choice
 
 
 @dataclass
@@ -112,10 +113,7 @@ PAIR_INDEX_BACKENDS = ("torch", "triton")
 
 
 def pair_index_backend() -> str:
-    name = os.environ.get("SPARSA_PAIR_INDEX", "torch")
-    if name not in PAIR_INDEX_BACKENDS:
-        raise ValueError(f"SPARSA_PAIR_INDEX must be one of {PAIR_INDEX_BACKENDS}, got {name!r}")
-    return name
+    return env_choice("SPARSA_PAIR_INDEX", PAIR_INDEX_BACKENDS, "torch")
 
 
 def _triton_path():

@@ -13,14 +13,13 @@ per-pair buffers stay under PAIR_BUFFER_BYTES.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .backward import compute_delta, kv_outer_backward
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
+from .._env import env_choice
 from .q_outer import q_outer_forward
 from .q_tile import q_tile_forward
 from .q_tile_backward import q_tile_backward
@@ -44,10 +43,7 @@ def forced_loop_order() -> str | None:
     whole models without code changes); unset: the automatic choice."""
     from . import LOOP_ORDERS
 
-    name = os.environ.get("SPARSA_LOOP_ORDER")
-    if name is not None and name not in LOOP_ORDERS:
-        raise ValueError(f"SPARSA_LOOP_ORDER must be one of {LOOP_ORDERS}, got {name!r}")
-    return name
+    return env_choice("SPARSA_LOOP_ORDER", LOOP_ORDERS, None)
 
 
 def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int, esize: int = 4):
