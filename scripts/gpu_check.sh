@@ -4,7 +4,8 @@
 # Steps (NAME): sparse_attn_check serve_check gpu_pytest bench_sparse_attn bench_attention_kl kl_gluon
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
-# sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench
+# sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
+# sa_optin_check
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -47,6 +48,8 @@ step sparse_attn_check 300 "$PY" scripts/gpu_sparse_attention.py $QUICK
 step serve_check 300 "$PY" scripts/gpu_serve.py
 # GPU-only pytest cases (bf16 kernels, CUDA paths); CPU interpreter cases are CI's
 step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_kl_gluon.py tests/ops/test_launch.py tests/ops/test_sparse_attn_triton.py -k gpu
+# the sparse-attention GPU pytest cases alone (bf16, every loop order), without the StreamKL ones
+step sa_pytest 170 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_sparse_attn_triton.py -k gpu
 step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
 step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
 # the Gluon StreamKL forward (default on Hopper from gluon_fwd.GLUON_MIN_KEYS keys): its checks and config A/B,
@@ -61,10 +64,12 @@ step kv_variants 400 "$PY" scripts/kv_variants.py
 # the opt-in KV-outer forward with the local blocks in the merge kernel (SPARSA_KV_LOCAL=1): bf16 checks,
 # then its A/B against the default; GPU time per kernel with either pair index
 step sa_local_check 300 env SPARSA_KV_LOCAL=1 "$PY" scripts/gpu_sparse_attention.py --quick
-step kv_local_ab 300 "$PY" scripts/kv_local_ab.py --sizes 8192,65536 --groups 1,4,8 --local "64x4;128x8;32x4"
+step kv_local_ab 300 "$PY" scripts/kv_local_ab.py --sizes 8192,65536 --groups 1,4,8 --local "64x4;128x8" --backward
 # the opt-in dK/dV kernel with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1): bf16 checks, then launch variants
 step sa_keys_check 300 env SPARSA_KV_BWD_KEYS=1 "$PY" scripts/gpu_sparse_attention.py --quick
-step kv_bwd_keys 400 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,8 --fwd none --bwd "k;k128x8;k64x4;k128x4"
+step kv_bwd_keys 400 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,8 --fwd none --bwd "k;k128x8;k64x4"
+# both opt-ins at once, bf16 checks only (one call instead of sa_local_check + sa_keys_check)
+step sa_optin_check 300 env SPARSA_KV_LOCAL=1 SPARSA_KV_BWD_KEYS=1 "$PY" scripts/gpu_sparse_attention.py --quick
 # the kernels on SmolLM2's real queries and keys with select_blocks selections; make the file here (CPU, about
 # 2 min) and carry it: python3 scripts/real_activations.py --tokens 4096 --out .carry/smollm2_qk.safetensors
 step sa_real_check 300 "$PY" scripts/gpu_sparse_attention.py --quick --activations "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
