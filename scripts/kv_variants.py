@@ -7,7 +7,8 @@ build included), each variant's output and gradients compared with the default's
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG] separated by ';' ("none": skip that half); the default is
 measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
-(SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch).
+(SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch); the dK/dV "default" is the gathered-rows layout
+(SPARSA_KV_BWD_KEYS=0), which is not the library default where keys-as-rows is tuned on (G = 8, 16K+ tokens).
 
 Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 rows, 4 warps) takes 248
 registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills

@@ -314,9 +314,17 @@ def test_kv_local_setting_is_checked(monkeypatch):
 def test_kv_bwd_keys_setting(monkeypatch):
     from sparsa.ops.sparse_attn import backward as bwd_mod
 
-    assert bwd_mod.bwd_config(4, 128, 64)[:2] == (128, 8)
+    monkeypatch.delenv("SPARSA_KV_BWD_KEYS", raising=False)
+    assert bwd_mod.bwd_config(4, 128, 64, 65536) == (128, 8, {}, False)
+    # tuned default: keys as rows for G = 8 at head dim 128, block 64 from 16K tokens only
+    assert bwd_mod.bwd_config(8, 128, 64, 16384) == (64, 4, {}, True)
+    assert bwd_mod.bwd_config(8, 128, 64, 8192)[3] is False
+    assert bwd_mod.bwd_config(8, 64, 64, 65536)[3] is False
+    assert bwd_mod.bwd_config(8, 128, 32, 65536)[3] is False
     monkeypatch.setenv("SPARSA_KV_BWD_KEYS", "1")
-    assert bwd_mod.bwd_config(4, 128, 64)[:2] == (64, 8)
+    assert bwd_mod.bwd_config(4, 128, 64, 2048) == (64, 4, {}, True)
+    monkeypatch.setenv("SPARSA_KV_BWD_KEYS", "0")
+    assert bwd_mod.bwd_config(8, 128, 64, 65536) == (128, 8, {}, False)
     monkeypatch.setenv("SPARSA_KV_BWD_KEYS", "2")
     with pytest.raises(ValueError, match="SPARSA_KV_BWD_KEYS"):
         bwd_mod.keys_as_rows()

@@ -265,25 +265,39 @@ BWD_OVERRIDE: tuple | None = None
 DQ_PARTIAL_DTYPE: torch.dtype = torch.bfloat16
 
 
-def keys_as_rows() -> bool:
-    """dK/dV kernel with the block's keys as the MMA rows (_kv_bwd_kernel's KEYS_AS_ROWS): SPARSA_KV_BWD_KEYS=1, or 0
-    (the default until it has been timed on a GPU)."""
-    return env_flag("SPARSA_KV_BWD_KEYS", False)
+# Keys-as-rows dK/dV by default where it beat the default layout in every measurement (H100, 2026-12-05,
+# scripts/kv_variants.py, benchmarks/results/h100_session9): G = 8 at head dim 128, block 64 from 16K tokens
+# (fwd+bwd 7.03 vs 7.12 / 7.18 ms at 16K, 13.15 vs 14.03 / 14.06 at 32K, 26.66-26.70 vs 28.60-28.61 at 64K);
+# it lost at 8K (4.01 vs 3.90-3.93) and for G = 1, 2, 4 (G = 16 within noise).
+KEYS_TUNED_GROUPS = (8,)
+KEYS_TUNED_MIN_TOKENS = 16384
 
 
-def bwd_config(group: int, head_dim: int, block_size: int):
-    """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced)."""
+def keys_as_rows(group: int = 0, head_dim: int = 0, block_size: int = 0, n_tokens: int = 0) -> bool:
+    """dK/dV kernel with the block's keys as the MMA rows (_kv_bwd_kernel's KEYS_AS_ROWS): SPARSA_KV_BWD_KEYS=1
+    forces it, 0 forbids it; unset, it is on for the tuned shapes (KEYS_TUNED_GROUPS, head dim 128, block 64,
+    at least KEYS_TUNED_MIN_TOKENS tokens)."""
+    tuned = (
+        group in KEYS_TUNED_GROUPS and head_dim == 128 and block_size == 64 and n_tokens >= KEYS_TUNED_MIN_TOKENS
+    )
+    return env_flag("SPARSA_KV_BWD_KEYS", tuned)
+
+
+def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
+    """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced,
+    keys as MMA rows)."""
+    keys = keys_as_rows(group, head_dim, block_size, n_tokens)
     if BWD_OVERRIDE is not None:
-        return forced_config(BWD_OVERRIDE, group)
+        return (*forced_config(BWD_OVERRIDE, group), keys)
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
-        if keys_as_rows() and head_dim >= 128:
-            # compiled offline for sm_90 (bf16, block 64, G = 4): 64 rows / 8 warps 239 registers and no
-            # spills; 128 rows / 8 warps spill 408-512 bytes in this layout
-            block_m = 64
+        if keys and head_dim >= 128:
+            # H100 (h100_session9/kv_bwd_keys.log): 64 rows / 4 warps beat 64 / 8 and 128 / 8 at 8K and 64K for
+            # G = 1, 4, 8 (64K G = 8: 26.70 vs 31.05 vs 34.79 ms); 128 rows spill in this layout (sm_90 build)
+            block_m, warps = 64, 4
     else:
         block_m, warps = 32, 8
-    return max(block_m, _pow2(group)), warps, {}
+    return max(block_m, _pow2(group)), warps, {}, keys
 
 
 def compute_delta(o, do):
@@ -303,7 +317,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
     topk = index.pos.shape[-1]
-    block_m, warps, launch_opts = bwd_config(group, head_dim, block_size)
+    block_m, warps, launch_opts, keys = bwd_config(group, head_dim, block_size, n_tokens)
     pairs = block_m // group
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
     work, n_slots = work_list(index, per_item, with_slots=True)
@@ -344,7 +358,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
-        KEYS_AS_ROWS=keys_as_rows(),
+        KEYS_AS_ROWS=keys,
         num_warps=warps,
         num_stages=2,
         **launch_opts,
