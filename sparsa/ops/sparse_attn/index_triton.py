@@ -120,29 +120,31 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
 
 @triton.jit
 def _group_items_kernel(COUNTS, ITEMS, n_groups, per_item, BLOCK: tl.constexpr):
-    """ITEMS [n_groups, 2] = (items of the group, the same if it is cut into several items else 0)."""
+    """ITEMS [2, n_groups] = (items of the group, the same if it is cut into several items else 0)."""
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < n_groups
     nitems = (tl.load(COUNTS + g, mask=mask, other=0) + per_item - 1) // per_item
-    tl.store(ITEMS + g * 2, nitems, mask=mask)
-    tl.store(ITEMS + g * 2 + 1, tl.where(nitems > 1, nitems, 0), mask=mask)
+    tl.store(ITEMS + g, nitems, mask=mask)
+    tl.store(ITEMS + n_groups + g, tl.where(nitems > 1, nitems, 0), mask=mask)
 
 
 def _item_cumsum(index: PairIndex, per_item: int) -> torch.Tensor:
-    """[n_groups, 2] int64 inclusive cumsums of (items per group, items of the groups cut into several)."""
+    """[2, n_groups] int64 inclusive cumsums of (items per group, items of the groups cut into several).
+    Groups on the inner axis: torch.cumsum over an outer axis of two columns ran 0.7 ms at 8192 groups on the
+    H100 (one scan thread per column; scripts/sa_kernel_times.py, 2026-12-05), the inner-axis scan is fast."""
     n_groups = index.counts.numel()
-    items = torch.empty(n_groups, 2, dtype=torch.int64, device=index.counts.device)
+    items = torch.empty(2, n_groups, dtype=torch.int64, device=index.counts.device)
     _group_items_kernel[(triton.cdiv(n_groups, INDEX_BLOCK),)](
         index.counts, items, n_groups, per_item, BLOCK=INDEX_BLOCK
     )
-    return torch.cumsum(items, 0)
+    return torch.cumsum(items, 1)
 
 
 @triton.jit
-def _cum_range(CUM, g, col, mask):
-    """Exclusive and inclusive cumsum (column col of CUM [n_groups, 2]) at groups g."""
-    before = tl.load(CUM + (g - 1) * 2 + col, mask=mask & (g > 0), other=0)
-    return before, tl.load(CUM + g * 2 + col, mask=mask, other=0)
+def _cum_range(CUM, g, col, n_groups, mask):
+    """Exclusive and inclusive cumsum (row col of CUM [2, n_groups]) at groups g."""
+    before = tl.load(CUM + col * n_groups + g - 1, mask=mask & (g > 0), other=0)
+    return before, tl.load(CUM + col * n_groups + g, mask=mask, other=0)
 
 
 @triton.jit
@@ -159,12 +161,12 @@ def _work_kernel(
     for _ in range(n_steps):  # lo = number of groups whose items all come before w
         mid = (lo + hi) >> 1
         left = lo < hi
-        below = tl.load(CUM + mid * 2, mask=mask & left, other=0) <= w
+        below = tl.load(CUM + mid, mask=mask & left, other=0) <= w
         lo = tl.where(left & below, mid + 1, lo)
         hi = tl.where(left & ~below, mid, hi)
     ok = lo < n_groups
     g = tl.minimum(lo, n_groups - 1)
-    first, _ = _cum_range(CUM, g, 0, mask)
+    first, _ = _cum_range(CUM, g, 0, n_groups, mask)
     local = w - first
     gs = tl.load(GSTART + g, mask=mask, other=0)
     start = gs + local * per_item
@@ -174,7 +176,7 @@ def _work_kernel(
     tl.store(row + 1, tl.where(ok, end, 0), mask=mask)
     tl.store(row + 2, g, mask=mask)
     if COLS == 4:
-        base, upto = _cum_range(CUM, g, 1, mask)
+        base, upto = _cum_range(CUM, g, 1, n_groups, mask)
         tl.store(row + 3, tl.where(ok & (upto > base), base + local, -1), mask=mask)
 
 
@@ -206,7 +208,7 @@ def _split_info_kernel(CUM, SPLIT, n_groups, BLOCK: tl.constexpr):
     """SPLIT [n_groups, 2] = (items of a group cut into several, else 0; its first partial slot)."""
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < n_groups
-    base, upto = _cum_range(CUM, g, 1, mask)
+    base, upto = _cum_range(CUM, g, 1, n_groups, mask)
     tl.store(SPLIT + g * 2, upto - base, mask=mask)
     tl.store(SPLIT + g * 2 + 1, base, mask=mask)
 
