@@ -5,7 +5,7 @@
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
-# sa_optin_check
+# sa_optin_check sa_host_overhead
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -75,6 +75,8 @@ step sa_optin_check 300 env SPARSA_KV_LOCAL=1 SPARSA_KV_BWD_KEYS=1 "$PY" scripts
 step sa_real_check 300 "$PY" scripts/gpu_sparse_attention.py --quick --activations "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
 step sa_real_bench 300 "$PY" scripts/real_selection_bench.py "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
+# host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
+step sa_host_overhead 240 "$PY" scripts/sa_host_overhead.py --sizes 4096,8192,16384 --groups 1,4,8 --profile 8192,4
 for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"
 cat "$SUMMARY"

@@ -59,6 +59,7 @@ def main():
     p.add_argument("--groups", default="1,4,8")
     p.add_argument("--orders", default="kv_outer,q_outer")
     p.add_argument("--profile", default="8192,4", help="N,G of the cProfile run ('none': skip)")
+    p.add_argument("--calls", type=int, default=30, help="host-timed calls per shape (and cProfile calls / 1.5)")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []
@@ -70,7 +71,7 @@ def main():
                         continue  # same backward as kv_outer
                     gpu = b.bench(fn)
                     row = {"N": n, "G": group, "order": order, "call": what, "do_bench_ms": gpu,
-                           "host_ms": host_ms(fn), "kernels": kernels_per_call(fn)}
+                           "host_ms": host_ms(fn, args.calls), "kernels": kernels_per_call(fn)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.profile != "none":
@@ -80,13 +81,13 @@ def main():
         torch.cuda.synchronize()
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(20):
+        for _ in range(max(1, args.calls * 2 // 3)):
             fn()
         prof.disable()
         torch.cuda.synchronize()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-        print(f"\ncProfile, 20 kv_outer fwd+bwd calls at N={n} G={group} (host time, internal):")
+        print(f"\ncProfile, {max(1, args.calls * 2 // 3)} kv_outer fwd+bwd calls at N={n} G={group} (host time, internal):")
         print(out.getvalue()[-6000:])
     print("\n| N | G | order | call | do_bench ms | host ms per call | host / do_bench | GPU kernels |")
     print("|---|---|---|---|---|---|---|---|")
