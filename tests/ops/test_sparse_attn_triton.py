@@ -284,6 +284,20 @@ def test_loop_order_from_the_environment(monkeypatch):
         sparsa.sparse_attention(q, k, v, idx, block_size=16)
 
 
+def test_automatic_loop_order_rule():
+    """The measured crossovers: q_outer for G >= 16 and short inputs, q_tile for small problems at head dim
+    <= 64 (SmolLM2's shape), kv_outer otherwise."""
+    from sparsa.ops.sparse_attn.triton_ops import choose_loop_order
+
+    assert choose_loop_order(16, 65536, 128, 2) == "q_outer"
+    assert choose_loop_order(4, 1024, 128, 8) == "q_outer"
+    assert choose_loop_order(3, 4096, 64, 3) == "q_tile"  # SmolLM2-135M at 4K tokens
+    assert choose_loop_order(3, 8192, 64, 3) == "kv_outer"  # larger than measured
+    assert choose_loop_order(3, 4096, 128, 3) == "kv_outer"
+    assert choose_loop_order(4, 8192, 128, 8) == "kv_outer"
+    assert choose_loop_order(4, 8192, 128) == "kv_outer"
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""

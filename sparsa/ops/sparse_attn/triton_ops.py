@@ -2,9 +2,10 @@
 
 forward : query-outer (q_outer.py, one program per token and KV head) or KV-outer (kv_outer.py,
           one program per (KV head, block, chunk of the tokens that chose it) + LSE merge), chosen
-          automatically; or the opt-in query-tile order (q_tile.py, one program per tile of tokens);
+          automatically; or the query-tile order (q_tile.py, one program per tile of tokens; automatic
+          for small problems at head dim <= 64);
 backward: KV-outer (backward.py): dK/dV per block, dQ through per-pair partials and a fixed-order
-          reduction (deterministic); the opt-in query-tile order (q_tile.py) has its own backward over
+          reduction (deterministic); the query-tile order (q_tile.py) has its own backward over
           the tiles' block unions (q_tile_backward.py).
 Every batch row / packed document is flattened into one token axis; positions and block indices
 stay local to each document (index.DocMeta). KV heads are processed in slices so that the
@@ -28,13 +29,28 @@ from .q_tile_backward import q_tile_backward
 PAIR_BUFFER_BYTES = 6 << 30
 
 
-def choose_loop_order(group: int, n_tokens: int, head_dim: int) -> str:
+# query-tile for small problems: on the H100 (2026-12-05, scripts/real_selection_bench.py, SmolLM2-135M at 4096
+# tokens, 3 KV heads, G = 3, D = 64) it was the fastest order on select_blocks and random selections alike:
+# forward 0.10-0.24 ms against 0.31-0.53 (q_outer) and 1.1-1.9 (kv_outer), forward+backward 1.9-2.7 against
+# 2.6-3.5 (kv_outer). Bounds: the measured size (token x KV-head pairs) and head dim; larger ones not measured.
+Q_TILE_MAX_TOKEN_HEADS = 4096 * 3
+Q_TILE_MAX_HEAD_DIM = 64
+
+
+def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None) -> str:
     """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
-    and for few queries (the KV-outer index build and reduction are fixed costs)."""
+    and for few queries (the KV-outer index build and reduction are fixed costs); query-tile for small
+    problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
     if group >= 16:
         return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
+    if (
+        n_heads_kv is not None
+        and n_tokens * n_heads_kv <= Q_TILE_MAX_TOKEN_HEADS
+        and head_dim <= Q_TILE_MAX_HEAD_DIM
+    ):
+        return "q_tile"
     return "kv_outer"
 
 
@@ -116,7 +132,7 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     n_tokens = batch * seqlen
     group = n_heads_q // n_heads_kv
     if loop_order is None:
-        loop_order = forced_loop_order() or choose_loop_order(group, n_tokens, head_dim)
+        loop_order = forced_loop_order() or choose_loop_order(group, n_tokens, max(head_dim, head_dim_v), n_heads_kv)
     meta = doc_meta(batch, seqlen, cu_seqlens, block_size, q.device)
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
