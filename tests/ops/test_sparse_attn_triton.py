@@ -298,6 +298,19 @@ def test_automatic_loop_order_rule():
     assert choose_loop_order(4, 8192, 128) == "kv_outer"
 
 
+def test_automatic_choice_sees_the_call_shape(monkeypatch):
+    """sparse_attention_triton passes (G, tokens, max(D, Dv), Hkv) to choose_loop_order."""
+    from sparsa.ops.sparse_attn import triton_ops
+
+    seen = []
+    real = triton_ops.choose_loop_order
+    monkeypatch.setattr(triton_ops, "choose_loop_order", lambda *a: seen.append(a) or real(*a))
+    q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, dim_v=32, seed=96)
+    idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(96), device=DEVICE)
+    sparsa.sparse_attention(q, k, v, idx, block_size=8)
+    assert seen == [(3, 48, 32, 2)]
+
+
 def test_local_block_table_definition():
     """MAIN's skip table: per token its document's block 0 and own block (global ids), (-2, -2) where its
     merge tile (8 tokens) crosses a document boundary; built once per layout."""
