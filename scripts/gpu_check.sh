@@ -59,7 +59,7 @@ step kl_dispatch 560 "$PY" scripts/kl_dispatch_sweep.py --out "$LOGS"
 step bench_sparse_layer 600 "$PY" benchmarks/sparse_layer.py "${LAYER_ARGS[@]}"
 step bench_decode 600 "$PY" benchmarks/decode.py "${DEC_ARGS[@]}"
 step sa_probe 300 "$PY" scripts/sparse_attn_probe.py ${SA_PROBE_ARGS:-}
-step index_ab 300 "$PY" scripts/index_ab.py
+step index_ab 300 "$PY" scripts/index_ab.py --sizes 8192,65536 --groups 1,4,8
 step kv_variants 400 "$PY" scripts/kv_variants.py
 # the opt-in KV-outer forward with the local blocks in the merge kernel (SPARSA_KV_LOCAL=1): bf16 checks,
 # then its A/B against the default; GPU time per kernel with either pair index
