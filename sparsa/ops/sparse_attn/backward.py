@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._env import env_flag
 from .index import PairIndex, group_split_info, work_list
-from .kv_outer import forced_config, reduce_config, token_rows
+from .kv_outer import forced_config, group_block, reduce_config, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -43,10 +43,7 @@ def _work_item(WORK, w):
 def _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The work item's KV head h, key positions kpos [BN] (mask kmask) and its block's K [BN, BD], V [BN, BDV]."""
-    gb = grp % NBG
-    h = h0 + grp // NBG
-    kst = tl.load(BLKSTART + gb)
-    blen = tl.load(BLKLEN + gb)
+    _, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -113,6 +110,21 @@ def _store_dkdv(DK, DVv, DKP, DVP, dk, dv, slot, kpos, kmask, h, Hkv, D: tl.cons
 
 
 @triton.jit
+def dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION: tl.constexpr):
+    """One tile of gathered rows against a block, rows as the MMA rows: S = Q K^T [rows, keys] (masked by
+    ok), P = exp2(S - lse2), dS = P (dO V^T - delta). Returns (dk + dS^T Q, dv + P^T dO, dS). dV is
+    accumulated before dO V^T is formed: P and dP live together otherwise (the sm_90 build spilled twice
+    as much)."""
+    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv, ds
+
+
+@triton.jit
 def _kv_bwd_kernel(
     Q,
     K,
@@ -147,8 +159,8 @@ def _kv_bwd_kernel(
     KEYS_AS_ROWS: tl.constexpr,
 ):
     """dK/dV (and the dQ partials) of one work item. KEYS_AS_ROWS False: the gathered rows are the MMA rows,
-    S = Q K^T [rows, keys], and P and dS are transposed for dV += P^T dO and dK += dS^T Q. True (opt-in,
-    SPARSA_KV_BWD_KEYS=1): the block's keys are the MMA rows (the layout of Triton's fused-attention
+    S = Q K^T [rows, keys], and P and dS are transposed for dV += P^T dO and dK += dS^T Q. True (default for
+    G = 8 from 16K tokens, backward.keys_as_rows): the block's keys are the MMA rows (the layout of Triton's fused-attention
     backward), S^T = K Q^T [keys, rows], so P^T and dS^T feed dV and dK from registers and only dS is
     transposed (for dQ = dS K)."""
     start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
@@ -171,13 +183,8 @@ def _kv_bwd_kernel(
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
             dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
         else:
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
             ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
-            p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk, dv, ds = dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION)
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
     _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
@@ -206,10 +213,7 @@ def _split_reduce_kernel(
     if nitems == 0:
         return
     base = tl.load(SPLIT + grp * 2 + 1)
-    gb = grp % NBG
-    h = h0 + grp // NBG
-    kst = tl.load(BLKSTART + gb)
-    blen = tl.load(BLKLEN + gb)
+    _, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

@@ -60,6 +60,14 @@ def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
 
 
 @triton.jit
+def group_block(BLKSTART, BLKLEN, grp, NBG, h0):
+    """Group grp of a pair index (KV head slot x global block): (global block gb, KV head h, first key
+    position kst, keys in the block blen)."""
+    gb = grp % NBG
+    return gb, h0 + grp // NBG, tl.load(BLKSTART + gb), tl.load(BLKLEN + gb)
+
+
+@triton.jit
 def token_rows(N, G: tl.constexpr, BLOCK_R: tl.constexpr, TOKENS: tl.constexpr):
     """Rows of a reduction program over TOKENS consecutive tokens (program axis 0) x G heads:
     (token t [R] int64, head in the group g [R], row mask [R]); rows past TOKENS * G or N are masked."""
@@ -233,10 +241,7 @@ def _kv_fwd_main_kernel(
     if start >= end:
         return
     grp = tl.load(WORK + w * 3 + 2)
-    gb = grp % NBG
-    h = h0 + grp // NBG
-    kst = tl.load(BLKSTART + gb)
-    blen = tl.load(BLKLEN + gb)
+    gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
-from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta
+from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
 from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_list
 from .q_outer import LOG2E, _pow2, precision_for
 from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
@@ -164,13 +164,8 @@ def _tile_dkdv_kernel(
         use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
         # only the rows that chose the block are read: the others' loads are masked and move no data
         q, do, lse2, delta = _row_data(Q, DO, LSE, DELTA, row, use, D, DV, BLOCK_D, BLOCK_DV)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
-        p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk, dv, _ = dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION)
     _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
 
 
