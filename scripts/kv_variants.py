@@ -5,7 +5,8 @@ build included), each variant's output and gradients compared with the default's
     PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
         [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"]
 
---fwd / --bwd: variants as ROWSxWARPS[xMAXNREG] separated by ';' ("none": skip that half); the default is
+--fwd / --bwd: variants as ROWSxWARPS[xMAXNREG[xSTAGES]] separated by ';' ("none": skip that half; MAXNREG 0:
+no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV); the default is
 measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
 (SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch); the dK/dV "default" is the gathered-rows layout
 (SPARSA_KV_BWD_KEYS=0), which is not the library default where keys-as-rows is tuned on (G = 8, 16K+ tokens).
@@ -42,8 +43,8 @@ def parse_variants(text, default):
             continue
         keys = part.startswith("k")  # dK/dV with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1)
         nums = tuple(int(x) for x in part.lstrip("k").split("x") if x)
-        if len(nums) not in ((0, 2, 3) if keys else (2, 3)):
-            raise ValueError(f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG] (or k alone)")
+        if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4)):
+            raise ValueError(f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG[xSTAGES]] (or k alone; MAXNREG 0: none)")
         cfgs.append(("keys", *nums) if keys else nums)
     return [None, *cfgs, None]
 

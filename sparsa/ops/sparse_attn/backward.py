@@ -262,7 +262,7 @@ def _dq_reduce_kernel(
 MAX_PAIRS_PER_ITEM = 2048
 
 
-# (BLOCK_M, num_warps[, maxnreg]) forced by the tuning scripts; None = bwd_config's choice
+# (BLOCK_M, num_warps[, maxnreg[, num_stages]]) forced by the tuning scripts; None = bwd_config's choice
 BWD_OVERRIDE: tuple | None = None
 # dtype of the per-(pair, head) dQ partials for bf16 inputs: bf16 (half the traffic; measured error
 # within 1.2x of fp32 partials) or torch.float32. fp16 and fp32 inputs always use fp32 (range).
@@ -364,8 +364,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         PRECISION=precision_for(q.dtype),
         KEYS_AS_ROWS=keys,
         num_warps=warps,
-        num_stages=2,
-        **launch_opts,
+        **{"num_stages": 2, **launch_opts},
     )
     _split_reduce_kernel[(split.shape[0],)](
         dk,

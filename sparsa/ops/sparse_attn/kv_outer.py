@@ -288,13 +288,16 @@ def _kv_fwd_main_kernel(
 PARTIAL_DTYPE: torch.dtype | None = None
 
 
-# (BLOCK_M, num_warps[, maxnreg]) forced by the tuning scripts; None = fwd_config's choice
+# (BLOCK_M, num_warps[, maxnreg[, num_stages]]) forced by the tuning scripts; None = fwd_config's choice
 FWD_OVERRIDE: tuple | None = None
 
 
 def forced_config(override: tuple, group: int):
-    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg])."""
-    extra = {"maxnreg": override[2]} if len(override) > 2 else {}
+    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg[, num_stages]]);
+    maxnreg 0 = no register cap."""
+    extra = {"maxnreg": override[2]} if len(override) > 2 and override[2] else {}
+    if len(override) > 3:
+        extra["num_stages"] = override[3]
     return max(override[0], _pow2(group)), override[1], extra
 
 
@@ -367,8 +370,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
         num_warps=warps,
-        num_stages=1,
-        **launch_opts,
+        **{"num_stages": 1, **launch_opts},
     )
     rows, tokens, merge_warps = (
         (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
