@@ -25,7 +25,7 @@ import sparsa
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
-from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, random_selection, valid_slots
+from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, pair_index_backend, random_selection, valid_slots
 from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices, choose_loop_order
 
 HQ, D, BS, TOPK = 32, 128, 64, 16
@@ -221,7 +221,7 @@ def main():
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         # kernel settings read from the environment (sparsa/ops/sparse_attn/index.py, kv_outer.py)
-        "SPARSA_PAIR_INDEX": os.environ.get("SPARSA_PAIR_INDEX", "torch"),
+        "SPARSA_PAIR_INDEX": pair_index_backend(),
         "SPARSA_KV_LOCAL": os.environ.get("SPARSA_KV_LOCAL", "0"),
     }
     rate = matmul_rate()

@@ -36,7 +36,7 @@ def main():
                     print(json.dumps(row), flush=True)
             a, b = (outs[name] for name in PAIR_INDEX_BACKENDS)
             print(json.dumps({"N": n, "G": group, "outputs_equal": bool(torch.equal(a, b))}), flush=True)
-            use("torch")
+            os.environ.pop("SPARSA_PAIR_INDEX", None)  # back to the default
             torch.cuda.empty_cache()
 
 

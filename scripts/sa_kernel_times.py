@@ -77,7 +77,7 @@ def main():
                           flush=True)
                     for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
                         print(f"  {t:8.3f}  {key}", flush=True)
-            os.environ["SPARSA_PAIR_INDEX"] = "torch"
+            os.environ.pop("SPARSA_PAIR_INDEX", None)
             torch.cuda.empty_cache()
 
 

@@ -88,9 +88,9 @@ def kernels(group: int):
         yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, 3, None
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
-        bm, bwarps, _, _ = bwd.bwd_config(group, D, BS)
+        bm, bwarps, bopts, _ = bwd.bwd_config(group, D, BS)
         dkdv = dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS, KEYS_AS_ROWS=keys)
-        yield f"kv_dkdv keys={keys}", bwd._kv_bwd_kernel, dkdv, bwarps, 2, None
+        yield f"kv_dkdv keys={keys}", bwd._kv_bwd_kernel, dkdv, bwarps, bopts.get("num_stages", 2), None
     os.environ.pop("SPARSA_KV_BWD_KEYS")
     rows, tokens, rwarps = kv.reduce_config(group, D)
     dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D)

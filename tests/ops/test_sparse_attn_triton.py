@@ -342,7 +342,11 @@ def test_kv_bwd_keys_setting(monkeypatch):
     from sparsa.ops.sparse_attn import backward as bwd_mod
 
     monkeypatch.delenv("SPARSA_KV_BWD_KEYS", raising=False)
-    assert bwd_mod.bwd_config(4, 128, 64, 65536) == (128, 8, {}, False)
+    # tuned default: no software pipelining for the gathered-rows layout at G <= 4 (head dim 128, block 64)
+    assert bwd_mod.bwd_config(4, 128, 64, 65536) == (128, 8, {"num_stages": 1}, False)
+    assert bwd_mod.bwd_config(1, 128, 64, 8192) == (128, 8, {"num_stages": 1}, False)
+    assert bwd_mod.bwd_config(4, 64, 64, 65536)[2] == {}
+    assert bwd_mod.bwd_config(8, 128, 64, 8192)[2] == {}
     # tuned default: keys as rows for G = 8 at head dim 128, block 64 from 16K tokens only
     assert bwd_mod.bwd_config(8, 128, 64, 16384) == (64, 4, {}, True)
     assert bwd_mod.bwd_config(8, 128, 64, 8192)[3] is False

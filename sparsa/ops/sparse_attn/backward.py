@@ -287,21 +287,32 @@ def keys_as_rows(group: int = 0, head_dim: int = 0, block_size: int = 0, n_token
     return env_flag("SPARSA_KV_BWD_KEYS", tuned)
 
 
+# Gathered-rows dK/dV without software pipelining (num_stages=1) for these G at head dim 128, block 64: it
+# beat num_stages=2 at every measured shape (H200, 2026-12-06, scripts/kv_variants.py,
+# benchmarks/results/h200_session10: fwd+bwd ms G = 1 16K 7.95 vs 8.09, 64K 33.45 vs 33.74; G = 2 8K 3.72 vs
+# 3.89, 64K 29.77 vs 30.52-30.67; G = 4 8K 3.64 vs 3.69, 64K 27.76-27.95 vs 28.01-28.19); it lost at G = 8
+# (8K 3.87 vs 3.59-3.64, 64K 26.44 vs 25.69-25.71) and keys-as-rows lost with it everywhere.
+UNPIPELINED_GROUPS = (1, 2, 3, 4)
+
+
 def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
     """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced,
-    keys as MMA rows)."""
+    {"num_stages": s} when forced or tuned; keys as MMA rows)."""
     keys = keys_as_rows(group, head_dim, block_size, n_tokens)
     if BWD_OVERRIDE is not None:
         return (*forced_config(BWD_OVERRIDE, group), keys)
+    opts = {}
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
         if keys and head_dim >= 128:
             # H100 (h100_session9/kv_bwd_keys.log): 64 rows / 4 warps beat 64 / 8 and 128 / 8 at 8K and 64K for
             # G = 1, 4, 8 (64K G = 8: 26.70 vs 31.05 vs 34.79 ms); 128 rows spill in this layout (sm_90 build)
             block_m, warps = 64, 4
+        if not keys and head_dim == 128 and block_size == 64 and group in UNPIPELINED_GROUPS:
+            opts = {"num_stages": 1}
     else:
         block_m, warps = 32, 8
-    return max(block_m, _pow2(group)), warps, {}, keys
+    return max(block_m, _pow2(group)), warps, opts, keys
 
 
 def compute_delta(o, do):

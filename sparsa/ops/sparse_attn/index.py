@@ -13,10 +13,10 @@ Terms (every document / batch row is flattened into one packed sequence of N tok
                    repeat the previous slot. Pairs are sorted by (group, token), so every group owns a
                    contiguous range of the sorted list (a CSR without dense [blocks x N] tables).
 
-Two implementations build the same tensors (equal element for element, tested): PyTorch ops (the
-default, about 30 small kernels per head slice) and index_triton.py (a handful of Triton kernels; about
-half the GPU time and a third of the host time of the index, but on the H200 the attention around it was
-slower at G = 1 in cross-machine measurements, cause not found: docs/kernels/sparse_attention.md).
+Two implementations build the same tensors (equal element for element, tested): index_triton.py (the
+default: a handful of Triton kernels) and PyTorch ops (about 30 small kernels per head slice). With the
+Triton index the attention was faster at every measured shape (H200, 2026-12-06, scripts/index_ab.py: 8K
+fwd+bwd 3.37-3.83 vs 4.13-4.98 ms, 64K 23.8-32.1 vs 24.3-33.7; benchmarks/results/h200_session10).
 SPARSA_PAIR_INDEX=torch|triton selects.
 """
 
@@ -107,17 +107,17 @@ class PairIndex:
     pos: torch.Tensor  # [Hs, N, K] int32 sorted position of each slot, -1 if the slot is invalid
 
 
-# which implementation builds the index: "torch" (PyTorch ops, the default) or "triton" (index_triton.py:
-# the same tensors with a handful of kernels; SPARSA_PAIR_INDEX selects, scripts/index_ab.py compares them)
+# which implementation builds the index: "triton" (index_triton.py, the default: a handful of kernels) or
+# "torch" (PyTorch ops, the same tensors); SPARSA_PAIR_INDEX selects, scripts/index_ab.py compares them
 PAIR_INDEX_BACKENDS = ("torch", "triton")
 
 
 def pair_index_backend() -> str:
-    return env_choice("SPARSA_PAIR_INDEX", PAIR_INDEX_BACKENDS, "torch")
+    return env_choice("SPARSA_PAIR_INDEX", PAIR_INDEX_BACKENDS, "triton")
 
 
 def _triton_path():
-    """index_triton when SPARSA_PAIR_INDEX=triton, else None (the PyTorch functions of this module)."""
+    """index_triton unless SPARSA_PAIR_INDEX=torch, else None (the PyTorch functions of this module)."""
     if pair_index_backend() != "triton":
         return None
     from . import index_triton
