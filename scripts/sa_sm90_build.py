@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparsa.ops.sparse_attn import backward as bwd
+from sparsa.ops.sparse_attn import index_triton as ix
 from sparsa.ops.sparse_attn import kv_outer as kv
 from sparsa.ops.sparse_attn import q_outer as qo
 from sparsa.ops.sparse_attn import q_tile as qt
@@ -31,7 +32,8 @@ POINTER_TYPES = {
     "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
     "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
     "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES"},
-    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT"},
+    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM"},
+    "*i16": {"GID", "SORTED"},
 }
 FLOAT_ARGS = {"qk_scale", "scale"}
 ALIGNED_INTS = {"Hq", "N", "BS"}  # multiples of 16 in the benchmark's setup (Triton specialises them)
@@ -105,6 +107,10 @@ def kernels(group: int):
     yield "q_tile union", qtb._tile_union_kernel, union, 4, 3, None
     yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, 3, None
     yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
+    # the pair-index kernels (the default index, index_triton.py) at their launches: 16-bit sort keys
+    key = dict(TOPK=TOPK, BLOCK_T=ix.INDEX_BLOCK // TOPK, BLOCK_K=TOPK)
+    yield "index pair_key", ix._pair_key_kernel, key, 4, 3, None
+    yield "index pair_pos", ix._pair_pos_kernel, dict(TOPK=TOPK, WIDE=False, BLOCK=ix.INDEX_BLOCK), 4, 3, None
 
 
 def main():

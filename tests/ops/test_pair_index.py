@@ -27,16 +27,16 @@ def test_unknown_pair_index_backend_is_a_value_error(monkeypatch):
 
 def _expected_groups(idx, meta, block_size, h0, n_heads):
     """{group: [tokens in order]} from the definition: a slot is valid when >= 0, its block starts at or
-    before the token (positions local to the document) and it does not repeat the previous slot."""
+    before the token (positions local to the document) and no earlier slot of the row holds the same block."""
     groups = {}
     docstart, blockbase = meta.tok_docstart.tolist(), meta.tok_blockbase.tolist()
     for hl in range(n_heads):
         for t in range(idx.shape[0]):
-            prev = None
+            seen = set()
             for c in idx[t, h0 + hl].tolist():
-                if c >= 0 and c * block_size <= t - docstart[t] and c != prev:
+                if c >= 0 and c * block_size <= t - docstart[t] and c not in seen:
                     groups.setdefault(hl * meta.n_blocks + blockbase[t] + c, []).append(t)
-                prev = c
+                seen.add(c)
     return groups
 
 
@@ -68,9 +68,10 @@ def test_pair_index_matches_definition(packed):
     else:
         meta = doc_meta(2, 23, None, block_size, DEV)
     n_tokens = meta.n_tokens
-    # random blocks incl. future ones (invalid), -1 padding and repeats of the previous slot
+    # random blocks incl. future ones (invalid), -1 padding, repeats of the previous and of earlier slots
     idx = torch.randint(-1, 7, (n_tokens, n_heads_kv, topk), generator=g, dtype=torch.int32)
     idx[:, :, 2] = idx[:, :, 1]
+    idx[::2, :, 4] = idx[::2, :, 0]
     idx = idx.to(DEV)
     _check(idx, meta, block_size, 0, n_heads_kv)
     _check(idx, meta, block_size, 1, 2)  # a head slice
@@ -154,10 +155,11 @@ def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2,
 
 
 def _random_idx(n_tokens, n_heads_kv, topk, high, seed, dtype=torch.int32):
-    """-1 padding, future and out-of-range blocks, repeats of the previous slot."""
+    """-1 padding, future and out-of-range blocks, repeats of the previous and of earlier slots (unsorted rows)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(-1, high, (n_tokens, n_heads_kv, topk), generator=g, dtype=dtype)
     idx[::3, :, 2] = idx[::3, :, 1]  # repeats
+    idx[1::4, :, topk - 1] = idx[1::4, :, 0]  # a repeat of an earlier, non-adjacent slot (topk >= 3)
     idx[::5, :, 0] = 0  # a hot block (groups cut into several work items)
     idx[7::11, :, 3] = 2**31 - 1 if dtype == torch.int32 else 2**40  # far out of range
     return idx

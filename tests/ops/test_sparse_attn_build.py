@@ -30,7 +30,7 @@ def test_every_kernel_builds_for_sm90_without_unexpected_spills():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"] for r in rows}
     assert {"kv_main local=False", "kv_main local=True", "kv_local_reduce", "kv_dkdv keys=True", "q_tile",
-            "q_tile union", "q_tile dq", "q_tile dkdv"} <= names
+            "q_tile union", "q_tile dq", "q_tile dkdv", "index pair_key", "index pair_pos"} <= names
     for r in rows:
         assert r["spill_bytes"] <= SPILL_LIMITS.get(r["kernel"], 0), r
         assert r["shared"] <= 227 * 1024, r

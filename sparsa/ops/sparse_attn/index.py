@@ -9,8 +9,8 @@ Terms (every document / batch row is flattened into one packed sequence of N tok
   blk_start[gb]  : global token index of its first key, blk_len[gb] its number of keys (<= bs);
   group          : (local KV head hl, global block gb) -> hl * NBG + gb;
   pair           : one valid (head, token, slot) of block_indices; a slot is valid when it is
-                   >= 0, its block starts at or before the token (local positions) and it does not
-                   repeat the previous slot. Pairs are sorted by (group, token), so every group owns a
+                   >= 0, its block starts at or before the token (local positions) and no earlier slot
+                   of the row holds the same block (rows need not be sorted). Pairs are sorted by (group, token), so every group owns a
                    contiguous range of the sorted list (a CSR without dense [blocks x N] tables).
 
 Two implementations build the same tensors (equal element for element, tested): index_triton.py (the
@@ -85,14 +85,19 @@ def _doc_meta(lens: list, block_size: int, device) -> DocMeta:
 
 
 def valid_slots(idx: torch.Tensor, meta: DocMeta, block_size: int) -> torch.Tensor:
-    """idx [N, H, K] int32 -> bool [N, H, K]: slot holds a block with at least one visible key, not a repeat."""
+    """idx [N, H, K] int32 -> bool [N, H, K]: slot holds a block with at least one visible key, and it is the
+    block's first slot in the row (a block listed twice counts once; rows need not be sorted)."""
     n_tokens = idx.shape[0]
     tloc = torch.arange(n_tokens, device=idx.device) - meta.tok_docstart  # [N]
     # block c starts at or before the token  <=>  c <= the token's own block (no product that could overflow)
     own_block = (tloc // block_size).to(idx.dtype)
     valid = (idx >= 0) & (idx <= own_block[:, None, None])
     if idx.shape[-1] > 1:
-        valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+        # a stable sort puts a block's first slot first among its equals: the later ones are repeats
+        ordered, order = torch.sort(idx, dim=-1, stable=True)
+        repeat = torch.zeros_like(valid)
+        repeat.scatter_(-1, order[..., 1:], ordered[..., 1:] == ordered[..., :-1])
+        valid &= ~repeat
     return valid
 
 

@@ -55,11 +55,14 @@ def _pair_key_kernel(
     mask = tmask[:, None] & (s < TOPK)[None, :]  # [BT, BK]
     slot = IDX + t[:, None] * stride_n + (h0 + hl) * stride_h + s[None, :] * stride_k
     c = tl.load(slot, mask=mask, other=-1).to(tl.int64)
-    # slot 0 has no previous slot: -1 never equals a valid block
-    prev = tl.load(slot - stride_k, mask=mask & (s > 0)[None, :], other=-1).to(tl.int64)
+    # repeat: an earlier slot of the row holds the same block (rows need not be sorted; the block counts once)
+    repeat = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int1)
+    for j in tl.static_range(TOPK - 1):
+        cj = tl.load(IDX + t * stride_n + (h0 + hl) * stride_h + j * stride_k, mask=tmask, other=-1).to(tl.int64)
+        repeat = repeat | ((c == cj[:, None]) & (s > j)[None, :])
     own = (t - tl.load(DOCSTART + t, mask=tmask, other=0)) // block_size  # [BT] the token's own local block
     base = hl * NBG + tl.load(BLOCKBASE + t, mask=tmask, other=0)  # [BT]
-    valid = (c >= 0) & (c <= own[:, None]) & (c != prev)
+    valid = (c >= 0) & (c <= own[:, None]) & ~repeat
     key = tl.where(valid, base[:, None] + c, n_groups)
     tl.store(GID + (hl * N + t)[:, None] * TOPK + s[None, :], key.to(GID.dtype.element_ty), mask=mask)
 
