@@ -150,6 +150,10 @@ def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2,
             assert n_slots == ref_slots
         split = index_triton.group_split_info_triton(new, per_item)
         _assert_identical(split, index_mod._group_split_info_torch(ref, per_item), f"split per_item={per_item}")
+        # both tables from one item cumsum (the dK/dV kernels' call) equal the separate ones
+        work, n_slots, both_split = index_triton.split_work_list_triton(new, per_item)
+        _assert_identical(work, index_mod._work_list_torch(ref, per_item, True)[0], f"split work per_item={per_item}")
+        _assert_identical(both_split, split, f"split table per_item={per_item}")
         split_groups += int((split[:, 0] > 0).sum())
     assert split_groups > 0  # some groups are cut into several items
 

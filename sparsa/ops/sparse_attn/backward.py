@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_flag
-from .index import PairIndex, group_split_info, work_list
+from .index import PairIndex, split_work_list
 from .kv_outer import forced_config, group_block, reduce_config, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
@@ -336,8 +336,7 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     block_m, warps, launch_opts, keys = bwd_config(group, head_dim, block_size, n_tokens)
     pairs = block_m // group
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
-    work, n_slots = work_list(index, per_item, with_slots=True)
-    split = group_split_info(index, per_item)
+    work, n_slots, split = split_work_list(index, per_item)
     block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
     dqp_dtype = DQ_PARTIAL_DTYPE if q.dtype == torch.bfloat16 else torch.float32
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)

@@ -154,6 +154,16 @@ def group_split_info(index: PairIndex, per_item: int) -> torch.Tensor:
     return (fast.group_split_info_triton if fast else _group_split_info_torch)(index, per_item)
 
 
+def split_work_list(index: PairIndex, per_item: int):
+    """(work list with partial slots, n_slots_max, split table) for the dK/dV kernels: `work_list(...,
+    with_slots=True)` and `group_split_info` from one pass over the item counts."""
+    fast = _triton_path()
+    if fast:
+        return fast.split_work_list_triton(index, per_item)
+    work, n_slots = _work_list_torch(index, per_item, with_slots=True)
+    return work, n_slots, _group_split_info_torch(index, per_item)
+
+
 def key_dtype(n_groups: int) -> torch.dtype:
     """The narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes."""
     return torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64

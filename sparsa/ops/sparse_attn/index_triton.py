@@ -53,12 +53,12 @@ def _pair_key_kernel(
     s = tl.arange(0, BLOCK_K)  # [BK]
     tmask = t < N
     mask = tmask[:, None] & (s < TOPK)[None, :]  # [BT, BK]
-    slot = IDX + t[:, None] * stride_n + (h0 + hl) * stride_h + s[None, :] * stride_k
-    c = tl.load(slot, mask=mask, other=-1).to(tl.int64)
+    row = IDX + t * stride_n + (h0 + hl) * stride_h  # [BT] first slot of each token's row
+    c = tl.load(row[:, None] + s[None, :] * stride_k, mask=mask, other=-1).to(tl.int64)
     # repeat: an earlier slot of the row holds the same block (rows need not be sorted; the block counts once)
     repeat = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int1)
     for j in tl.static_range(TOPK - 1):
-        cj = tl.load(IDX + t * stride_n + (h0 + hl) * stride_h + j * stride_k, mask=tmask, other=-1).to(tl.int64)
+        cj = tl.load(row + j * stride_k, mask=tmask, other=-1).to(tl.int64)  # [BT] slot j (cached: loaded above)
         repeat = repeat | ((c == cj[:, None]) & (s > j)[None, :])
     own = (t - tl.load(DOCSTART + t, mask=tmask, other=0)) // block_size  # [BT] the token's own local block
     base = hl * NBG + tl.load(BLOCKBASE + t, mask=tmask, other=0)  # [BT]
@@ -183,12 +183,14 @@ def _work_kernel(
         tl.store(row + 3, tl.where(ok & (upto > base), base + local, -1), mask=mask)
 
 
-def work_list_triton(index: PairIndex, per_item: int, with_slots: bool = False):
-    """`index.work_list` in three launches: items kernel, cumsum, work kernel."""
+def work_list_triton(index: PairIndex, per_item: int, with_slots: bool = False, cum: torch.Tensor | None = None):
+    """`index.work_list` in three launches: items kernel, cumsum, work kernel (one with `cum`, the item cumsum
+    of the same index and per_item, already made)."""
     n_groups = index.counts.numel()
     w_max = -(-index.n_pairs_max // per_item) + n_groups
     cols = 4 if with_slots else 3
-    cum = _item_cumsum(index, per_item)
+    if cum is None:
+        cum = _item_cumsum(index, per_item)
     work = torch.empty(w_max, cols, dtype=torch.int64, device=cum.device)
     _work_kernel[(triton.cdiv(w_max, INDEX_BLOCK),)](
         index.counts,
@@ -216,10 +218,18 @@ def _split_info_kernel(CUM, SPLIT, n_groups, BLOCK: tl.constexpr):
     tl.store(SPLIT + g * 2 + 1, base, mask=mask)
 
 
-def group_split_info_triton(index: PairIndex, per_item: int) -> torch.Tensor:
-    """`index.group_split_info`. Launches: items kernel, cumsum, split kernel."""
+def group_split_info_triton(index: PairIndex, per_item: int, cum: torch.Tensor | None = None) -> torch.Tensor:
+    """`index.group_split_info`. Launches: items kernel, cumsum, split kernel (one with `cum`)."""
     n_groups = index.counts.numel()
-    cum = _item_cumsum(index, per_item)
+    if cum is None:
+        cum = _item_cumsum(index, per_item)
     split = torch.empty(n_groups, 2, dtype=torch.int64, device=cum.device)
     _split_info_kernel[(triton.cdiv(n_groups, INDEX_BLOCK),)](cum, split, n_groups, BLOCK=INDEX_BLOCK)
     return split
+
+
+def split_work_list_triton(index: PairIndex, per_item: int):
+    """`index.split_work_list`: the item cumsum made once for the work list and the split table."""
+    cum = _item_cumsum(index, per_item)
+    work, n_slots = work_list_triton(index, per_item, with_slots=True, cum=cum)
+    return work, n_slots, group_split_info_triton(index, per_item, cum=cum)

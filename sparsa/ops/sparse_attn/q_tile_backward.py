@@ -23,7 +23,7 @@ import triton.language as tl
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
-from .index import PairIndex, group_split_info, key_dtype, sort_groups, work_list
+from .index import PairIndex, key_dtype, sort_groups, split_work_list
 from .q_outer import LOG2E, _pow2, precision_for
 from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
 
@@ -218,8 +218,7 @@ def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: floa
         MAXU=maxu, num_warps=BWD_WARPS, **consts,
     )
     index = block_tiles(union, counts, maxu, meta.n_blocks)
-    work, _ = work_list(index, TILES_PER_ITEM, with_slots=True)
-    split = group_split_info(index, TILES_PER_ITEM)
+    work, _, split = split_work_list(index, TILES_PER_ITEM)
     # exact number of partial slots (one host synchronisation): work_list's host-side bound, 2 x entries /
     # TILES_PER_ITEM, assumes every tile's union could hold TOKENS x topk blocks (GBs of slots at 64K)
     n_slots = max(1, int(split[:, 0].sum()))
