@@ -3,7 +3,7 @@
 build included), each variant's output and gradients compared with the default's.
 
     PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
-        [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"]
+        [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"] [--reduce "32x2;16x4"]
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG[xSTAGES]] separated by ';' ("none": skip that half; MAXNREG 0:
 no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV); the default is
@@ -15,6 +15,8 @@ Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 ro
 registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills
 (two CTAs of 8 warps), 64 rows / 4 warps with maxnreg=128 spills 40 bytes (four CTAs). The dK/dV kernel
 (128 rows, 8 warps) takes 255 registers and 152 bytes of stack, one CTA per SM.
+--reduce: the per-token reductions (forward merge, dQ sum; kv_outer.REDUCE_OVERRIDE) as ROWSxSLOTS[xWARPS]:
+rows per program, slots merged per step (their partials loaded as one tile), warps; "none" (the default) skips.
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16).
 """
 import argparse
@@ -49,6 +51,53 @@ def parse_variants(text, default):
     return [None, *cfgs, None]
 
 
+def parse_reduce_variants(text):
+    """'32x1;16x4x8' -> [None, (32, 1), (16, 4, 8), None]; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    cfgs = []
+    for part in (x.strip() for x in text.split(";")):
+        if part:
+            nums = tuple(int(x) for x in part.split("x"))
+            if len(nums) not in (2, 3):
+                raise ValueError(f"reduction variant {part!r} must be ROWSxSLOTS[xWARPS]")
+            cfgs.append(nums)
+    return [None, *cfgs, None]
+
+
+def reduce_rows(n, group, fwd, fwd_bwd, leaves, variants):
+    """Per-token reduction variants (kv_outer.REDUCE_OVERRIDE: forward merge and dQ sum): do_bench of the
+    forward and forward+backward, GPU ms per call of the two reduction kernels, output and gradient
+    differences against the default's (the summation order changes with SLOTS: not bit-equal)."""
+    from scripts.sa_kernel_times import kernel_times
+
+    rows, ref = [], None
+    for cfg in variants:
+        kv_mod.REDUCE_OVERRIDE = cfg
+        try:
+            out = fwd().float()
+            fwd_bwd()
+            got = (out, *(x.grad.float() for x in leaves))
+            ref = got if ref is None else ref
+            per = kernel_times(fwd_bwd, 3)
+            row = {
+                "N": n,
+                "G": group,
+                "reduce_cfg": cfg,
+                "fwd_ms": bench(fwd),
+                "fwdbwd_ms": bench(fwd_bwd),
+                "merge_ms": sum(t for k, t in per.items() if "merge" in k),
+                "dq_sum_ms": sum(t for k, t in per.items() if "dq_reduce" in k),
+                "diff": max(rel(a, b) for a, b in zip(got, ref)),
+            }
+        except Exception as exc:  # noqa: BLE001 - report the variant and go on
+            row = {"N": n, "G": group, "reduce_cfg": cfg, "error": repr(exc)[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    kv_mod.REDUCE_OVERRIDE = None
+    return rows
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -59,9 +108,13 @@ def main():
     p.add_argument("--groups", default="1,4")
     p.add_argument("--fwd", default=None, help="forward MAIN variants, e.g. '128x4;64x4x96' ('none': skip)")
     p.add_argument("--bwd", default=None, help="dK/dV variants, e.g. '64x4;32x4' ('none': skip)")
+    p.add_argument(
+        "--reduce", default="none", help="per-token reduction variants ROWSxSLOTS[xWARPS], e.g. '32x1;16x4' (default none)"
+    )
     args = p.parse_args()
     fwd_variants = parse_variants(args.fwd, FWD_VARIANTS)
     bwd_variants = parse_variants(args.bwd, BWD_VARIANTS)
+    reduce_variants = parse_reduce_variants(args.reduce)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
@@ -96,9 +149,17 @@ def main():
                 print(json.dumps(row), flush=True)
             bwd_mod.BWD_OVERRIDE = None
             os.environ.pop("SPARSA_KV_BWD_KEYS", None)
+            rows += reduce_rows(n, group, fwd, fwd_bwd, (qr, kr, vr), reduce_variants)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}\n| N | G | variant | ms | diff vs default |\n|---|---|---|---|---|")
     for r in rows:
+        if "reduce_cfg" in r:
+            name = f"reduce {r['reduce_cfg'] or 'default'}: fwd / fwd+bwd; merge / dQ-sum kernel ms"
+            ms = r.get("fwd_ms")
+            if ms is not None:
+                ms = f"{ms:.3f} / {r['fwdbwd_ms']:.3f}; {r['merge_ms']:.3f} / {r['dq_sum_ms']:.3f}"
+            print(f"| {r['N']} | {r['G']} | {name} | {ms} | {r.get('diff', r.get('error'))} |")
+            continue
         name = f"fwd {r['fwd_cfg'] or 'default'}" if "fwd_cfg" in r else f"fwd+bwd, bwd {r['bwd_cfg'] or 'default'}"
         ms = r.get("fwd_ms", r.get("fwdbwd_ms"))
         print(f"| {r['N']} | {r['G']} | {name} | {ms if ms is None else f'{ms:.3f}'} | {r.get('diff', r.get('error'))} |")

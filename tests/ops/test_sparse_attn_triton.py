@@ -149,14 +149,15 @@ def test_rows_without_keys_give_zero_and_minus_inf():
     check(q, k, v, do, idx, bs, grads=True)
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_reductions_over_several_token_programs(group, monkeypatch):
+@pytest.mark.parametrize("group,slots", [(1, 1), (3, 1), (1, 4), (3, 2)])
+def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     """The per-token reductions (forward merge, dQ sum) take several tokens per program: force 16-row
     programs (G = 3: 5 tokens and one masked row each; 96 tokens end in a partial program), topk = 5 and
-    holes of -1 slots."""
+    holes of -1 slots; slot by slot and `slots` slots per step (topk = 5: a masked tail step)."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
     monkeypatch.setattr(kv_mod, "REDUCE_ROWS", 1)
+    monkeypatch.setattr(kv_mod, "REDUCE_SLOTS", slots)
     block_r, tokens, _ = kv_mod.reduce_config(group, 16)
     assert block_r == 16 and tokens == 16 // group and 96 % tokens != 0 or group == 1
     q, k, v, do = make_inputs(1, 96, 1, group, 16, torch.float32, seed=20 + group)
@@ -176,9 +177,8 @@ def test_kv_outer_with_the_triton_pair_index(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("kv_outer",))
 
 
-@pytest.mark.parametrize("local", ["0", "1"])
-@pytest.mark.parametrize("group,rows", [(1, 32), (3, 16)])
-def test_kv_outer_local_blocks_in_the_merge(local, group, rows, monkeypatch):
+@pytest.mark.parametrize("local,group,rows,slots", [("0", 1, 32, 1), ("1", 1, 32, 1), ("0", 3, 16, 1), ("1", 3, 16, 1), ("1", 3, 16, 2)])
+def test_kv_outer_local_blocks_in_the_merge(local, group, rows, slots, monkeypatch):
     """SPARSA_KV_LOCAL=1: the local blocks (block 0, own, previous) are computed by the merge kernel and
     skipped by MAIN; =0: every pair through MAIN. Merge tiles of `rows` rows span block and document
     boundaries (block 16, packed documents); some tokens miss their own or previous block or select only
@@ -187,6 +187,7 @@ def test_kv_outer_local_blocks_in_the_merge(local, group, rows, monkeypatch):
 
     monkeypatch.setenv("SPARSA_KV_LOCAL", local)
     monkeypatch.setattr(kv_mod, "LOCAL_OVERRIDE", (rows, 4))
+    monkeypatch.setattr(kv_mod, "REDUCE_SLOTS", slots)
     cu = torch.tensor([0, 37, 41, 112], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 112, 2, group, 16, torch.float32, seed=40 + group)
     idx = random_selection(

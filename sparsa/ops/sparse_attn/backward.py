@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._env import env_flag
 from .index import PairIndex, split_work_list
-from .kv_outer import forced_config, group_block, reduce_config, token_rows
+from .kv_outer import forced_config, group_block, reduce_config, reduce_slots, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -240,6 +240,7 @@ def _dq_reduce_kernel(
     BLOCK_R: tl.constexpr,
     TOKENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SLOTS: tl.constexpr = 1,
 ):
     """dq of TOKENS consecutive tokens x G heads of one KV head: the sum of each row's slot partials in
     slot order, without a branch per slot (all rows' loads of a slot issued together)."""
@@ -249,11 +250,27 @@ def _dq_reduce_kernel(
     dmask = offs_d < D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     pos_row = POS + (hl * N + t) * TOPK  # [R]
-    for s in range(TOPK):
-        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
-        rows = pp * G + g
-        part = tl.load(DQP + rows[:, None] * D + offs_d[None, :], mask=(pp >= 0)[:, None] & dmask[None, :], other=0.0)
-        acc += part.to(tl.float32)
+    if SLOTS == 1:
+        for s in range(TOPK):
+            pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
+            rows = pp * G + g
+            part = tl.load(
+                DQP + rows[:, None] * D + offs_d[None, :], mask=(pp >= 0)[:, None] & dmask[None, :], other=0.0
+            )
+            acc += part.to(tl.float32)
+    else:  # SLOTS slots per step as one [R, SLOTS, D] tile (fixed summation order: deterministic)
+        offs_u = tl.arange(0, SLOTS)
+        for s0 in range(0, TOPK, SLOTS):
+            su = s0 + offs_u  # [U]
+            smask = rmask[:, None] & (su < TOPK)[None, :]  # [R, U]
+            pp = tl.load(pos_row[:, None] + su[None, :], mask=smask, other=-1).to(tl.int64)
+            rows = pp * G + g[:, None]
+            part = tl.load(
+                DQP + rows[:, :, None] * D + offs_d[None, None, :],
+                mask=(pp >= 0)[:, :, None] & dmask[None, None, :],
+                other=0.0,
+            )  # [R, U, D]
+            acc += tl.sum(part.to(tl.float32), 1)
     orow = t * Hq + (h0 + hl) * G + g
     tl.store(DQ + orow[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -409,5 +426,6 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_R=block_r,
         TOKENS=tokens,
         BLOCK_D=block_d,
+        SLOTS=reduce_slots(topk),
         num_warps=warps,
     )

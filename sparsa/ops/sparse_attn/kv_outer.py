@@ -51,9 +51,30 @@ def local_fusion() -> bool:
     return env_flag("SPARSA_KV_LOCAL", False)
 
 
+# slots of a token merged per step by the per-token reductions (forward merge, dQ sum): their partials are
+# loaded as one [rows, SLOTS, D] tile, so that SLOTS loads per row are in flight at once (1: slot by slot)
+REDUCE_SLOTS = 1
+# (rows, slots per step[, num_warps]) of the per-token reductions forced by the tuning scripts
+# (scripts/reduce_variants.py); None = reduce_config's choice and REDUCE_SLOTS
+REDUCE_OVERRIDE: tuple | None = None
+
+
+def reduce_slots(topk: int) -> int:
+    """SLOTS of the per-token reductions: REDUCE_OVERRIDE's or REDUCE_SLOTS, at most topk rounded up to a
+    power of two."""
+    slots = REDUCE_OVERRIDE[1] if REDUCE_OVERRIDE is not None else REDUCE_SLOTS
+    if slots < 1 or slots & (slots - 1):
+        raise ValueError(f"reduction slots per step must be a power of two >= 1, got {slots}")
+    return min(slots, _pow2(topk, 1))
+
+
 def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
     """(BLOCK_R rows, tokens per program, num_warps) of the per-token reductions: whole tokens of G rows,
     about base_rows (REDUCE_ROWS) x 128 elements per program and slot."""
+    if REDUCE_OVERRIDE is not None and base_rows is None:
+        block_r = max(REDUCE_OVERRIDE[0], 1 << (group - 1).bit_length())
+        warps = REDUCE_OVERRIDE[2] if len(REDUCE_OVERRIDE) > 2 else 4
+        return block_r, block_r // group, warps
     rows = max(16, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
     block_r = max(rows, 1 << (group - 1).bit_length())
     return block_r, block_r // group, 4
@@ -143,6 +164,7 @@ def _kv_fwd_merge_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     LOCAL: tl.constexpr,
+    SLOTS: tl.constexpr = 1,
 ):
     """REDUCE: one program per (TOKENS consecutive tokens, KV head), rows = those tokens x their G heads;
     merges each row's partials slot by slot (slot order: deterministic), without a branch per slot so that
@@ -188,22 +210,49 @@ def _kv_fwd_merge_kernel(
                     PRECISION,
                 )
     pos_row = POS + (hl * N + t) * TOPK  # [R]
-    for s in range(TOPK):
-        pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
-        ok = pp >= 0
-        if LOCAL:
-            blk = tl.load(idx_row + s, mask=rmask, other=-1)
-            ok = ok & ~(one_doc & ((blk == 0) | (blk == own) | (blk == own - 1)))  # merged above, no partial
-        rows = pp * G + g
-        lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
-        op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        m_new = tl.maximum(m_i, lp)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
-        alpha = tl.exp2(m_i - m_use)
-        beta = tl.exp2(lp - m_use)
-        l_i = l_i * alpha + beta
-        acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
-        m_i = m_new
+    dvmask = offs_dv < DV
+    if SLOTS == 1:
+        for s in range(TOPK):
+            pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
+            ok = pp >= 0
+            if LOCAL:
+                blk = tl.load(idx_row + s, mask=rmask, other=-1)
+                ok = ok & ~(one_doc & ((blk == 0) | (blk == own) | (blk == own - 1)))  # merged above, no partial
+            rows = pp * G + g
+            lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
+            op = tl.load(OP + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
+            m_new = tl.maximum(m_i, lp)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
+            alpha = tl.exp2(m_i - m_use)
+            beta = tl.exp2(lp - m_use)
+            l_i = l_i * alpha + beta
+            acc = acc * alpha[:, None] + op.to(tl.float32) * beta[:, None]
+            m_i = m_new
+    else:  # SLOTS slots per step: their partials loaded as one [R, SLOTS, DV] tile (more loads in flight)
+        offs_u = tl.arange(0, SLOTS)
+        for s0 in range(0, TOPK, SLOTS):
+            su = s0 + offs_u  # [U]
+            smask = rmask[:, None] & (su < TOPK)[None, :]  # [R, U]
+            pp = tl.load(pos_row[:, None] + su[None, :], mask=smask, other=-1).to(tl.int64)
+            ok = pp >= 0
+            if LOCAL:
+                blk = tl.load(idx_row[:, None] + su[None, :], mask=smask, other=-1)
+                own2 = own[:, None]
+                ok = ok & ~(one_doc & ((blk == 0) | (blk == own2) | (blk == own2 - 1)))  # merged above
+            rows = pp * G + g[:, None]  # [R, U]
+            lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
+            op = tl.load(
+                OP + rows[:, :, None] * DV + offs_dv[None, None, :],
+                mask=ok[:, :, None] & dvmask[None, None, :],
+                other=0.0,
+            )  # [R, U, DV]
+            m_new = tl.maximum(m_i, tl.max(lp, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
+            alpha = tl.exp2(m_i - m_use)
+            beta = tl.exp2(lp - m_use[:, None])  # [R, U]
+            l_i = l_i * alpha + tl.sum(beta, 1)
+            acc = acc * alpha[:, None] + tl.sum(op.to(tl.float32) * beta[:, :, None], 1)
+            m_i = m_new
     store_rows(O, LSE, t * Hq + h * G + g, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
@@ -404,5 +453,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_K=_pow2(topk, 1),
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
+        SLOTS=reduce_slots(topk),
         num_warps=merge_warps,
     )
