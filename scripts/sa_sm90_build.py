@@ -87,7 +87,8 @@ def kernels(group: int):
         yield f"kv_main local={local}", kv._kv_fwd_main_kernel, dict(main, LOCAL=local), warps, 1, opts.get("maxnreg")
     for local, (rows, tokens, rwarps) in ((False, kv.reduce_config(group, D)), (True, kv.local_config(group, D))):
         merge = dict(
-            common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK, LOCAL=local, SLOTS=kv.reduce_slots(TOPK)
+            common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK, LOCAL=local,
+            SLOTS=1 if local else kv.reduce_slots(TOPK, rows, D),
         )
         yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, 3, None
     for keys in (False, True):
@@ -97,7 +98,7 @@ def kernels(group: int):
         yield f"kv_dkdv keys={keys}", bwd._kv_bwd_kernel, dkdv, bwarps, bopts.get("num_stages", 2), None
     os.environ.pop("SPARSA_KV_BWD_KEYS")
     rows, tokens, rwarps = kv.reduce_config(group, D)
-    dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D, SLOTS=kv.reduce_slots(TOPK))
+    dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D, SLOTS=kv.reduce_slots(TOPK, rows, D))
     yield "dq_reduce", bwd._dq_reduce_kernel, dq, rwarps, 3, None
     qo_const = dict(common, TOPK=TOPK, BLOCK_G=max(16, group), BLOCK_N=BS, BRANCHLESS=True)
     yield "q_outer", qo._q_outer_fwd_kernel, qo_const, 4, 3, None

@@ -156,7 +156,7 @@ def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     holes of -1 slots; slot by slot and `slots` slots per step (topk = 5: a masked tail step)."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-    monkeypatch.setattr(kv_mod, "REDUCE_ROWS", 1)
+    monkeypatch.setattr(kv_mod, "REDUCE_ROWS", 2)  # 2 * 128 // head dim 16 = 16 rows
     monkeypatch.setattr(kv_mod, "REDUCE_SLOTS", slots)
     block_r, tokens, _ = kv_mod.reduce_config(group, 16)
     assert block_r == 16 and tokens == 16 // group and 96 % tokens != 0 or group == 1

@@ -426,6 +426,6 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_R=block_r,
         TOKENS=tokens,
         BLOCK_D=block_d,
-        SLOTS=reduce_slots(topk),
+        SLOTS=reduce_slots(topk, block_r, head_dim),
         num_warps=warps,
     )

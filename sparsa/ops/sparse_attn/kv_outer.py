@@ -23,8 +23,9 @@ from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
 
-# rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum), head dim <= 128
-REDUCE_ROWS = 32
+# rows (tokens x G heads) of one program of the per-token reductions (forward merge, dQ sum) at head dim 128
+# (at least one token's G rows); with REDUCE_SLOTS below: 8 rows x 16 slots
+REDUCE_ROWS = 8
 # rows of one program of the forward merge with the local blocks fused in (head dim <= 128)
 LOCAL_ROWS = 64
 
@@ -52,17 +53,26 @@ def local_fusion() -> bool:
 
 
 # slots of a token merged per step by the per-token reductions (forward merge, dQ sum): their partials are
-# loaded as one [rows, SLOTS, D] tile, so that SLOTS loads per row are in flight at once (1: slot by slot)
-REDUCE_SLOTS = 1
+# loaded as one [rows, SLOTS, D] tile, so that SLOTS loads per row are in flight at once (1: slot by slot).
+# 8 rows x 16 slots beat the former 32 rows x 1 slot at every measured shape (H200, 2026-12-06,
+# scripts/kv_variants.py --reduce, benchmarks/results/h200_session11): 64K G = 4 forward+backward 25.66 vs
+# 26.74 ms (merge kernel 2.14 vs 2.89, dQ sum 2.08 vs 2.42), G = 1 29.02 vs 30.15, G = 16 22.83 vs 23.72;
+# 8K G = 4 3.19 vs 3.34, G = 1 3.38 vs 3.53. Capped at REDUCE_ELEMENTS elements per step (head dim 256: 8 slots).
+REDUCE_SLOTS = 16
+REDUCE_ELEMENTS = 8 * 16 * 128
 # (rows, slots per step[, num_warps]) of the per-token reductions forced by the tuning scripts
-# (scripts/reduce_variants.py); None = reduce_config's choice and REDUCE_SLOTS
+# (scripts/kv_variants.py --reduce); None = reduce_config's choice and REDUCE_SLOTS
 REDUCE_OVERRIDE: tuple | None = None
 
 
-def reduce_slots(topk: int) -> int:
-    """SLOTS of the per-token reductions: REDUCE_OVERRIDE's or REDUCE_SLOTS, at most topk rounded up to a
-    power of two."""
-    slots = REDUCE_OVERRIDE[1] if REDUCE_OVERRIDE is not None else REDUCE_SLOTS
+def reduce_slots(topk: int, rows: int = 8, head_dim: int = 128) -> int:
+    """SLOTS of the per-token reductions: REDUCE_OVERRIDE's, else REDUCE_SLOTS capped at REDUCE_ELEMENTS per
+    step of `rows` rows; at most topk rounded up to a power of two."""
+    if REDUCE_OVERRIDE is not None:
+        slots = REDUCE_OVERRIDE[1]
+    else:
+        slots = max(1, min(REDUCE_SLOTS, REDUCE_ELEMENTS // (rows * _pow2(head_dim))))
+        slots = 1 << (slots.bit_length() - 1)  # a power of two
     if slots < 1 or slots & (slots - 1):
         raise ValueError(f"reduction slots per step must be a power of two >= 1, got {slots}")
     return min(slots, _pow2(topk, 1))
@@ -75,7 +85,7 @@ def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
         block_r = max(REDUCE_OVERRIDE[0], 1 << (group - 1).bit_length())
         warps = REDUCE_OVERRIDE[2] if len(REDUCE_OVERRIDE) > 2 else 4
         return block_r, block_r // group, warps
-    rows = max(16, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
+    rows = max(8, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
     block_r = max(rows, 1 << (group - 1).bit_length())
     return block_r, block_r // group, 4
 
@@ -453,6 +463,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_K=_pow2(topk, 1),
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
-        SLOTS=reduce_slots(topk),
+        SLOTS=1 if local_tokens else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
         num_warps=merge_warps,
     )
