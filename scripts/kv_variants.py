@@ -6,7 +6,8 @@ build included), each variant's output and gradients compared with the default's
         [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"] [--reduce "32x2;16x4"]
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG[xSTAGES]] separated by ';' ("none": skip that half; MAXNREG 0:
-no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV); the default is
+no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV; forward: a fifth number ITEMS runs ITEMS work
+items per MAIN program in a loop pipelined over STAGES); the default is
 measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
 (SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch); the dK/dV "default" is the gathered-rows layout
 (SPARSA_KV_BWD_KEYS=0), which is not the library default where keys-as-rows is tuned on (G = 8, 16K+ tokens).
@@ -33,7 +34,7 @@ FWD_VARIANTS = [None, (128, 4), (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 
 BWD_VARIANTS = [None, (64, 4), (32, 4), (64, 8), None]
 
 
-def parse_variants(text, default):
+def parse_variants(text, default, max_numbers=4):
     """'128x4;64x4x96' -> [None, (128, 4), (64, 4, 96), None]; 'none' -> []; None -> default."""
     if text is None:
         return default
@@ -45,8 +46,11 @@ def parse_variants(text, default):
             continue
         keys = part.startswith("k")  # dK/dV with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1)
         nums = tuple(int(x) for x in part.lstrip("k").split("x") if x)
-        if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4)):
-            raise ValueError(f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG[xSTAGES]] (or k alone; MAXNREG 0: none)")
+        if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4, 5)[: max_numbers - 1]):
+            raise ValueError(
+                f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG[xSTAGES]] (or k alone; MAXNREG 0: none; forward:"
+                " a fifth number ITEMS per MAIN program)"
+            )
         cfgs.append(("keys", *nums) if keys else nums)
     return [None, *cfgs, None]
 
@@ -112,7 +116,7 @@ def main():
         "--reduce", default="none", help="per-token reduction variants ROWSxSLOTS[xWARPS], e.g. '32x1;16x4' (default none)"
     )
     args = p.parse_args()
-    fwd_variants = parse_variants(args.fwd, FWD_VARIANTS)
+    fwd_variants = parse_variants(args.fwd, FWD_VARIANTS, max_numbers=5)
     bwd_variants = parse_variants(args.bwd, BWD_VARIANTS)
     reduce_variants = parse_reduce_variants(args.reduce)
     rows = []

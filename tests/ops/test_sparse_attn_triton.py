@@ -166,6 +166,20 @@ def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
+@pytest.mark.parametrize("local", ["0", "1"])
+def test_kv_outer_main_with_several_items_per_program(local, monkeypatch):
+    """MAIN with 3 work items per program (a loop; the last program runs past the end of the work list and
+    the list's padding items are empty): fully masked items write nothing, every pair gets its partial."""
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setenv("SPARSA_KV_LOCAL", local)
+    monkeypatch.setattr(kv_mod, "MAIN_ITEMS", 3)
+    q, k, v, do = make_inputs(1, 80, 2, 2, 16, torch.float32, seed=50)
+    idx = random_selection(1, 80, 2, 4, 16, generator=torch.Generator().manual_seed(50), device=DEVICE)
+    idx[0, 30:40, 1, 1:] = -1  # holes
+    check(q, k, v, do, idx, 16, orders=("kv_outer",))
+
+
 def test_kv_outer_with_the_triton_pair_index(monkeypatch):
     """The attention with the Triton-built index (SPARSA_PAIR_INDEX=triton), packed documents, G = 3."""
     monkeypatch.setenv("SPARSA_PAIR_INDEX", "triton")

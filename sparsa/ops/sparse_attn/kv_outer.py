@@ -267,55 +267,31 @@ def _kv_fwd_merge_kernel(
 
 
 @triton.jit
-def _kv_fwd_main_kernel(
-    Q,
-    K,
-    V,
-    OP,
-    LSEP,
-    WORK,
-    TOKS,
-    BLKSTART,
-    BLKLEN,
-    qk_scale,
-    Hq,
-    Hkv,
-    NBG,
-    h0,
-    LOCALBLK,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    PAIRS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    LOCAL: tl.constexpr,
-):
-    w = tl.program_id(0).to(tl.int64)
-    start = tl.load(WORK + w * 3)
-    end = tl.load(WORK + w * 3 + 1)
-    if start >= end:
-        return
-    grp = tl.load(WORK + w * 3 + 2)
-    gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
+def item_rows(WORK, TOKS, w, valid, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr):
+    """Rows of work item w (valid: whether w is a real row of WORK [W, 3]): (group, pair index [M], head in
+    the group [M], row mask [M], token [M] int64); rows = PAIRS pairs x G heads."""
+    start = tl.load(WORK + w * 3, mask=valid, other=0)
+    end = tl.load(WORK + w * 3 + 1, mask=valid, other=0)
+    grp = tl.load(WORK + w * 3 + 2, mask=valid, other=0)
     offs_m = tl.arange(0, BLOCK_M)
+    pr = offs_m // G
+    pidx = start + pr
+    rmask = (pr < PAIRS) & (pidx < end)
+    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+    return grp, pidx, offs_m % G, rmask, tok
+
+
+@triton.jit
+def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """MAIN on one tile: rows (pair pidx, head g) against the key block at kst (blen keys, KV head h); writes
+    each row's normalised partial and log2 LSE (masked rows write nothing)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     dmask = offs_d < D
     dvmask = offs_dv < DV
-    pr = offs_m // G
-    g = offs_m % G
-    pidx = start + pr
-    rmask = (pr < PAIRS) & (pidx < end)
-    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
-    if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
-        rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
-        if tl.max(rmask.to(tl.int32), 0) == 0:
-            return
     hq = h * G + g
     q = tl.load(Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     kpos = kst + offs_n
@@ -341,6 +317,63 @@ def _kv_fwd_main_kernel(
     tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask)
 
 
+@triton.jit
+def _kv_fwd_main_kernel(
+    Q,
+    K,
+    V,
+    OP,
+    LSEP,
+    WORK,
+    TOKS,
+    BLKSTART,
+    BLKLEN,
+    qk_scale,
+    Hq,
+    Hkv,
+    NBG,
+    h0,
+    LOCALBLK,
+    n_work,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr,
+    ITEMS: tl.constexpr = 1,
+    ITEM_STAGES: tl.constexpr = 1,
+):
+    """MAIN: ITEMS consecutive work items per program (1: one program per item, empty items return at once;
+    more: a loop over the items, software-pipelined over ITEM_STAGES stages so that the next item's gathers
+    can be in flight while this one computes; empty and past-the-end items are fully masked)."""
+    if ITEMS == 1:
+        w = tl.program_id(0).to(tl.int64)
+        if tl.load(WORK + w * 3) >= tl.load(WORK + w * 3 + 1):
+            return
+        grp, pidx, g, rmask, tok = item_rows(WORK, TOKS, w, True, G, BLOCK_M, PAIRS)
+        gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
+        if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
+            rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
+            if tl.max(rmask.to(tl.int32), 0) == 0:
+                return
+        main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
+                  BLOCK_D, BLOCK_DV, PRECISION)
+    else:
+        for i in tl.range(0, ITEMS, num_stages=ITEM_STAGES):
+            w = tl.program_id(0).to(tl.int64) * ITEMS + i
+            grp, pidx, g, rmask, tok = item_rows(WORK, TOKS, w, w < n_work, G, BLOCK_M, PAIRS)
+            gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
+            if LOCAL:
+                rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
+            main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
+                      BLOCK_D, BLOCK_DV, PRECISION)
+
+
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
 # max|v|, so fp16 cannot overflow; measured on the H100: error within 1.2x of fp32 partials, forward
 # 1.4x faster at 64K), or torch.float32 for the most exact merge. fp32 inputs always use fp32.
@@ -351,12 +384,19 @@ PARTIAL_DTYPE: torch.dtype | None = None
 FWD_OVERRIDE: tuple | None = None
 
 
+# work items per MAIN program (1: one program per item; more: a software-pipelined loop over consecutive
+# items, an experiment: FWD_OVERRIDE's fifth entry selects it in scripts/kv_variants.py)
+MAIN_ITEMS = 1
+
+
 def forced_config(override: tuple, group: int):
-    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg[, num_stages]]);
-    maxnreg 0 = no register cap."""
+    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg[, num_stages[,
+    items]]]); maxnreg 0 = no register cap; items: work items per MAIN program (forward only)."""
     extra = {"maxnreg": override[2]} if len(override) > 2 and override[2] else {}
     if len(override) > 3:
         extra["num_stages"] = override[3]
+    if len(override) > 4:
+        extra["items"] = override[4]
     return max(override[0], _pow2(group)), override[1], extra
 
 
@@ -387,6 +427,9 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     group = n_heads_q // n_heads_kv
     topk = index.pos.shape[-1]
     block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
+    launch_opts = dict(launch_opts)
+    items = launch_opts.pop("items", MAIN_ITEMS)
+    item_stages = launch_opts.pop("num_stages", 1) if items > 1 else 1
     pairs = block_m // group
     work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
@@ -402,7 +445,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         local_tokens = 0
     # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
     local_blocks = local_block_table(meta, block_size, local_tokens) if local_tokens else index.pos
-    _kv_fwd_main_kernel[(work.shape[0],)](
+    _kv_fwd_main_kernel[(triton.cdiv(work.shape[0], items),)](
         q,
         k,
         v,
@@ -418,6 +461,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         meta.n_blocks,
         index.h0,
         local_blocks,
+        work.shape[0],
         G=group,
         D=head_dim,
         DV=head_dim_v,
@@ -428,8 +472,10 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
+        ITEMS=items,
+        ITEM_STAGES=item_stages,
         num_warps=warps,
-        **{"num_stages": 1, **launch_opts},
+        **{"num_stages": item_stages, **launch_opts},
     )
     rows, tokens, merge_warps = (
         (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
