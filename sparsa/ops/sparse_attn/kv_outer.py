@@ -353,10 +353,18 @@ def _kv_fwd_main_kernel(
     can be in flight while this one computes; empty and past-the-end items are fully masked)."""
     if ITEMS == 1:
         w = tl.program_id(0).to(tl.int64)
-        if tl.load(WORK + w * 3) >= tl.load(WORK + w * 3 + 1):
+        start = tl.load(WORK + w * 3)
+        end = tl.load(WORK + w * 3 + 1)
+        if start >= end:
             return
-        grp, pidx, g, rmask, tok = item_rows(WORK, TOKS, w, True, G, BLOCK_M, PAIRS)
+        grp = tl.load(WORK + w * 3 + 2)
         gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
+        offs_m = tl.arange(0, BLOCK_M)
+        pr = offs_m // G
+        g = offs_m % G
+        pidx = start + pr
+        rmask = (pr < PAIRS) & (pidx < end)
+        tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
         if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
             rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
             if tl.max(rmask.to(tl.int32), 0) == 0:
