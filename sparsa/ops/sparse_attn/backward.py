@@ -242,35 +242,28 @@ def _dq_reduce_kernel(
     BLOCK_D: tl.constexpr,
     SLOTS: tl.constexpr = 1,
 ):
-    """dq of TOKENS consecutive tokens x G heads of one KV head: the sum of each row's slot partials in
-    slot order, without a branch per slot (all rows' loads of a slot issued together)."""
+    """dq of TOKENS consecutive tokens x G heads of one KV head: the sum of each row's slot partials, SLOTS
+    slots per step, without a branch per slot (all rows' loads of a step issued together)."""
     hl = tl.program_id(1).to(tl.int64)
     t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     pos_row = POS + (hl * N + t) * TOPK  # [R]
-    if SLOTS == 1:
-        for s in range(TOPK):
-            pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
-            rows = pp * G + g
-            part = tl.load(
-                DQP + rows[:, None] * D + offs_d[None, :], mask=(pp >= 0)[:, None] & dmask[None, :], other=0.0
-            )
-            acc += part.to(tl.float32)
-    else:  # SLOTS slots per step as one [R, SLOTS, D] tile (fixed summation order: deterministic)
-        offs_u = tl.arange(0, SLOTS)
-        for s0 in range(0, TOPK, SLOTS):
-            su = s0 + offs_u  # [U]
-            smask = rmask[:, None] & (su < TOPK)[None, :]  # [R, U]
-            pp = tl.load(pos_row[:, None] + su[None, :], mask=smask, other=-1).to(tl.int64)
-            rows = pp * G + g[:, None]
-            part = tl.load(
-                DQP + rows[:, :, None] * D + offs_d[None, None, :],
-                mask=(pp >= 0)[:, :, None] & dmask[None, None, :],
-                other=0.0,
-            )  # [R, U, D]
-            acc += tl.sum(part.to(tl.float32), 1)
+    # SLOTS slots per step as one [R, SLOTS, D] tile (fixed summation order: deterministic); at SLOTS = 1 the
+    # sm_90 build has the same PTX op counts as a plain loop over the slots
+    offs_u = tl.arange(0, SLOTS)
+    for s0 in range(0, TOPK, SLOTS):
+        su = s0 + offs_u  # [U]
+        smask = rmask[:, None] & (su < TOPK)[None, :]  # [R, U]
+        pp = tl.load(pos_row[:, None] + su[None, :], mask=smask, other=-1).to(tl.int64)
+        rows = pp * G + g[:, None]
+        part = tl.load(
+            DQP + rows[:, :, None] * D + offs_d[None, None, :],
+            mask=(pp >= 0)[:, :, None] & dmask[None, None, :],
+            other=0.0,
+        )  # [R, U, D]
+        acc += tl.sum(part.to(tl.float32), 1)
     orow = t * Hq + (h0 + hl) * G + g
     tl.store(DQ + orow[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -318,6 +311,8 @@ def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
     {"num_stages": s} when forced or tuned; keys as MMA rows)."""
     keys = keys_as_rows(group, head_dim, block_size, n_tokens)
     if BWD_OVERRIDE is not None:
+        if len(BWD_OVERRIDE) > 4:
+            raise ValueError(f"BWD_OVERRIDE takes (BLOCK_M, num_warps[, maxnreg[, num_stages]]), got {BWD_OVERRIDE}")
         return (*forced_config(BWD_OVERRIDE, group), keys)
     opts = {}
     if max(head_dim, block_size) <= 128:

@@ -221,7 +221,7 @@ def _kv_fwd_merge_kernel(
                 )
     pos_row = POS + (hl * N + t) * TOPK  # [R]
     dvmask = offs_dv < DV
-    if SLOTS == 1:
+    if SLOTS == 1:  # slot by slot: the fused-local merge as measured (the tile code at SLOTS = 1 compiles differently)
         for s in range(TOPK):
             pp = tl.load(pos_row + s, mask=rmask, other=-1).to(tl.int64)
             ok = pp >= 0
@@ -267,18 +267,16 @@ def _kv_fwd_merge_kernel(
 
 
 @triton.jit
-def item_rows(WORK, TOKS, w, valid, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr):
-    """Rows of work item w (valid: whether w is a real row of WORK [W, 3]): (group, pair index [M], head in
-    the group [M], row mask [M], token [M] int64); rows = PAIRS pairs x G heads."""
-    start = tl.load(WORK + w * 3, mask=valid, other=0)
-    end = tl.load(WORK + w * 3 + 1, mask=valid, other=0)
-    grp = tl.load(WORK + w * 3 + 2, mask=valid, other=0)
+def item_rows(TOKS, start, end, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr):
+    """Rows of the work item with sorted pair range [start, end): (pair index [M], head in the group [M], row
+    mask [M], token [M] int64); rows = PAIRS pairs x G heads."""
     offs_m = tl.arange(0, BLOCK_M)
     pr = offs_m // G
+    g = offs_m % G
     pidx = start + pr
     rmask = (pr < PAIRS) & (pidx < end)
     tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
-    return grp, pidx, offs_m % G, rmask, tok
+    return pidx, g, rmask, tok
 
 
 @triton.jit
@@ -359,12 +357,7 @@ def _kv_fwd_main_kernel(
             return
         grp = tl.load(WORK + w * 3 + 2)
         gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
-        offs_m = tl.arange(0, BLOCK_M)
-        pr = offs_m // G
-        g = offs_m % G
-        pidx = start + pr
-        rmask = (pr < PAIRS) & (pidx < end)
-        tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+        pidx, g, rmask, tok = item_rows(TOKS, start, end, G, BLOCK_M, PAIRS)
         if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
             rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
             if tl.max(rmask.to(tl.int32), 0) == 0:
@@ -374,7 +367,11 @@ def _kv_fwd_main_kernel(
     else:
         for i in tl.range(0, ITEMS, num_stages=ITEM_STAGES):
             w = tl.program_id(0).to(tl.int64) * ITEMS + i
-            grp, pidx, g, rmask, tok = item_rows(WORK, TOKS, w, w < n_work, G, BLOCK_M, PAIRS)
+            valid = w < n_work  # the last program runs past the end of the work list: fully masked items
+            start = tl.load(WORK + w * 3, mask=valid, other=0)
+            end = tl.load(WORK + w * 3 + 1, mask=valid, other=0)
+            grp = tl.load(WORK + w * 3 + 2, mask=valid, other=0)
+            pidx, g, rmask, tok = item_rows(TOKS, start, end, G, BLOCK_M, PAIRS)
             gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
             if LOCAL:
                 rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
@@ -437,7 +434,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
     launch_opts = dict(launch_opts)
     items = launch_opts.pop("items", MAIN_ITEMS)
-    item_stages = launch_opts.pop("num_stages", 1) if items > 1 else 1
+    stages = launch_opts.pop("num_stages", 1)
     pairs = block_m // group
     work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
@@ -481,9 +478,10 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
         ITEMS=items,
-        ITEM_STAGES=item_stages,
+        ITEM_STAGES=stages,
         num_warps=warps,
-        **{"num_stages": item_stages, **launch_opts},
+        num_stages=stages,
+        **launch_opts,
     )
     rows, tokens, merge_warps = (
         (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
