@@ -56,7 +56,7 @@ def local_fusion() -> bool:
 # loaded as one [rows, SLOTS, D] tile, so that SLOTS loads per row are in flight at once (1: slot by slot).
 # 8 rows x 16 slots beat the former 32 rows x 1 slot at every measured shape (H200, 2026-12-06,
 # scripts/kv_variants.py --reduce, benchmarks/results/h200_session11): 64K G = 4 forward+backward 25.66 vs
-# 26.74 ms (merge kernel 2.14 vs 2.89, dQ sum 2.08 vs 2.42), G = 1 29.02 vs 30.15, G = 16 22.83 vs 23.72;
+# 26.74 ms (merge kernel 2.14 vs 2.89, dQ sum 2.08 vs 2.42), G = 1 29.02 vs 30.15, G = 16 (16 x 8) 22.70 vs 23.72;
 # 8K G = 4 3.19 vs 3.34, G = 1 3.38 vs 3.53. Capped at REDUCE_ELEMENTS elements per step (head dim 256: 8 slots).
 REDUCE_SLOTS = 16
 REDUCE_ELEMENTS = 8 * 16 * 128
