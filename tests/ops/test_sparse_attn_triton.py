@@ -166,6 +166,19 @@ def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
+@pytest.mark.parametrize("items", [1, 2])
+def test_kv_outer_main_with_v_loaded_early(items, monkeypatch):
+    """MAIN with V loaded together with K (MAIN_EARLY_V), one and two items per program, holes and G = 3."""
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setattr(kv_mod, "MAIN_EARLY_V", True)
+    monkeypatch.setattr(kv_mod, "MAIN_ITEMS", items)
+    q, k, v, do = make_inputs(1, 72, 2, 3, 16, torch.float32, seed=51)
+    idx = random_selection(1, 72, 2, 4, 16, generator=torch.Generator().manual_seed(51), device=DEVICE)
+    idx[0, 20:30, 0, 2:] = -1  # holes
+    check(q, k, v, do, idx, 16, orders=("kv_outer",))
+
+
 @pytest.mark.parametrize("local", ["0", "1"])
 def test_kv_outer_main_with_several_items_per_program(local, monkeypatch):
     """MAIN with 3 work items per program (a loop; the last program runs past the end of the work list and

@@ -282,9 +282,10 @@ def item_rows(TOKS, start, end, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: t
 @triton.jit
 def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False):
     """MAIN on one tile: rows (pair pidx, head g) against the key block at kst (blen keys, KV head h); writes
-    each row's normalised partial and log2 LSE (masked rows write nothing)."""
+    each row's normalised partial and log2 LSE (masked rows write nothing). EARLY_V: V is loaded with K,
+    before the first dot (its latency overlaps the gathers; more registers live across the softmax)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -295,6 +296,9 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     kpos = kst + offs_n
     kmask = offs_n < blen
     k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    v_ptrs = V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :]
+    if EARLY_V:
+        vv = tl.load(v_ptrs, mask=kmask[:, None] & dvmask[None, :], other=0.0)
     sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
     sc = tl.where(ok, sc, float("-inf"))
@@ -302,9 +306,8 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     m = tl.where(rmask, m, 0.0)
     p = tl.exp2(sc - m[:, None])
     l = tl.sum(p, 1)
-    vv = tl.load(
-        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0
-    )
+    if not EARLY_V:
+        vv = tl.load(v_ptrs, mask=kmask[:, None] & dvmask[None, :], other=0.0)
     acc = tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     l_safe = tl.where(l > 0, l, 1.0)
     out = acc / l_safe[:, None]
@@ -345,6 +348,7 @@ def _kv_fwd_main_kernel(
     LOCAL: tl.constexpr,
     ITEMS: tl.constexpr = 1,
     ITEM_STAGES: tl.constexpr = 1,
+    EARLY_V: tl.constexpr = False,
 ):
     """MAIN: ITEMS consecutive work items per program (1: one program per item, empty items return at once;
     more: a loop over the items, software-pipelined over ITEM_STAGES stages so that the next item's gathers
@@ -363,7 +367,7 @@ def _kv_fwd_main_kernel(
             if tl.max(rmask.to(tl.int32), 0) == 0:
                 return
         main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                  BLOCK_D, BLOCK_DV, PRECISION)
+                  BLOCK_D, BLOCK_DV, PRECISION, EARLY_V)
     else:
         for i in tl.range(0, ITEMS, num_stages=ITEM_STAGES):
             w = tl.program_id(0).to(tl.int64) * ITEMS + i
@@ -376,7 +380,7 @@ def _kv_fwd_main_kernel(
             if LOCAL:
                 rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
             main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                      BLOCK_D, BLOCK_DV, PRECISION)
+                      BLOCK_D, BLOCK_DV, PRECISION, EARLY_V)
 
 
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
@@ -392,6 +396,8 @@ FWD_OVERRIDE: tuple | None = None
 # work items per MAIN program (1: one program per item; more: a software-pipelined loop over consecutive
 # items, an experiment: FWD_OVERRIDE's fifth entry selects it in scripts/kv_variants.py)
 MAIN_ITEMS = 1
+# MAIN loads V together with K, before the first dot (an experiment, session 12; see main_tile)
+MAIN_EARLY_V = False
 
 
 def forced_config(override: tuple, group: int):
@@ -479,6 +485,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         LOCAL=bool(local_tokens),
         ITEMS=items,
         ITEM_STAGES=stages,
+        EARLY_V=MAIN_EARLY_V,
         num_warps=warps,
         num_stages=stages,
         **launch_opts,
