@@ -3,7 +3,7 @@
 build included), each variant's output and gradients compared with the default's.
 
     PYTHONPATH=. python3 scripts/kv_variants.py [--sizes 8192,65536] [--groups 1,4]
-        [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"] [--reduce "32x2;16x4"]
+        [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"] [--reduce "32x2;16x4"] [--flags "CACHE_HINTS"]
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG[xSTAGES]] separated by ';' ("none": skip that half; MAXNREG 0:
 no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV; forward: a fifth number ITEMS runs ITEMS work
@@ -16,6 +16,7 @@ Why (compiled offline for sm_90, bf16, D = 128, G = 4): the default MAIN (128 ro
 registers, so two CTAs (8 warps) share an SM; 128 rows / 8 warps with maxnreg=128 compiles without spills
 (two CTAs of 8 warps), 64 rows / 4 warps with maxnreg=128 spills 40 bytes (four CTAs). The dK/dV kernel
 (128 rows, 8 warps) takes 255 registers and 152 bytes of stack, one CTA per SM.
+--flags: kv_outer's boolean experiments (MAIN_EARLY_V, CACHE_HINTS) switched on together per variant ('+').
 --reduce: the per-token reductions (forward merge, dQ sum; kv_outer.REDUCE_OVERRIDE) as ROWSxSLOTS[xWARPS]:
 rows per program, slots merged per step (their partials loaded as one tile), warps; "none" (the default) skips.
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16).
@@ -69,6 +70,53 @@ def parse_reduce_variants(text):
     return [None, *cfgs, None]
 
 
+FLAG_NAMES = ("MAIN_EARLY_V", "CACHE_HINTS")
+
+
+def parse_flag_variants(text):
+    """'MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS' -> [(), ("MAIN_EARLY_V",), ..., ()]; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    sets = []
+    for part in (x.strip() for x in text.split(";")):
+        if part:
+            names = tuple(n.strip() for n in part.split("+"))
+            bad = [n for n in names if n not in FLAG_NAMES]
+            if bad:
+                raise ValueError(f"--flags: unknown kv_outer flag(s) {bad}; known: {', '.join(FLAG_NAMES)}")
+            sets.append(names)
+    return [(), *sets, ()]
+
+
+def flag_rows(n, group, fwd, fwd_bwd, leaves, variants):
+    """kv_outer boolean experiments (FLAG_NAMES) switched on together per variant: do_bench of the forward
+    and forward+backward, output and gradient differences against the default's (all flags off)."""
+    rows, ref = [], None
+    for names in variants:
+        for name in FLAG_NAMES:
+            setattr(kv_mod, name, name in names)
+        try:
+            out = fwd().float()
+            fwd_bwd()
+            got = (out, *(x.grad.float() for x in leaves))
+            ref = got if ref is None else ref
+            row = {
+                "N": n,
+                "G": group,
+                "flags": "+".join(names),
+                "fwd_ms": bench(fwd),
+                "fwdbwd_ms": bench(fwd_bwd),
+                "diff": max(rel(a, b) for a, b in zip(got, ref)),
+            }
+        except Exception as exc:  # noqa: BLE001 - report the variant and go on
+            row = {"N": n, "G": group, "flags": "+".join(names), "error": repr(exc)[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for name in FLAG_NAMES:
+        setattr(kv_mod, name, False)
+    return rows
+
+
 def reduce_rows(n, group, fwd, fwd_bwd, leaves, variants):
     """Per-token reduction variants (kv_outer.REDUCE_OVERRIDE: forward merge and dQ sum): do_bench of the
     forward and forward+backward, GPU ms per call of the two reduction kernels, output and gradient
@@ -115,7 +163,13 @@ def main():
     p.add_argument(
         "--reduce", default="none", help="per-token reduction variants ROWSxSLOTS[xWARPS], e.g. '32x1;16x4' (default none)"
     )
+    p.add_argument(
+        "--flags", default="none",
+        help=f"kv_outer experiments switched on per variant, e.g. 'MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS'"
+        f" (known: {', '.join(FLAG_NAMES)}; default none)",
+    )
     args = p.parse_args()
+    flag_variants = parse_flag_variants(args.flags)
     fwd_variants = parse_variants(args.fwd, FWD_VARIANTS, max_numbers=5)
     bwd_variants = parse_variants(args.bwd, BWD_VARIANTS)
     reduce_variants = parse_reduce_variants(args.reduce)
@@ -154,9 +208,15 @@ def main():
             bwd_mod.BWD_OVERRIDE = None
             os.environ.pop("SPARSA_KV_BWD_KEYS", None)
             rows += reduce_rows(n, group, fwd, fwd_bwd, (qr, kr, vr), reduce_variants)
+            rows += flag_rows(n, group, fwd, fwd_bwd, (qr, kr, vr), flag_variants)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}\n| N | G | variant | ms | diff vs default |\n|---|---|---|---|---|")
     for r in rows:
+        if "flags" in r:
+            ms = r.get("fwd_ms")
+            ms = ms if ms is None else f"{ms:.3f} / {r['fwdbwd_ms']:.3f}"
+            print(f"| {r['N']} | {r['G']} | flags {r['flags'] or 'default'}: fwd / fwd+bwd | {ms} | {r.get('diff', r.get('error'))} |")
+            continue
         if "reduce_cfg" in r:
             name = f"reduce {r['reduce_cfg'] or 'default'}: fwd / fwd+bwd; merge / dQ-sum kernel ms"
             ms = r.get("fwd_ms")

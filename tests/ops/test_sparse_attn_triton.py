@@ -166,12 +166,14 @@ def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
-@pytest.mark.parametrize("items", [1, 2])
-def test_kv_outer_main_with_v_loaded_early(items, monkeypatch):
-    """MAIN with V loaded together with K (MAIN_EARLY_V), one and two items per program, holes and G = 3."""
+@pytest.mark.parametrize("early_v, hints, items", [(True, False, 1), (True, True, 2), (False, True, 1)])
+def test_kv_outer_main_experiments(early_v, hints, items, monkeypatch):
+    """MAIN with V loaded together with K (MAIN_EARLY_V) and with L2 eviction hints (CACHE_HINTS, also in the
+    merge), one and two items per program, holes and G = 3."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-    monkeypatch.setattr(kv_mod, "MAIN_EARLY_V", True)
+    monkeypatch.setattr(kv_mod, "MAIN_EARLY_V", early_v)
+    monkeypatch.setattr(kv_mod, "CACHE_HINTS", hints)
     monkeypatch.setattr(kv_mod, "MAIN_ITEMS", items)
     q, k, v, do = make_inputs(1, 72, 2, 3, 16, torch.float32, seed=51)
     idx = random_selection(1, 72, 2, 4, 16, generator=torch.Generator().manual_seed(51), device=DEVICE)

@@ -175,6 +175,7 @@ def _kv_fwd_merge_kernel(
     PRECISION: tl.constexpr,
     LOCAL: tl.constexpr,
     SLOTS: tl.constexpr = 1,
+    HINTS: tl.constexpr = False,
 ):
     """REDUCE: one program per (TOKENS consecutive tokens, KV head), rows = those tokens x their G heads;
     merges each row's partials slot by slot (slot order: deterministic), without a branch per slot so that
@@ -219,6 +220,7 @@ def _kv_fwd_merge_kernel(
                     q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV,
                     PRECISION,
                 )
+    STREAM: tl.constexpr = "evict_first" if HINTS else ""  # partials are read once
     pos_row = POS + (hl * N + t) * TOPK  # [R]
     dvmask = offs_dv < DV
     if SLOTS == 1:  # slot by slot: the fused-local merge as measured (the tile code at SLOTS = 1 compiles differently)
@@ -250,11 +252,12 @@ def _kv_fwd_merge_kernel(
                 own2 = own[:, None]
                 ok = ok & ~(one_doc & ((blk == 0) | (blk == own2) | (blk == own2 - 1)))  # merged above
             rows = pp * G + g[:, None]  # [R, U]
-            lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"))
+            lp = tl.load(LSEP + rows, mask=ok, other=float("-inf"), eviction_policy=STREAM)
             op = tl.load(
                 OP + rows[:, :, None] * DV + offs_dv[None, None, :],
                 mask=ok[:, :, None] & dvmask[None, None, :],
                 other=0.0,
+                eviction_policy=STREAM,
             )  # [R, U, DV]
             m_new = tl.maximum(m_i, tl.max(lp, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: everything stays 0
@@ -282,20 +285,30 @@ def item_rows(TOKS, start, end, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: t
 @triton.jit
 def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False):
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False,
+              HINTS: tl.constexpr = False):
     """MAIN on one tile: rows (pair pidx, head g) against the key block at kst (blen keys, KV head h); writes
     each row's normalised partial and log2 LSE (masked rows write nothing). EARLY_V: V is loaded with K,
-    before the first dot (its latency overlaps the gathers; more registers live across the softmax)."""
+    before the first dot (its latency overlaps the gathers; more registers live across the softmax).
+    HINTS: the query and key loads evict_last, the partial stores evict_first (CACHE_HINTS)."""
+    KEEP: tl.constexpr = "evict_last" if HINTS else ""
+    STREAM: tl.constexpr = "evict_first" if HINTS else ""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     dmask = offs_d < D
     dvmask = offs_dv < DV
     hq = h * G + g
-    q = tl.load(Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0,
+        eviction_policy=KEEP,
+    )
     kpos = kst + offs_n
     kmask = offs_n < blen
-    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    k = tl.load(
+        K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0,
+        eviction_policy=KEEP,
+    )
     v_ptrs = V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :]
     if EARLY_V:
         vv = tl.load(v_ptrs, mask=kmask[:, None] & dvmask[None, :], other=0.0)
@@ -313,9 +326,10 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     out = acc / l_safe[:, None]
     row = pidx * G + g
     tl.store(
-        OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :]
+        OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :],
+        eviction_policy=STREAM,
     )
-    tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask)
+    tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -349,6 +363,7 @@ def _kv_fwd_main_kernel(
     ITEMS: tl.constexpr = 1,
     ITEM_STAGES: tl.constexpr = 1,
     EARLY_V: tl.constexpr = False,
+    HINTS: tl.constexpr = False,
 ):
     """MAIN: ITEMS consecutive work items per program (1: one program per item, empty items return at once;
     more: a loop over the items, software-pipelined over ITEM_STAGES stages so that the next item's gathers
@@ -367,7 +382,7 @@ def _kv_fwd_main_kernel(
             if tl.max(rmask.to(tl.int32), 0) == 0:
                 return
         main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                  BLOCK_D, BLOCK_DV, PRECISION, EARLY_V)
+                  BLOCK_D, BLOCK_DV, PRECISION, EARLY_V, HINTS)
     else:
         for i in tl.range(0, ITEMS, num_stages=ITEM_STAGES):
             w = tl.program_id(0).to(tl.int64) * ITEMS + i
@@ -380,7 +395,7 @@ def _kv_fwd_main_kernel(
             if LOCAL:
                 rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
             main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                      BLOCK_D, BLOCK_DV, PRECISION, EARLY_V)
+                      BLOCK_D, BLOCK_DV, PRECISION, EARLY_V, HINTS)
 
 
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
@@ -398,6 +413,9 @@ FWD_OVERRIDE: tuple | None = None
 MAIN_ITEMS = 1
 # MAIN loads V together with K, before the first dot (an experiment, session 12; see main_tile)
 MAIN_EARLY_V = False
+# L2 eviction hints (an experiment, session 12): MAIN's query and key loads evict_last (a token's query rows
+# are gathered once per selected block), the partials evict_first (written by MAIN, read once by the merge)
+CACHE_HINTS = False
 
 
 def forced_config(override: tuple, group: int):
@@ -486,6 +504,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         ITEMS=items,
         ITEM_STAGES=stages,
         EARLY_V=MAIN_EARLY_V,
+        HINTS=CACHE_HINTS,
         num_warps=warps,
         num_stages=stages,
         **launch_opts,
@@ -523,5 +542,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
         SLOTS=1 if local_tokens else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
+        HINTS=CACHE_HINTS,
         num_warps=merge_warps,
     )
