@@ -12,10 +12,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# spill bytes allowed per kernel (ptxas -v); when written, the dK/dV kernel with gathered rows spilled 152
-# bytes, q_tile's dK/dV 64 and the merge kernel with the local blocks 8; the keys-as-rows dK/dV at its launch
-# (64 rows, 4 warps: fastest on the H100 in 2026-12-05 despite the spill) 436 bytes at G = 4, 196 at G = 8
-SPILL_LIMITS = {"kv_dkdv keys=False": 256, "kv_dkdv keys=True": 512, "q_tile dkdv": 128, "kv_local_reduce": 32}
+# spill bytes allowed per kernel (ptxas -v) at G = 4. Session 12's lean MAIN / dK/dV (unmasked loads from
+# valid addresses, one int32 compare per score) left the gathered-rows dK/dV, q_tile's dK/dV and MAIN without
+# spills (before: 16, 64 and 0 bytes); the keys-as-rows dK/dV at its launch (64 rows, 4 warps: fastest on the
+# H100 at G = 8 despite the spill) spills 416 bytes at G = 4; the merge kernel with the local blocks 8
+SPILL_LIMITS = {"kv_dkdv keys=False": 32, "kv_dkdv keys=True": 448, "q_tile dkdv": 32, "kv_local_reduce": 32}
 
 
 def test_every_kernel_builds_for_sm90_without_unexpected_spills():

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._env import env_flag
 from .index import PairIndex, split_work_list
-from .kv_outer import forced_config, group_block, reduce_config, reduce_slots, token_rows
+from .kv_outer import forced_config, group_block, last_key, load_tile, reduce_config, reduce_slots, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -42,18 +42,19 @@ def _work_item(WORK, w):
 @triton.jit
 def _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The work item's KV head h, key positions kpos [BN] (mask kmask) and its block's K [BN, BD], V [BN, BDV]."""
+    """The work item's KV head h, first key kst and key count blen, key positions kpos [BN] (mask kmask) and its
+    block's K [BN, BD], V [BN, BDV]; keys past the block's end hold its last key (finite; the score masks
+    remove them)."""
     _, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kpos = kst + offs_n
     kmask = offs_n < blen
-    k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    vv = tl.load(
-        V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0
-    )
-    return h, kpos, kmask, k, vv
+    krow = (kst + tl.minimum(offs_n, blen - 1)) * Hkv + h
+    k = load_tile(K + krow[:, None] * D + offs_d[None, :], offs_d < D, D == BLOCK_D)
+    vv = load_tile(V + krow[:, None] * DV + offs_dv[None, :], offs_dv < DV, DV == BLOCK_DV)
+    return h, kst, blen, kpos, kmask, k, vv
 
 
 @triton.jit
@@ -66,10 +67,10 @@ def _bwd_rows(Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G: tl.constexpr, D: tl.co
     pr = offs_m // G
     pidx = p0 + pr
     rmask = (pr < PAIRS) & (pidx < end)
-    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)
+    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)  # masked rows: token 0 (valid addresses)
     qrow = tok * Hq + h * G + offs_m % G
-    q = tl.load(Q + qrow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    do = tl.load(DO + qrow[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    q = load_tile(Q + qrow[:, None] * D + offs_d[None, :], offs_d < D, D == BLOCK_D)
+    do = load_tile(DO + qrow[:, None] * DV + offs_dv[None, :], offs_dv < DV, DV == BLOCK_DV)
     lse2 = tl.load(LSE + qrow, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + qrow, mask=rmask, other=0.0)
     return pidx, rmask, tok, q, do, lse2, delta
@@ -166,7 +167,10 @@ def _kv_bwd_kernel(
     start, end, grp, slot = _work_item(WORK, tl.program_id(0).to(tl.int64))
     if start >= end:
         return
-    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    h, kst, blen, kpos, kmask, k, vv = _bwd_block(
+        K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV
+    )
+    offs_n = tl.arange(0, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for p0 in range(start, end, PAIRS):
@@ -175,7 +179,7 @@ def _kv_bwd_kernel(
         )
         if KEYS_AS_ROWS:
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-            ok = kmask[:, None] & rmask[None, :] & (kpos[:, None] <= tok[None, :])
+            ok = offs_n[:, None] <= last_key(tok, rmask, kst, blen)[None, :]
             pt = tl.exp2(tl.where(ok, st - lse2[None, :], float("-inf")))
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(vv, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
@@ -183,7 +187,7 @@ def _kv_bwd_kernel(
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
             dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
         else:
-            ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
+            ok = offs_n[None, :] <= last_key(tok, rmask, kst, blen)[:, None]
             dk, dv, ds = dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION)
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)

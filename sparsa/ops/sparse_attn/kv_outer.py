@@ -283,6 +283,21 @@ def item_rows(TOKS, start, end, G: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: t
 
 
 @triton.jit
+def last_key(tok, rmask, kst, blen):
+    """[M] int32: the last key of the block (from kst, blen keys) that each row may see, min(token - kst,
+    blen - 1), or -1 for masked rows; "key offset <= last_key" is the whole score mask in one compare."""
+    return tl.where(rmask, tl.minimum((tok - kst).to(tl.int32), blen - 1), -1)
+
+
+@triton.jit
+def load_tile(ptrs, colmask, FULL: tl.constexpr):
+    """A [rows, cols] tile whose rows all point at valid memory: unmasked when every column is real."""
+    if FULL:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=colmask[None, :], other=0.0)
+
+
+@triton.jit
 def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False,
@@ -299,36 +314,33 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     dmask = offs_d < D
     dvmask = offs_dv < DV
     hq = h * G + g
-    q = tl.load(
-        Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0,
-        eviction_policy=KEEP,
-    )
-    kpos = kst + offs_n
-    kmask = offs_n < blen
-    k = tl.load(
-        K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0,
-        eviction_policy=KEEP,
-    )
-    v_ptrs = V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :]
+    # loads without row masks: a masked row points at token 0 (item_rows' other=0) and keys past the block's
+    # end re-read its last key, so every address is valid; the score mask below removes them (fewer selects)
+    krow = (kst + tl.minimum(offs_n, blen - 1)) * Hkv + h  # [N]
+    q_ptrs = Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :]
+    k_ptrs = K + krow[:, None] * D + offs_d[None, :]
+    v_ptrs = V + krow[:, None] * DV + offs_dv[None, :]
+    if D == BLOCK_D:
+        q = tl.load(q_ptrs, eviction_policy=KEEP)
+        k = tl.load(k_ptrs, eviction_policy=KEEP)
+    else:
+        q = tl.load(q_ptrs, mask=dmask[None, :], other=0.0, eviction_policy=KEEP)
+        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0, eviction_policy=KEEP)
     if EARLY_V:
-        vv = tl.load(v_ptrs, mask=kmask[:, None] & dvmask[None, :], other=0.0)
-    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    ok = rmask[:, None] & kmask[None, :] & (kpos[None, :] <= tok[:, None])
-    sc = tl.where(ok, sc, float("-inf"))
-    m = tl.max(sc, 1)
-    m = tl.where(rmask, m, 0.0)
-    p = tl.exp2(sc - m[:, None])
+        vv = load_tile(v_ptrs, dvmask, DV == BLOCK_DV)
+    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) is applied in one FMA
+    sc = tl.where(offs_n[None, :] <= last_key(tok, rmask, kst, blen)[:, None], sc, float("-inf"))
+    m = tl.where(rmask, tl.max(sc, 1) * qk_scale, 0.0)
+    p = tl.exp2(sc * qk_scale - m[:, None])
     l = tl.sum(p, 1)
     if not EARLY_V:
-        vv = tl.load(v_ptrs, mask=kmask[:, None] & dvmask[None, :], other=0.0)
+        vv = load_tile(v_ptrs, dvmask, DV == BLOCK_DV)
     acc = tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     l_safe = tl.where(l > 0, l, 1.0)
-    out = acc / l_safe[:, None]
+    out = acc * (1.0 / l_safe)[:, None]  # one reciprocal per row, not a division per element
     row = pidx * G + g
-    tl.store(
-        OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :],
-        eviction_policy=STREAM,
-    )
+    smask = rmask[:, None] if DV == BLOCK_DV else rmask[:, None] & dvmask[None, :]
+    tl.store(OP + row[:, None] * DV + offs_dv[None, :], out.to(OP.dtype.element_ty), mask=smask, eviction_policy=STREAM)
     tl.store(LSEP + row, m + tl.log2(l_safe), mask=rmask, eviction_policy=STREAM)
 
 

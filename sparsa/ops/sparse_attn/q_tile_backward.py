@@ -155,7 +155,7 @@ def _tile_dkdv_kernel(
     if start >= end:
         return
     b = grp % NBG
-    h, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, 0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    h, kst, blen, kpos, kmask, k, vv = _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, 0, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for e in range(start, end):
