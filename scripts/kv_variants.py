@@ -70,7 +70,8 @@ def parse_reduce_variants(text):
     return [None, *cfgs, None]
 
 
-FLAG_NAMES = ("MAIN_EARLY_V", "CACHE_HINTS")
+FLAG_DEFAULTS = {"MAIN_EARLY_V": False, "CACHE_HINTS": None}  # kv_outer's library defaults
+FLAG_NAMES = tuple(FLAG_DEFAULTS)
 
 
 def parse_flag_variants(text):
@@ -89,12 +90,13 @@ def parse_flag_variants(text):
 
 
 def flag_rows(n, group, fwd, fwd_bwd, leaves, variants):
-    """kv_outer boolean experiments (FLAG_NAMES) switched on together per variant: do_bench of the forward
-    and forward+backward, output and gradient differences against the default's (all flags off)."""
+    """kv_outer boolean experiments (FLAG_NAMES) switched on together per variant, the others at their library
+    defaults: do_bench of the forward and forward+backward, output and gradient differences against the
+    default's (every flag at its library default; CACHE_HINTS's is per G, kv_outer.cache_hints)."""
     rows, ref = [], None
     for names in variants:
-        for name in FLAG_NAMES:
-            setattr(kv_mod, name, name in names)
+        for name, default in FLAG_DEFAULTS.items():
+            setattr(kv_mod, name, True if name in names else default)
         try:
             out = fwd().float()
             fwd_bwd()
@@ -112,8 +114,8 @@ def flag_rows(n, group, fwd, fwd_bwd, leaves, variants):
             row = {"N": n, "G": group, "flags": "+".join(names), "error": repr(exc)[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for name in FLAG_NAMES:
-        setattr(kv_mod, name, False)
+    for name, default in FLAG_DEFAULTS.items():
+        setattr(kv_mod, name, default)
     return rows
 
 

@@ -83,13 +83,13 @@ def kernels(group: int):
     common = dict(G=group, D=D, DV=D, BLOCK_D=D, BLOCK_DV=D, PRECISION="tf32")
     block_m, warps, opts = kv.fwd_config(group, D, BS)
     main = dict(common, BLOCK_M=block_m, PAIRS=block_m // group, BLOCK_N=BS, ITEMS=kv.MAIN_ITEMS, ITEM_STAGES=1,
-                EARLY_V=kv.MAIN_EARLY_V, HINTS=kv.CACHE_HINTS)
+                EARLY_V=kv.MAIN_EARLY_V, HINTS=kv.cache_hints(group))
     for local in (False, True):
         yield f"kv_main local={local}", kv._kv_fwd_main_kernel, dict(main, LOCAL=local), warps, 1, opts.get("maxnreg")
     for local, (rows, tokens, rwarps) in ((False, kv.reduce_config(group, D)), (True, kv.local_config(group, D))):
         merge = dict(
             common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK, LOCAL=local,
-            SLOTS=1 if local else kv.reduce_slots(TOPK, rows, D), HINTS=kv.CACHE_HINTS,
+            SLOTS=1 if local else kv.reduce_slots(TOPK, rows, D), HINTS=kv.cache_hints(group),
         )
         yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, 3, None
     for keys in (False, True):

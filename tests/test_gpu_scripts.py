@@ -23,3 +23,17 @@ def test_gpu_probe_runs_on_cpu(probe):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "error" not in out.stdout.lower(), out.stdout[-3000:]
+
+
+def test_kernel_ab_runs_on_cpu_against_a_copy_of_this_tree(tmp_path):
+    """scripts/kernel_ab.py with this tree's own modules as the baseline: both sides run, equal results."""
+    import shutil
+
+    for name in ("kv_outer", "backward"):
+        shutil.copy(os.path.join(ROOT, "sparsa", "ops", "sparse_attn", name + ".py"), tmp_path / (name + ".py"))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    probe = ["scripts/kernel_ab.py", "--old-dir", str(tmp_path), "--shapes", "48,4"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_script_dry_run.py"), *probe],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| 48 | 4 |" in out.stdout and "0.00e+00" in out.stdout, out.stdout[-3000:]

@@ -181,6 +181,18 @@ def test_kv_outer_main_experiments(early_v, hints, items, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
+def test_cache_hints_rule(monkeypatch):
+    """L2 eviction hints: on for G = 1 only by default (measured on the H100), forced either way."""
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setattr(kv_mod, "CACHE_HINTS", None)
+    assert [kv_mod.cache_hints(g) for g in (1, 2, 4, 8, 16)] == [True, False, False, False, False]
+    monkeypatch.setattr(kv_mod, "CACHE_HINTS", False)
+    assert not kv_mod.cache_hints(1)
+    monkeypatch.setattr(kv_mod, "CACHE_HINTS", True)
+    assert kv_mod.cache_hints(4)
+
+
 @pytest.mark.parametrize("local", ["0", "1"])
 def test_kv_outer_main_with_several_items_per_program(local, monkeypatch):
     """MAIN with 3 work items per program (a loop; the last program runs past the end of the work list and

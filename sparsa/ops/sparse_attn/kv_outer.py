@@ -423,11 +423,23 @@ FWD_OVERRIDE: tuple | None = None
 # work items per MAIN program (1: one program per item; more: a software-pipelined loop over consecutive
 # items, an experiment: FWD_OVERRIDE's fifth entry selects it in scripts/kv_variants.py)
 MAIN_ITEMS = 1
-# MAIN loads V together with K, before the first dot (an experiment, session 12; see main_tile)
+# MAIN loads V together with K, before the first dot (an experiment, session 12; see main_tile): slower on the
+# H100 except at G = 1 (64K G = 4 forward 12.92 vs 11.51-11.61 ms, G = 16 11.77 vs 10.85-10.90, G = 1 13.16 vs
+# 13.47-13.50; benchmarks/results/h100_session12/main_flags.log), so off
 MAIN_EARLY_V = False
-# L2 eviction hints (an experiment, session 12): MAIN's query and key loads evict_last (a token's query rows
-# are gathered once per selected block), the partials evict_first (written by MAIN, read once by the merge)
-CACHE_HINTS = False
+# L2 eviction hints (session 12): MAIN's query and key loads evict_last (a token's query rows are gathered
+# once per selected block), the partials evict_first (written by MAIN, read once by the merge). None = on for
+# the group sizes in HINTS_GROUPS, True / False = forced. Measured on the H100 (two runs each,
+# benchmarks/results/h100_session12/main_flags*.log, fwd+bwd ms): G = 1 64K 31.50-31.57 vs 32.16-32.24, 8K
+# 3.67-3.68 vs 3.69-3.72 (forward 12.81-12.87 vs 13.46-13.52); G = 4 slower (64K 28.39-28.46 vs 28.17-28.28);
+# G = 16 equal.
+CACHE_HINTS: bool | None = None
+HINTS_GROUPS = frozenset({1})
+
+
+def cache_hints(group: int) -> bool:
+    """Whether MAIN and the forward merge use the L2 eviction hints at this group size (CACHE_HINTS)."""
+    return group in HINTS_GROUPS if CACHE_HINTS is None else bool(CACHE_HINTS)
 
 
 def forced_config(override: tuple, group: int):
@@ -516,7 +528,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         ITEMS=items,
         ITEM_STAGES=stages,
         EARLY_V=MAIN_EARLY_V,
-        HINTS=CACHE_HINTS,
+        HINTS=cache_hints(group),
         num_warps=warps,
         num_stages=stages,
         **launch_opts,
@@ -554,6 +566,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
         SLOTS=1 if local_tokens else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
-        HINTS=CACHE_HINTS,
+        HINTS=cache_hints(group),
         num_warps=merge_warps,
     )
