@@ -91,6 +91,14 @@ def test_batch_dv_and_block32_fp32():
     check(q, k, v, do, idx, 32)
 
 
+def test_head_dims_below_their_tile_and_a_short_last_block_fp32():
+    """Head dims 24 / 40 (tiles of 32 / 64 columns: the column-masked loads) and 70 tokens in blocks of 16
+    (a last block of 6 keys, whose missing keys the unmasked kernels read as its last key and mask)."""
+    q, k, v, do = make_inputs(1, 70, 2, 3, 24, torch.float32, dim_v=40, seed=13)
+    idx = random_selection(1, 70, 2, 3, 16, generator=torch.Generator().manual_seed(13), device=DEVICE)
+    check(q, k, v, do, idx, 16)
+
+
 def test_fp16_large_logits():
     q, k, v, do = make_inputs(1, 64, 1, 4, 32, torch.float16, logit=50.0, seed=3)
     logits = torch.einsum("thd,tkd->th", q[0, :, :1].float(), k[0].float()) * 32**-0.5

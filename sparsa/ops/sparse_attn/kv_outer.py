@@ -86,6 +86,7 @@ def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
         warps = REDUCE_OVERRIDE[2] if len(REDUCE_OVERRIDE) > 2 else 4
         return block_r, block_r // group, warps
     rows = max(8, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange), also for head dims such as 24 or 40
     block_r = max(rows, 1 << (group - 1).bit_length())
     return block_r, block_r // group, 4
 
