@@ -35,16 +35,19 @@ FWD_VARIANTS = [None, (128, 4), (128, 8, 128), (64, 4, 128), (64, 4, 96), (128, 
 BWD_VARIANTS = [None, (64, 4), (32, 4), (64, 8), None]
 
 
+def variant_parts(text):
+    """The non-empty ';'-separated parts of a variant list; [] for 'none'."""
+    if text.strip().lower() == "none":
+        return []
+    return [part for part in (x.strip() for x in text.split(";")) if part]
+
+
 def parse_variants(text, default, max_numbers=4):
     """'128x4;64x4x96' -> [None, (128, 4), (64, 4, 96), None]; 'none' -> []; None -> default."""
     if text is None:
         return default
-    if text.strip().lower() == "none":
-        return []
     cfgs = []
-    for part in (x.strip() for x in text.split(";")):
-        if not part:
-            continue
+    for part in variant_parts(text):
         keys = part.startswith("k")  # dK/dV with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1)
         nums = tuple(int(x) for x in part.lstrip("k").split("x") if x)
         if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4, 5)[: max_numbers - 1]):
@@ -53,21 +56,18 @@ def parse_variants(text, default, max_numbers=4):
                 " a fifth number ITEMS per MAIN program)"
             )
         cfgs.append(("keys", *nums) if keys else nums)
-    return [None, *cfgs, None]
+    return [None, *cfgs, None] if cfgs else []
 
 
 def parse_reduce_variants(text):
     """'32x1;16x4x8' -> [None, (32, 1), (16, 4, 8), None]; 'none' -> []."""
-    if text.strip().lower() == "none":
-        return []
     cfgs = []
-    for part in (x.strip() for x in text.split(";")):
-        if part:
-            nums = tuple(int(x) for x in part.split("x"))
-            if len(nums) not in (2, 3):
-                raise ValueError(f"reduction variant {part!r} must be ROWSxSLOTS[xWARPS]")
-            cfgs.append(nums)
-    return [None, *cfgs, None]
+    for part in variant_parts(text):
+        nums = tuple(int(x) for x in part.split("x"))
+        if len(nums) not in (2, 3):
+            raise ValueError(f"reduction variant {part!r} must be ROWSxSLOTS[xWARPS]")
+        cfgs.append(nums)
+    return [None, *cfgs, None] if cfgs else []
 
 
 FLAG_DEFAULTS = {"MAIN_EARLY_V": False, "CACHE_HINTS": None}  # kv_outer's library defaults
@@ -76,17 +76,14 @@ FLAG_NAMES = tuple(FLAG_DEFAULTS)
 
 def parse_flag_variants(text):
     """'MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS' -> [(), ("MAIN_EARLY_V",), ..., ()]; 'none' -> []."""
-    if text.strip().lower() == "none":
-        return []
     sets = []
-    for part in (x.strip() for x in text.split(";")):
-        if part:
-            names = tuple(n.strip() for n in part.split("+"))
-            bad = [n for n in names if n not in FLAG_NAMES]
-            if bad:
-                raise ValueError(f"--flags: unknown kv_outer flag(s) {bad}; known: {', '.join(FLAG_NAMES)}")
-            sets.append(names)
-    return [(), *sets, ()]
+    for part in variant_parts(text):
+        names = tuple(n.strip() for n in part.split("+"))
+        bad = [n for n in names if n not in FLAG_NAMES]
+        if bad:
+            raise ValueError(f"--flags: unknown kv_outer flag(s) {bad}; known: {', '.join(FLAG_NAMES)}")
+        sets.append(names)
+    return [(), *sets, ()] if sets else []
 
 
 def flag_rows(n, group, fwd, fwd_bwd, leaves, variants):

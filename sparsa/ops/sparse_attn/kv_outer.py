@@ -291,11 +291,13 @@ def last_key(tok, rmask, kst, blen):
 
 
 @triton.jit
-def load_tile(ptrs, colmask, FULL: tl.constexpr):
-    """A [rows, cols] tile whose rows all point at valid memory: unmasked when every column is real."""
+def load_tile(ptrs, colmask, FULL: tl.constexpr, KEEP: tl.constexpr = False):
+    """A [rows, cols] tile whose rows all point at valid memory: unmasked when every column is real
+    (KEEP: with the L2 policy evict_last)."""
+    EVICT: tl.constexpr = "evict_last" if KEEP else ""
     if FULL:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=colmask[None, :], other=0.0)
+        return tl.load(ptrs, eviction_policy=EVICT)
+    return tl.load(ptrs, mask=colmask[None, :], other=0.0, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -307,7 +309,6 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     each row's normalised partial and log2 LSE (masked rows write nothing). EARLY_V: V is loaded with K,
     before the first dot (its latency overlaps the gathers; more registers live across the softmax).
     HINTS: the query and key loads evict_last, the partial stores evict_first (CACHE_HINTS)."""
-    KEEP: tl.constexpr = "evict_last" if HINTS else ""
     STREAM: tl.constexpr = "evict_first" if HINTS else ""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -318,15 +319,9 @@ def main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask
     # loads without row masks: a masked row points at token 0 (item_rows' other=0) and keys past the block's
     # end re-read its last key, so every address is valid; the score mask below removes them (fewer selects)
     krow = (kst + tl.minimum(offs_n, blen - 1)) * Hkv + h  # [N]
-    q_ptrs = Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :]
-    k_ptrs = K + krow[:, None] * D + offs_d[None, :]
+    q = load_tile(Q + (tok * Hq + hq)[:, None] * D + offs_d[None, :], dmask, D == BLOCK_D, HINTS)
+    k = load_tile(K + krow[:, None] * D + offs_d[None, :], dmask, D == BLOCK_D, HINTS)
     v_ptrs = V + krow[:, None] * DV + offs_dv[None, :]
-    if D == BLOCK_D:
-        q = tl.load(q_ptrs, eviction_policy=KEEP)
-        k = tl.load(k_ptrs, eviction_policy=KEEP)
-    else:
-        q = tl.load(q_ptrs, mask=dmask[None, :], other=0.0, eviction_policy=KEEP)
-        k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0, eviction_policy=KEEP)
     if EARLY_V:
         vv = load_tile(v_ptrs, dvmask, DV == BLOCK_DV)
     sc = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) is applied in one FMA
