@@ -3,7 +3,8 @@ memory of each kernel at its default launch, bf16, head dim 128, block 64, top-1
 
     python3 scripts/sa_sm90_build.py [--groups 4]          (not under TRITON_INTERPRET=1)
 
-One JSON line per (kernel, G): {"kernel", "G", "warps", "registers", "spill_bytes", "stack_bytes", "shared"}.
+One JSON line per (kernel, G): {"kernel", "G", "warps", "registers", "spill_bytes", "stack_bytes", "shared",
+"sass_instructions" (static count, nvdisasm)}.
 tests/ops/test_sparse_attn_build.py runs it in a subprocess and bounds the spills: a kernel that only
 works in the interpreter, or a change that makes a kernel spill, shows up on a CPU machine.
 """
@@ -66,8 +67,11 @@ def build(kernel, constexprs: dict, warps: int, stages: int = 1, maxnreg: int | 
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        report = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
+        cubin = os.path.join(tmp, "k.o")
+        report = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", cubin],
                                 capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True, check=True).stdout
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else 0  # noqa: E731
     return {
         "registers": number(r"Used (\d+) registers"),
@@ -75,6 +79,8 @@ def build(kernel, constexprs: dict, warps: int, stages: int = 1, maxnreg: int | 
         "stack_bytes": number(r"(\d+) bytes stack frame"),
         "shared": compiled.metadata.shared,
         "warps": warps,
+        # static SASS instruction count (MAIN has no loop: every work item runs all of them)
+        "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass)),
     }
 
 
