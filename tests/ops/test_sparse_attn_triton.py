@@ -259,11 +259,15 @@ def test_kv_outer_local_blocks_fp16_large_logits_batch_dv(monkeypatch):
 
 @pytest.mark.parametrize("group", [1, 8])
 def test_kv_outer_tuned_main_launch(group):
-    """Head dim 128, block 64: MAIN runs the per-G tuned launch (64 rows, a register cap) of FWD_TUNED."""
+    """Head dim 128, block 64: MAIN runs the per-G tuned launch of FWD_TUNED (64 rows / 4 warps, no register
+    cap); a head dim it was not tuned for keeps the default (128 rows)."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-    block_m, _, opts = kv_mod.fwd_config(group, 128, 64)
-    assert (block_m, opts["maxnreg"]) == (kv_mod.FWD_TUNED[group][0], kv_mod.FWD_TUNED[group][2])
+    block_m, warps, opts = kv_mod.fwd_config(group, 128, 64)
+    tuned = kv_mod.FWD_TUNED[group]
+    assert (block_m, warps) == tuned[:2]
+    assert opts.get("maxnreg", 0) == tuned[2]
+    assert kv_mod.fwd_config(group, 64, 64) == (128, 4, {})
     q, k, v, do = make_inputs(1, 192, 1, group, 128, torch.float32, seed=50 + group)
     idx = random_selection(1, 192, 1, 3, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
     check(q, k, v, do, idx, 64, orders=("kv_outer",), grads=False)
@@ -394,7 +398,10 @@ def test_kv_bwd_keys_setting(monkeypatch):
     monkeypatch.delenv("SPARSA_KV_BWD_KEYS", raising=False)
     # tuned default: no software pipelining for the gathered-rows layout at G <= 4 (head dim 128, block 64)
     assert bwd_mod.bwd_config(4, 128, 64, 65536) == (128, 8, {"num_stages": 1}, False)
-    assert bwd_mod.bwd_config(1, 128, 64, 8192) == (128, 8, {"num_stages": 1}, False)
+    assert bwd_mod.bwd_config(2, 128, 64, 8192) == (128, 8, {"num_stages": 1}, False)
+    # tuned default (BWD_TUNED): G = 1 takes 64 rows / 4 warps, two stages
+    assert bwd_mod.bwd_config(1, 128, 64, 8192) == (64, 4, {"num_stages": 2}, False)
+    assert bwd_mod.bwd_config(1, 64, 64, 8192) == (64, 4, {}, False)
     assert bwd_mod.bwd_config(4, 64, 64, 65536)[2] == {}
     assert bwd_mod.bwd_config(8, 128, 64, 8192)[2] == {}
     # tuned default: keys as rows for G = 8 at head dim 128, block 64 from 16K tokens only

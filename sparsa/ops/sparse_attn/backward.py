@@ -309,6 +309,12 @@ def keys_as_rows(group: int = 0, head_dim: int = 0, block_size: int = 0, n_token
 # measured G are listed (3 was not measured).
 UNPIPELINED_GROUPS = (1, 2, 4)
 
+# dK/dV launch (BLOCK_M, num_warps, maxnreg, num_stages) per G at head dim 128, block 64 with the gathered-rows
+# layout, where it beat the default at every measured shape. With the lean dK/dV body (no spills) G = 1 took
+# 64 rows / 4 warps, two stages (H100, 2026-12-06, benchmarks/results/h100_session13, fwd+bwd ms): 8K 3.34-3.36
+# vs 3.52-3.53, 64K 27.91-27.94 vs 30.47-30.58. At G = 2 and 4 it lost (64K G = 4 29.87 vs 27.09-27.10).
+BWD_TUNED = {1: (64, 4, 0, 2)}
+
 
 def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
     """(BLOCK_M rows per tile of the dK/dV kernel, num_warps, extra launch options: {"maxnreg": n} when forced,
@@ -318,6 +324,8 @@ def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
         if len(BWD_OVERRIDE) > 4:
             raise ValueError(f"BWD_OVERRIDE takes (BLOCK_M, num_warps[, maxnreg[, num_stages]]), got {BWD_OVERRIDE}")
         return (*forced_config(BWD_OVERRIDE, group), keys)
+    if not keys and head_dim == 128 and block_size == 64 and group in BWD_TUNED:
+        return (*forced_config(BWD_TUNED[group], group), keys)
     opts = {}
     if max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)

@@ -449,12 +449,15 @@ def forced_config(override: tuple, group: int):
     return max(override[0], _pow2(group)), override[1], extra
 
 
-# MAIN launch per group size at head dim 128, block 64 (BLOCK_M, num_warps, maxnreg), where a variant beat
-# the default (128 rows, 4 warps) in every measurement (scripts/kv_variants.py): G = 1 on the H100 at 8K
-# and 16K (1.92 vs 1.98-1.99 ms, 3.74 vs 3.85-3.90) and on the H200 at 64K (14.07 vs 14.23-14.25);
-# G = 8 on the H100 at 8K and 16K (1.48 vs 1.54-1.65, 2.86 vs 2.99). Other G keep the default (G = 4:
-# the default was fastest at 8K and 16K on the H100).
-FWD_TUNED = {1: (64, 4, 128), 8: (64, 4, 96)}
+# MAIN launch per group size at head dim 128, block 64 (BLOCK_M, num_warps, maxnreg; 0 = no cap), where a
+# variant beat the default (128 rows, 4 warps) at every measured shape (scripts/kv_variants.py). With the
+# lean MAIN body (no spills), 64 rows / 4 warps without a register cap was fastest for G = 1, 2, 4, 8 on
+# the H100 (2026-12-06, benchmarks/results/h100_session13, forward ms vs the default): 8K G = 2 1.28 vs
+# 1.34-1.35, G = 4 1.22 vs 1.28, G = 8 1.19 vs 1.24-1.25; 64K G = 2 10.64 vs 11.15-11.22, G = 4 10.28 vs
+# 10.81-10.83, G = 8 9.99 vs 10.17-10.20; G = 1 (against the earlier (64, 4, 128)) 1.43-1.44 vs 1.44,
+# 11.50-11.54 vs 11.59-11.65; G = 16 (KV-outer when forced; query-outer is the automatic choice there) 8K
+# 1.19 vs 1.24-1.25, 64K 9.71 vs 10.17-10.19. Other G keep the default.
+FWD_TUNED = {1: (64, 4, 0), 2: (64, 4, 0), 4: (64, 4, 0), 8: (64, 4, 0), 16: (64, 4, 0)}
 
 
 def fwd_config(group: int, head_dim: int, block_size: int):
