@@ -5,7 +5,7 @@
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
-# sa_optin_check sa_host_overhead reduce_variants main_items main_flags lean_ab bwd_g24
+# sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_items main_flags lean_ab bwd_g24 " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -76,13 +76,6 @@ step sa_real_check 300 "$PY" scripts/gpu_sparse_attention.py --quick --activatio
 step sa_real_bench 300 "$PY" scripts/real_selection_bench.py "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
 # the per-token reductions (forward merge, dQ sum): rows x slots per step against the default (8 x 16)
 step reduce_variants 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,16 --fwd none --bwd none --reduce "32x1;8x8;16x16"
-# MAIN with several work items per program (ROWSxWARPSxMAXNREGxSTAGESxITEMS; session 11's experiment)
-# this tree's MAIN and dK/dV kernels against a baseline's (.ab_old, see scripts/kernel_ab.py; carry it)
-step lean_ab 300 "$PY" scripts/kernel_ab.py --old-dir .ab_old --shapes "65536,4;8192,4;65536,1;8192,1;65536,16;8192,16"
-# dK/dV launches at G = 2, 4 with the lean body where session 13 did not measure them (16K, 32K)
-step bwd_g24 300 "$PY" scripts/kv_variants.py --sizes 16384,32768 --groups 2,4 --fwd none --bwd "64x4x0x1;32x4x0x1;64x4x0x2;64x8x0x1"
-step main_flags 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,16 --fwd none --bwd none --flags "MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS"
-step main_items 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4 --fwd "128x4x0x2x4;64x4x128x2x4;128x8x128x2x4;64x4x128x2x2" --bwd none
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
 step sa_host_overhead 240 "$PY" scripts/sa_host_overhead.py --sizes 4096,8192,16384 --groups 1,4,8 --profile 8192,4

@@ -6,9 +6,7 @@ build included), each variant's output and gradients compared with the default's
         [--fwd "128x4;64x4x96"] [--bwd "64x4;k;k64x8"] [--reduce "32x2;16x4"] [--flags "CACHE_HINTS"]
 
 --fwd / --bwd: variants as ROWSxWARPS[xMAXNREG[xSTAGES]] separated by ';' ("none": skip that half; MAXNREG 0:
-no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV; forward: a fifth number ITEMS runs ITEMS work
-items per MAIN program in a loop pipelined over STAGES); the default is
-measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
+no register cap; STAGES: num_stages, default 1 forward, 2 dK/dV); the default is measured first and last in either list. A dK/dV variant with a leading "k" runs the keys-as-rows kernel
 (SPARSA_KV_BWD_KEYS=1; "k" alone: its default launch); the dK/dV "default" is the gathered-rows layout
 (SPARSA_KV_BWD_KEYS=0), which is not the library default where keys-as-rows is tuned on (G = 8, 16K+ tokens).
 
@@ -42,7 +40,7 @@ def variant_parts(text):
     return [part for part in (x.strip() for x in text.split(";")) if part]
 
 
-def parse_variants(text, default, max_numbers=4):
+def parse_variants(text, default):
     """'128x4;64x4x96' -> [None, (128, 4), (64, 4, 96), None]; 'none' -> []; None -> default."""
     if text is None:
         return default
@@ -50,10 +48,9 @@ def parse_variants(text, default, max_numbers=4):
     for part in variant_parts(text):
         keys = part.startswith("k")  # dK/dV with the keys as MMA rows (SPARSA_KV_BWD_KEYS=1)
         nums = tuple(int(x) for x in part.lstrip("k").split("x") if x)
-        if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4, 5)[: max_numbers - 1]):
+        if len(nums) not in ((0, 2, 3, 4) if keys else (2, 3, 4)):
             raise ValueError(
-                f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG[xSTAGES]] (or k alone; MAXNREG 0: none; forward:"
-                " a fifth number ITEMS per MAIN program)"
+                f"variant {part!r} must be [k]ROWSxWARPS[xMAXNREG[xSTAGES]] (or k alone; MAXNREG 0: none)"
             )
         cfgs.append(("keys", *nums) if keys else nums)
     return [None, *cfgs, None] if cfgs else []
@@ -169,7 +166,7 @@ def main():
     )
     args = p.parse_args()
     flag_variants = parse_flag_variants(args.flags)
-    fwd_variants = parse_variants(args.fwd, FWD_VARIANTS, max_numbers=5)
+    fwd_variants = parse_variants(args.fwd, FWD_VARIANTS)
     bwd_variants = parse_variants(args.bwd, BWD_VARIANTS)
     reduce_variants = parse_reduce_variants(args.reduce)
     rows = []

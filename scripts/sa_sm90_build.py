@@ -88,7 +88,7 @@ def kernels(group: int):
     """(name, kernel, constexprs, warps, stages, maxnreg) of every kernel at its default launch for G."""
     common = dict(G=group, D=D, DV=D, BLOCK_D=D, BLOCK_DV=D, PRECISION="tf32")
     block_m, warps, opts = kv.fwd_config(group, D, BS)
-    main = dict(common, BLOCK_M=block_m, PAIRS=block_m // group, BLOCK_N=BS, ITEMS=kv.MAIN_ITEMS, ITEM_STAGES=1,
+    main = dict(common, BLOCK_M=block_m, PAIRS=block_m // group, BLOCK_N=BS,
                 EARLY_V=kv.MAIN_EARLY_V, HINTS=kv.cache_hints(group))
     for local in (False, True):
         yield f"kv_main local={local}", kv._kv_fwd_main_kernel, dict(main, LOCAL=local), warps, 1, opts.get("maxnreg")

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBES = [
-    ["scripts/kv_variants.py", "--sizes", "48", "--groups", "4", "--fwd", "64x4x96;64x4x0x2x3", "--bwd", "k;k64x4",
+    ["scripts/kv_variants.py", "--sizes", "48", "--groups", "4", "--fwd", "64x4x96;64x4x0x2", "--bwd", "k;k64x4",
      "--reduce", "16x4", "--flags", "CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS"],
     ["scripts/kv_local_ab.py", "--sizes", "48", "--groups", "2", "--local", "16x4", "--backward"],
     ["scripts/sa_kernel_times.py", "--sizes", "48", "--groups", "4", "--calls", "1"],

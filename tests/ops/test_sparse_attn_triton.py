@@ -174,15 +174,14 @@ def test_reductions_over_several_token_programs(group, slots, monkeypatch):
     check(q, k, v, do, idx, 16, orders=("kv_outer",))
 
 
-@pytest.mark.parametrize("early_v, hints, items", [(True, False, 1), (True, True, 2), (False, True, 1)])
-def test_kv_outer_main_experiments(early_v, hints, items, monkeypatch):
+@pytest.mark.parametrize("early_v, hints", [(True, False), (True, True), (False, True)])
+def test_kv_outer_main_experiments(early_v, hints, monkeypatch):
     """MAIN with V loaded together with K (MAIN_EARLY_V) and with L2 eviction hints (CACHE_HINTS, also in the
-    merge), one and two items per program, holes and G = 3."""
+    merge), holes and G = 3."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
     monkeypatch.setattr(kv_mod, "MAIN_EARLY_V", early_v)
     monkeypatch.setattr(kv_mod, "CACHE_HINTS", hints)
-    monkeypatch.setattr(kv_mod, "MAIN_ITEMS", items)
     q, k, v, do = make_inputs(1, 72, 2, 3, 16, torch.float32, seed=51)
     idx = random_selection(1, 72, 2, 4, 16, generator=torch.Generator().manual_seed(51), device=DEVICE)
     idx[0, 20:30, 0, 2:] = -1  # holes
@@ -201,18 +200,15 @@ def test_cache_hints_rule(monkeypatch):
     assert kv_mod.cache_hints(4)
 
 
-@pytest.mark.parametrize("local", ["0", "1"])
-def test_kv_outer_main_with_several_items_per_program(local, monkeypatch):
-    """MAIN with 3 work items per program (a loop; the last program runs past the end of the work list and
-    the list's padding items are empty): fully masked items write nothing, every pair gets its partial."""
+def test_launch_override_shape():
+    """A launch override is (BLOCK_M, num_warps[, maxnreg[, num_stages]]): anything else is a ValueError."""
     from sparsa.ops.sparse_attn import kv_outer as kv_mod
 
-    monkeypatch.setenv("SPARSA_KV_LOCAL", local)
-    monkeypatch.setattr(kv_mod, "MAIN_ITEMS", 3)
-    q, k, v, do = make_inputs(1, 80, 2, 2, 16, torch.float32, seed=50)
-    idx = random_selection(1, 80, 2, 4, 16, generator=torch.Generator().manual_seed(50), device=DEVICE)
-    idx[0, 30:40, 1, 1:] = -1  # holes
-    check(q, k, v, do, idx, 16, orders=("kv_outer",))
+    assert kv_mod.forced_config((64, 4, 0, 2), 8) == (64, 4, {"num_stages": 2})
+    assert kv_mod.forced_config((16, 4), 32) == (32, 4, {})
+    for bad in ((64,), (64, 4, 0, 2, 4)):
+        with pytest.raises(ValueError, match="launch override"):
+            kv_mod.forced_config(bad, 4)
 
 
 def test_kv_outer_with_the_triton_pair_index(monkeypatch):

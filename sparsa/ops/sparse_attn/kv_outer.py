@@ -39,7 +39,7 @@ def local_config(group: int, head_dim: int):
     8 warps: compiled offline for sm_90 (bf16, top-16) 4 warps spill at D = 64 / 256 and block 128, 8 warps
     do not (G = 1 .. 16, D = 128, block 64 and 16; 64-112 bytes at block 128 with G = 1 or 8)."""
     if LOCAL_OVERRIDE is not None:
-        rows = max(LOCAL_OVERRIDE[0], 1 << (group - 1).bit_length())
+        rows = max(LOCAL_OVERRIDE[0], _pow2(group, 1))
         return rows, rows // group, LOCAL_OVERRIDE[1]
     rows, tokens, _ = reduce_config(group, head_dim, LOCAL_ROWS)
     return rows, tokens, 8
@@ -82,12 +82,12 @@ def reduce_config(group: int, head_dim: int, base_rows: int | None = None):
     """(BLOCK_R rows, tokens per program, num_warps) of the per-token reductions: whole tokens of G rows,
     about base_rows (REDUCE_ROWS) x 128 elements per program and slot."""
     if REDUCE_OVERRIDE is not None and base_rows is None:
-        block_r = max(REDUCE_OVERRIDE[0], 1 << (group - 1).bit_length())
+        block_r = max(REDUCE_OVERRIDE[0], _pow2(group, 1))
         warps = REDUCE_OVERRIDE[2] if len(REDUCE_OVERRIDE) > 2 else 4
         return block_r, block_r // group, warps
     rows = max(8, (base_rows or REDUCE_ROWS) * 128 // max(head_dim, 16))
     rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange), also for head dims such as 24 or 40
-    block_r = max(rows, 1 << (group - 1).bit_length())
+    block_r = max(rows, _pow2(group, 1))
     return block_r, block_r // group, 4
 
 
@@ -357,7 +357,6 @@ def _kv_fwd_main_kernel(
     NBG,
     h0,
     LOCALBLK,
-    n_work,
     G: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -368,42 +367,24 @@ def _kv_fwd_main_kernel(
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     LOCAL: tl.constexpr,
-    ITEMS: tl.constexpr = 1,
-    ITEM_STAGES: tl.constexpr = 1,
     EARLY_V: tl.constexpr = False,
     HINTS: tl.constexpr = False,
 ):
-    """MAIN: ITEMS consecutive work items per program (1: one program per item, empty items return at once;
-    more: a loop over the items, software-pipelined over ITEM_STAGES stages so that the next item's gathers
-    can be in flight while this one computes; empty and past-the-end items are fully masked)."""
-    if ITEMS == 1:
-        w = tl.program_id(0).to(tl.int64)
-        start = tl.load(WORK + w * 3)
-        end = tl.load(WORK + w * 3 + 1)
-        if start >= end:
+    """MAIN: one program per work item (empty items return at once)."""
+    w = tl.program_id(0).to(tl.int64)
+    start = tl.load(WORK + w * 3)
+    end = tl.load(WORK + w * 3 + 1)
+    if start >= end:
+        return
+    grp = tl.load(WORK + w * 3 + 2)
+    gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
+    pidx, g, rmask, tok = item_rows(TOKS, start, end, G, BLOCK_M, PAIRS)
+    if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
+        rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
+        if tl.max(rmask.to(tl.int32), 0) == 0:
             return
-        grp = tl.load(WORK + w * 3 + 2)
-        gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
-        pidx, g, rmask, tok = item_rows(TOKS, start, end, G, BLOCK_M, PAIRS)
-        if LOCAL:  # the merge kernel computes these pairs from contiguous rows: skip them
-            rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
-            if tl.max(rmask.to(tl.int32), 0) == 0:
-                return
-        main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                  BLOCK_D, BLOCK_DV, PRECISION, EARLY_V, HINTS)
-    else:
-        for i in tl.range(0, ITEMS, num_stages=ITEM_STAGES):
-            w = tl.program_id(0).to(tl.int64) * ITEMS + i
-            valid = w < n_work  # the last program runs past the end of the work list: fully masked items
-            start = tl.load(WORK + w * 3, mask=valid, other=0)
-            end = tl.load(WORK + w * 3 + 1, mask=valid, other=0)
-            grp = tl.load(WORK + w * 3 + 2, mask=valid, other=0)
-            pidx, g, rmask, tok = item_rows(TOKS, start, end, G, BLOCK_M, PAIRS)
-            gb, h, kst, blen = group_block(BLKSTART, BLKLEN, grp, NBG, h0)
-            if LOCAL:
-                rmask = rmask & ~local_pair(tok, gb, LOCALBLK, rmask)
-            main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N,
-                      BLOCK_D, BLOCK_DV, PRECISION, EARLY_V, HINTS)
+    main_tile(Q, K, V, OP, LSEP, qk_scale, Hq, Hkv, h, kst, blen, pidx, g, rmask, tok, G, D, DV, BLOCK_N, BLOCK_D,
+              BLOCK_DV, PRECISION, EARLY_V, HINTS)
 
 
 # partial-output dtype for 16-bit inputs: None = the input dtype (normalised partials are bounded by
@@ -416,9 +397,6 @@ PARTIAL_DTYPE: torch.dtype | None = None
 FWD_OVERRIDE: tuple | None = None
 
 
-# work items per MAIN program (1: one program per item; more: a software-pipelined loop over consecutive
-# items, an experiment: FWD_OVERRIDE's fifth entry selects it in scripts/kv_variants.py)
-MAIN_ITEMS = 1
 # MAIN loads V together with K, before the first dot (an experiment, session 12; see main_tile): slower on the
 # H100 except at G = 1 (64K G = 4 forward 12.92 vs 11.51-11.61 ms, G = 16 11.77 vs 10.85-10.90, G = 1 13.16 vs
 # 13.47-13.50; benchmarks/results/h100_session12/main_flags.log), so off
@@ -439,13 +417,13 @@ def cache_hints(group: int) -> bool:
 
 
 def forced_config(override: tuple, group: int):
-    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg[, num_stages[,
-    items]]]); maxnreg 0 = no register cap; items: work items per MAIN program (forward only)."""
+    """(BLOCK_M, num_warps, launch options) from an override (BLOCK_M, num_warps[, maxnreg[, num_stages]]);
+    maxnreg 0 = no register cap."""
+    if not 2 <= len(override) <= 4:
+        raise ValueError(f"a launch override takes (BLOCK_M, num_warps[, maxnreg[, num_stages]]), got {override}")
     extra = {"maxnreg": override[2]} if len(override) > 2 and override[2] else {}
     if len(override) > 3:
         extra["num_stages"] = override[3]
-    if len(override) > 4:
-        extra["items"] = override[4]
     return max(override[0], _pow2(group)), override[1], extra
 
 
@@ -479,9 +457,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     group = n_heads_q // n_heads_kv
     topk = index.pos.shape[-1]
     block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
-    launch_opts = dict(launch_opts)
-    items = launch_opts.pop("items", MAIN_ITEMS)
-    stages = launch_opts.pop("num_stages", 1)
     pairs = block_m // group
     work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
@@ -497,7 +472,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         local_tokens = 0
     # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
     local_blocks = local_block_table(meta, block_size, local_tokens) if local_tokens else index.pos
-    _kv_fwd_main_kernel[(triton.cdiv(work.shape[0], items),)](
+    _kv_fwd_main_kernel[(work.shape[0],)](
         q,
         k,
         v,
@@ -513,7 +488,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         meta.n_blocks,
         index.h0,
         local_blocks,
-        work.shape[0],
         G=group,
         D=head_dim,
         DV=head_dim_v,
@@ -524,13 +498,10 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
         LOCAL=bool(local_tokens),
-        ITEMS=items,
-        ITEM_STAGES=stages,
         EARLY_V=MAIN_EARLY_V,
         HINTS=cache_hints(group),
         num_warps=warps,
-        num_stages=stages,
-        **launch_opts,
+        **{"num_stages": 1, **launch_opts},
     )
     rows, tokens, merge_warps = (
         (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
