@@ -19,9 +19,7 @@ import triton.language as tl
 
 from .._env import env_flag
 from .index import PairIndex, split_work_list
-from .kv_outer import (
-    forced_config, group_block, item_rows, last_key, load_tile, reduce_config, reduce_slots, token_rows,
-)
+from .kv_outer import forced_config, group_block, last_key, load_tile, reduce_config, reduce_slots, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
 
 
@@ -63,10 +61,16 @@ def _bwd_block(K, V, BLKSTART, BLKLEN, grp, Hkv, NBG, h0, D: tl.constexpr, DV: t
 def _bwd_rows(Q, DO, LSE, DELTA, TOKS, p0, end, h, Hq, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
               BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One tile of gathered rows (PAIRS pairs from p0 x G heads): pair index, row mask, token, Q, dO, log2 LSE, delta."""
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pidx, g, rmask, tok = item_rows(TOKS, p0, end, G, BLOCK_M, PAIRS)  # masked rows: token 0 (valid addresses)
-    qrow = tok * Hq + h * G + g
+    # the rows as kv_outer.item_rows makes them, kept inline: the sm_90 build of the measured dK/dV kernels
+    # (h100_session13) differs when this calls item_rows (G = 3, 5, 8; spills of keys-as-rows at G = 16)
+    pr = offs_m // G
+    pidx = p0 + pr
+    rmask = (pr < PAIRS) & (pidx < end)
+    tok = tl.load(TOKS + pidx, mask=rmask, other=0).to(tl.int64)  # masked rows: token 0 (valid addresses)
+    qrow = tok * Hq + h * G + offs_m % G
     q = load_tile(Q + qrow[:, None] * D + offs_d[None, :], offs_d < D, D == BLOCK_D)
     do = load_tile(DO + qrow[:, None] * DV + offs_dv[None, :], offs_dv < DV, DV == BLOCK_DV)
     lse2 = tl.load(LSE + qrow, mask=rmask, other=0.0) * 1.4426950408889634
