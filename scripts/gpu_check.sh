@@ -76,6 +76,12 @@ step sa_real_check 300 "$PY" scripts/gpu_sparse_attention.py --quick --activatio
 step sa_real_bench 300 "$PY" scripts/real_selection_bench.py "${SA_ACTIVATIONS:-.carry/smollm2_qk.safetensors}"
 # the per-token reductions (forward merge, dQ sum): rows x slots per step against the default (8 x 16)
 step reduce_variants 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,16 --fwd none --bwd none --reduce "32x1;8x8;16x16"
+# this tree's MAIN and dK/dV kernels against a baseline's (.ab_old, see scripts/kernel_ab.py; carry it)
+step lean_ab 300 "$PY" scripts/kernel_ab.py --old-dir .ab_old --shapes "65536,4;8192,4;65536,1;8192,1;65536,16;8192,16"
+# dK/dV launches at G = 2, 4 with the lean body where session 13 did not measure them (16K, 32K)
+step bwd_g24 300 "$PY" scripts/kv_variants.py --sizes 16384,32768 --groups 2,4 --fwd none --bwd "64x4x0x1;32x4x0x1;64x4x0x2;64x8x0x1"
+# kv_outer's boolean experiments (MAIN_EARLY_V, CACHE_HINTS) against the defaults
+step main_flags 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,16 --fwd none --bwd none --flags "MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS"
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
 step sa_host_overhead 240 "$PY" scripts/sa_host_overhead.py --sizes 4096,8192,16384 --groups 1,4,8 --profile 8192,4

@@ -37,3 +37,17 @@ def test_kernel_ab_runs_on_cpu_against_a_copy_of_this_tree(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| 48 | 4 |" in out.stdout and "0.00e+00" in out.stdout, out.stdout[-3000:]
+
+
+def test_gpu_check_names_match_its_steps():
+    """Every step gpu_check.sh lists (header and opt-in list) has a `step NAME` line, and every step is listed:
+    a step line lost in an edit would otherwise make `--only NAME` a silent no-op on a lent GPU."""
+    import re
+
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    defined = set(re.findall(r"^step (\w+) ", text, flags=re.M))
+    header = " ".join(line[1:] for line in text.splitlines()[:9] if line.startswith("#"))
+    listed = set(re.findall(r"\b([a-z][a-z0-9]*_[a-z0-9_]+)\b", header.split("Steps (NAME):", 1)[1].split("Logs go")[0]))
+    opt_in = set(re.search(r'-eq 0 \] && \[\[ " ([^"]+) " =~', text).group(1).split())
+    assert opt_in <= listed, sorted(opt_in - listed)
+    assert listed == defined, (sorted(listed - defined), sorted(defined - listed))
