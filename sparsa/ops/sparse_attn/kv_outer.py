@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_flag
+from . import kv_gluon
 from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
@@ -458,6 +459,12 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     topk = index.pos.shape[-1]
     block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
     pairs = block_m // group
+    local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
+    if not local_fusion():
+        local_tokens = 0
+    gluon_main = kv_gluon.enabled() and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
+    if gluon_main:  # opt-in Hopper MAIN (kv_gluon.py): its own item size
+        pairs = kv_gluon.pairs_per_item(group)
     work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
         pdtype = torch.float32
@@ -467,42 +474,42 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
-    local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
-    if not local_fusion():
-        local_tokens = 0
     # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
     local_blocks = local_block_table(meta, block_size, local_tokens) if local_tokens else index.pos
-    _kv_fwd_main_kernel[(work.shape[0],)](
-        q,
-        k,
-        v,
-        op,
-        lsep,
-        work,
-        index.toks,
-        meta.blk_start,
-        meta.blk_len,
-        scale * LOG2E,
-        n_heads_q,
-        n_heads_kv,
-        meta.n_blocks,
-        index.h0,
-        local_blocks,
-        G=group,
-        D=head_dim,
-        DV=head_dim_v,
-        BLOCK_M=block_m,
-        PAIRS=pairs,
-        BLOCK_N=_pow2(block_size),
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        PRECISION=precision_for(q.dtype),
-        LOCAL=bool(local_tokens),
-        EARLY_V=MAIN_EARLY_V,
-        HINTS=cache_hints(group),
-        num_warps=warps,
-        **{"num_stages": 1, **launch_opts},
-    )
+    if gluon_main:
+        kv_gluon.launch_main(q, k, v, op, lsep, work, index, meta, scale * LOG2E)
+    else:
+        _kv_fwd_main_kernel[(work.shape[0],)](
+            q,
+            k,
+            v,
+            op,
+            lsep,
+            work,
+            index.toks,
+            meta.blk_start,
+            meta.blk_len,
+            scale * LOG2E,
+            n_heads_q,
+            n_heads_kv,
+            meta.n_blocks,
+            index.h0,
+            local_blocks,
+            G=group,
+            D=head_dim,
+            DV=head_dim_v,
+            BLOCK_M=block_m,
+            PAIRS=pairs,
+            BLOCK_N=_pow2(block_size),
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            PRECISION=precision_for(q.dtype),
+            LOCAL=bool(local_tokens),
+            EARLY_V=MAIN_EARLY_V,
+            HINTS=cache_hints(group),
+            num_warps=warps,
+            **{"num_stages": 1, **launch_opts},
+        )
     rows, tokens, merge_warps = (
         (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
     )

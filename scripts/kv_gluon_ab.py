@@ -1,0 +1,76 @@
+"""The Gluon KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon.py, SPARSA_KV_GLUON=1) against the Triton MAIN, one
+process: do_bench medians (ms) of the forward and forward+backward, GPU ms of MAIN per call (profiler), and each
+variant's output difference against the Triton forward's.
+
+    PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--configs "2x2;3x1;2x1"]
+
+--configs: Gluon variants STAGESxPROGRAMS_PER_SM separated by ';' (kv_gluon.CONFIG_OVERRIDE); the Triton MAIN
+runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
+the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run) the "gluon" rows run the Triton MAIN.
+"""
+import argparse
+import json
+import os
+
+from benchmarks.sparse_attention import bench, sparse_calls
+from scripts.kv_variants import rel, variant_parts
+from scripts.sa_kernel_times import kernel_times
+from sparsa.ops.sparse_attn import kv_gluon
+
+
+def parse_configs(text):
+    """'2x2;3x1' -> [(2, 2), (3, 1)]."""
+    cfgs = []
+    for part in variant_parts(text):
+        nums = tuple(int(x) for x in part.split("x"))
+        if len(nums) != 2 or min(nums) < 1:
+            raise ValueError(f"--configs: {part!r} must be STAGESxPROGRAMS_PER_SM (both >= 1)")
+        cfgs.append(nums)
+    return cfgs
+
+
+def measure(n, group, fwd, fwd_bwd, name, ref):
+    out = fwd()
+    main_ms = sum(t for k, t in kernel_times(fwd, 3).items() if "main" in k)
+    return {
+        "N": n, "G": group, "main": name, "fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwd_bwd), "main_kernel_ms": main_ms,
+        "diff": 0.0 if ref is None else rel(out, ref),
+    }, out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="8192,65536")
+    p.add_argument("--groups", default="1,4,16")
+    p.add_argument("--configs", default="2x2;3x1;2x1")
+    args = p.parse_args()
+    configs = parse_configs(args.configs)
+    rows = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        for group in (int(g) for g in args.groups.split(",")):
+            fwd, fwd_bwd, _ = sparse_calls(n, group, "kv_outer")
+            ref = None
+            for cfg in [None, *configs, None]:
+                os.environ["SPARSA_KV_GLUON"] = "0" if cfg is None else "1"
+                kv_gluon.CONFIG_OVERRIDE = cfg
+                name = "triton" if cfg is None else "gluon %dx%d" % cfg
+                try:
+                    row, out = measure(n, group, fwd, fwd_bwd, name, ref)
+                    ref = out if ref is None else ref
+                except Exception as exc:  # noqa: BLE001 - report the variant and go on
+                    row = {"N": n, "G": group, "main": name, "error": repr(exc)[:300]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    os.environ["SPARSA_KV_GLUON"] = "0"
+    kv_gluon.CONFIG_OVERRIDE = None
+    print("\n| N | G | MAIN | fwd ms | fwd+bwd ms | MAIN kernel ms | diff vs Triton |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['N']} | {r['G']} | {r['main']} | error: {r['error'][:80]} | | | |")
+        else:
+            print(f"| {r['N']} | {r['G']} | {r['main']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+                  f"{r['main_kernel_ms']:.3f} | {r['diff']:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

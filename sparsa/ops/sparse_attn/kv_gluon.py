@@ -1,0 +1,239 @@
+"""KV-outer MAIN for Hopper (sm_90) in Gluon: persistent programs that keep the next work items' loads in flight.
+
+Same work items, math and outputs (the partials OP and LSEP) as kv_outer._kv_fwd_main_kernel; only the schedule
+differs. The Triton MAIN runs one item per program: gathered query rows and key block, the first MMA, the
+softmax, the value block, the second MMA, the stores, one after the other. Nsight Compute (H100, session 14)
+found it latency-bound: 42% of DRAM bandwidth at 8K tokens with 4 programs per SM, most stalls waiting on the
+gathers. Here each program walks the items pid, pid + P, pid + 2P, ... and, while it computes item i, the loads of
+items i + 1 .. i + STAGES - 1 are already issued into a ring of shared-memory stages: the key and value blocks by
+TMA (contiguous rows of K, V viewed as [N, Hkv * D]), the gathered query rows by cp.async.
+
+Scope (`eligible`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128}, block size 64, G <= 64 (64
+rows per item: 64 // G tokens x G heads), no fused local blocks. Opt-in: SPARSA_KV_GLUON=1 (default off until it
+has been timed against the Triton MAIN on a GPU; docs/kernels/sparse_attention.md).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._env import env_flag
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton MAIN is used
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+ROWS = 64  # rows of one item (one warpgroup's wgmma M)
+BLOCK = 64  # keys per block (the only block size of this kernel)
+# (stages, programs per SM) forced by the tuning scripts; None = DEFAULT_CONFIG
+CONFIG_OVERRIDE: tuple | None = None
+DEFAULT_CONFIG = (2, 2)  # two stages of 48 KB (D = 128): two programs per SM fit in shared memory
+
+
+def enabled() -> bool:
+    """SPARSA_KV_GLUON=1 runs the forward's MAIN on this kernel where `eligible` holds."""
+    return HAVE_GLUON and env_flag("SPARSA_KV_GLUON", False)
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
+    """Whether this kernel covers the call (see the module docstring)."""
+    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    group = q.shape[1] // k.shape[1]
+    return (
+        q.dtype in (torch.bfloat16, torch.float16)
+        and k.dtype == q.dtype == v.dtype
+        and q.shape[2] == k.shape[2] == v.shape[2]
+        and q.shape[2] in (64, 128)
+        and block_size == BLOCK
+        and group <= ROWS
+        and not local
+    )
+
+
+def pairs_per_item(group: int) -> int:
+    """Tokens per work item: ROWS // G (the item's rows are those tokens x their G heads)."""
+    return ROWS // group
+
+
+if HAVE_GLUON:
+    _ROWS = gl.constexpr(ROWS)
+
+    @gluon.jit
+    def _item(WORK, w, BLKSTART, BLKLEN, NBG, h0):
+        """Work item w: (first pair, end pair, KV head, first key, keys in the block)."""
+        start = gl.load(WORK + w * 3)
+        end = gl.load(WORK + w * 3 + 1)
+        grp = gl.load(WORK + w * 3 + 2)
+        gb = grp % NBG
+        return start, end, h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb)
+
+    @gluon.jit
+    def _item_rows(TOKS, start, end, G: gl.constexpr, PAIRS: gl.constexpr, layout: gl.constexpr):
+        """Rows of an item in `layout` (a slice layout of its rows): (pair index, head in the group, row mask,
+        token int64; masked rows point at token 0, a valid address)."""
+        r = gl.arange(0, _ROWS, layout=layout)
+        pidx = start + r // G
+        rmask = (r // G < PAIRS) & (pidx < end)
+        tok = gl.load(TOKS + pidx, mask=rmask, other=0).to(gl.int64)
+        return pidx, r % G, rmask, tok
+
+    @gluon.jit
+    def _issue(j, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS, BLKSTART, BLKLEN, Hq,
+               NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, STAGES: gl.constexpr, gather: gl.constexpr):
+        """Starts the loads of this program's j-th item into stage j % STAGES: K and V by TMA (arriving on the
+        stage's barrier), the gathered query rows by cp.async (one commit group per call, also past the last
+        item, where the rows of the last item are re-read and never used, so that the group count stays
+        in step)."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        s = j % STAGES
+        live = j < n_mine
+        w = (pid + gl.minimum(j, n_mine - 1) * nprog).to(gl.int64)
+        start, end, h, kst, blen = _item(WORK, w, BLKSTART, BLKLEN, NBG, h0)
+        bar = ready.index(s)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, k_s.index(s), pred=live)
+        tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(s), pred=live)
+        pidx, g, rmask, tok = _item_rows(TOKS, start, end, G, PAIRS, gl.SliceLayout(1, gather))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+        rows = tok * Hq + h * G + g
+        async_copy.async_copy_global_to_shared(q_s.index(s), Q + rows[:, None] * D + offs_d[None, :])
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _kv_main_gluon_kernel(Q, k_desc, v_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items, Hq, NBG,
+                              h0, G: gl.constexpr, PAIRS: gl.constexpr, STAGES: gl.constexpr,
+                              Q_LAYOUT: gl.constexpr):
+        """MAIN (see kv_outer.main_tile for the math) over the items pid, pid + P, ... of the work list."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        TPW_D: gl.constexpr = D // 8
+        gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, BN, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, D, 16])
+        p_op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        dtype: gl.constexpr = k_desc.dtype
+
+        q_s = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, D], Q_LAYOUT)
+        k_s = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
+        v_s = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_mine = gl.cdiv(n_items - pid, nprog)  # the host launches at most n_items programs
+        for j in gl.static_range(STAGES - 1):
+            _issue(j, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS, BLKSTART, BLKLEN,
+                   Hq, NBG, h0, G, PAIRS, STAGES, gather)
+        offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+        for i in range(n_mine):
+            _issue(i + STAGES - 1, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS,
+                   BLKSTART, BLKLEN, Hq, NBG, h0, G, PAIRS, STAGES, gather)
+            stage = i % STAGES
+            async_copy.wait_group(STAGES - 1)  # this thread's query rows of item i have landed
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)  # K and V of item i
+            gl.thread_barrier()  # every thread's rows
+            fence_async_shared()  # cp.async writes visible to the wgmma (async proxy)
+
+            w = (pid + i * nprog).to(gl.int64)
+            start, end, h, kst, blen = _item(WORK, w, BLKSTART, BLKLEN, NBG, h0)
+            pidx, g, rmask, tok = _item_rows(TOKS, start, end, G, PAIRS, rows_s)
+            last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
+            sc = warpgroup_mma(q_s.index(stage), k_s.index(stage).permute((1, 0)),
+                               gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
+            sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
+            m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
+            p = gl.exp2(sc * qk_scale - m[:, None])
+            l = gl.sum(p, 1)
+            p_op = gl.convert_layout(p.to(dtype), p_op_l)
+            acc = warpgroup_mma(p_op, v_s.index(stage), gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
+            gl.thread_barrier()  # the stage is read: the next iteration may refill it
+
+            l_safe = gl.where(l > 0, l, 1.0)
+            gl.store(LSEP + pidx * G + g, m + gl.log2(l_safe), mask=rmask)
+            inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
+            out = gl.convert_layout((acc * inv[:, None]).to(dtype), gather)  # 16-byte row-contiguous stores
+            opidx, og, omask, _ = _item_rows(TOKS, start, end, G, PAIRS, gl.SliceLayout(1, gather))
+            gl.store(OP + (opidx * G + og)[:, None] * D + offs_d[None, :], out, mask=omask[:, None])
+        async_copy.wait_group(0)
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, d: int, bf16: bool):
+    return gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if bf16 else gl.float16)
+
+
+def _kv_descriptor(x: torch.Tensor):
+    """TMA descriptor of x [N, H, D] as its [N, H * D] row view, in [BLOCK, D] tiles."""
+    n, h, d = x.shape
+    return TensorDescriptor.from_tensor(x.view(n, h * d), [BLOCK, d], _smem_layout(BLOCK, d, x.dtype == torch.bfloat16))
+
+
+def config() -> tuple:
+    """(stages, programs per SM)."""
+    return tuple(CONFIG_OVERRIDE) if CONFIG_OVERRIDE is not None else DEFAULT_CONFIG
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
+    """Runs MAIN over the work list `work` [W, 3] (items of pairs_per_item(G) pairs) into op / lsep."""
+    from ..kl.triton_ops import launcher_for
+
+    group = q.shape[1] // k.shape[1]
+    stages, per_sm = config()
+    n_items = work.shape[0]
+    grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
+    args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
+            scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
+    consts = dict(G=group, PAIRS=pairs_per_item(group), STAGES=stages,
+                  Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
+    launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
+    launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
+
+
+def compile_offline(group: int = 4, d: int = 128, stages: int | None = None):
+    """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    fn = _kv_main_gluon_kernel
+    names = fn.arg_names
+    sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
+    desc = mangle_type(_kv_descriptor(sample))
+    const = dict(G=group, PAIRS=pairs_per_item(group), STAGES=stages or config()[0],
+                 Q_LAYOUT=_smem_layout(ROWS, d, True))
+    types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
+             "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc}
+    sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
+    aligned = [i for i, name in enumerate(names) if name in ("Q", "OP", "LSEP", "Hq")]
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
