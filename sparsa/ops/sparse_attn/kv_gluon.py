@@ -151,9 +151,9 @@ if HAVE_GLUON:
                    BLKSTART, BLKLEN, Hq, NBG, h0, G, PAIRS, STAGES, gather)
             stage = i % STAGES
             async_copy.wait_group(STAGES - 1)  # this thread's query rows of item i have landed
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)  # K and V of item i
+            fence_async_shared()  # ... and are visible to the async proxy (the wgmma) once all threads pass:
             gl.thread_barrier()  # every thread's rows
-            fence_async_shared()  # cp.async writes visible to the wgmma (async proxy)
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)  # K and V of item i
 
             w = (pid + i * nprog).to(gl.int64)
             start, end, h, kst, blen = _item(WORK, w, BLKSTART, BLKLEN, NBG, h0)
@@ -208,6 +208,8 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     group = q.shape[1] // k.shape[1]
     stages, per_sm = config()
     n_items = work.shape[0]
+    if n_items == 0:  # no pairs: nothing to compute (the merge reads no partial)
+        return
     grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
     args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
             scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
