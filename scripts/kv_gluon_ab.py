@@ -2,10 +2,10 @@
 process: do_bench medians (ms) of the forward and forward+backward, GPU ms of MAIN per call (profiler), and each
 variant's output difference against the Triton forward's.
 
-    PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--configs "2x2;3x1;2x1"]
+    PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--programs "2;1"]
 
---configs: Gluon variants STAGESxPROGRAMS_PER_SM separated by ';' (kv_gluon.CONFIG_OVERRIDE); the Triton MAIN
-runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
+--programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE); the Triton MAIN runs
+first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
 the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run) the "gluon" rows run the Triton MAIN.
 """
 import argparse
@@ -18,14 +18,11 @@ from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import kv_gluon
 
 
-def parse_configs(text):
-    """'2x2;3x1' -> [(2, 2), (3, 1)]."""
-    cfgs = []
-    for part in variant_parts(text):
-        nums = tuple(int(x) for x in part.split("x"))
-        if len(nums) != 2 or min(nums) < 1:
-            raise ValueError(f"--configs: {part!r} must be STAGESxPROGRAMS_PER_SM (both >= 1)")
-        cfgs.append(nums)
+def parse_programs(text):
+    """'2;1' -> [2, 1]."""
+    cfgs = [int(part) for part in variant_parts(text)]
+    if any(c < 1 for c in cfgs):
+        raise ValueError(f"--programs: programs per SM must be >= 1, got {text!r}")
     return cfgs
 
 
@@ -42,9 +39,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,16")
-    p.add_argument("--configs", default="2x2;3x1;2x1")
+    p.add_argument("--programs", default="2;1")
     args = p.parse_args()
-    configs = parse_configs(args.configs)
+    configs = parse_programs(args.programs)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
@@ -52,8 +49,8 @@ def main():
             ref = None
             for cfg in [None, *configs, None]:
                 os.environ["SPARSA_KV_GLUON"] = "0" if cfg is None else "1"
-                kv_gluon.CONFIG_OVERRIDE = cfg
-                name = "triton" if cfg is None else "gluon %dx%d" % cfg
+                kv_gluon.PROGRAMS_OVERRIDE = cfg
+                name = "triton" if cfg is None else f"gluon, {cfg} per SM"
                 try:
                     row, out = measure(n, group, fwd, fwd_bwd, name, ref)
                     ref = out if ref is None else ref
@@ -62,7 +59,7 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     os.environ["SPARSA_KV_GLUON"] = "0"
-    kv_gluon.CONFIG_OVERRIDE = None
+    kv_gluon.PROGRAMS_OVERRIDE = None
     print("\n| N | G | MAIN | fwd ms | fwd+bwd ms | MAIN kernel ms | diff vs Triton |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -38,9 +38,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 ROWS = 64  # rows of one item (one warpgroup's wgmma M)
 BLOCK = 64  # keys per block (the only block size of this kernel)
-# (stages, programs per SM) forced by the tuning scripts; None = DEFAULT_CONFIG
-CONFIG_OVERRIDE: tuple | None = None
-DEFAULT_CONFIG = (2, 2)  # two stages of 48 KB (D = 128): two programs per SM fit in shared memory
+# programs per SM forced by the tuning scripts; None = PROGRAMS_PER_SM
+PROGRAMS_OVERRIDE: int | None = None
+PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in an SM's shared memory
 
 
 def enabled() -> bool:
@@ -73,13 +73,10 @@ if HAVE_GLUON:
     _ROWS = gl.constexpr(ROWS)
 
     @gluon.jit
-    def _item(WORK, w, BLKSTART, BLKLEN, NBG, h0):
-        """Work item w: (first pair, end pair, KV head, first key, keys in the block)."""
-        start = gl.load(WORK + w * 3)
-        end = gl.load(WORK + w * 3 + 1)
-        grp = gl.load(WORK + w * 3 + 2)
-        gb = grp % NBG
-        return start, end, h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb)
+    def _work(WORK, j, n_mine, pid, nprog):
+        """(first pair, end pair, group) of this program's j-th item (its last item from j = n_mine on)."""
+        w = (pid + gl.minimum(j, n_mine - 1) * nprog).to(gl.int64)
+        return gl.load(WORK + w * 3), gl.load(WORK + w * 3 + 1), gl.load(WORK + w * 3 + 2)
 
     @gluon.jit
     def _item_rows(TOKS, start, end, G: gl.constexpr, PAIRS: gl.constexpr, layout: gl.constexpr):
@@ -92,32 +89,74 @@ if HAVE_GLUON:
         return pidx, r % G, rmask, tok
 
     @gluon.jit
-    def _issue(j, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS, BLKSTART, BLKLEN, Hq,
-               NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, STAGES: gl.constexpr, gather: gl.constexpr):
-        """Starts the loads of this program's j-th item into stage j % STAGES: K and V by TMA (arriving on the
-        stage's barrier), the gathered query rows by cp.async (one commit group per call, also past the last
-        item, where the rows of the last item are re-read and never used, so that the group count stays
-        in step)."""
+    def _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr,
+                   gather_rows: gl.constexpr, score_rows: gl.constexpr):
+        """Loads of an item's block and tokens, used one loop iteration later (their latency overlaps the
+        current item): (KV head, first key, keys in the block, tokens in the gather layout, in the score layout)."""
+        gb = grp % NBG
+        tok_g = _item_rows(TOKS, start, end, G, PAIRS, gather_rows)[3]
+        tok_s = _item_rows(TOKS, start, end, G, PAIRS, score_rows)[3]
+        return h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb), tok_g, tok_s
+
+    @gluon.jit
+    def _issue(j, n_mine, h, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G: gl.constexpr,
+               gather: gl.constexpr):
+        """Starts the loads of this program's j-th item into stage j % 2: K and V by TMA (arriving on the stage's
+        barrier), the gathered query rows by cp.async (one commit group per call, also past the last item, where
+        the last item's rows are re-read and never used, so that the group count stays in step)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
-        s = j % STAGES
+        s = j % 2
         live = j < n_mine
-        w = (pid + gl.minimum(j, n_mine - 1) * nprog).to(gl.int64)
-        start, end, h, kst, blen = _item(WORK, w, BLKSTART, BLKLEN, NBG, h0)
         bar = ready.index(s)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
         tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, k_s.index(s), pred=live)
         tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(s), pred=live)
-        pidx, g, rmask, tok = _item_rows(TOKS, start, end, G, PAIRS, gl.SliceLayout(1, gather))
+        g = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather)) % G
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-        rows = tok * Hq + h * G + g
+        rows = tok_g * Hq + h * G + g
         async_copy.async_copy_global_to_shared(q_s.index(s), Q + rows[:, None] * D + offs_d[None, :])
         async_copy.commit_group()
 
     @gluon.jit
+    def _compute(q_tile, k_tile, v_tile, OP, LSEP, start, end, kst, blen, tok, qk_scale, G: gl.constexpr,
+                 PAIRS: gl.constexpr, gather: gl.constexpr):
+        """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math)."""
+        D: gl.constexpr = k_tile.shape[1]
+        BN: gl.constexpr = k_tile.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, BN, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, D, 16])
+        rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        r = gl.arange(0, _ROWS, layout=rows_s)
+        rmask = (r // G < PAIRS) & (start + r // G < end)
+        last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
+        sc = warpgroup_mma(q_tile, k_tile.permute((1, 0)), gl.zeros([_ROWS, BN], gl.float32, layout=mma_s),
+                           use_acc=False)
+        offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+        sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
+        m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
+        p = gl.exp2(sc * qk_scale - m[:, None])
+        l = gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(k_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
+        acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
+        gl.thread_barrier()  # the stage is read: the next iteration may refill it
+        l_safe = gl.where(l > 0, l, 1.0)
+        gl.store(LSEP + (start + r // G) * G + r % G, m + gl.log2(l_safe), mask=rmask)
+        inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
+        out = gl.convert_layout((acc * inv[:, None]).to(k_tile.dtype), gather)  # 16-byte row-contiguous stores
+        ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
+        omask = (ro // G < PAIRS) & (start + ro // G < end)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+        gl.store(OP + ((start + ro // G) * G + ro % G)[:, None] * D + offs_d[None, :], out, mask=omask[:, None])
+
+    @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items, Hq, NBG,
-                              h0, G: gl.constexpr, PAIRS: gl.constexpr, STAGES: gl.constexpr,
-                              Q_LAYOUT: gl.constexpr):
-        """MAIN (see kv_outer.main_tile for the math) over the items pid, pid + P, ... of the work list."""
+                              h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr):
+        """MAIN over the items pid, pid + P, ... of the work list. Iteration i issues item i + 1's copies (from
+        block and token loads started in iteration i - 1), starts the loads of item i + 2's block and tokens
+        and of item i + 3's work entry, then computes item i: no load latency on the critical path."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -125,58 +164,47 @@ if HAVE_GLUON:
         gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
         mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, BN, 16])
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, D, 16])
-        p_op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
-        rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        grows: gl.constexpr = gl.SliceLayout(1, gather)
+        srows: gl.constexpr = gl.SliceLayout(1, mma_s)
         dtype: gl.constexpr = k_desc.dtype
 
-        q_s = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, D], Q_LAYOUT)
-        k_s = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
-        v_s = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
+        q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
+        k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
+        v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(2):
             mbarrier.init(ready.index(st), count=1)
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
-        n_mine = gl.cdiv(n_items - pid, nprog)  # the host launches at most n_items programs
-        for j in gl.static_range(STAGES - 1):
-            _issue(j, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS, BLKSTART, BLKLEN,
-                   Hq, NBG, h0, G, PAIRS, STAGES, gather)
-        offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+        n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
+        start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
+        hd, kst, blen, tok_g, tok_s = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS, grows,
+                                                 srows)
+        _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
+        hd1, kst1, blen1, tok_g1, tok_s1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G, PAIRS,
+                                                      grows, srows)
+        start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
         for i in range(n_mine):
-            _issue(i + STAGES - 1, n_mine, pid, nprog, Q, k_desc, v_desc, q_s, k_s, v_s, ready, WORK, TOKS,
-                   BLKSTART, BLKLEN, Hq, NBG, h0, G, PAIRS, STAGES, gather)
-            stage = i % STAGES
-            async_copy.wait_group(STAGES - 1)  # this thread's query rows of item i have landed
+            _issue(i + 1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+            hd2, kst2, blen2, tok_g2, tok_s2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0, G,
+                                                          PAIRS, grows, srows)
+            start3, end3, grp3 = _work(WORK, i + 3, n_mine, pid, nprog)
+
+            stage = i % 2
+            async_copy.wait_group(1)  # this thread's query rows of item i have landed
             fence_async_shared()  # ... and are visible to the async proxy (the wgmma) once all threads pass:
-            gl.thread_barrier()  # every thread's rows
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)  # K and V of item i
+            gl.thread_barrier()
+            mbarrier.wait(ready.index(stage), (i // 2) & 1)  # K and V of item i
+            _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), OP, LSEP, start, end, kst, blen, tok_s,
+                     qk_scale, G, PAIRS, gather)
 
-            w = (pid + i * nprog).to(gl.int64)
-            start, end, h, kst, blen = _item(WORK, w, BLKSTART, BLKLEN, NBG, h0)
-            pidx, g, rmask, tok = _item_rows(TOKS, start, end, G, PAIRS, rows_s)
-            last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
-            sc = warpgroup_mma(q_s.index(stage), k_s.index(stage).permute((1, 0)),
-                               gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
-            sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
-            m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
-            p = gl.exp2(sc * qk_scale - m[:, None])
-            l = gl.sum(p, 1)
-            p_op = gl.convert_layout(p.to(dtype), p_op_l)
-            acc = warpgroup_mma(p_op, v_s.index(stage), gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
-            gl.thread_barrier()  # the stage is read: the next iteration may refill it
-
-            l_safe = gl.where(l > 0, l, 1.0)
-            gl.store(LSEP + pidx * G + g, m + gl.log2(l_safe), mask=rmask)
-            inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-            out = gl.convert_layout((acc * inv[:, None]).to(dtype), gather)  # 16-byte row-contiguous stores
-            opidx, og, omask, _ = _item_rows(TOKS, start, end, G, PAIRS, gl.SliceLayout(1, gather))
-            gl.store(OP + (opidx * G + og)[:, None] * D + offs_d[None, :], out, mask=omask[:, None])
+            start, end, kst, blen, tok_s = start1, end1, kst1, blen1, tok_s1
+            start1, end1, hd1, kst1, blen1, tok_g1, tok_s1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2
+            start2, end2, grp2 = start3, end3, grp3
         async_copy.wait_group(0)
-        for st in gl.static_range(STAGES):
+        for st in gl.static_range(2):
             mbarrier.invalidate(ready.index(st))
 
 
@@ -191,9 +219,8 @@ def _kv_descriptor(x: torch.Tensor):
     return TensorDescriptor.from_tensor(x.view(n, h * d), [BLOCK, d], _smem_layout(BLOCK, d, x.dtype == torch.bfloat16))
 
 
-def config() -> tuple:
-    """(stages, programs per SM)."""
-    return tuple(CONFIG_OVERRIDE) if CONFIG_OVERRIDE is not None else DEFAULT_CONFIG
+def programs_per_sm() -> int:
+    return PROGRAMS_OVERRIDE or PROGRAMS_PER_SM
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,20 +233,19 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     from ..kl.triton_ops import launcher_for
 
     group = q.shape[1] // k.shape[1]
-    stages, per_sm = config()
+    per_sm = programs_per_sm()
     n_items = work.shape[0]
     if n_items == 0:  # no pairs: nothing to compute (the merge reads no partial)
         return
     grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
     args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
             scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
-    consts = dict(G=group, PAIRS=pairs_per_item(group), STAGES=stages,
-                  Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
+    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
     launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
     launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128, stages: int | None = None):
+def compile_offline(group: int = 4, d: int = 128):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -230,8 +256,7 @@ def compile_offline(group: int = 4, d: int = 128, stages: int | None = None):
     names = fn.arg_names
     sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
     desc = mangle_type(_kv_descriptor(sample))
-    const = dict(G=group, PAIRS=pairs_per_item(group), STAGES=stages or config()[0],
-                 Q_LAYOUT=_smem_layout(ROWS, d, True))
+    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True))
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
