@@ -4,8 +4,8 @@ variant's output difference against the Triton forward's.
 
     PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--programs "2;1"]
 
---programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE), a trailing "d" for
-partials stored straight from the accumulator layout (kv_gluon.DIRECT_STORE); the Triton MAIN runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
+--programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE); the Triton MAIN runs
+first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
 the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run) the "gluon" rows run the Triton MAIN.
 """
 import argparse
@@ -19,13 +19,12 @@ from sparsa.ops.sparse_attn import kv_gluon
 
 
 def parse_programs(text):
-    """'2;1;2d' -> [(2, False), (1, False), (2, True)]: (programs per SM, direct stores)."""
+    """'2;1' -> [2, 1]: programs per SM."""
     cfgs = []
     for part in variant_parts(text):
-        direct = part.endswith("d")
-        if not part.rstrip("d").isdigit() or int(part.rstrip("d")) < 1:
-            raise ValueError(f"--programs: {part!r} must be programs per SM (>= 1), optionally followed by 'd'")
-        cfgs.append((int(part.rstrip("d")), direct))
+        if not part.isdigit() or int(part) < 1:
+            raise ValueError(f"--programs: {part!r} must be programs per SM (>= 1)")
+        cfgs.append(int(part))
     return cfgs
 
 
@@ -52,8 +51,8 @@ def main():
             ref = None
             for cfg in [None, *configs, None]:
                 os.environ["SPARSA_KV_GLUON"] = "0" if cfg is None else "1"
-                kv_gluon.PROGRAMS_OVERRIDE, kv_gluon.DIRECT_STORE = cfg or (None, False)
-                name = "triton" if cfg is None else f"gluon, {cfg[0]} per SM" + (", direct stores" if cfg[1] else "")
+                kv_gluon.PROGRAMS_OVERRIDE = cfg
+                name = "triton" if cfg is None else f"gluon, {cfg} per SM"
                 try:
                     row, out = measure(n, group, fwd, fwd_bwd, name, ref)
                     ref = out if ref is None else ref
@@ -62,7 +61,7 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     os.environ["SPARSA_KV_GLUON"] = "0"
-    kv_gluon.PROGRAMS_OVERRIDE, kv_gluon.DIRECT_STORE = None, False
+    kv_gluon.PROGRAMS_OVERRIDE = None
     print("\n| N | G | MAIN | fwd ms | fwd+bwd ms | MAIN kernel ms | diff vs Triton |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

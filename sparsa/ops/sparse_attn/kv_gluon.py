@@ -41,19 +41,22 @@ BLOCK = 64  # keys per block (the only block size of this kernel)
 # programs per SM forced by the tuning scripts; None = PROGRAMS_PER_SM
 PROGRAMS_OVERRIDE: int | None = None
 PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in an SM's shared memory
-# partials stored straight from the wgmma accumulator layout instead of through shared memory (experiment)
-DIRECT_STORE = False
 
 
 def enabled() -> bool:
     """SPARSA_KV_GLUON=1 runs the forward's MAIN on this kernel where `eligible` holds."""
-    return HAVE_GLUON and env_flag("SPARSA_KV_GLUON", False)
+    return env_flag("SPARSA_KV_GLUON", False) and HAVE_GLUON
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
-    """Whether this kernel covers the call (see the module docstring)."""
+    """Whether this kernel covers the call: a Hopper GPU and `covers`."""
     if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
+    return covers(q, k, v, block_size, local)
+
+
+def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
+    """The shapes and dtypes of the module docstring's scope; q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv]."""
     group = q.shape[1] // k.shape[1]
     return (
         q.dtype in (torch.bfloat16, torch.float16)
@@ -121,7 +124,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _compute(q_tile, k_tile, v_tile, OP, LSEP, start, end, kst, blen, tok, qk_scale, G: gl.constexpr,
-                 PAIRS: gl.constexpr, gather: gl.constexpr, DIRECT_STORE: gl.constexpr):
+                 PAIRS: gl.constexpr, gather: gl.constexpr):
         """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math)."""
         D: gl.constexpr = k_tile.shape[1]
         BN: gl.constexpr = k_tile.shape[0]
@@ -147,21 +150,17 @@ if HAVE_GLUON:
         l_safe = gl.where(l > 0, l, 1.0)
         gl.store(LSEP + (start + r // G) * G + r % G, m + gl.log2(l_safe), mask=rmask)
         inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-        out = (acc * inv[:, None]).to(k_tile.dtype)
-        if DIRECT_STORE:  # from the accumulator layout: 4-byte stores, no shared-memory round trip
-            out_l: gl.constexpr = mma_o
-        else:  # through shared memory into the gather layout: 16-byte row-contiguous stores
-            out_l: gl.constexpr = gather
-            out = gl.convert_layout(out, out_l)
-        ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, out_l))
+        # through shared memory into the gather layout: 16-byte row-contiguous stores (stored straight from the
+        # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
+        out = gl.convert_layout((acc * inv[:, None]).to(k_tile.dtype), gather)
+        ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
         omask = (ro // G < PAIRS) & (start + ro // G < end)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, out_l))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
         gl.store(OP + ((start + ro // G) * G + ro % G)[:, None] * D + offs_d[None, :], out, mask=omask[:, None])
 
     @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items, Hq, NBG,
-                              h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-                              DIRECT_STORE: gl.constexpr = False):
+                              h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr):
         """MAIN over the items pid, pid + P, ... of the work list. Iteration i issues item i + 1's copies (from
         block and token loads started in iteration i - 1), starts the loads of item i + 2's block and tokens
         and of item i + 3's work entry, then computes item i: no load latency on the critical path."""
@@ -206,7 +205,7 @@ if HAVE_GLUON:
             gl.thread_barrier()
             mbarrier.wait(ready.index(stage), (i // 2) & 1)  # K and V of item i
             _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), OP, LSEP, start, end, kst, blen, tok_s,
-                     qk_scale, G, PAIRS, gather, DIRECT_STORE)
+                     qk_scale, G, PAIRS, gather)
 
             start, end, kst, blen, tok_s = start1, end1, kst1, blen1, tok_s1
             start1, end1, hd1, kst1, blen1, tok_g1, tok_s1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2
@@ -248,13 +247,12 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
     args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
             scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
-    consts = dict(G=group, PAIRS=pairs_per_item(group), DIRECT_STORE=DIRECT_STORE,
-                  Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
+    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
     launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
     launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128, direct_store: bool = False):
+def compile_offline(group: int = 4, d: int = 128):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -265,8 +263,7 @@ def compile_offline(group: int = 4, d: int = 128, direct_store: bool = False):
     names = fn.arg_names
     sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
     desc = mangle_type(_kv_descriptor(sample))
-    const = dict(G=group, PAIRS=pairs_per_item(group), DIRECT_STORE=direct_store,
-                 Q_LAYOUT=_smem_layout(ROWS, d, True))
+    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True))
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}

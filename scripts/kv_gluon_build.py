@@ -1,0 +1,59 @@
+"""Offline sm_90 build of the Gluon KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon.py), no GPU needed: one JSON
+line per (G, head dim) with registers, spill bytes, shared memory and SASS counts of the instructions the kernel
+is built around (HGMMA wgmma, UTMALDG TMA loads, LDGSTS cp.async gathers).
+
+    python3 scripts/kv_gluon_build.py [--groups 1,3,4,16] [--dims 64,128]     (not under TRITON_INTERPRET=1)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+
+from sparsa.ops.sparse_attn import kv_gluon
+
+
+def report(group: int, d: int) -> dict:
+    kernel = kv_gluon.compile_offline(group, d)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        info = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    return {
+        "G": group,
+        "D": d,
+        "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
+        "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+        "shared": kernel.metadata.shared,
+        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "utmaldg": len(re.findall(r"\bUTMALDG\b", sass)),
+        "ldgsts": len(re.findall(r"\bLDGSTS\b", sass)),
+    }
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the build needs Triton's compiler")
+    p = argparse.ArgumentParser()
+    p.add_argument("--groups", default="1,3,4,16")
+    p.add_argument("--dims", default="64,128")
+    args = p.parse_args()
+    for d in (int(x) for x in args.dims.split(",")):
+        for group in (int(g) for g in args.groups.split(",")):
+            print(json.dumps(report(group, d)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The opt-in Gluon KV-outer MAIN for Hopper (sparsa/ops/sparse_attn/kv_gluon.py, SPARSA_KV_GLUON=1).
+
+Without a GPU: which calls it covers, that the switch leaves CPU calls on the Triton MAIN, and its sm_90 build
+(compiled with Triton's bundled ptxas: no spills, two programs per SM, TMA and cp.async loads). On a Hopper GPU:
+its output and LSE against the Triton MAIN's and the float64 reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsa
+from sparsa.ops import _alloc as alloc_mod
+from sparsa.ops.sparse_attn import kv_gluon, naive
+from sparsa.ops.sparse_attn.index import random_selection
+from tests.helpers import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(not kv_gluon.HAVE_GLUON, reason="this Triton has no Gluon")
+
+
+def _qkv(n, hkv, group, d, dtype=torch.bfloat16, dv=None, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hkv * group, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, dv or d, generator=g)
+    return [x.to(device, dtype) for x in (q, k, v)]
+
+
+def test_covers_only_its_scope():
+    q, k, v = _qkv(128, 2, 4, 128)
+    assert kv_gluon.covers(q, k, v, 64, local=False)
+    assert not kv_gluon.covers(q, k, v, 32, local=False)  # block size
+    assert not kv_gluon.covers(q, k, v, 64, local=True)  # fused local blocks
+    assert not kv_gluon.covers(*_qkv(128, 2, 4, 256), 64, local=False)  # head dim
+    assert not kv_gluon.covers(*_qkv(128, 2, 4, 128, dv=64), 64, local=False)  # Dv != D
+    assert not kv_gluon.covers(*_qkv(128, 2, 4, 128, dtype=torch.float32), 64, local=False)
+    assert not kv_gluon.covers(*_qkv(128, 1, 128, 64), 64, local=False)  # G > 64 rows
+    assert kv_gluon.covers(*_qkv(128, 2, 3, 64, dtype=torch.float16), 64, local=False)
+    assert not kv_gluon.eligible(q, k, v, 64, local=False)  # CPU tensors
+
+
+def test_switch_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARSA_KV_GLUON", raising=False)
+    assert not kv_gluon.enabled()
+    monkeypatch.setenv("SPARSA_KV_GLUON", "1")
+    assert kv_gluon.enabled() == kv_gluon.HAVE_GLUON
+    monkeypatch.setenv("SPARSA_KV_GLUON", "maybe")
+    with pytest.raises(ValueError, match="SPARSA_KV_GLUON"):
+        kv_gluon.enabled()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
+def test_switch_on_cpu_keeps_the_triton_main(monkeypatch):
+    """CPU tensors are never eligible: with the switch on, the KV-outer forward is the Triton MAIN's, bit for bit."""
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    q, k, v = (x.unsqueeze(0) for x in _qkv(96, 2, 4, 16, dtype=torch.float32))
+    idx = random_selection(1, 96, 2, 3, 16, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPARSA_KV_GLUON", flag)
+        outs.append(sparsa.sparse_attention(q, k, v, idx, block_size=16, loop_order="kv_outer", return_lse=True))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_gluon
+def test_sm90_build_has_no_spills_and_two_programs_per_sm():
+    """scripts/kv_gluon_build.py in a subprocess (Gluon does not compile under the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kv_gluon_build.py"), "--groups", "1,3,16",
+                          "--dims", "64,128"], env=env, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 6
+    for r in rows:
+        assert r["spill_bytes"] == 0, r
+        assert r["shared"] * kv_gluon.PROGRAMS_PER_SM <= 227 << 10, r  # the programs per SM fit
+        assert r["registers"] * 128 * kv_gluon.PROGRAMS_PER_SM <= 65536, r
+        assert r["utmaldg"] >= 2 and r["ldgsts"] >= 1, r  # K and V by TMA, the query rows by cp.async
+        assert r["hgmma"] == (r["D"] + 64) // 16, r  # Q K^T over D, P V over the 64 keys
+
+
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("group, d", [(1, 128), (4, 128), (5, 64), (16, 128)])
+def test_gpu_gluon_main_matches_triton_main(monkeypatch, group, d):
+    """bf16 at 2048 tokens, outputs poisoned: the forward with the Gluon MAIN against the Triton MAIN's (the same
+    arithmetic per row) and against the float64 reference (within the bf16 tolerance of the other GPU tests)."""
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
+    hkv = max(1, 32 // group)
+    q, k, v = (x.unsqueeze(0) for x in _qkv(2048, hkv, group, d, device="cuda", seed=group))
+    idx = random_selection(1, 2048, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device="cuda")
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPARSA_KV_GLUON", flag)
+        got[flag] = sparsa.sparse_attention(q, k, v, idx, block_size=64, loop_order="kv_outer", return_lse=True)
+    (o0, l0), (o1, l1) = got["0"], got["1"]
+    assert torch.isfinite(o1).all() and torch.isfinite(l1).all()
+    assert rel_err(o1.float(), o0.float()) < 1e-6 and rel_err(l1, l0) < 1e-6
+    ref, _ = naive.sparse_attention(q.double(), k.double(), v.double(), idx, block_size=64, scale=d**-0.5)
+    assert rel_err(o1.double(), ref) < 2e-2
