@@ -1,16 +1,19 @@
-"""KV-outer MAIN for Hopper (sm_90) in Gluon: persistent programs that keep the next work items' loads in flight.
+"""KV-outer MAIN for Hopper (sm_90) in Gluon: persistent programs that keep the next work item's loads in flight.
 
 Same work items, math and outputs (the partials OP and LSEP) as kv_outer._kv_fwd_main_kernel; only the schedule
 differs. The Triton MAIN runs one item per program: gathered query rows and key block, the first MMA, the
 softmax, the value block, the second MMA, the stores, one after the other. Nsight Compute (H100, session 14)
-found it latency-bound: 42% of DRAM bandwidth at 8K tokens with 4 programs per SM, most stalls waiting on the
-gathers. Here each program walks the items pid, pid + P, pid + 2P, ... and, while it computes item i, the loads of
-items i + 1 .. i + STAGES - 1 are already issued into a ring of shared-memory stages: the key and value blocks by
-TMA (contiguous rows of K, V viewed as [N, Hkv * D]), the gathered query rows by cp.async.
+found it latency-bound: 42% of DRAM bandwidth at 8K tokens with 4 programs per SM, 36% of the stall cycles
+waiting on the gathers. Here each program walks the items pid, pid + P, pid + 2P, ... through two shared-memory
+stages: while it computes item i, item i + 1's key and value blocks are in flight by TMA (contiguous rows of K, V
+viewed as [N, Hkv * D]) and its gathered query rows by cp.async, and the loads that address item i + 2's copies
+(block, tokens) and item i + 3's work entry are issued, so that no load latency sits on the per-item chain.
 
-Scope (`eligible`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128}, block size 64, G <= 64 (64
-rows per item: 64 // G tokens x G heads), no fused local blocks. Opt-in: SPARSA_KV_GLUON=1 (default off until it
-has been timed against the Triton MAIN on a GPU; docs/kernels/sparse_attention.md).
+Measured on the H100 (session 14, docs/kernels/sparse_attention.md): as fast as the Triton MAIN (64K G = 4 6.46-6.50
+vs 6.61-6.69 ms, 8K 0.73-0.74 vs 0.74; slower at G = 1), outputs equal; the per-item chain, not load latency,
+bounds both. Scope (`covers`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128}, block size 64,
+G <= 64 (64 rows per item: 64 // G tokens x G heads), no fused local blocks. Opt-in: SPARSA_KV_GLUON=1 (off by
+default: no faster).
 """
 from __future__ import annotations
 
