@@ -43,6 +43,9 @@ def test_covers_only_its_scope():
     assert not kv_gluon.covers(*_qkv(128, 2, 4, 128, dtype=torch.float32), 64, local=False)
     assert not kv_gluon.covers(*_qkv(128, 1, 128, 64), 64, local=False)  # G > 64 rows
     assert kv_gluon.covers(*_qkv(128, 2, 3, 64, dtype=torch.float16), 64, local=False)
+    assert not kv_gluon.covers(q[:, :, 1:65], k[:, :, :64], v[:, :, :64], 64, local=False)  # strided views
+    flat = torch.zeros(128 * 8 * 64 + 1, dtype=torch.bfloat16)
+    assert not kv_gluon.covers(flat[1:].view(128, 8, 64), *_qkv(128, 2, 4, 64)[1:], 64, local=False)  # 2-byte offset
     assert not kv_gluon.eligible(q, k, v, 64, local=False)  # CPU tensors
 
 

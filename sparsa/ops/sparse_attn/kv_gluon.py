@@ -59,7 +59,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
 
 
 def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
-    """The shapes and dtypes of the module docstring's scope; q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv]."""
+    """The module docstring's scope, for contiguous 16-byte-aligned q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv]."""
     group = q.shape[1] // k.shape[1]
     return (
         q.dtype in (torch.bfloat16, torch.float16)
@@ -69,6 +69,7 @@ def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, l
         and block_size == BLOCK
         and group <= ROWS
         and not local
+        and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))  # TMA rows, 16-byte cp.async
     )
 
 
@@ -250,7 +251,8 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
     args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
             scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
-    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16))
+    q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
+    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout)
     launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
     launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
