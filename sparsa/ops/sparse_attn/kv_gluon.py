@@ -101,11 +101,13 @@ if HAVE_GLUON:
     def _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr,
                    gather_rows: gl.constexpr, score_rows: gl.constexpr):
         """Loads of an item's block and tokens, used one loop iteration later (their latency overlaps the
-        current item): (KV head, first key, keys in the block, tokens in the gather layout, in the score layout)."""
+        current item): (KV head, first key, keys in the block, tokens in the gather layout, in the score layout, the
+        first token)."""
         gb = grp % NBG
         tok_g = _item_rows(TOKS, start, end, G, PAIRS, gather_rows)[3]
         tok_s = _item_rows(TOKS, start, end, G, PAIRS, score_rows)[3]
-        return h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb), tok_g, tok_s
+        first = gl.load(TOKS + start, mask=start < end, other=0).to(gl.int64)  # the item's smallest token
+        return h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb), tok_g, tok_s, first
 
     @gluon.jit
     def _issue(j, n_mine, h, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G: gl.constexpr,
@@ -127,9 +129,10 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _compute(q_tile, k_tile, v_tile, OP, LSEP, start, end, kst, blen, tok, qk_scale, G: gl.constexpr,
+    def _compute(q_tile, k_tile, v_tile, OP, LSEP, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr,
                  PAIRS: gl.constexpr, gather: gl.constexpr):
-        """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math)."""
+        """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math); `first`
+        is the item's first token, the smallest (pairs are sorted by group, then token)."""
         D: gl.constexpr = k_tile.shape[1]
         BN: gl.constexpr = k_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -138,29 +141,33 @@ if HAVE_GLUON:
         mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, D, 16])
         rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        n_rows = gl.minimum((end - start) * G, PAIRS * G).to(gl.int32)  # the item's rows (pairs x G heads)
+        row0 = start * G  # its first row of the partials: row r of the item is row0 + r
         r = gl.arange(0, _ROWS, layout=rows_s)
-        rmask = (r // G < PAIRS) & (start + r // G < end)
-        last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
+        rmask = r < n_rows
         sc = warpgroup_mma(q_tile, k_tile.permute((1, 0)), gl.zeros([_ROWS, BN], gl.float32, layout=mma_s),
                            use_acc=False)
-        offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-        sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
-        m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
+        if (blen == BN) & (first >= kst + BN - 1):  # pairs are in token order: every row sees every key
+            m = gl.max(sc, 1) * qk_scale  # rows past the item's end are finite and not stored
+        else:  # the tokens' own block, or a short last block of a document
+            last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
+            offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+            sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
+            m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
         p = gl.exp2(sc * qk_scale - m[:, None])
         l = gl.sum(p, 1)
         p_op = gl.convert_layout(p.to(k_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
         acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
         gl.thread_barrier()  # the stage is read: the next iteration may refill it
         l_safe = gl.where(l > 0, l, 1.0)
-        gl.store(LSEP + (start + r // G) * G + r % G, m + gl.log2(l_safe), mask=rmask)
+        gl.store(LSEP + row0 + r, m + gl.log2(l_safe), mask=rmask)
         inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
         # through shared memory into the gather layout: 16-byte row-contiguous stores (stored straight from the
         # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
         out = gl.convert_layout((acc * inv[:, None]).to(k_tile.dtype), gather)
         ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
-        omask = (ro // G < PAIRS) & (start + ro // G < end)
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-        gl.store(OP + ((start + ro // G) * G + ro % G)[:, None] * D + offs_d[None, :], out, mask=omask[:, None])
+        gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], out, mask=(ro < n_rows)[:, None])
 
     @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items, Hq, NBG,
@@ -190,17 +197,17 @@ if HAVE_GLUON:
         nprog = gl.num_programs(0)
         n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
         start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
-        hd, kst, blen, tok_g, tok_s = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS, grows,
-                                                 srows)
+        hd, kst, blen, tok_g, tok_s, first = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS,
+                                                        grows, srows)
         _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
         start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
-        hd1, kst1, blen1, tok_g1, tok_s1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G, PAIRS,
-                                                      grows, srows)
+        hd1, kst1, blen1, tok_g1, tok_s1, first1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G,
+                                                              PAIRS, grows, srows)
         start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
         for i in range(n_mine):
             _issue(i + 1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-            hd2, kst2, blen2, tok_g2, tok_s2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0, G,
-                                                          PAIRS, grows, srows)
+            hd2, kst2, blen2, tok_g2, tok_s2, first2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0,
+                                                                  G, PAIRS, grows, srows)
             start3, end3, grp3 = _work(WORK, i + 3, n_mine, pid, nprog)
 
             stage = i % 2
@@ -209,10 +216,10 @@ if HAVE_GLUON:
             gl.thread_barrier()
             mbarrier.wait(ready.index(stage), (i // 2) & 1)  # K and V of item i
             _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), OP, LSEP, start, end, kst, blen, tok_s,
-                     qk_scale, G, PAIRS, gather)
+                     first, qk_scale, G, PAIRS, gather)
 
-            start, end, kst, blen, tok_s = start1, end1, kst1, blen1, tok_s1
-            start1, end1, hd1, kst1, blen1, tok_g1, tok_s1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2
+            start, end, kst, blen, tok_s, first = start1, end1, kst1, blen1, tok_s1, first1
+            start1, end1, hd1, kst1, blen1, tok_g1, tok_s1, first1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2
             start2, end2, grp2 = start3, end3, grp3
         async_copy.wait_group(0)
         for st in gl.static_range(2):
