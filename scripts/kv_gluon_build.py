@@ -10,27 +10,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import tempfile
 
-import triton
-
+from sparsa.ops._sm90_tools import tool_reports
 from sparsa.ops.sparse_attn import kv_gluon
 
 
 def report(group: int, d: int) -> dict:
     kernel = kv_gluon.compile_offline(group, d)
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        info = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
-                              capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
+    info, sass = tool_reports(kernel.asm["ptx"], kernel.asm["cubin"])
     return {
         "G": group,
         "D": d,

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sparsa.ops._sm90_tools import tool_reports
 from sparsa.ops.sparse_attn import backward as bwd
 from sparsa.ops.sparse_attn import index_triton as ix
 from sparsa.ops.sparse_attn import kv_outer as kv
@@ -62,16 +61,7 @@ def build(kernel, constexprs: dict, warps: int, stages: int = 1, maxnreg: int | 
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        cubin = os.path.join(tmp, "k.o")
-        report = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", cubin],
-                                capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
-                              capture_output=True, text=True, check=True).stdout
+    report, sass = tool_reports(compiled.asm["ptx"])
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else 0  # noqa: E731
     return {
         "registers": number(r"Used (\d+) registers"),

@@ -165,3 +165,15 @@ class FastLauncher:
             self._cache.clear()
         tail = tuple(values[n] for n in self.param_names[len(args):])
         self._cache[key] = (compiled, chosen, tail, _direct_runner(compiled, self.stream_of))
+
+
+_LAUNCHERS: dict = {}
+
+
+def launcher_for(name: str, fn) -> FastLauncher:
+    """The launch cache of kernel `name` (jit function fn), made on first use (StreamKL's kernels, the Gluon
+    kernels of kl/gluon_fwd.py and sparse_attn/kv_gluon.py)."""
+    launcher = _LAUNCHERS.get(name)
+    if launcher is None:
+        launcher = _LAUNCHERS[name] = FastLauncher(fn)
+    return launcher

@@ -485,10 +485,10 @@ def test_gpu_launch_cache_repeats_and_new_shapes():
         ref, _, _ = naive.attention_kl(*(x.cpu().double() for x in (q_t, k_t, q_s, k_s)), causal=True,
                                        scale_t=64**-0.5, scale_s=64**-0.5, direction="forward")
         assert rel_err(out, ref) < 1e-3
-    from sparsa.ops.kl import triton_ops
+    from sparsa.ops import _launch
 
-    entries = [e for launcher in triton_ops._LAUNCHERS.values() for e in launcher._cache.values()]
-    assert {"fwd", "dq", "dk"} <= set(triton_ops._LAUNCHERS) and entries
+    entries = [e for launcher in _launch._LAUNCHERS.values() for e in launcher._cache.values()]
+    assert {"fwd", "dq", "dk"} <= set(_launch._LAUNCHERS) and entries
     assert all(e[3] is not None for e in entries)  # cached launches call the C launcher directly
 
 

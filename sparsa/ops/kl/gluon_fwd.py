@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 from .._alloc import new_output, new_output_like
 from .._intmath import cdiv
+from .._launch import launcher_for
 from . import triton_ops
 
 # Config of the kernel: (BM, BN, warps, stages, paired, qreg), or ("ws", BN, stages, qreg) for the
@@ -366,7 +367,7 @@ def kl_forward_gluon(qp, kp, qq, kq, *, causal, scale_p, scale_q, config=None):
         scale_p * triton_ops.LOG2E, scale_q * triton_ops.LOG2E, n_bh, head_group,
     )
     # through the Triton kernels' launch cache: the Gluon JIT's own call path costs ~0.1 ms of host time per call
-    launcher = triton_ops.launcher_for(f"gluon:{kernel.fn.__name__}", kernel)
+    launcher = launcher_for(f"gluon:{kernel.fn.__name__}", kernel)
     launcher(kernel, lambda meta: grid, args, dict(CAUSAL=causal, SAME_SCALE=scale_p == scale_q, **consts),
              {"num_warps": warps})
     return kl, lse_p, lse_q
@@ -398,21 +399,8 @@ def compile_offline(*config, d: int = 128):
 
 def offline_report(*config, d: int = 128):
     """(SASS text, ptxas -v output, shared bytes) of `compile_offline` with Triton's bundled tools."""
-    import subprocess
-    import tempfile
-
-    import triton
+    from .._sm90_tools import tool_reports
 
     kernel = compile_offline(*config, d=d)
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        info = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
-                              capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
+    info, sass = tool_reports(kernel.asm["ptx"], kernel.asm["cubin"])
     return sass, info, kernel.metadata.shared

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._alloc import new_output, new_output_like
 from .._intmath import cdiv, next_pow2
-from .._launch import FastLauncher
+from .._launch import launcher_for
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -944,8 +944,6 @@ def _kernel(name: str, fn, configs):
     return _TUNED[name], {}
 
 
-_LAUNCHERS = {}
-
 
 def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
     """Launches kernel `name` (runtime `args`, constexpr `consts`), through the launch cache on the GPU."""
@@ -955,13 +953,6 @@ def _launch(name: str, fn, configs, grid, args: tuple, consts: dict) -> None:
         return
     launcher_for(name, fn)(kernel, grid, args, consts, meta)
 
-
-def launcher_for(name: str, fn) -> FastLauncher:
-    """The launch cache of kernel `name` (jit function fn), made on first use; also used by gluon_fwd.py."""
-    launcher = _LAUNCHERS.get(name)
-    if launcher is None:
-        launcher = _LAUNCHERS[name] = FastLauncher(fn)
-    return launcher
 
 
 def _head_group(n_keys: int, key_bytes: int, n_bh: int) -> int:

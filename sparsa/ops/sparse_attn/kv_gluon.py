@@ -23,6 +23,7 @@ import functools
 import torch
 
 from .._env import env_flag
+from .._launch import launcher_for
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton MAIN is used
     from triton.experimental import gluon
@@ -249,8 +250,6 @@ def _sm_count(device_index: int) -> int:
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     """Runs MAIN over the work list `work` [W, 3] (items of pairs_per_item(G) pairs) into op / lsep."""
-    from ..kl.triton_ops import launcher_for
-
     group = q.shape[1] // k.shape[1]
     per_sm = programs_per_sm()
     n_items = work.shape[0]
