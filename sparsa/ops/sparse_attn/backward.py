@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_flag
+from . import overlap
 from .index import PairIndex, split_work_list
 from .kv_outer import forced_config, group_block, last_key, load_tile, reduce_config, reduce_slots, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
@@ -354,16 +355,31 @@ def compute_delta(o, do):
 def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_size: int, scale: float, dq, dk, dv):
     """Fills dq [N, Hq, D], dk, dv [N, Hkv, *] (dk, dv zero-initialised) for the heads of `index`."""
     n_tokens, n_heads_q, head_dim = q.shape
-    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
-    group = n_heads_q // n_heads_kv
-    topk = index.pos.shape[-1]
+    group = n_heads_q // k.shape[1]
     block_m, warps, launch_opts, keys = bwd_config(group, head_dim, block_size, n_tokens)
     pairs = block_m // group
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
-    work, n_slots, split = split_work_list(index, per_item)
-    block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
     dqp_dtype = DQ_PARTIAL_DTYPE if q.dtype == torch.bfloat16 else torch.float32
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
+    on = overlap.enabled()
+    pipe = overlap.Pipeline(q.device, on)
+    for chunk in overlap.head_chunks(index, on):  # one chunk unless SPARSA_KV_OVERLAP=1 (overlap.py)
+        _block_grads(q, k, v, do, lse, delta, chunk, meta, block_size, scale, dqp, dk, dv, per_item,
+                     (block_m, warps, launch_opts, keys))
+        with pipe.side():
+            _dq_sum(dq, dqp, chunk, n_tokens, group, head_dim)
+    pipe.join()
+
+
+def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, scale, dqp, dk, dv, per_item, config):
+    """dK, dV of `index`'s blocks (the dK/dV kernel and the reduction of split groups) and its dQ partials."""
+    n_heads_q, head_dim = q.shape[1], q.shape[2]
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    group = n_heads_q // n_heads_kv
+    block_m, warps, launch_opts, keys = config
+    pairs = block_m // group
+    work, n_slots, split = split_work_list(index, per_item)
+    block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
     _kv_bwd_kernel[(work.shape[0],)](
@@ -419,6 +435,13 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         BLOCK_DV=block_dv,
         num_warps=4,
     )
+
+
+def _dq_sum(dq, dqp, index: PairIndex, n_tokens: int, group: int, head_dim: int):
+    """dq of `index`'s query heads: the per-token sum of their dQ partials."""
+    n_heads_q = dq.shape[1]
+    topk = index.pos.shape[-1]
+    block_d = _pow2(head_dim)
     block_r, tokens, warps = reduce_config(group, head_dim)
     _dq_reduce_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
         dq,

@@ -111,6 +111,25 @@ class PairIndex:
     toks: torch.Tensor  # [Hs * N * K] int32 token of each sorted position (valid ones first)
     pos: torch.Tensor  # [Hs, N, K] int32 sorted position of each slot, -1 if the slot is invalid
 
+    def head_range(self, first: int, end: int) -> "PairIndex":
+        """Local heads [first, end) of this slice as an index of their own: views that share this index's
+        sorted pair list (gstart, toks and pos stay positions in it, so per-pair buffers sized for the whole
+        slice are addressed the same way)."""
+        if not 0 <= first < end <= self.n_heads:
+            raise ValueError(f"head range [{first}, {end}) must lie in [0, {self.n_heads})")
+        nbg = self.counts.numel() // self.n_heads
+        per_head = self.n_pairs_max // self.n_heads
+        groups = slice(first * nbg, end * nbg)
+        return PairIndex(
+            self.h0 + first,
+            end - first,
+            (end - first) * per_head,
+            self.counts[groups],
+            self.gstart[groups],
+            self.toks,
+            self.pos[first:end],
+        )
+
 
 # which implementation builds the index: "triton" (index_triton.py, the default: a handful of kernels) or
 # "torch" (PyTorch ops, the same tensors); SPARSA_PAIR_INDEX selects, scripts/index_ab.py compares them

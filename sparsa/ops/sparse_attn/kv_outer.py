@@ -14,12 +14,14 @@ LOCAL  (opt-in, SPARSA_KV_LOCAL=1) the merge kernel first runs an online softmax
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .._env import env_flag
-from . import kv_gluon
+from . import kv_gluon, overlap
 from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
@@ -465,7 +467,6 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     gluon_main = kv_gluon.enabled() and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
     if gluon_main:  # opt-in Hopper MAIN (kv_gluon.py): its own item size
         pairs = kv_gluon.pairs_per_item(group)
-    work, _ = work_list(index, pairs)
     if q.dtype == torch.float32:
         pdtype = torch.float32
     else:
@@ -473,10 +474,50 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     n_rows = index.n_pairs_max * group
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
-    block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
     # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
     local_blocks = local_block_table(meta, block_size, local_tokens) if local_tokens else index.pos
-    if gluon_main:
+    rows, tokens, merge_warps = (
+        (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
+    )
+    plan = _ForwardPlan(
+        block_size, scale, group, topk, block_m, pairs, warps, launch_opts, bool(local_tokens), gluon_main, rows,
+        tokens, merge_warps,
+    )
+    on = overlap.enabled()
+    pipe = overlap.Pipeline(q.device, on)
+    for chunk in overlap.head_chunks(index, on):  # one chunk unless SPARSA_KV_OVERLAP=1 (overlap.py)
+        work, _ = work_list(chunk, pairs)
+        _launch_main(plan, q, k, v, op, lsep, work, chunk, meta, local_blocks)
+        with pipe.side():
+            _launch_merge(plan, q, k, v, o, lse, op, lsep, idx, chunk, meta)
+    pipe.join()
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """The launch parameters of one KV-outer forward (shared by its head chunks)."""
+
+    block_size: int
+    scale: float
+    group: int
+    topk: int
+    block_m: int  # MAIN rows per item
+    pairs: int  # MAIN pairs per item
+    warps: int
+    launch_opts: dict
+    local: bool  # local blocks fused into the merge
+    gluon: bool  # the Gluon MAIN (kv_gluon.py)
+    rows: int  # merge rows per program
+    tokens: int  # merge tokens per program
+    merge_warps: int
+
+
+def _launch_main(plan: _ForwardPlan, q, k, v, op, lsep, work, index: PairIndex, meta, local_blocks):
+    """MAIN over the work list `work` of `index` (a slice or a head chunk of one): partials into op, lsep."""
+    n_heads_q, head_dim = q.shape[1], q.shape[2]
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    scale, group, block_size = plan.scale, plan.group, plan.block_size
+    if plan.gluon:
         kv_gluon.launch_main(q, k, v, op, lsep, work, index, meta, scale * LOG2E)
     else:
         _kv_fwd_main_kernel[(work.shape[0],)](
@@ -498,21 +539,26 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
             G=group,
             D=head_dim,
             DV=head_dim_v,
-            BLOCK_M=block_m,
-            PAIRS=pairs,
+            BLOCK_M=plan.block_m,
+            PAIRS=plan.pairs,
             BLOCK_N=_pow2(block_size),
-            BLOCK_D=block_d,
-            BLOCK_DV=block_dv,
+            BLOCK_D=_pow2(head_dim),
+            BLOCK_DV=_pow2(head_dim_v),
             PRECISION=precision_for(q.dtype),
-            LOCAL=bool(local_tokens),
+            LOCAL=plan.local,
             EARLY_V=MAIN_EARLY_V,
             HINTS=cache_hints(group),
-            num_warps=warps,
-            **{"num_stages": 1, **launch_opts},
+            num_warps=plan.warps,
+            **{"num_stages": 1, **plan.launch_opts},
         )
-    rows, tokens, merge_warps = (
-        (local_rows, local_tokens, local_warps) if local_tokens else reduce_config(group, head_dim_v)
-    )
+
+
+def _launch_merge(plan: _ForwardPlan, q, k, v, o, lse, op, lsep, idx, index: PairIndex, meta):
+    """The per-token merge of the partials of `index`'s heads into o, lse (with the local blocks when fused)."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    block_size, scale, group, topk = plan.block_size, plan.scale, plan.group, plan.topk
+    rows, tokens, merge_warps, local = plan.rows, plan.tokens, plan.merge_warps, plan.local
     _kv_fwd_merge_kernel[(triton.cdiv(n_tokens, tokens), index.n_heads)](
         q,
         k,
@@ -537,12 +583,12 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         BLOCK_R=rows,
         TOKENS=tokens,
         BLOCK_N=_pow2(block_size),
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
+        BLOCK_D=_pow2(head_dim),
+        BLOCK_DV=_pow2(head_dim_v),
         BLOCK_K=_pow2(topk, 1),
         PRECISION=precision_for(q.dtype),
-        LOCAL=bool(local_tokens),
-        SLOTS=1 if local_tokens else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
+        LOCAL=local,
+        SLOTS=1 if local else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
         HINTS=cache_hints(group),
         num_warps=merge_warps,
     )
