@@ -4,8 +4,9 @@ variant's output difference against the Triton forward's.
 
     PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--programs "2;1"]
 
---programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE); the Triton MAIN runs
-first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
+--programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE); --flags: kernel variants
+run at the first --programs value, ';'-separated sets of kv_gluon flags joined by '+' ('TMA_STORE+OFFSETS_I32';
+'none' = all off). The Triton MAIN runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
 the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run) the "gluon" rows run the Triton MAIN.
 """
 import argparse
@@ -28,6 +29,26 @@ def parse_programs(text):
     return cfgs
 
 
+FLAGS = ("TMA_STORE", "OFFSETS_I32")
+
+
+def parse_flags(text):
+    """'none;TMA_STORE+OFFSETS_I32' -> [(), ('TMA_STORE', 'OFFSETS_I32')]."""
+    sets = []
+    for part in variant_parts(text) if text else []:
+        names = () if part == "none" else tuple(part.split("+"))
+        for name in names:
+            if name not in FLAGS:
+                raise ValueError(f"--flags: {name!r} is not one of {FLAGS}")
+        sets.append(names)
+    return sets
+
+
+def set_flags(names):
+    for name in FLAGS:
+        setattr(kv_gluon, name, name in names)
+
+
 def measure(n, group, fwd, fwd_bwd, name, ref):
     out = fwd()
     main_ms = sum(t for k, t in kernel_times(fwd, 3).items() if "main" in k)
@@ -42,8 +63,11 @@ def main():
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,16")
     p.add_argument("--programs", default="2;1")
+    p.add_argument("--flags", default="", help="kernel flag sets at the first --programs value, e.g. 'none;TMA_STORE'")
     args = p.parse_args()
-    configs = parse_programs(args.programs)
+    programs = parse_programs(args.programs)
+    flag_sets = parse_flags(args.flags)
+    configs = [(n, ()) for n in programs] if not flag_sets else [(programs[0], f) for f in flag_sets]
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
@@ -51,8 +75,9 @@ def main():
             ref = None
             for cfg in [None, *configs, None]:
                 os.environ["SPARSA_KV_GLUON"] = "0" if cfg is None else "1"
-                kv_gluon.PROGRAMS_OVERRIDE = cfg
-                name = "triton" if cfg is None else f"gluon, {cfg} per SM"
+                kv_gluon.PROGRAMS_OVERRIDE = None if cfg is None else cfg[0]
+                set_flags(() if cfg is None else cfg[1])
+                name = "triton" if cfg is None else f"gluon, {cfg[0]} per SM" + "".join(f" +{f}" for f in cfg[1])
                 try:
                     row, out = measure(n, group, fwd, fwd_bwd, name, ref)
                     ref = out if ref is None else ref
@@ -62,6 +87,7 @@ def main():
                 print(json.dumps(row), flush=True)
     os.environ["SPARSA_KV_GLUON"] = "0"
     kv_gluon.PROGRAMS_OVERRIDE = None
+    set_flags(())
     print("\n| N | G | MAIN | fwd ms | fwd+bwd ms | MAIN kernel ms | diff vs Triton |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -91,9 +91,13 @@ def test_sm90_build_has_no_spills_and_two_programs_per_sm():
 
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("group, d", [(1, 128), (4, 128), (5, 64), (16, 128)])
-def test_gpu_gluon_main_matches_triton_main(monkeypatch, group, d):
-    """bf16 at 2048 tokens, outputs poisoned: the forward with the Gluon MAIN against the Triton MAIN's (the same
-    arithmetic per row) and against the float64 reference (within the bf16 tolerance of the other GPU tests)."""
+@pytest.mark.parametrize("flags", [(), ("TMA_STORE", "OFFSETS_I32")], ids=["base", "tma_i32"])
+def test_gpu_gluon_main_matches_triton_main(monkeypatch, group, d, flags):
+    """bf16 at 2048 tokens, outputs poisoned: the forward with the Gluon MAIN (without and with the session-15
+    variants TMA_STORE, OFFSETS_I32) against the Triton MAIN's (the same arithmetic per row) and against the float64
+    reference (within the bf16 tolerance of the other GPU tests)."""
+    for name in ("TMA_STORE", "OFFSETS_I32"):
+        monkeypatch.setattr(kv_gluon, name, name in flags)
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
     hkv = max(1, 32 // group)

@@ -46,6 +46,12 @@ BLOCK = 64  # keys per block (the only block size of this kernel)
 # programs per SM forced by the tuning scripts; None = PROGRAMS_PER_SM
 PROGRAMS_OVERRIDE: int | None = None
 PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in an SM's shared memory
+# session 15 variants (constexprs, so the A/B script can time each in one process):
+# TMA_STORE: an item with all 64 rows stores its partials by one TMA copy from shared memory (its rows are
+#            contiguous and its own: row0 + r), other items load them back from that buffer for masked stores;
+# OFFSETS_I32: gathered-row element offsets and token arithmetic in 32 bits (where q.numel() < 2**31)
+TMA_STORE = False
+OFFSETS_I32 = False
 
 
 def enabled() -> bool:
@@ -90,26 +96,36 @@ if HAVE_GLUON:
         return gl.load(WORK + w * 3), gl.load(WORK + w * 3 + 1), gl.load(WORK + w * 3 + 2)
 
     @gluon.jit
-    def _item_rows(TOKS, start, end, G: gl.constexpr, PAIRS: gl.constexpr, layout: gl.constexpr):
+    def _item_rows(TOKS, start, end, G: gl.constexpr, PAIRS: gl.constexpr, layout: gl.constexpr,
+                   I32: gl.constexpr = False):
         """Rows of an item in `layout` (a slice layout of its rows): (pair index, head in the group, row mask,
-        token int64; masked rows point at token 0, a valid address)."""
+        token, int64 unless I32; masked rows point at token 0, a valid address)."""
         r = gl.arange(0, _ROWS, layout=layout)
         pidx = start + r // G
         rmask = (r // G < PAIRS) & (pidx < end)
-        tok = gl.load(TOKS + pidx, mask=rmask, other=0).to(gl.int64)
+        tok = gl.load(TOKS + pidx, mask=rmask, other=0)
+        if not I32:
+            tok = tok.to(gl.int64)
         return pidx, r % G, rmask, tok
 
     @gluon.jit
     def _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr,
-                   gather_rows: gl.constexpr, score_rows: gl.constexpr):
+                   gather_rows: gl.constexpr, score_rows: gl.constexpr, I32: gl.constexpr):
         """Loads of an item's block and tokens, used one loop iteration later (their latency overlaps the
         current item): (KV head, first key, keys in the block, tokens in the gather layout, in the score layout, the
-        first token)."""
+        first token); int32 tokens, head and first key with I32."""
         gb = grp % NBG
-        tok_g = _item_rows(TOKS, start, end, G, PAIRS, gather_rows)[3]
-        tok_s = _item_rows(TOKS, start, end, G, PAIRS, score_rows)[3]
-        first = gl.load(TOKS + start, mask=start < end, other=0).to(gl.int64)  # the item's smallest token
-        return h0 + grp // NBG, gl.load(BLKSTART + gb), gl.load(BLKLEN + gb), tok_g, tok_s, first
+        tok_g = _item_rows(TOKS, start, end, G, PAIRS, gather_rows, I32)[3]
+        tok_s = _item_rows(TOKS, start, end, G, PAIRS, score_rows, I32)[3]
+        first = gl.load(TOKS + start, mask=start < end, other=0)  # the item's smallest token
+        hd = h0 + grp // NBG
+        kst = gl.load(BLKSTART + gb)
+        if I32:
+            hd = hd.to(gl.int32)
+            kst = kst.to(gl.int32)
+        else:
+            first = first.to(gl.int64)
+        return hd, kst, gl.load(BLKLEN + gb), tok_g, tok_s, first
 
     @gluon.jit
     def _issue(j, n_mine, h, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G: gl.constexpr,
@@ -126,13 +142,13 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(s), pred=live)
         g = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather)) % G
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-        rows = tok_g * Hq + h * G + g
-        async_copy.async_copy_global_to_shared(q_s.index(s), Q + rows[:, None] * D + offs_d[None, :])
+        rows = tok_g * Hq + h * G + g  # int32 with OFFSETS_I32 (the launch checks q.numel() < 2**31)
+        async_copy.async_copy_global_to_shared(q_s.index(s), Q + (rows[:, None] * D + offs_d[None, :]))
         async_copy.commit_group()
 
     @gluon.jit
-    def _compute(q_tile, k_tile, v_tile, OP, LSEP, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr,
-                 PAIRS: gl.constexpr, gather: gl.constexpr):
+    def _compute(q_tile, k_tile, v_tile, o_s, op_desc, OP, LSEP, start, end, kst, blen, tok, first, qk_scale,
+                 G: gl.constexpr, PAIRS: gl.constexpr, gather: gl.constexpr, TMA_ST: gl.constexpr):
         """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math); `first`
         is the item's first token, the smallest (pairs are sorted by group, then token)."""
         D: gl.constexpr = k_tile.shape[1]
@@ -164,16 +180,30 @@ if HAVE_GLUON:
         l_safe = gl.where(l > 0, l, 1.0)
         gl.store(LSEP + row0 + r, m + gl.log2(l_safe), mask=rmask)
         inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-        # through shared memory into the gather layout: 16-byte row-contiguous stores (stored straight from the
-        # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
-        out = gl.convert_layout((acc * inv[:, None]).to(k_tile.dtype), gather)
+        out = (acc * inv[:, None]).to(k_tile.dtype)
         ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-        gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], out, mask=(ro < n_rows)[:, None])
+        if TMA_ST:
+            tma.store_wait(0)  # the previous item's partial copy has read o_s
+            gl.thread_barrier()
+            o_s.store(out)
+            fence_async_shared()
+            gl.thread_barrier()
+            if n_rows == _ROWS:  # the item's 64 rows are contiguous and its own: one TMA copy
+                tma.async_copy_shared_to_global(op_desc, [row0.to(gl.int32), 0], o_s)
+            else:
+                gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], o_s.load(gather),
+                         mask=(ro < n_rows)[:, None])
+        else:
+            # through shared memory into the gather layout: 16-byte row-contiguous stores (stored straight from the
+            # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
+            out = gl.convert_layout(out, gather)
+            gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], out, mask=(ro < n_rows)[:, None])
 
     @gluon.jit
-    def _kv_main_gluon_kernel(Q, k_desc, v_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items, Hq, NBG,
-                              h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr):
+    def _kv_main_gluon_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items,
+                              Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
+                              TMA_ST: gl.constexpr, I32: gl.constexpr):
         """MAIN over the items pid, pid + P, ... of the work list. Iteration i issues item i + 1's copies (from
         block and token loads started in iteration i - 1), starts the loads of item i + 2's block and tokens
         and of item i + 3's work entry, then computes item i: no load latency on the critical path."""
@@ -191,6 +221,10 @@ if HAVE_GLUON:
         q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
         k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
         v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
+        if TMA_ST:
+            o_s = gl.allocate_shared_memory(dtype, [_ROWS, D], op_desc.layout)
+        else:
+            o_s = q_s  # unused
         ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(2):
             mbarrier.init(ready.index(st), count=1)
@@ -200,16 +234,16 @@ if HAVE_GLUON:
         n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
         start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
         hd, kst, blen, tok_g, tok_s, first = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS,
-                                                        grows, srows)
+                                                        grows, srows, I32)
         _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
         start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
         hd1, kst1, blen1, tok_g1, tok_s1, first1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G,
-                                                              PAIRS, grows, srows)
+                                                              PAIRS, grows, srows, I32)
         start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
         for i in range(n_mine):
             _issue(i + 1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
             hd2, kst2, blen2, tok_g2, tok_s2, first2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0,
-                                                                  G, PAIRS, grows, srows)
+                                                                  G, PAIRS, grows, srows, I32)
             start3, end3, grp3 = _work(WORK, i + 3, n_mine, pid, nprog)
 
             stage = i % 2
@@ -217,13 +251,15 @@ if HAVE_GLUON:
             fence_async_shared()  # ... and are visible to the async proxy (the wgmma) once all threads pass:
             gl.thread_barrier()
             mbarrier.wait(ready.index(stage), (i // 2) & 1)  # K and V of item i
-            _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), OP, LSEP, start, end, kst, blen, tok_s,
-                     first, qk_scale, G, PAIRS, gather)
+            _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), o_s, op_desc, OP, LSEP, start, end, kst,
+                     blen, tok_s, first, qk_scale, G, PAIRS, gather, TMA_ST)
 
             start, end, kst, blen, tok_s, first = start1, end1, kst1, blen1, tok_s1, first1
             start1, end1, hd1, kst1, blen1, tok_g1, tok_s1, first1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2
             start2, end2, grp2 = start3, end3, grp3
         async_copy.wait_group(0)
+        if TMA_ST:
+            tma.store_wait(0)
         for st in gl.static_range(2):
             mbarrier.invalidate(ready.index(st))
 
@@ -237,6 +273,12 @@ def _kv_descriptor(x: torch.Tensor):
     """TMA descriptor of x [N, H, D] as its [N, H * D] row view, in [BLOCK, D] tiles."""
     n, h, d = x.shape
     return TensorDescriptor.from_tensor(x.view(n, h * d), [BLOCK, d], _smem_layout(BLOCK, d, x.dtype == torch.bfloat16))
+
+
+def _partial_descriptor(op: torch.Tensor):
+    """TMA descriptor of the partials op [rows, D] in [ROWS, D] tiles (used by TMA_STORE)."""
+    return TensorDescriptor.from_tensor(op, [ROWS, op.shape[1]], _smem_layout(ROWS, op.shape[1],
+                                                                               op.dtype == torch.bfloat16))
 
 
 def programs_per_sm() -> int:
@@ -256,16 +298,18 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     if n_items == 0:  # no pairs: nothing to compute (the merge reads no partial)
         return
     grid = (max(1, min(n_items, per_sm * _sm_count(q.device.index or 0))),)
-    args = (q, _kv_descriptor(k), _kv_descriptor(v), op, lsep, work, index.toks, meta.blk_start, meta.blk_len,
-            scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
+    i32 = OFFSETS_I32 and q.numel() < 2**31
+    args = (q, _kv_descriptor(k), _kv_descriptor(v), _partial_descriptor(op), op, lsep, work, index.toks,
+            meta.blk_start, meta.blk_len, scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
     q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
-    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout)
+    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32)
     launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
     launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128):
-    """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
+def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None, i32: bool | None = None):
+    """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory.
+    tma_store / i32: the TMA_STORE / OFFSETS_I32 variant (None: the module's setting)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -275,9 +319,11 @@ def compile_offline(group: int = 4, d: int = 128):
     names = fn.arg_names
     sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
     desc = mangle_type(_kv_descriptor(sample))
-    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True))
+    op_desc = mangle_type(_partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
+    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True),
+                 TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32)
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
-             "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc}
+             "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "op_desc": op_desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
     aligned = [i for i, name in enumerate(names) if name in ("Q", "OP", "LSEP", "Hq")]
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
