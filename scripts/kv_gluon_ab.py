@@ -29,7 +29,7 @@ def parse_programs(text):
     return cfgs
 
 
-FLAGS = ("TMA_STORE", "OFFSETS_I32")
+FLAGS = ("TMA_STORE", "OFFSETS_I32", "PIPELINE")
 
 
 def parse_flags(text):

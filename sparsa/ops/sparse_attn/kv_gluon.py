@@ -34,6 +34,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton MAIN is used
         mbarrier,
         tma,
         warpgroup_mma,
+        warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -50,8 +51,10 @@ PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in a
 # TMA_STORE: an item with all 64 rows stores its partials by one TMA copy from shared memory (its rows are
 #            contiguous and its own: row0 + r), other items load them back from that buffer for masked stores;
 # OFFSETS_I32: gathered-row element offsets and token arithmetic in 32 bits (where q.numel() < 2**31)
+# PIPELINE: the loop of _kv_main_gluon_pipe_kernel (an item's stores overlap the next item's first MMA)
 TMA_STORE = False
 OFFSETS_I32 = False
+PIPELINE = False
 
 
 def enabled() -> bool:
@@ -147,40 +150,44 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _compute(q_tile, k_tile, v_tile, o_s, op_desc, OP, LSEP, start, end, kst, blen, tok, first, qk_scale,
-                 G: gl.constexpr, PAIRS: gl.constexpr, gather: gl.constexpr, TMA_ST: gl.constexpr):
-        """MAIN on one item whose rows, keys and values are in shared memory (kv_outer.main_tile's math); `first`
-        is the item's first token, the smallest (pairs are sorted by group, then token)."""
-        D: gl.constexpr = k_tile.shape[1]
-        BN: gl.constexpr = k_tile.shape[0]
+    def _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr, PAIRS: gl.constexpr):
+        """From an item's scores sc [ROWS, BN] (fp32, wgmma layout) to (acc = P V [ROWS, D] fp32 unnormalised, m, l),
+        kv_outer.main_tile's math; `first` is the item's first token, the smallest (pairs are sorted by group, then
+        token)."""
+        D: gl.constexpr = v_tile.shape[1]
+        BN: gl.constexpr = v_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
         mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, BN, 16])
         mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, D, 16])
-        rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
-        n_rows = gl.minimum((end - start) * G, PAIRS * G).to(gl.int32)  # the item's rows (pairs x G heads)
-        row0 = start * G  # its first row of the partials: row r of the item is row0 + r
-        r = gl.arange(0, _ROWS, layout=rows_s)
-        rmask = r < n_rows
-        sc = warpgroup_mma(q_tile, k_tile.permute((1, 0)), gl.zeros([_ROWS, BN], gl.float32, layout=mma_s),
-                           use_acc=False)
         if (blen == BN) & (first >= kst + BN - 1):  # pairs are in token order: every row sees every key
             m = gl.max(sc, 1) * qk_scale  # rows past the item's end are finite and not stored
         else:  # the tokens' own block, or a short last block of a document
+            n_rows = gl.minimum((end - start) * G, PAIRS * G).to(gl.int32)
+            rmask = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, mma_s)) < n_rows
             last = gl.where(rmask, gl.minimum((tok - kst).to(gl.int32), blen - 1), -1)  # last visible key offset
             offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
             sc = gl.where(offs_n[None, :] <= last[:, None], sc, float("-inf"))
             m = gl.where(rmask, gl.max(sc, 1) * qk_scale, 0.0)
         p = gl.exp2(sc * qk_scale - m[:, None])
         l = gl.sum(p, 1)
-        p_op = gl.convert_layout(p.to(k_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
+        p_op = gl.convert_layout(p.to(v_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
         acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
-        gl.thread_barrier()  # the stage is read: the next iteration may refill it
+        return acc, m, l
+
+    @gluon.jit
+    def _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G: gl.constexpr, PAIRS: gl.constexpr,
+                  gather: gl.constexpr, TMA_ST: gl.constexpr):
+        """Stores an item's partials: lse2 = m + log2 l and O = acc / l (rows row0 + r, r < the item's rows)."""
+        D: gl.constexpr = acc.shape[1]
+        n_rows = gl.minimum((end - start) * G, PAIRS * G).to(gl.int32)  # the item's rows (pairs x G heads)
+        row0 = start * G  # its first row of the partials: row r of the item is row0 + r
+        r = gl.arange(0, _ROWS, layout=m.type.layout)
         l_safe = gl.where(l > 0, l, 1.0)
-        gl.store(LSEP + row0 + r, m + gl.log2(l_safe), mask=rmask)
-        inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-        out = (acc * inv[:, None]).to(k_tile.dtype)
+        gl.store(LSEP + row0 + r, m + gl.log2(l_safe), mask=r < n_rows)
+        inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, acc.type.layout))
+        out = (acc * inv[:, None]).to(OP.dtype.element_ty)
         ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
         if TMA_ST:
@@ -199,6 +206,20 @@ if HAVE_GLUON:
             # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
             out = gl.convert_layout(out, gather)
             gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], out, mask=(ro < n_rows)[:, None])
+
+    @gluon.jit
+    def _compute(q_tile, k_tile, v_tile, o_s, op_desc, OP, LSEP, start, end, kst, blen, tok, first, qk_scale,
+                 G: gl.constexpr, PAIRS: gl.constexpr, gather: gl.constexpr, TMA_ST: gl.constexpr):
+        """MAIN on one item whose rows, keys and values are in shared memory."""
+        BN: gl.constexpr = k_tile.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, BN, 16])
+        sc = warpgroup_mma(q_tile, k_tile.permute((1, 0)), gl.zeros([_ROWS, BN], gl.float32, layout=mma_s),
+                           use_acc=False)
+        acc, m, l = _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G, PAIRS)
+        gl.thread_barrier()  # the stage is read: the next iteration may refill it
+        _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
 
     @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items,
@@ -264,6 +285,92 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(st))
 
 
+    @gluon.jit
+    def _kv_main_gluon_pipe_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
+                                   n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
+                                   TMA_ST: gl.constexpr, I32: gl.constexpr):
+        """PIPELINE variant of _kv_main_gluon_kernel: iteration i stores item i's partials while item i + 1's first
+        MMA (Q K^T, issued asynchronously) runs, then computes item i + 1's softmax and P V. Loads run one item
+        further ahead: iteration i issues item i + 2's copies (into item i's stage, read by then), loads item i + 3's
+        block and tokens and item i + 4's work entry."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        TPW_D: gl.constexpr = D // 8
+        gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, BN, 16])
+        grows: gl.constexpr = gl.SliceLayout(1, gather)
+        srows: gl.constexpr = gl.SliceLayout(1, mma_s)
+        dtype: gl.constexpr = k_desc.dtype
+
+        q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
+        k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
+        v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
+        if TMA_ST:
+            o_s = gl.allocate_shared_memory(dtype, [_ROWS, D], op_desc.layout)
+        else:
+            o_s = q_s  # unused
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(2):
+            mbarrier.init(ready.index(st), count=1)
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
+        # items 0 and 1: copies issued; item 2: block and tokens loaded; item 3: work entry loaded
+        start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
+        hd, kst, blen, tok_g, tok_s, first = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS,
+                                                        grows, srows, I32)
+        _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
+        hd1, kst1, blen1, tok_g1, tok_s1, first1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G,
+                                                              PAIRS, grows, srows, I32)
+        _issue(1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
+        hd2, kst2, blen2, tok_g2, tok_s2, first2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0,
+                                                              G, PAIRS, grows, srows, I32)
+        start3, end3, grp3 = _work(WORK, 3, n_mine, pid, nprog)
+        # item 0, up to its P V
+        async_copy.wait_group(1)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.wait(ready.index(0), 0)
+        sc = warpgroup_mma(q_s.index(0), k_s.index(0).permute((1, 0)),
+                           gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
+        acc, m, l = _softmax_pv(sc, v_s.index(0), start, end, kst, blen, tok_s, first, qk_scale, G, PAIRS)
+        gl.thread_barrier()  # stage 0 is read
+        for i in range(n_mine):
+            _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+            hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3, NBG,
+                                                                  h0, G, PAIRS, grows, srows, I32)
+            start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
+            if i + 1 < n_mine:
+                nxt = (i + 1) % 2
+                async_copy.wait_group(1)  # item i + 1's query rows (only item i + 2's group may be pending)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.wait(ready.index(nxt), ((i + 1) // 2) & 1)
+                sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
+                                       gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
+                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
+                acc, m, l = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1, qk_scale, G,
+                                        PAIRS)
+                gl.thread_barrier()  # item i + 1's stage is read
+            else:
+                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+            start, end = start1, end1
+            start1, end1, kst1, blen1, tok_s1, first1 = start2, end2, kst2, blen2, tok_s2, first2
+            start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2 = start3, end3, hd3, kst3, blen3, tok_g3, tok_s3, first3
+            start3, end3, grp3 = start4, end4, grp4
+        async_copy.wait_group(0)
+        if TMA_ST:
+            tma.store_wait(0)
+        for st in gl.static_range(2):
+            mbarrier.invalidate(ready.index(st))
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(rows: int, d: int, bf16: bool):
     return gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if bf16 else gl.float16)
@@ -303,19 +410,21 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
             meta.blk_start, meta.blk_len, scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
     q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
     consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32)
-    launcher = launcher_for("gluon:_kv_main_gluon_kernel", _kv_main_gluon_kernel)
-    launcher(_kv_main_gluon_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
+    kernel = _kv_main_gluon_pipe_kernel if PIPELINE else _kv_main_gluon_kernel
+    launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
+    launcher(kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None, i32: bool | None = None):
+def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None, i32: bool | None = None,
+                    pipeline: bool | None = None):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory.
-    tma_store / i32: the TMA_STORE / OFFSETS_I32 variant (None: the module's setting)."""
+    tma_store / i32 / pipeline: the TMA_STORE / OFFSETS_I32 / PIPELINE variant (None: the module's setting)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn = _kv_main_gluon_kernel
+    fn = _kv_main_gluon_pipe_kernel if (PIPELINE if pipeline is None else pipeline) else _kv_main_gluon_kernel
     names = fn.arg_names
     sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
     desc = mangle_type(_kv_descriptor(sample))
