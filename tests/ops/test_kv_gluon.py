@@ -50,13 +50,18 @@ def test_covers_only_its_scope():
 
 
 def test_switch_comes_from_the_environment(monkeypatch):
+    """Unset: on from G = DEFAULT_MIN_GROUP (2); 1 / 0 force it on / off at every G."""
     monkeypatch.delenv("SPARSA_KV_GLUON", raising=False)
-    assert not kv_gluon.enabled()
+    assert kv_gluon.DEFAULT_MIN_GROUP == 2
+    assert not kv_gluon.enabled(1)
+    assert kv_gluon.enabled(2) == kv_gluon.enabled(8) == kv_gluon.HAVE_GLUON
     monkeypatch.setenv("SPARSA_KV_GLUON", "1")
-    assert kv_gluon.enabled() == kv_gluon.HAVE_GLUON
+    assert kv_gluon.enabled(1) == kv_gluon.HAVE_GLUON
+    monkeypatch.setenv("SPARSA_KV_GLUON", "0")
+    assert not kv_gluon.enabled(4)
     monkeypatch.setenv("SPARSA_KV_GLUON", "maybe")
     with pytest.raises(ValueError, match="SPARSA_KV_GLUON"):
-        kv_gluon.enabled()
+        kv_gluon.enabled(4)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
@@ -86,7 +91,8 @@ def test_sm90_build_has_no_spills_and_two_programs_per_sm():
         assert r["shared"] * kv_gluon.PROGRAMS_PER_SM <= 227 << 10, r  # the programs per SM fit
         assert r["registers"] * 128 * kv_gluon.PROGRAMS_PER_SM <= 65536, r
         assert r["utmaldg"] >= 2 and r["ldgsts"] >= 1, r  # K and V by TMA, the query rows by cp.async
-        assert r["hgmma"] == (r["D"] + 64) // 16, r  # Q K^T over D, P V over the 64 keys
+        # Q K^T over D, P V over the 64 keys; the PIPELINE kernel has both in its prologue (item 0) and in its loop
+        assert r["hgmma"] == (2 if kv_gluon.PIPELINE else 1) * (r["D"] + 64) // 16, r
 
 
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")

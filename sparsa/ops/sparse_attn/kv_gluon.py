@@ -47,19 +47,25 @@ BLOCK = 64  # keys per block (the only block size of this kernel)
 # programs per SM forced by the tuning scripts; None = PROGRAMS_PER_SM
 PROGRAMS_OVERRIDE: int | None = None
 PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in an SM's shared memory
-# session 15 variants (constexprs, so the A/B script can time each in one process):
+# session 15 variants (constexprs, so that kv_gluon_ab can time each in one process), all on since session 15:
 # TMA_STORE: an item with all 64 rows stores its partials by one TMA copy from shared memory (its rows are
 #            contiguous and its own: row0 + r), other items load them back from that buffer for masked stores;
-# OFFSETS_I32: gathered-row element offsets and token arithmetic in 32 bits (where q.numel() < 2**31)
-# PIPELINE: the loop of _kv_main_gluon_pipe_kernel (an item's stores overlap the next item's first MMA)
-TMA_STORE = False
-OFFSETS_I32 = False
-PIPELINE = False
+# OFFSETS_I32: gathered-row element offsets and token arithmetic in 32 bits (where q.numel() < 2**31);
+# PIPELINE: the loop of _kv_main_gluon_pipe_kernel (an item's stores overlap the next item's first MMA).
+# H100, session 15 (benchmarks/results/h100_session15/gluon_*_ab.log), MAIN kernel ms, Triton MAIN / Gluon base /
+# TMA_STORE + OFFSETS_I32 / + PIPELINE: 8K G = 4 0.737 / 0.745 / 0.674 / 0.642, 64K G = 4 6.65-6.72 / 6.44 / 6.29-6.30 /
+# 6.18; G = 2 8K 0.74 / - / 0.678 / 0.607; G = 1 8K 0.78 / 0.86 / 0.74 / 0.77, 64K 6.59-6.73 / 7.09 / 6.68-6.72 / 6.68.
+TMA_STORE = True
+OFFSETS_I32 = True
+PIPELINE = True
+# SPARSA_KV_GLUON unset: on from this group size (G = 1 measured 1-2% faster at 8K and 16K, 2% slower at 64K)
+DEFAULT_MIN_GROUP = 2
 
 
-def enabled() -> bool:
-    """SPARSA_KV_GLUON=1 runs the forward's MAIN on this kernel where `eligible` holds."""
-    return env_flag("SPARSA_KV_GLUON", False) and HAVE_GLUON
+def enabled(group: int) -> bool:
+    """Whether the forward's MAIN runs on this kernel where `eligible` holds: SPARSA_KV_GLUON=1 / 0 forces it on /
+    off; unset, on for G >= DEFAULT_MIN_GROUP."""
+    return env_flag("SPARSA_KV_GLUON", group >= DEFAULT_MIN_GROUP) and HAVE_GLUON
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
