@@ -83,7 +83,7 @@ step lean_ab 300 "$PY" scripts/kernel_ab.py --old-dir .ab_old --shapes "65536,4;
 step bwd_g24 300 "$PY" scripts/kv_variants.py --sizes 16384,32768 --groups 2,4 --fwd none --bwd "64x4x0x1;32x4x0x1;64x4x0x2;64x8x0x1"
 # kv_outer's boolean experiments (MAIN_EARLY_V, CACHE_HINTS) against the defaults
 step main_flags 300 "$PY" scripts/kv_variants.py --sizes 8192,65536 --groups 1,4,16 --fwd none --bwd none --flags "MAIN_EARLY_V;CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS"
-# the opt-in Gluon MAIN (SPARSA_KV_GLUON=1, Hopper): the bf16 GPU tests and checks with it, then against the Triton MAIN
+# the Gluon MAIN forced on at every G (SPARSA_KV_GLUON=1, Hopper): the bf16 GPU tests and checks with it, then against the Triton MAIN
 step sa_gluon_pytest 170 env SPARSA_KV_GLUON=1 SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_sparse_attn_triton.py -k gpu
 step sa_gluon_check 300 env SPARSA_KV_GLUON=1 "$PY" scripts/gpu_sparse_attention.py --quick
 step kv_gluon_ab 400 "$PY" scripts/kv_gluon_ab.py --sizes 8192,65536 --groups 1,4,16 --programs "2;1"

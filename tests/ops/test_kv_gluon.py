@@ -1,4 +1,4 @@
-"""The opt-in Gluon KV-outer MAIN for Hopper (sparsa/ops/sparse_attn/kv_gluon.py, SPARSA_KV_GLUON=1).
+"""The Gluon KV-outer MAIN for Hopper (sparsa/ops/sparse_attn/kv_gluon.py; default for G >= 2, SPARSA_KV_GLUON=0/1).
 
 Without a GPU: which calls it covers, that the switch leaves CPU calls on the Triton MAIN, and its sm_90 build
 (compiled with Triton's bundled ptxas: no spills, two programs per SM, TMA and cp.async loads). On a Hopper GPU:

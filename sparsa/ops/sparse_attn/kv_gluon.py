@@ -9,12 +9,14 @@ stages: while it computes item i, item i + 1's key and value blocks are in fligh
 viewed as [N, Hkv * D]) and its gathered query rows by cp.async, and the loads that address item i + 2's copies
 (block, tokens) and item i + 3's work entry are issued, so that no load latency sits on the per-item chain.
 
-The score mask is applied only to items that reach their tokens' diagonal or a short block. Measured on the H100
-(session 14, docs/kernels/sparse_attention.md): about as fast as the Triton MAIN (64K G = 4 6.37 vs 6.61-6.65 ms,
-8K G = 4 0.754 vs 0.741; before the mask change slower at G = 1), outputs equal; the per-item chain, not load
-latency, bounds both. Scope (`covers`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128}, block size 64,
-G <= 64 (64 rows per item: 64 // G tokens x G heads), no fused local blocks. Opt-in: SPARSA_KV_GLUON=1 (off by
-default: no faster).
+The score mask is applied only to items that reach their tokens' diagonal or a short block. Session 15 cut the
+per-item chain three ways (module flags below, all on): full items store their partials by one TMA copy, the gather
+offsets are 32-bit, and the PIPELINE loop (_kv_main_gluon_pipe_kernel) runs item i's stores under item i + 1's
+asynchronous first MMA. Measured on the H100 (docs/kernels/sparse_attention.md, benchmarks/results/h100_session15):
+MAIN 8K G = 4 0.64 vs 0.74 ms for the Triton MAIN, 64K G = 4 6.18 vs 6.65-6.72, outputs equal; so it is the default on
+Hopper for G >= 2 (`enabled`). Scope (`covers`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128},
+block size 64, G <= 64 (64 rows per item: 64 // G tokens x G heads), no fused local blocks. SPARSA_KV_GLUON=1 / 0
+forces it on / off.
 """
 from __future__ import annotations
 

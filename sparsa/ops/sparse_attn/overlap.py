@@ -12,6 +12,9 @@ Correctness does not depend on it: every chunk is the same computation on a sub-
 event recorded after its chunk's block kernel, and the caller's stream waits for the side stream before the
 function returns (so the per-pair buffers, allocated on the caller's stream, are not freed under it). On CPU
 (the interpreter) the same chunking runs without streams, which is how the tests cover it.
+
+Measured on the H100 (session 15): slower at every shape and chunk count (8K: each chunk's five launches make the
+call host-bound; 64K G = 4 forward 10.31-10.48 vs 10.21-10.31 ms), so it is off by default.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ MAX_CHUNKS = 8
 
 
 def enabled() -> bool:
-    """SPARSA_KV_OVERLAP=0|1; unset: off (not yet measured on a GPU)."""
+    """SPARSA_KV_OVERLAP=0|1; unset: off (slower at every measured shape on the H100, session 15:
+    benchmarks/results/h100_session15/kv_overlap_ab.log)."""
     return env_flag("SPARSA_KV_OVERLAP", False)
 
 
