@@ -4,9 +4,10 @@ variant's output difference against the Triton forward's.
 
     PYTHONPATH=. python3 scripts/kv_gluon_ab.py [--sizes 8192,65536] [--groups 1,4,16] [--programs "2;1"]
 
---programs: Gluon variants, programs per SM separated by ';' (kv_gluon.PROGRAMS_OVERRIDE); --flags: kernel variants
-run at the first --programs value, ';'-separated sets of kv_gluon flags joined by '+' ('TMA_STORE+OFFSETS_I32';
-'none' = all off). The Triton MAIN runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
+--programs: Gluon variants (the module's default flags), programs per SM separated by ';'
+(kv_gluon.PROGRAMS_OVERRIDE); --flags: kernel variants run at the first --programs value instead, ';'-separated sets of
+kv_gluon flags joined by '+' ('TMA_STORE+OFFSETS_I32'; 'none' = all off; PIPELINE then at every G). The Triton MAIN
+runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, bf16). Where
 the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run) the "gluon" rows run the Triton MAIN.
 """
 import argparse
@@ -44,9 +45,18 @@ def parse_flags(text):
     return sets
 
 
+DEFAULTS = {name: getattr(kv_gluon, name) for name in (*FLAGS, "PIPELINE_MIN_GROUP")}
+
+
 def set_flags(names):
+    """The kv_gluon flags in `names` on, the others off, PIPELINE then at every G; None: the module's defaults."""
+    if names is None:
+        for name, value in DEFAULTS.items():
+            setattr(kv_gluon, name, value)
+        return
     for name in FLAGS:
         setattr(kv_gluon, name, name in names)
+    kv_gluon.PIPELINE_MIN_GROUP = 1
 
 
 def measure(n, group, fwd, fwd_bwd, name, ref):
@@ -67,7 +77,7 @@ def main():
     args = p.parse_args()
     programs = parse_programs(args.programs)
     flag_sets = parse_flags(args.flags)
-    configs = [(n, ()) for n in programs] if not flag_sets else [(programs[0], f) for f in flag_sets]
+    configs = [(n, None) for n in programs] if not flag_sets else [(programs[0], f) for f in flag_sets]
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
@@ -76,8 +86,9 @@ def main():
             for cfg in [None, *configs, None]:
                 os.environ["SPARSA_KV_GLUON"] = "0" if cfg is None else "1"
                 kv_gluon.PROGRAMS_OVERRIDE = None if cfg is None else cfg[0]
-                set_flags(() if cfg is None else cfg[1])
-                name = "triton" if cfg is None else f"gluon, {cfg[0]} per SM" + "".join(f" +{f}" for f in cfg[1])
+                set_flags(None if cfg is None else cfg[1])
+                name = "triton" if cfg is None else f"gluon, {cfg[0]} per SM" + (
+                    "" if cfg[1] is None else "".join(f" +{f}" for f in cfg[1]) or " (no flags)")
                 try:
                     row, out = measure(n, group, fwd, fwd_bwd, name, ref)
                     ref = out if ref is None else ref
@@ -87,7 +98,7 @@ def main():
                 print(json.dumps(row), flush=True)
     os.environ["SPARSA_KV_GLUON"] = "0"
     kv_gluon.PROGRAMS_OVERRIDE = None
-    set_flags(())
+    set_flags(None)
     print("\n| N | G | MAIN | fwd ms | fwd+bwd ms | MAIN kernel ms | diff vs Triton |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

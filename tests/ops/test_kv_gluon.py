@@ -49,6 +49,12 @@ def test_covers_only_its_scope():
     assert not kv_gluon.eligible(q, k, v, 64, local=False)  # CPU tensors
 
 
+def test_pipeline_from_group_two():
+    """The PIPELINE loop runs from G = 2; G = 1 (forced on) runs the loop without it, measured faster there."""
+    assert kv_gluon.PIPELINE and kv_gluon.PIPELINE_MIN_GROUP == 2
+    assert not kv_gluon.uses_pipeline(1) and kv_gluon.uses_pipeline(2) and kv_gluon.uses_pipeline(16)
+
+
 def test_switch_comes_from_the_environment(monkeypatch):
     """Unset: on from G = DEFAULT_MIN_GROUP (2); 1 / 0 force it on / off at every G."""
     monkeypatch.delenv("SPARSA_KV_GLUON", raising=False)
@@ -92,7 +98,7 @@ def test_sm90_build_has_no_spills_and_two_programs_per_sm():
         assert r["registers"] * 128 * kv_gluon.PROGRAMS_PER_SM <= 65536, r
         assert r["utmaldg"] >= 2 and r["ldgsts"] >= 1, r  # K and V by TMA, the query rows by cp.async
         # Q K^T over D, P V over the 64 keys; the PIPELINE kernel has both in its prologue (item 0) and in its loop
-        assert r["hgmma"] == (2 if kv_gluon.PIPELINE else 1) * (r["D"] + 64) // 16, r
+        assert r["hgmma"] == (2 if kv_gluon.uses_pipeline(r["G"]) else 1) * (r["D"] + 64) // 16, r
 
 
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
@@ -107,6 +113,7 @@ def test_gpu_gluon_main_matches_triton_main(monkeypatch, group, d, flags):
     reference (within the bf16 tolerance of the other GPU tests)."""
     for name in ("TMA_STORE", "OFFSETS_I32", "PIPELINE"):
         monkeypatch.setattr(kv_gluon, name, name in flags)
+    monkeypatch.setattr(kv_gluon, "PIPELINE_MIN_GROUP", 1)  # the PIPELINE loop at G = 1 too
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
     hkv = max(1, 32 // group)

@@ -60,6 +60,9 @@ PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in a
 TMA_STORE = True
 OFFSETS_I32 = True
 PIPELINE = True
+# PIPELINE from this group size: at G = 1 (forced with SPARSA_KV_GLUON=1) the loop without it was faster at 8K and
+# 16K (MAIN 0.74 vs 0.77 ms, 1.51 vs 1.57) and equal at 64K (6.68-6.72 vs 6.68)
+PIPELINE_MIN_GROUP = 2
 # SPARSA_KV_GLUON unset: on from this group size (G = 1 measured 1-2% faster at 8K and 16K, 2% slower at 64K)
 DEFAULT_MIN_GROUP = 2
 
@@ -396,6 +399,11 @@ def _partial_descriptor(op: torch.Tensor):
                                                                                op.dtype == torch.bfloat16))
 
 
+def uses_pipeline(group: int) -> bool:
+    """Whether MAIN at group size G runs the PIPELINE loop (_kv_main_gluon_pipe_kernel)."""
+    return PIPELINE and group >= PIPELINE_MIN_GROUP
+
+
 def programs_per_sm() -> int:
     return PROGRAMS_OVERRIDE or PROGRAMS_PER_SM
 
@@ -418,7 +426,7 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
             meta.blk_start, meta.blk_len, scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
     q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
     consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32)
-    kernel = _kv_main_gluon_pipe_kernel if PIPELINE else _kv_main_gluon_kernel
+    kernel = _kv_main_gluon_pipe_kernel if uses_pipeline(group) else _kv_main_gluon_kernel
     launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
     launcher(kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
@@ -426,13 +434,13 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
 def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None, i32: bool | None = None,
                     pipeline: bool | None = None):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory.
-    tma_store / i32 / pipeline: the TMA_STORE / OFFSETS_I32 / PIPELINE variant (None: the module's setting)."""
+    tma_store / i32 / pipeline: the TMA_STORE / OFFSETS_I32 / PIPELINE variant (None: what a launch at this G runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn = _kv_main_gluon_pipe_kernel if (PIPELINE if pipeline is None else pipeline) else _kv_main_gluon_kernel
+    fn = _kv_main_gluon_pipe_kernel if (uses_pipeline(group) if pipeline is None else pipeline) else _kv_main_gluon_kernel
     names = fn.arg_names
     sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
     desc = mangle_type(_kv_descriptor(sample))
