@@ -71,6 +71,29 @@ def test_switch_comes_from_the_environment(monkeypatch):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
+def test_dispatch_stays_on_triton_past_the_int32_partial_rows(monkeypatch):
+    """The forward hands MAIN to this kernel only while a slice's partial rows fit its int32 TMA coordinates
+    (launch_main stubbed: the CPU cannot run it)."""
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setattr(kv_gluon, "eligible", lambda *a: True)
+    monkeypatch.setattr(kv_gluon, "enabled", lambda group: True)
+
+    class Reached(Exception):
+        pass
+
+    def launch(*a):
+        raise Reached
+
+    monkeypatch.setattr(kv_gluon, "launch_main", launch)
+    q, k, v = (x.unsqueeze(0) for x in _qkv(96, 2, 4, 16, dtype=torch.float32))
+    idx = random_selection(1, 96, 2, 3, 16, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(Reached):
+        sparsa.sparse_attention(q, k, v, idx, block_size=16, loop_order="kv_outer")
+    monkeypatch.setattr(kv_gluon, "MAX_PARTIAL_ROWS", 2 * 96 * 3 * 4)  # the slice's rows: not below the bound
+    sparsa.sparse_attention(q, k, v, idx, block_size=16, loop_order="kv_outer")  # the Triton MAIN
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
 def test_switch_on_cpu_keeps_the_triton_main(monkeypatch):
     """CPU tensors are never eligible: with the switch on, the KV-outer forward is the Triton MAIN's, bit for bit."""
     monkeypatch.setenv("SPARSA_BACKEND", "triton")

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 ROWS = 64  # rows of one item (one warpgroup's wgmma M)
+MAX_PARTIAL_ROWS = 2**31 - ROWS  # partial rows of a head slice it takes (TMA store coordinates are int32)
 BLOCK = 64  # keys per block (the only block size of this kernel)
 # programs per SM forced by the tuning scripts; None = PROGRAMS_PER_SM
 PROGRAMS_OVERRIDE: int | None = None

@@ -464,7 +464,11 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
     if not local_fusion():
         local_tokens = 0
-    gluon_main = kv_gluon.enabled(group) and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
+    gluon_main = (
+        kv_gluon.enabled(group)
+        and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
+        and index.n_pairs_max * group < kv_gluon.MAX_PARTIAL_ROWS  # its TMA partial stores address rows in int32
+    )
     if gluon_main:  # opt-in Hopper MAIN (kv_gluon.py): its own item size
         pairs = kv_gluon.pairs_per_item(group)
     if q.dtype == torch.float32:
