@@ -72,8 +72,8 @@ def test_switch_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
 def test_dispatch_stays_on_triton_past_the_int32_partial_rows(monkeypatch):
-    """The forward hands MAIN to this kernel only while a slice's partial rows fit its int32 TMA coordinates
-    (launch_main stubbed: the CPU cannot run it)."""
+    """The forward hands MAIN to this kernel only while a slice's partial rows fit its int32 TMA coordinates and
+    the partials are in the input dtype (launch_main stubbed: the CPU cannot run it)."""
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(kv_gluon, "eligible", lambda *a: True)
     monkeypatch.setattr(kv_gluon, "enabled", lambda group: True)
@@ -91,6 +91,16 @@ def test_dispatch_stays_on_triton_past_the_int32_partial_rows(monkeypatch):
         sparsa.sparse_attention(q, k, v, idx, block_size=16, loop_order="kv_outer")
     monkeypatch.setattr(kv_gluon, "MAX_PARTIAL_ROWS", 2 * 96 * 3 * 4)  # the slice's rows: not below the bound
     sparsa.sparse_attention(q, k, v, idx, block_size=16, loop_order="kv_outer")  # the Triton MAIN
+    # fp16 inputs with fp32 partials (kv_outer.PARTIAL_DTYPE): its partial tiles are in the input dtype, so Triton
+    from sparsa.ops.sparse_attn import kv_outer as kv_mod
+
+    monkeypatch.setattr(kv_gluon, "MAX_PARTIAL_ROWS", 2**31)
+    monkeypatch.setattr(kv_mod, "PARTIAL_DTYPE", torch.float32)
+    half = [x.half() for x in (q, k, v)]
+    sparsa.sparse_attention(*half, idx, block_size=16, loop_order="kv_outer")
+    monkeypatch.setattr(kv_mod, "PARTIAL_DTYPE", None)
+    with pytest.raises(Reached):
+        sparsa.sparse_attention(*half, idx, block_size=16, loop_order="kv_outer")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
