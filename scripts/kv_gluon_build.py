@@ -1,6 +1,8 @@
 """Offline sm_90 build of the Gluon KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon.py), no GPU needed: one JSON
 line per (G, head dim) with registers, spill bytes, shared memory and SASS counts of the instructions the kernel
-is built around (HGMMA wgmma, UTMALDG TMA loads, LDGSTS cp.async gathers).
+is built around (HGMMA wgmma, UTMALDG TMA loads, LDGSTS cp.async gathers, UTMASTG TMA stores), with the module's
+flags (TMA_STORE, OFFSETS_I32, PIPELINE from kv_gluon.PIPELINE_MIN_GROUP). benchmarks/results/kv_gluon_build_cpu.jsonl
+is its output for G = 1, 2, 3, 4, 8, 16 at D = 64 and 128.
 
     python3 scripts/kv_gluon_build.py [--groups 1,3,4,16] [--dims 64,128]     (not under TRITON_INTERPRET=1)
 """
@@ -21,12 +23,15 @@ def report(group: int, d: int) -> dict:
     return {
         "G": group,
         "D": d,
+        "kernel": "pipeline" if kv_gluon.uses_pipeline(group) else "loop",
+        "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared": kernel.metadata.shared,
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
         "utmaldg": len(re.findall(r"\bUTMALDG\b", sass)),
         "ldgsts": len(re.findall(r"\bLDGSTS\b", sass)),
+        "tma_stores": len(re.findall(r"\bUTMASTG\b", sass)),
     }
 
 
