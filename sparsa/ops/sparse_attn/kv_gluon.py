@@ -234,6 +234,44 @@ if HAVE_GLUON:
         _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
 
     @gluon.jit
+    def _buffers(k_desc, v_desc, op_desc, Q_LAYOUT: gl.constexpr, TMA_ST: gl.constexpr):
+        """Shared memory of a program: two stages of query rows, keys and values, the partial tile (TMA_ST) and
+        one barrier per stage (the K / V copies arrive on it)."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        dtype: gl.constexpr = k_desc.dtype
+        q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
+        k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
+        v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
+        if TMA_ST:
+            o_s = gl.allocate_shared_memory(dtype, [_ROWS, D], op_desc.layout)
+        else:
+            o_s = q_s  # unused
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(2):
+            mbarrier.init(ready.index(st), count=1)
+        return q_s, k_s, v_s, o_s, ready
+
+    @gluon.jit
+    def _wait_item(ready, j):
+        """Until this program's j-th item is in its stage j % 2: this thread's query rows (every commit group but
+        the newest one, item j + 1's or j + 2's), visible to the async proxy (the wgmma) once all threads pass the
+        barrier, and K and V (the stage's barrier, phase (j // 2) & 1)."""
+        async_copy.wait_group(1)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.wait(ready.index(j % 2), (j // 2) & 1)
+
+    @gluon.jit
+    def _drain(ready, TMA_ST: gl.constexpr):
+        """End of a program: no copy in flight, barriers released."""
+        async_copy.wait_group(0)
+        if TMA_ST:
+            tma.store_wait(0)
+        for st in gl.static_range(2):
+            mbarrier.invalidate(ready.index(st))
+
+    @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items,
                               Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
                               TMA_ST: gl.constexpr, I32: gl.constexpr):
@@ -249,18 +287,8 @@ if HAVE_GLUON:
                                                         instr_shape=[16, BN, 16])
         grows: gl.constexpr = gl.SliceLayout(1, gather)
         srows: gl.constexpr = gl.SliceLayout(1, mma_s)
-        dtype: gl.constexpr = k_desc.dtype
 
-        q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
-        k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
-        v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
-        if TMA_ST:
-            o_s = gl.allocate_shared_memory(dtype, [_ROWS, D], op_desc.layout)
-        else:
-            o_s = q_s  # unused
-        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(2):
-            mbarrier.init(ready.index(st), count=1)
+        q_s, k_s, v_s, o_s, ready = _buffers(k_desc, v_desc, op_desc, Q_LAYOUT, TMA_ST)
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -280,21 +308,14 @@ if HAVE_GLUON:
             start3, end3, grp3 = _work(WORK, i + 3, n_mine, pid, nprog)
 
             stage = i % 2
-            async_copy.wait_group(1)  # this thread's query rows of item i have landed
-            fence_async_shared()  # ... and are visible to the async proxy (the wgmma) once all threads pass:
-            gl.thread_barrier()
-            mbarrier.wait(ready.index(stage), (i // 2) & 1)  # K and V of item i
+            _wait_item(ready, i)
             _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), o_s, op_desc, OP, LSEP, start, end, kst,
                      blen, tok_s, first, qk_scale, G, PAIRS, gather, TMA_ST)
 
             start, end, kst, blen, tok_s, first = start1, end1, kst1, blen1, tok_s1, first1
             start1, end1, hd1, kst1, blen1, tok_g1, tok_s1, first1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2
             start2, end2, grp2 = start3, end3, grp3
-        async_copy.wait_group(0)
-        if TMA_ST:
-            tma.store_wait(0)
-        for st in gl.static_range(2):
-            mbarrier.invalidate(ready.index(st))
+        _drain(ready, TMA_ST)
 
 
     @gluon.jit
@@ -314,18 +335,8 @@ if HAVE_GLUON:
                                                         instr_shape=[16, BN, 16])
         grows: gl.constexpr = gl.SliceLayout(1, gather)
         srows: gl.constexpr = gl.SliceLayout(1, mma_s)
-        dtype: gl.constexpr = k_desc.dtype
 
-        q_s = gl.allocate_shared_memory(dtype, [2, _ROWS, D], Q_LAYOUT)
-        k_s = gl.allocate_shared_memory(dtype, [2, BN, D], k_desc.layout)
-        v_s = gl.allocate_shared_memory(dtype, [2, BN, D], v_desc.layout)
-        if TMA_ST:
-            o_s = gl.allocate_shared_memory(dtype, [_ROWS, D], op_desc.layout)
-        else:
-            o_s = q_s  # unused
-        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(2):
-            mbarrier.init(ready.index(st), count=1)
+        q_s, k_s, v_s, o_s, ready = _buffers(k_desc, v_desc, op_desc, Q_LAYOUT, TMA_ST)
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -344,10 +355,7 @@ if HAVE_GLUON:
                                                               G, PAIRS, grows, srows, I32)
         start3, end3, grp3 = _work(WORK, 3, n_mine, pid, nprog)
         # item 0, up to its P V
-        async_copy.wait_group(1)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.wait(ready.index(0), 0)
+        _wait_item(ready, 0)
         sc = warpgroup_mma(q_s.index(0), k_s.index(0).permute((1, 0)),
                            gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
         acc, m, l = _softmax_pv(sc, v_s.index(0), start, end, kst, blen, tok_s, first, qk_scale, G, PAIRS)
@@ -359,10 +367,7 @@ if HAVE_GLUON:
             start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
             if i + 1 < n_mine:
                 nxt = (i + 1) % 2
-                async_copy.wait_group(1)  # item i + 1's query rows (only item i + 2's group may be pending)
-                fence_async_shared()
-                gl.thread_barrier()
-                mbarrier.wait(ready.index(nxt), ((i + 1) // 2) & 1)
+                _wait_item(ready, i + 1)  # (only item i + 2's copies may still be pending)
                 sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
                                        gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
                 _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
@@ -376,11 +381,7 @@ if HAVE_GLUON:
             start1, end1, kst1, blen1, tok_s1, first1 = start2, end2, kst2, blen2, tok_s2, first2
             start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2 = start3, end3, hd3, kst3, blen3, tok_g3, tok_s3, first3
             start3, end3, grp3 = start4, end4, grp4
-        async_copy.wait_group(0)
-        if TMA_ST:
-            tma.store_wait(0)
-        for st in gl.static_range(2):
-            mbarrier.invalidate(ready.index(st))
+        _drain(ready, TMA_ST)
 
 
 @functools.lru_cache(maxsize=None)
