@@ -15,19 +15,9 @@ import json
 import os
 
 from benchmarks.sparse_attention import bench, sparse_calls
-from scripts.kv_variants import rel, variant_parts
+from scripts.kv_variants import parse_counts, rel, variant_parts
 from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import kv_gluon
-
-
-def parse_programs(text):
-    """'2;1' -> [2, 1]: programs per SM."""
-    cfgs = []
-    for part in variant_parts(text):
-        if not part.isdigit() or int(part) < 1:
-            raise ValueError(f"--programs: {part!r} must be programs per SM (>= 1)")
-        cfgs.append(int(part))
-    return cfgs
 
 
 FLAGS = ("TMA_STORE", "OFFSETS_I32", "PIPELINE")
@@ -75,7 +65,7 @@ def main():
     p.add_argument("--programs", default="2;1")
     p.add_argument("--flags", default="", help="kernel flag sets at the first --programs value, e.g. 'none;TMA_STORE'")
     args = p.parse_args()
-    programs = parse_programs(args.programs)
+    programs = parse_counts(args.programs, "--programs", "programs per SM", 1)
     flag_sets = parse_flags(args.flags)
     configs = [(n, None) for n in programs] if not flag_sets else [(programs[0], f) for f in flag_sets]
     rows = []

@@ -14,18 +14,8 @@ import json
 import os
 
 from benchmarks.sparse_attention import bench, sparse_calls, time_dense
-from scripts.kv_variants import rel, variant_parts
+from scripts.kv_variants import parse_counts, rel
 from sparsa.ops.sparse_attn import overlap
-
-
-def parse_chunks(text):
-    """'8;4' -> [8, 4]: head chunks per slice."""
-    cfgs = []
-    for part in variant_parts(text):
-        if not part.isdigit() or int(part) < 2:
-            raise ValueError(f"--chunks: {part!r} must be a number of head chunks (>= 2)")
-        cfgs.append(int(part))
-    return cfgs
 
 
 def outputs(fwd, fwd_bwd, leaves):
@@ -41,7 +31,7 @@ def main():
     p.add_argument("--chunks", default="8;4;2")
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA timing")
     args = p.parse_args()
-    configs = parse_chunks(args.chunks)
+    configs = parse_counts(args.chunks, "--chunks", "a number of head chunks", 2)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         dense = (None, None) if args.no_dense else time_dense(n)

@@ -40,6 +40,16 @@ def variant_parts(text):
     return [part for part in (x.strip() for x in text.split(";")) if part]
 
 
+def parse_counts(text, option, what, minimum):
+    """'8;4' -> [8, 4]: the ';'-separated integers of `option`, each at least `minimum` (else a ValueError)."""
+    counts = []
+    for part in variant_parts(text):
+        if not part.isdigit() or int(part) < minimum:
+            raise ValueError(f"{option}: {part!r} must be {what} (>= {minimum})")
+        counts.append(int(part))
+    return counts
+
+
 def parse_variants(text, default):
     """'128x4;64x4x96' -> [None, (128, 4), (64, 4, 96), None]; 'none' -> []; None -> default."""
     if text is None:
