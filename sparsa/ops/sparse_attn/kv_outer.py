@@ -468,15 +468,15 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         pdtype = torch.float32
     else:
         pdtype = q.dtype if PARTIAL_DTYPE is None else PARTIAL_DTYPE
+    n_rows = index.n_pairs_max * group  # partial rows: (pair, head) in sorted pair order
     gluon_main = (
         kv_gluon.enabled(group)
         and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
         and pdtype == q.dtype  # its partial tiles are in the input dtype
-        and index.n_pairs_max * group < kv_gluon.MAX_PARTIAL_ROWS  # its TMA partial stores address rows in int32
+        and n_rows < kv_gluon.MAX_PARTIAL_ROWS  # its TMA partial stores address rows in int32
     )
     if gluon_main:  # the Hopper MAIN (kv_gluon.py; default for G >= 2): its own item size
         pairs = kv_gluon.pairs_per_item(group)
-    n_rows = index.n_pairs_max * group
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
     # [N, 2] int32 table of MAIN's skip test (any int32 tensor when the local blocks are not fused)
