@@ -1,10 +1,12 @@
-"""Offline sm_90 build of the Gluon KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon.py), no GPU needed: one JSON
+"""Offline sm_90 build of the Gluon KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon.py) or, with --kernel bwd, of the
+Gluon dK/dV (kv_gluon_bwd.py), no GPU needed: one JSON
 line per (G, head dim) with registers, spill bytes, shared memory and SASS counts of the instructions the kernel
 is built around (HGMMA wgmma, UTMALDG TMA loads, LDGSTS cp.async gathers, UTMASTG TMA stores), with the module's
 flags (TMA_STORE, OFFSETS_I32, PIPELINE from kv_gluon.PIPELINE_MIN_GROUP). benchmarks/results/kv_gluon_build_cpu.jsonl
-is its output for G = 1, 2, 3, 4, 8, 16 at D = 64 and 128.
+is its output for G = 1, 2, 3, 4, 8, 16 at D = 64 and 128 (kv_gluon_bwd_build_cpu.jsonl: --kernel bwd).
 
-    python3 scripts/kv_gluon_build.py [--groups 1,3,4,16] [--dims 64,128]     (not under TRITON_INTERPRET=1)
+    python3 scripts/kv_gluon_build.py [--kernel main|bwd] [--groups 1,3,4,16] [--dims 64,128]
+    (not under TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
@@ -14,16 +16,16 @@ import os
 import re
 
 from sparsa.ops._sm90_tools import tool_reports
-from sparsa.ops.sparse_attn import kv_gluon
+from sparsa.ops.sparse_attn import kv_gluon, kv_gluon_bwd
 
 
-def report(group: int, d: int) -> dict:
-    kernel = kv_gluon.compile_offline(group, d)
+def report(group: int, d: int, which: str = "main") -> dict:
+    kernel = kv_gluon.compile_offline(group, d) if which == "main" else kv_gluon_bwd.compile_offline(group, d)
     info, sass = tool_reports(kernel.asm["ptx"], kernel.asm["cubin"])
     return {
         "G": group,
         "D": d,
-        "kernel": "pipeline" if kv_gluon.uses_pipeline(group) else "loop",
+        "kernel": "dkdv" if which == "bwd" else "pipeline" if kv_gluon.uses_pipeline(group) else "loop",
         "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
@@ -39,12 +41,13 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the build needs Triton's compiler")
     p = argparse.ArgumentParser()
+    p.add_argument("--kernel", choices=("main", "bwd"), default="main")
     p.add_argument("--groups", default="1,3,4,16")
     p.add_argument("--dims", default="64,128")
     args = p.parse_args()
     for d in (int(x) for x in args.dims.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            print(json.dumps(report(group, d)), flush=True)
+            print(json.dumps(report(group, d, args.kernel)), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_flag
-from . import overlap
+from . import kv_gluon_bwd, overlap
 from .index import PairIndex, split_work_list
 from .kv_outer import forced_config, group_block, last_key, load_tile, reduce_config, reduce_slots, token_rows
 from .q_outer import LOG2E, _pow2, precision_for
@@ -358,14 +358,22 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     group = n_heads_q // k.shape[1]
     block_m, warps, launch_opts, keys = bwd_config(group, head_dim, block_size, n_tokens)
     pairs = block_m // group
-    per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
     dqp_dtype = DQ_PARTIAL_DTYPE if q.dtype == torch.bfloat16 else torch.float32
+    gluon = (
+        kv_gluon_bwd.enabled()
+        and kv_gluon_bwd.eligible(q, k, v, do, block_size)
+        and dqp_dtype == q.dtype  # its dQ partial tiles are in the input dtype
+        and index.n_pairs_max * group < kv_gluon_bwd.MAX_PARTIAL_ROWS  # TMA stores address rows in int32
+    )
+    if gluon:  # the Hopper dK/dV (kv_gluon_bwd.py): its own tile size
+        pairs = kv_gluon_bwd.pairs_per_tile(group)
+    per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
     on = overlap.enabled()
     pipe = overlap.Pipeline(q.device, on)
     for chunk in overlap.head_chunks(index, on):  # one chunk unless SPARSA_KV_OVERLAP=1 (overlap.py)
         _block_grads(q, k, v, do, lse, delta, chunk, meta, block_size, scale, dqp, dk, dv, per_item,
-                     (block_m, warps, launch_opts, keys))
+                     (block_m, warps, launch_opts, keys, gluon))
         with pipe.side():
             _dq_sum(dq, dqp, chunk, n_tokens, group, head_dim)
     pipe.join()
@@ -376,47 +384,50 @@ def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, sc
     n_heads_q, head_dim = q.shape[1], q.shape[2]
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
-    block_m, warps, launch_opts, keys = config
+    block_m, warps, launch_opts, keys, gluon = config
     pairs = block_m // group
     work, n_slots, split = split_work_list(index, per_item)
     block_n, block_d, block_dv = _pow2(block_size), _pow2(head_dim), _pow2(head_dim_v)
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
-    _kv_bwd_kernel[(work.shape[0],)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dqp,
-        dk,
-        dv,
-        dkp,
-        dvp,
-        work,
-        index.toks,
-        meta.blk_start,
-        meta.blk_len,
-        scale,
-        scale * LOG2E,
-        n_heads_q,
-        n_heads_kv,
-        meta.n_blocks,
-        index.h0,
-        G=group,
-        D=head_dim,
-        DV=head_dim_v,
-        BLOCK_M=block_m,
-        PAIRS=pairs,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        PRECISION=precision_for(q.dtype),
-        KEYS_AS_ROWS=keys,
-        num_warps=warps,
-        **{"num_stages": 2, **launch_opts},
-    )
+    if gluon:
+        kv_gluon_bwd.launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale)
+    else:
+        _kv_bwd_kernel[(work.shape[0],)](
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dqp,
+            dk,
+            dv,
+            dkp,
+            dvp,
+            work,
+            index.toks,
+            meta.blk_start,
+            meta.blk_len,
+            scale,
+            scale * LOG2E,
+            n_heads_q,
+            n_heads_kv,
+            meta.n_blocks,
+            index.h0,
+            G=group,
+            D=head_dim,
+            DV=head_dim_v,
+            BLOCK_M=block_m,
+            PAIRS=pairs,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            PRECISION=precision_for(q.dtype),
+            KEYS_AS_ROWS=keys,
+            num_warps=warps,
+            **{"num_stages": 2, **launch_opts},
+        )
     _split_reduce_kernel[(split.shape[0],)](
         dk,
         dv,

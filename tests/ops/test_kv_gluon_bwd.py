@@ -1,0 +1,136 @@
+"""The Gluon KV-outer dK/dV for Hopper (sparsa/ops/sparse_attn/kv_gluon_bwd.py; SPARSA_KV_GLUON_BWD=0/1).
+
+Without a GPU: which calls it covers, the switch, and its sm_90 build (compiled with Triton's bundled ptxas: two
+programs per SM, TMA and cp.async loads, the five MMAs). On a Hopper GPU: dq, dk, dv in bf16 with outputs poisoned,
+against the Triton dK/dV's and the float64 reference, on random selections with a short last block, packed
+documents, hot blocks cut into split items and every token choosing the same block.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsa
+from sparsa.ops import _alloc as alloc_mod
+from sparsa.ops.sparse_attn import backward, kv_gluon_bwd, naive
+from sparsa.ops.sparse_attn.index import random_selection
+from tests.helpers import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+
+
+def _qkv(n, hkv, group, d, dtype=torch.bfloat16, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hkv * group, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    do = torch.randn(n, hkv * group, d, generator=g)
+    return [x.to(device, dtype) for x in (q, k, v, do)]
+
+
+def test_covers_only_bf16_in_the_forward_kernels_scope():
+    q, k, v, _ = _qkv(128, 2, 4, 128)
+    assert kv_gluon_bwd.covers(q, k, v, 64)
+    assert not kv_gluon_bwd.covers(*_qkv(128, 2, 4, 128, dtype=torch.float16)[:3], 64)  # fp32 dQ partials
+    assert not kv_gluon_bwd.covers(q, k, v, 32)  # block size
+    assert not kv_gluon_bwd.covers(*_qkv(128, 2, 4, 256)[:3], 64)  # head dim
+    assert not kv_gluon_bwd.eligible(q, k, v, q, 64)  # CPU tensors
+
+
+def test_switch_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARSA_KV_GLUON_BWD", raising=False)
+    assert kv_gluon_bwd.enabled() == (kv_gluon_bwd.DEFAULT_ON and kv_gluon_bwd.HAVE_GLUON)
+    monkeypatch.setenv("SPARSA_KV_GLUON_BWD", "1")
+    assert kv_gluon_bwd.enabled() == kv_gluon_bwd.HAVE_GLUON
+    monkeypatch.setenv("SPARSA_KV_GLUON_BWD", "0")
+    assert not kv_gluon_bwd.enabled()
+    monkeypatch.setenv("SPARSA_KV_GLUON_BWD", "yes")
+    with pytest.raises(ValueError, match="SPARSA_KV_GLUON_BWD"):
+        kv_gluon_bwd.enabled()
+
+
+@pytest.mark.skipif(not kv_gluon_bwd.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_sm90_build_fits_two_programs_per_sm():
+    """scripts/kv_gluon_build.py --kernel bwd in a subprocess (Gluon does not compile under the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kv_gluon_build.py"), "--kernel", "bwd",
+                          "--groups", "1,4,16", "--dims", "64,128"], env=env, capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 6
+    for r in rows:
+        assert r["shared"] * 2 <= 227 << 10 and r["registers"] * 128 * 2 <= 65536, r  # two programs per SM
+        assert r["utmaldg"] >= 2 and r["ldgsts"] >= 3, r  # K, V by TMA; query rows, dO rows, lse / delta by cp.async
+        assert r["tma_stores"] >= 3, r  # dQ partial tiles, dK, dV
+        # S^T and dP^T over D; dV, dK over the tile's 64 rows; dQ over the block's 64 keys
+        assert r["hgmma"] == (2 * r["D"] + 3 * 64) // 16, r
+        if r["D"] == 64:
+            assert r["spill_bytes"] == 0, r
+
+
+def _grads(q, k, v, do, idx, **kw):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    fn = kw.pop("fn", sparsa.sparse_attention)
+    fn(*leaves, idx, block_size=64, **kw).backward(do)
+    return [x.grad for x in leaves]
+
+
+def _check(monkeypatch, n, group, d, idx_fn, cu_seqlens=None, seed=0):
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
+    hkv = max(1, 32 // group)
+    q, k, v, do = (x.unsqueeze(0) for x in _qkv(n, hkv, group, d, device="cuda", seed=seed))
+    idx = idx_fn(hkv)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPARSA_KV_GLUON_BWD", flag)
+        got[flag] = _grads(q, k, v, do, idx, loop_order="kv_outer", cu_seqlens=cu_seqlens)
+    ref = _grads(*(x.double() for x in (q, k, v, do)), idx, fn=naive.sparse_attention, scale=d**-0.5,
+                 cu_seqlens=cu_seqlens)
+    for name, a, b, r in zip(("dq", "dk", "dv"), got["1"], got["0"], ref):
+        assert torch.isfinite(a).all(), name
+        err, err_triton = rel_err(a.double(), r), rel_err(b.double(), r)
+        assert err < 2e-2 and err < 2 * err_triton + 1e-3, (name, err, err_triton)
+        assert rel_err(a.float(), b.float()) < 2e-2, name
+
+
+@needs_hopper
+@pytest.mark.parametrize("group, d", [(1, 128), (4, 128), (5, 64), (8, 128), (16, 128), (4, 64)])
+def test_gpu_gluon_dkdv_matches_triton_and_reference(monkeypatch, group, d):
+    """2000 tokens (a short last block), random top-16 selections."""
+    def idx_fn(hkv):
+        return random_selection(1, 2000, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device="cuda")
+
+    _check(monkeypatch, 2000, group, d, idx_fn, seed=group)
+
+
+@needs_hopper
+def test_gpu_gluon_dkdv_split_items_and_packed_documents(monkeypatch):
+    """Hot blocks cut into items of 64 pairs (fp32 split slots, SPLIT_REDUCE) and three packed documents."""
+    monkeypatch.setattr(backward, "MAX_PAIRS_PER_ITEM", 64)
+    cu = torch.tensor([0, 700, 1000, 2048], dtype=torch.int32, device="cuda")
+
+    def idx_fn(hkv):
+        return random_selection(1, 2048, hkv, 8, 64, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(7),
+                                device="cuda")
+
+    _check(monkeypatch, 2048, 4, 128, idx_fn, cu_seqlens=cu, seed=7)
+
+
+@needs_hopper
+def test_gpu_gluon_dkdv_every_token_the_same_block(monkeypatch):
+    """Every token selects block 0 only (and -1 padding): one hot group cut into many items."""
+    def idx_fn(hkv):
+        idx = torch.full((1, 1024, hkv, 16), -1, dtype=torch.int32, device="cuda")
+        idx[..., 0] = 0
+        return idx
+
+    _check(monkeypatch, 1024, 4, 128, idx_fn, seed=3)
