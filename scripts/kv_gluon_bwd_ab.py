@@ -2,7 +2,7 @@
 process: do_bench median (ms) of forward+backward, GPU ms of the dK/dV kernel per call (profiler), and each
 variant's gradients against the first Triton run's (relative difference of dq, dk, dv).
 
-    PYTHONPATH=. python3 scripts/kv_gluon_bwd_ab.py [--sizes 8192,65536] [--groups 1,4,8,16]
+    PYTHONPATH=. python3 scripts/kv_gluon_bwd_ab.py [--sizes 8192,65536] [--groups 1,4,8,16] [--tiles "32;128"]
 
 The Triton dK/dV runs first and last. Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16,
 bf16, the automatic forward loop order). Where the Gluon kernel is not eligible (no Hopper GPU, the CPU dry run)
@@ -13,8 +13,11 @@ import json
 import os
 
 from benchmarks.sparse_attention import bench, sparse_calls
-from scripts.kv_variants import rel
+from scripts.kv_variants import parse_counts, rel
 from scripts.sa_kernel_times import kernel_times
+from sparsa.ops.sparse_attn import kv_gluon_bwd
+
+DEFAULT_TILES = kv_gluon_bwd.MAX_TILES_PER_ITEM
 
 
 def grads_of(fwd_bwd, leaves):
@@ -35,14 +38,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,8,16")
+    p.add_argument("--tiles", default="", help="Gluon variants: tiles per item at most, ';'-separated "
+                   "(kv_gluon_bwd.MAX_TILES_PER_ITEM; empty: the module's)")
     args = p.parse_args()
+    tiles = parse_counts(args.tiles, "--tiles", "tiles per item", 1) if args.tiles else [None]
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
             _, fwd_bwd, leaves = sparse_calls(n, group)
             ref = None
-            for name in ("triton", "gluon", "triton"):
-                os.environ["SPARSA_KV_GLUON_BWD"] = "1" if name == "gluon" else "0"
+            for cap in ["triton", *tiles, "triton"]:
+                name = "triton" if cap == "triton" else "gluon" + ("" if cap is None else f", {cap} tiles")
+                os.environ["SPARSA_KV_GLUON_BWD"] = "0" if cap == "triton" else "1"
+                kv_gluon_bwd.MAX_TILES_PER_ITEM = DEFAULT_TILES if cap in ("triton", None) else cap
                 try:
                     row, grads = measure(n, group, fwd_bwd, leaves, name, ref)
                     ref = grads if ref is None else ref

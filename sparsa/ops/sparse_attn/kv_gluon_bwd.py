@@ -63,6 +63,16 @@ def pairs_per_tile(group: int) -> int:
     return ROWS // group
 
 
+# tiles per work item at most (hot groups are cut into items of this many tiles, their dK/dV summed from fp32 slots):
+# an item's tiles run one after the other in one program, so the longest item bounds the kernel at small N
+MAX_TILES_PER_ITEM = 64
+
+
+def pairs_per_item(group: int) -> int:
+    """Pairs per dK/dV work item at most: MAX_TILES_PER_ITEM whole tiles."""
+    return MAX_TILES_PER_ITEM * pairs_per_tile(group)
+
+
 if HAVE_GLUON:
     _ROWS = gl.constexpr(ROWS)
     _LOG2E = gl.constexpr(1.4426950408889634)
