@@ -18,6 +18,7 @@ from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import kv_gluon_bwd
 
 DEFAULT_TILES = kv_gluon_bwd.MAX_TILES_PER_ITEM
+DEFAULT_MIN_PAIRS = kv_gluon_bwd.MIN_PAIRS_PER_ITEM
 
 
 def grads_of(fwd_bwd, leaves):
@@ -39,7 +40,7 @@ def main():
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,8,16")
     p.add_argument("--tiles", default="", help="Gluon variants: tiles per item at most, ';'-separated "
-                   "(kv_gluon_bwd.MAX_TILES_PER_ITEM; empty: the module's)")
+                   "(kv_gluon_bwd.MAX_TILES_PER_ITEM, no MIN_PAIRS_PER_ITEM; empty: the module's)")
     args = p.parse_args()
     tiles = parse_counts(args.tiles, "--tiles", "tiles per item", 1) if args.tiles else [None]
     rows = []
@@ -51,6 +52,7 @@ def main():
                 name = "triton" if cap == "triton" else "gluon" + ("" if cap is None else f", {cap} tiles")
                 os.environ["SPARSA_KV_GLUON_BWD"] = "0" if cap == "triton" else "1"
                 kv_gluon_bwd.MAX_TILES_PER_ITEM = DEFAULT_TILES if cap in ("triton", None) else cap
+                kv_gluon_bwd.MIN_PAIRS_PER_ITEM = DEFAULT_MIN_PAIRS if cap in ("triton", None) else 1
                 try:
                     row, grads = measure(n, group, fwd_bwd, leaves, name, ref)
                     ref = grads if ref is None else ref

@@ -56,10 +56,11 @@ def test_pipeline_from_group_two():
 
 
 def test_switch_comes_from_the_environment(monkeypatch):
-    """Unset: on from G = DEFAULT_MIN_GROUP (2); 1 / 0 force it on / off at every G."""
+    """Unset: on from G = DEFAULT_MIN_GROUP (2), and at G = 1 below G1_MAX_TOKENS (32K); 1 / 0 force it on / off."""
     monkeypatch.delenv("SPARSA_KV_GLUON", raising=False)
-    assert kv_gluon.DEFAULT_MIN_GROUP == 2
-    assert not kv_gluon.enabled(1)
+    assert kv_gluon.DEFAULT_MIN_GROUP == 2 and kv_gluon.G1_MAX_TOKENS == 32768
+    assert not kv_gluon.enabled(1, 32768) and not kv_gluon.enabled(1, 65536)
+    assert kv_gluon.enabled(1, 16384) == kv_gluon.enabled(2, 65536) == kv_gluon.HAVE_GLUON
     assert kv_gluon.enabled(2) == kv_gluon.enabled(8) == kv_gluon.HAVE_GLUON
     monkeypatch.setenv("SPARSA_KV_GLUON", "1")
     assert kv_gluon.enabled(1) == kv_gluon.HAVE_GLUON
@@ -76,7 +77,7 @@ def test_dispatch_stays_on_triton_past_the_int32_partial_rows(monkeypatch):
     the partials are in the input dtype (launch_main stubbed: the CPU cannot run it)."""
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(kv_gluon, "eligible", lambda *a: True)
-    monkeypatch.setattr(kv_gluon, "enabled", lambda group: True)
+    monkeypatch.setattr(kv_gluon, "enabled", lambda group, n_tokens=0: True)
 
     class Reached(Exception):
         pass

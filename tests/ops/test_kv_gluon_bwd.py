@@ -56,6 +56,14 @@ def test_switch_comes_from_the_environment(monkeypatch):
         kv_gluon_bwd.enabled()
 
 
+def test_item_sizes_are_whole_tiles():
+    """64 tiles, or 512 pairs where that is more (G = 16); the backward caps them at MAX_PAIRS_PER_ITEM (G = 1)."""
+    assert [kv_gluon_bwd.pairs_per_tile(g) for g in (1, 3, 4, 8, 16)] == [64, 21, 16, 8, 4]
+    assert [kv_gluon_bwd.pairs_per_item(g) for g in (1, 3, 4, 8, 16)] == [4096, 64 * 21, 1024, 512, 512]
+    for g in (1, 3, 4, 5, 8, 16, 64):
+        assert kv_gluon_bwd.pairs_per_item(g) % kv_gluon_bwd.pairs_per_tile(g) == 0
+
+
 @pytest.mark.skipif(not kv_gluon_bwd.HAVE_GLUON, reason="this Triton has no Gluon")
 def test_sm90_build_fits_two_programs_per_sm():
     """scripts/kv_gluon_build.py --kernel bwd in a subprocess (Gluon does not compile under the interpreter)."""

@@ -14,7 +14,7 @@ per-item chain three ways (module flags below, all on): full items store their p
 offsets are 32-bit, and the PIPELINE loop (_kv_main_gluon_pipe_kernel) runs item i's stores under item i + 1's
 asynchronous first MMA. Measured on the H100 (docs/kernels/sparse_attention.md, benchmarks/results/h100_session15):
 MAIN 8K G = 4 0.64 vs 0.74 ms for the Triton MAIN, 64K G = 4 6.18 vs 6.65-6.72, outputs equal; so it is the default on
-Hopper for G >= 2 (`enabled`). Scope (`covers`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128},
+Hopper for G >= 2 and, since session 16, for G = 1 below 32K tokens (`enabled`). Scope (`covers`): CUDA capability 9.x, bf16 / fp16, head dims D = Dv in {64, 128},
 block size 64, G <= 64 (64 rows per item: 64 // G tokens x G heads), no fused local blocks. SPARSA_KV_GLUON=1 / 0
 forces it on / off.
 """
@@ -64,14 +64,19 @@ PIPELINE = True
 # PIPELINE from this group size: at G = 1 (forced with SPARSA_KV_GLUON=1) the loop without it was faster at 8K and
 # 16K (MAIN 0.74 vs 0.77 ms, 1.51 vs 1.57) and equal at 64K (6.68-6.72 vs 6.68)
 PIPELINE_MIN_GROUP = 2
-# SPARSA_KV_GLUON unset: on from this group size (G = 1 measured 1-2% faster at 8K and 16K, 2% slower at 64K)
+# SPARSA_KV_GLUON unset: on from this group size, and at G = 1 below G1_MAX_TOKENS tokens. H100, session 16
+# (benchmarks/results/h100_session16/gluon_g1_sweep.log), forward ms at G = 1, Gluon (no PIPELINE) vs Triton MAIN:
+# 8K 1.396 vs 1.427-1.430, 16K 2.773 vs 2.806-2.815, 32K 5.659 vs 5.558-5.598, 64K 11.63 vs 11.49-11.53, 128K 23.76 vs
+# 23.54
 DEFAULT_MIN_GROUP = 2
+G1_MAX_TOKENS = 32768
 
 
-def enabled(group: int) -> bool:
+def enabled(group: int, n_tokens: int = 0) -> bool:
     """Whether the forward's MAIN runs on this kernel where `eligible` holds: SPARSA_KV_GLUON=1 / 0 forces it on /
-    off; unset, on for G >= DEFAULT_MIN_GROUP."""
-    return env_flag("SPARSA_KV_GLUON", group >= DEFAULT_MIN_GROUP) and HAVE_GLUON
+    off; unset, on for G >= DEFAULT_MIN_GROUP and for G = 1 below G1_MAX_TOKENS tokens."""
+    default = group >= DEFAULT_MIN_GROUP or n_tokens < G1_MAX_TOKENS
+    return env_flag("SPARSA_KV_GLUON", default) and HAVE_GLUON
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:

@@ -12,7 +12,8 @@ Per tile of 64 rows (64 // G pairs x G heads), with the block's 64 keys as the M
   dV += P^T dO and dK += dS^T Q with P^T and dS^T = P^T (dP^T - delta) from registers,
   dQ_pair = dS K with dS from shared memory (transposed view), stored by one TMA copy for full tiles.
 Scope (`covers`): CUDA capability 9.x, bf16 (its dQ partials are bf16, backward.DQ_PARTIAL_DTYPE), head dims
-D = Dv in {64, 128}, block size 64, G <= 64. SPARSA_KV_GLUON_BWD=1 / 0 forces it on / off; unset, `DEFAULT_ON`.
+D = Dv in {64, 128}, block size 64, G <= 64. SPARSA_KV_GLUON_BWD=1 / 0 forces it on / off; unset, on (`DEFAULT_ON`:
+measured faster than the Triton dK/dV at every G and N on the H100, session 16).
 """
 from __future__ import annotations
 
@@ -37,8 +38,12 @@ if HAVE_GLUON:
 
 # rows of the dQ partials a call takes (TMA store coordinates are int32)
 MAX_PARTIAL_ROWS = kv_gluon.MAX_PARTIAL_ROWS
-# unset SPARSA_KV_GLUON_BWD: off until measured faster than the Triton dK/dV on a GPU
-DEFAULT_ON = False
+# unset SPARSA_KV_GLUON_BWD: on. H100, session 16 (benchmarks/results/h100_session16/gluon_bwd_*.log), forward+backward
+# ms, Triton dK/dV vs this kernel with the items of `pairs_per_item`: 8K G = 1 / 4 / 8 / 16 3.33 / 3.18 / 3.01 / 3.16
+# vs 3.18 / 2.72 / 2.73 / 2.74; 16K 6.66 / 6.24 / 5.99 / 5.75 vs 6.28 / 5.42 / 5.48 / 5.45; 64K 27.88 / 25.96 / 23.34 /
+# 22.88 vs 27.23 / 22.50 / 22.98 / 21.87; gradients within 5e-4 of the Triton kernel's (equal where the items
+# are the same: the same MMAs per element)
+DEFAULT_ON = True
 
 
 def enabled() -> bool:
@@ -63,14 +68,21 @@ def pairs_per_tile(group: int) -> int:
     return ROWS // group
 
 
-# tiles per work item at most (hot groups are cut into items of this many tiles, their dK/dV summed from fp32 slots):
-# an item's tiles run one after the other in one program, so the longest item bounds the kernel at small N
+# tiles per work item (hot groups are cut into items whose dK/dV are summed from fp32 slots): an item's tiles run one
+# after the other in one program, so long items leave a tail at small N, and short ones add slots, which the split
+# reduction sums one after the other. An item has MAX_TILES_PER_ITEM tiles, or MIN_PAIRS_PER_ITEM pairs where that
+# is more (G = 16), and at most backward.MAX_PAIRS_PER_ITEM pairs (G = 1, 2). Measured on the H100 with 16 / 32 / 64 /
+# 128 tiles (session 16, gluon_bwd_tiles.log), fwd+bwd ms: G = 4 8K 2.76 / 2.67 / 2.72 / 2.85, 64K 25.28 / 23.42 /
+# 22.50 / 22.32; G = 8 8K 2.84 / 2.71 / 2.73 / 3.01, 64K 26.69 / 24.29 / 22.98 / 22.40; G = 16 8K 3.07 / 2.87 / 2.78 /
+# 2.74, 64K 28.41 / 24.92 / 22.91 / 21.87
 MAX_TILES_PER_ITEM = 64
+MIN_PAIRS_PER_ITEM = 512
 
 
 def pairs_per_item(group: int) -> int:
-    """Pairs per dK/dV work item at most: MAX_TILES_PER_ITEM whole tiles."""
-    return MAX_TILES_PER_ITEM * pairs_per_tile(group)
+    """Pairs per dK/dV work item at most: MAX_TILES_PER_ITEM whole tiles, or MIN_PAIRS_PER_ITEM in whole tiles."""
+    tile = pairs_per_tile(group)
+    return max(MAX_TILES_PER_ITEM, MIN_PAIRS_PER_ITEM // tile) * tile
 
 
 if HAVE_GLUON:

@@ -470,7 +470,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         pdtype = q.dtype if PARTIAL_DTYPE is None else PARTIAL_DTYPE
     n_rows = index.n_pairs_max * group  # partial rows: (pair, head) in sorted pair order
     gluon_main = (
-        kv_gluon.enabled(group)
+        kv_gluon.enabled(group, n_tokens)
         and kv_gluon.eligible(q, k, v, block_size, bool(local_tokens))
         and pdtype == q.dtype  # its partial tiles are in the input dtype
         and n_rows < kv_gluon.MAX_PARTIAL_ROWS  # its TMA partial stores address rows in int32
