@@ -17,9 +17,6 @@ from scripts.kv_variants import parse_counts, rel
 from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import kv_gluon_bwd
 
-DEFAULT_TILES = kv_gluon_bwd.MAX_TILES_PER_ITEM
-DEFAULT_MIN_PAIRS = kv_gluon_bwd.MIN_PAIRS_PER_ITEM
-
 
 def grads_of(fwd_bwd, leaves):
     fwd_bwd()
@@ -40,7 +37,7 @@ def main():
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,8,16")
     p.add_argument("--tiles", default="", help="Gluon variants: tiles per item at most, ';'-separated "
-                   "(kv_gluon_bwd.MAX_TILES_PER_ITEM, no MIN_PAIRS_PER_ITEM; empty: the module's)")
+                   "(kv_gluon_bwd.MAX_TILES_PER_ITEM at every N; empty: the module's rule)")
     args = p.parse_args()
     tiles = parse_counts(args.tiles, "--tiles", "tiles per item", 1) if args.tiles else [None]
     rows = []
@@ -51,8 +48,7 @@ def main():
             for cap in ["triton", *tiles, "triton"]:
                 name = "triton" if cap == "triton" else "gluon" + ("" if cap is None else f", {cap} tiles")
                 os.environ["SPARSA_KV_GLUON_BWD"] = "0" if cap == "triton" else "1"
-                kv_gluon_bwd.MAX_TILES_PER_ITEM = DEFAULT_TILES if cap in ("triton", None) else cap
-                kv_gluon_bwd.MIN_PAIRS_PER_ITEM = DEFAULT_MIN_PAIRS if cap in ("triton", None) else 1
+                kv_gluon_bwd.MAX_TILES_PER_ITEM = None if cap in ("triton", None) else cap
                 try:
                     row, grads = measure(n, group, fwd_bwd, leaves, name, ref)
                     ref = grads if ref is None else ref
@@ -61,6 +57,7 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     os.environ.pop("SPARSA_KV_GLUON_BWD", None)
+    kv_gluon_bwd.MAX_TILES_PER_ITEM = None
     print("\n| N | G | dK/dV | fwd+bwd ms | dK/dV kernel ms | diff dq / dk / dv vs Triton |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

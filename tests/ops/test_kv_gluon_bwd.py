@@ -57,11 +57,14 @@ def test_switch_comes_from_the_environment(monkeypatch):
 
 
 def test_item_sizes_are_whole_tiles():
-    """64 tiles, or 512 pairs where that is more (G = 16); the backward caps them at MAX_PAIRS_PER_ITEM (G = 1)."""
+    """Below 32K tokens 64 tiles, or 512 pairs where that is more (G = 16); from 32K on 256 tiles. The backward caps
+    them at MAX_PAIRS_PER_ITEM (2048 pairs)."""
     assert [kv_gluon_bwd.pairs_per_tile(g) for g in (1, 3, 4, 8, 16)] == [64, 21, 16, 8, 4]
-    assert [kv_gluon_bwd.pairs_per_item(g) for g in (1, 3, 4, 8, 16)] == [4096, 64 * 21, 1024, 512, 512]
+    assert [kv_gluon_bwd.pairs_per_item(g, 8192) for g in (1, 3, 4, 8, 16)] == [4096, 64 * 21, 1024, 512, 512]
+    assert [kv_gluon_bwd.pairs_per_item(g, 32768) for g in (1, 4, 8, 16)] == [256 * 64, 4096, 2048, 1024]
     for g in (1, 3, 4, 5, 8, 16, 64):
-        assert kv_gluon_bwd.pairs_per_item(g) % kv_gluon_bwd.pairs_per_tile(g) == 0
+        for n in (8192, 65536):
+            assert kv_gluon_bwd.pairs_per_item(g, n) % kv_gluon_bwd.pairs_per_tile(g) == 0
 
 
 @pytest.mark.skipif(not kv_gluon_bwd.HAVE_GLUON, reason="this Triton has no Gluon")

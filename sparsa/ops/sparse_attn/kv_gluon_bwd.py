@@ -69,20 +69,31 @@ def pairs_per_tile(group: int) -> int:
 
 
 # tiles per work item (hot groups are cut into items whose dK/dV are summed from fp32 slots): an item's tiles run one
-# after the other in one program, so long items leave a tail at small N, and short ones add slots, which the split
-# reduction sums one after the other. An item has MAX_TILES_PER_ITEM tiles, or MIN_PAIRS_PER_ITEM pairs where that
-# is more (G = 16), and at most backward.MAX_PAIRS_PER_ITEM pairs (G = 1, 2). Measured on the H100 with 16 / 32 / 64 /
-# 128 tiles (session 16, gluon_bwd_tiles.log), fwd+bwd ms: G = 4 8K 2.76 / 2.67 / 2.72 / 2.85, 64K 25.28 / 23.42 /
-# 22.50 / 22.32; G = 8 8K 2.84 / 2.71 / 2.73 / 3.01, 64K 26.69 / 24.29 / 22.98 / 22.40; G = 16 8K 3.07 / 2.87 / 2.78 /
-# 2.74, 64K 28.41 / 24.92 / 22.91 / 21.87
-MAX_TILES_PER_ITEM = 64
+# after the other in one program, so long items leave a tail at small N, and short ones add slots (written, read back
+# and summed one after the other by the split reduction), which cost more the larger N. Below LARGE_TOKENS an item
+# has SMALL_TILES tiles, or MIN_PAIRS_PER_ITEM pairs where that is more (G = 16); from LARGE_TOKENS on, LARGE_TILES
+# tiles; always at most backward.MAX_PAIRS_PER_ITEM pairs (2048: G <= 8 at large N). Fwd+bwd ms on the H100 with 16 /
+# 32 / 64 / 128 / 256 tiles per item (session 16, gluon_bwd_tiles*.log; no MIN_PAIRS_PER_ITEM there):
+#   G = 4:  8K 2.76 / 2.67 / 2.72 / 2.85,   16K 5.80 / 5.54 / 5.42 / 5.53,   64K 25.28 / 23.42 / 22.50 / 22.32
+#   G = 8:  8K 2.84 / 2.71 / 2.73 / 3.01,   16K 5.95 / 5.63 / 5.48 / 5.40 / 5.56, 32K - / - / 11.07 / 10.92 / 10.89,
+#           64K 26.69 / 24.29 / 22.98 / 22.40,   128K - / - / 48.81 / 46.77 / 45.39
+#   G = 16: 8K 3.07 / 2.87 / 2.78 / 2.74,   16K 6.27 / 5.79 / 5.58 / 5.45 / 5.35, 32K - / - / 10.96 / 10.70 / 10.59,
+#           64K 28.41 / 24.92 / 22.91 / 21.87,   128K - / - / 46.69 / 45.63 / 43.96
+SMALL_TILES = 64
 MIN_PAIRS_PER_ITEM = 512
+LARGE_TOKENS = 32768
+LARGE_TILES = 256
+MAX_TILES_PER_ITEM: int | None = None  # forced by the A/B script (kv_gluon_bwd_ab.py --tiles): this many at every N
 
 
-def pairs_per_item(group: int) -> int:
-    """Pairs per dK/dV work item at most: MAX_TILES_PER_ITEM whole tiles, or MIN_PAIRS_PER_ITEM in whole tiles."""
+def pairs_per_item(group: int, n_tokens: int = 0) -> int:
+    """Pairs per dK/dV work item at most, in whole tiles (the comment above)."""
     tile = pairs_per_tile(group)
-    return max(MAX_TILES_PER_ITEM, MIN_PAIRS_PER_ITEM // tile) * tile
+    if MAX_TILES_PER_ITEM is not None:
+        return MAX_TILES_PER_ITEM * tile
+    if n_tokens >= LARGE_TOKENS:
+        return LARGE_TILES * tile
+    return max(SMALL_TILES, MIN_PAIRS_PER_ITEM // tile) * tile
 
 
 if HAVE_GLUON:

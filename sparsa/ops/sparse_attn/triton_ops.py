@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .backward import compute_delta, kv_outer_backward
+from . import kv_gluon
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
@@ -37,11 +38,19 @@ Q_TILE_MAX_TOKEN_HEADS = 4096 * 3
 Q_TILE_MAX_HEAD_DIM = 64
 
 
-def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None) -> str:
+# G >= 16 below this many tokens takes KV-outer where its MAIN is the Gluon kernel (H100, session 16,
+# benchmarks/results/h100_session16/bench.log, forward ms G = 16 KV-outer vs query-outer: 8K 1.14 vs 1.18, 16K 2.30
+# vs 2.35, 32K 4.70 vs 4.60, 64K 9.59 vs 9.23)
+GLUON_LARGE_GROUP_MAX_TOKENS = 32768
+
+
+def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None,
+                      gluon_main: bool = False) -> str:
     """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
-    and for few queries (the KV-outer index build and reduction are fixed costs); query-tile for small
-    problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
-    if group >= 16:
+    and for few queries (the KV-outer index build and reduction are fixed costs), except below 32K tokens where the
+    KV-outer MAIN is the Gluon kernel (`gluon_main`); query-tile for small problems at head dim <= 64
+    (Q_TILE_MAX_TOKEN_HEADS)."""
+    if group >= 16 and not (gluon_main and 2048 <= n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS):
         return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
@@ -131,12 +140,15 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     n_heads_kv, head_dim_v = k.shape[2], v.shape[3]
     n_tokens = batch * seqlen
     group = n_heads_q // n_heads_kv
-    if loop_order is None:
-        loop_order = forced_loop_order() or choose_loop_order(group, n_tokens, max(head_dim, head_dim_v), n_heads_kv)
     meta = doc_meta(batch, seqlen, cu_seqlens, block_size, q.device)
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
     vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
+    if loop_order is None:
+        gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(qf, kf, vf, block_size, False)
+        loop_order = forced_loop_order() or choose_loop_order(
+            group, n_tokens, max(head_dim, head_dim_v), n_heads_kv, gluon_main
+        )
     idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32)
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
