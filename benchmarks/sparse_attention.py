@@ -26,7 +26,7 @@ from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
 from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, pair_index_backend, random_selection, valid_slots
-from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices, choose_loop_order
+from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices, automatic_loop_order
 
 HQ, D, BS, TOPK = 32, 128, 64, 16
 
@@ -246,7 +246,7 @@ def main():
             row["index"] = time_index(q, k, v, idx)
             for order in ("q_outer", "kv_outer", "q_tile") if args.q_tile else ("q_outer", "kv_outer"):
                 row[f"fwd_{order}"] = time_sparse(q, k, v, idx, order, False)
-            row["auto"] = choose_loop_order(group, n, D)
+            row["auto"] = automatic_loop_order(q[0], k[0], v[0], BS)
             row["fwd"] = row[f"fwd_{row['auto']}"]
             row["fwdbwd"] = time_sparse(q, k, v, idx, row["auto"], True)
             row["tflops_fwd"] = flops / row["fwd"] / 1e9

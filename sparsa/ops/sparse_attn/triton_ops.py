@@ -63,6 +63,16 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int 
     return "kv_outer"
 
 
+def automatic_loop_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str:
+    """choose_loop_order for q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (whether the KV-outer MAIN would be the
+    Gluon kernel included)."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv = k.shape[1]
+    group = n_heads_q // n_heads_kv
+    gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(q, k, v, block_size, False)
+    return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main)
+
+
 def forced_loop_order() -> str | None:
     """SPARSA_LOOP_ORDER=q_outer|kv_outer|q_tile: the forward loop order of every call that passes none (A/B of
     whole models without code changes); unset: the automatic choice."""
@@ -139,16 +149,12 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     batch, seqlen, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[2], v.shape[3]
     n_tokens = batch * seqlen
-    group = n_heads_q // n_heads_kv
     meta = doc_meta(batch, seqlen, cu_seqlens, block_size, q.device)
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
     vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
     if loop_order is None:
-        gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(qf, kf, vf, block_size, False)
-        loop_order = forced_loop_order() or choose_loop_order(
-            group, n_tokens, max(head_dim, head_dim_v), n_heads_kv, gluon_main
-        )
+        loop_order = forced_loop_order() or automatic_loop_order(qf, kf, vf, block_size)
     idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32)
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
