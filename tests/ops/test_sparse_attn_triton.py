@@ -354,7 +354,8 @@ def test_automatic_loop_order_rule():
 
 
 def test_automatic_choice_sees_the_call_shape(monkeypatch):
-    """sparse_attention_triton passes (G, tokens, max(D, Dv), Hkv) to choose_loop_order."""
+    """sparse_attention_triton passes (G, tokens, max(D, Dv), Hkv, whether the KV-outer MAIN is the Gluon kernel:
+    never for these fp32 inputs) to choose_loop_order."""
     from sparsa.ops.sparse_attn import triton_ops
 
     seen = []
@@ -363,7 +364,7 @@ def test_automatic_choice_sees_the_call_shape(monkeypatch):
     q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, dim_v=32, seed=96)
     idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(96), device=DEVICE)
     sparsa.sparse_attention(q, k, v, idx, block_size=8)
-    assert seen == [(3, 48, 32, 2)]
+    assert seen == [(3, 48, 32, 2, False)]
 
 
 def test_local_block_table_definition():
