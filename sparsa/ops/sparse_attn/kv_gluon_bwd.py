@@ -1,8 +1,8 @@
 """KV-outer dK/dV for Hopper (sm_90) in Gluon: the backward's block kernel with its gathered rows in flight.
 
 Same work items, math and outputs (dK, dV or their fp32 split slots, and the per-(pair, head) dQ partials) as
-backward._kv_bwd_kernel with the block's keys as the MMA rows; only the schedule differs. The Triton kernel runs
-one program of 8 warps per SM and loads each tile of gathered query and dO rows when it needs them: Nsight Compute
+backward._kv_bwd_kernel with the block's keys as the MMA rows; only the schedule differs. At G = 4 the Triton kernel
+runs one program of 8 warps per SM and loads each tile of gathered query and dO rows when it needs them: Nsight Compute
 (H100, session 14) found no eligible warp in 84% of its cycles at 64K tokens, G = 4. Here a program of one
 warpgroup (two per SM) takes one work item: K and V of its block by TMA, and while it computes tile t of the item's
 rows, tile t + 1's query and dO rows (cp.async gathers) and their log-sum-exp and delta are in flight.
@@ -38,11 +38,10 @@ if HAVE_GLUON:
 
 # rows of the dQ partials a call takes (TMA store coordinates are int32)
 MAX_PARTIAL_ROWS = kv_gluon.MAX_PARTIAL_ROWS
-# unset SPARSA_KV_GLUON_BWD: on. H100, session 16 (benchmarks/results/h100_session16/gluon_bwd_*.log), forward+backward
-# ms, Triton dK/dV vs this kernel with the items of `pairs_per_item`: 8K G = 1 / 4 / 8 / 16 3.33 / 3.18 / 3.01 / 3.16
-# vs 3.18 / 2.72 / 2.73 / 2.74; 16K 6.66 / 6.24 / 5.99 / 5.75 vs 6.28 / 5.42 / 5.48 / 5.45; 64K 27.88 / 25.96 / 23.34 /
-# 22.88 vs 27.23 / 22.50 / 22.98 / 21.87; gradients within 5e-4 of the Triton kernel's (equal where the items
-# are the same: the same MMAs per element)
+# unset SPARSA_KV_GLUON_BWD: on. H100, session 16 (benchmarks/results/h100_session16; docs/kernels/sparse_attention.md,
+# "dK/dV in Gluon"): forward+backward faster at every measured N and G (8K-128K; G = 1, 4, 8, 16 against the Triton
+# dK/dV in one process, G = 2 against session 15's sweep), e.g. 64K G = 4 25.96-26.35 -> 22.74 ms, 8K G = 4
+# 3.19-3.22 -> 2.75; gradients within 5e-4 of the Triton kernel's (equal where the items are the same)
 DEFAULT_ON = True
 
 
