@@ -146,3 +146,38 @@ def test_gpu_gluon_dkdv_every_token_the_same_block(monkeypatch):
         return idx
 
     _check(monkeypatch, 1024, 4, 128, idx_fn, seed=3)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path runs in the interpreter")
+def test_dispatch_stays_on_triton_past_its_bounds(monkeypatch):
+    """The backward hands dK/dV to this kernel only while the slice's dQ partial rows fit its int32 TMA coordinates
+    and the partials are in the input dtype, with its own item size (launch_dkdv stubbed: the CPU cannot run it)."""
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setattr(kv_gluon_bwd, "eligible", lambda *a: True)
+    monkeypatch.setattr(kv_gluon_bwd, "enabled", lambda: True)
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def launch(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale):
+        seen.append((dqp.dtype, int((work[:, 1] - work[:, 0]).max())))
+        raise Reached
+
+    monkeypatch.setattr(kv_gluon_bwd, "launch_dkdv", launch)
+    q, k, v, do = (x.unsqueeze(0) for x in _qkv(96, 2, 4, 16, dtype=torch.float32))
+    idx = random_selection(1, 96, 2, 3, 16, generator=torch.Generator().manual_seed(5))
+
+    def run_backward(dtype):
+        leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
+        sparsa.sparse_attention(*leaves, idx, block_size=16, loop_order="kv_outer").backward(do.to(dtype))
+
+    monkeypatch.setattr(kv_gluon_bwd, "MAX_TILES_PER_ITEM", 1)  # items of one tile: 64 // 4 = 16 pairs
+    with pytest.raises(Reached):
+        run_backward(torch.float32)  # fp32 inputs have fp32 dQ partials: in the input dtype
+    assert seen == [(torch.float32, 16)]
+    monkeypatch.setattr(kv_gluon_bwd, "MAX_PARTIAL_ROWS", 2 * 96 * 3 * 4)  # the slice's rows: not below the bound
+    run_backward(torch.float32)  # the Triton dK/dV
+    monkeypatch.setattr(kv_gluon_bwd, "MAX_PARTIAL_ROWS", 2**31)
+    run_backward(torch.float16)  # fp16 inputs have fp32 dQ partials: the Triton dK/dV
+    assert len(seen) == 1
