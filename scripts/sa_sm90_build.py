@@ -1,7 +1,7 @@
 """Offline sm_90 build of the selected-block attention kernels (no GPU needed): registers, spills and shared
-memory of each kernel at its default launch, bf16, head dim 128, block 64, top-16.
+memory of each kernel at its default launch, bf16, head dim 128, block 64 (--block-size), top-16.
 
-    python3 scripts/sa_sm90_build.py [--groups 4]          (not under TRITON_INTERPRET=1)
+    python3 scripts/sa_sm90_build.py [--groups 4] [--block-size 64]          (not under TRITON_INTERPRET=1)
 
 One JSON line per (kernel, G): {"kernel", "G", "warps", "registers", "spill_bytes", "stack_bytes", "shared",
 "sass_instructions" (static count, nvdisasm)}.
@@ -87,7 +87,8 @@ def kernels(group: int):
             common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK, LOCAL=local,
             SLOTS=1 if local else kv.reduce_slots(TOPK, rows, D), HINTS=kv.cache_hints(group),
         )
-        yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, 3, None
+        yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, kv.merge_stages(
+            local, BS, D), None
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, bopts, _ = bwd.bwd_config(group, D, BS)
@@ -105,7 +106,7 @@ def kernels(group: int):
     union = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_T=max(1, 1 << (tokens - 1).bit_length()), BLOCK_K=TOPK,
                  MAXU=tokens * TOPK)
     yield "q_tile union", qtb._tile_union_kernel, union, 4, 3, None
-    yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, 3, None
+    yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, qtb.dq_stages(BS, D), None
     yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
     # the pair-index kernels (the default index, index_triton.py) at their launches: 16-bit sort keys
     key = dict(TOPK=TOPK, BLOCK_T=ix.INDEX_BLOCK // TOPK, BLOCK_K=TOPK)
@@ -116,12 +117,14 @@ def kernels(group: int):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--groups", default="4")
+    p.add_argument("--block-size", type=int, default=BS, help="keys per block (default 64, the benchmark's)")
     args = p.parse_args()
+    globals()["BS"] = args.block_size
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the build needs Triton's compiler")
     for group in (int(g) for g in args.groups.split(",")):
         for name, kernel, constexprs, warps, stages, maxnreg in kernels(group):
-            row = {"kernel": name, "G": group, **build(kernel, constexprs, warps, stages, maxnreg)}
+            row = {"kernel": name, "G": group, "block": BS, **build(kernel, constexprs, warps, stages, maxnreg)}
             print(json.dumps(row), flush=True)
 
 

@@ -328,7 +328,12 @@ def bwd_config(group: int, head_dim: int, block_size: int, n_tokens: int = 0):
     if not keys and head_dim == 128 and block_size == 64 and group in BWD_TUNED:
         return (*forced_config(BWD_TUNED[group], group), keys)
     opts = {}
-    if max(head_dim, block_size) <= 128:
+    if head_dim >= 128 and block_size >= 128 and not keys:
+        # shared memory: 128 rows / 8 warps / two stages need 230912 bytes in the offline sm_90 build and 263680 in the
+        # H100's (session 16, h100_session16/sparse_attn_check_full.log: out of resources, limit 232448); 64 rows /
+        # 8 warps / one stage need 114688 offline (no GPU timing of block 128 yet)
+        block_m, warps, opts = 64, 8, {"num_stages": 1}
+    elif max(head_dim, block_size) <= 128:
         block_m, warps = (128, 8) if head_dim >= 128 else (64, 4)
         if keys and head_dim >= 128:
             # H100 (h100_session9/kv_bwd_keys.log): 64 rows / 4 warps beat 64 / 8 and 128 / 8 at 8K and 64K for

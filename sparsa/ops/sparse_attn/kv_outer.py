@@ -48,6 +48,13 @@ def local_config(group: int, head_dim: int):
     return rows, tokens, 8
 
 
+def merge_stages(local: bool, block_size: int, head_dim: int) -> int:
+    """Pipeline stages of the merge kernel: 3, or 2 with the local blocks fused in at block 128 and head dim 128
+    (offline sm_90 build: 213056 bytes of shared memory with 3 stages, 147520 with 2; the H100's build of the dK/dV
+    kernel needed 32 KB more than its offline build, session 16)."""
+    return 2 if local and block_size >= 128 and head_dim >= 128 else 3
+
+
 def local_fusion() -> bool:
     """Whether the forward computes each token's local blocks (its document's block 0, its own and the
     previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1, or 0 (the default until it
@@ -596,4 +603,5 @@ def _launch_merge(plan: _ForwardPlan, q, k, v, o, lse, op, lsep, idx, index: Pai
         SLOTS=1 if local else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
         HINTS=cache_hints(group),
         num_warps=merge_warps,
+        num_stages=merge_stages(local, block_size, max(head_dim, head_dim_v)),
     )

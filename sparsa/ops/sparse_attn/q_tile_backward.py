@@ -197,6 +197,13 @@ def block_tiles(union, counts, maxu: int, n_blocks: int) -> PairIndex:
     return PairIndex(0, n_heads_kv, keys.numel(), group_counts, gstart, tiles, tiles[:0])
 
 
+def dq_stages(block_n: int, head_dim: int) -> int:
+    """Pipeline stages of the dq kernel: 3, or 2 for blocks of 128 keys at head dim 128 (offline sm_90 build: 229440
+    bytes of shared memory with 3 stages, 163904 with 2; the H100's build of a kernel that needed 230912 offline
+    needed 32 KB more, over its 232448: session 16)."""
+    return 2 if block_n >= 128 and head_dim >= 128 else 3
+
+
 def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: float):
     """dq, dk, dv of the q_tile forward. q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], o, do [N, Hq, Dv],
     lse [N, Hq] (natural log), idx [N, Hkv, K] int32 with ascending rows."""
@@ -215,7 +222,7 @@ def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: floa
     _tile_dq_kernel[(union.shape[0], n_heads_kv)](
         q, k, v, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
         union, counts, scale, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
-        MAXU=maxu, num_warps=BWD_WARPS, **consts,
+        MAXU=maxu, num_warps=BWD_WARPS, num_stages=dq_stages(consts["BLOCK_N"], max(head_dim, head_dim_v)), **consts,
     )
     index = block_tiles(union, counts, maxu, meta.n_blocks)
     work, _, split = split_work_list(index, TILES_PER_ITEM)
