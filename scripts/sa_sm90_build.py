@@ -98,8 +98,9 @@ def kernels(group: int):
     rows, tokens, rwarps = kv.reduce_config(group, D)
     dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D, SLOTS=kv.reduce_slots(TOPK, rows, D))
     yield "dq_reduce", bwd._dq_reduce_kernel, dq, rwarps, 3, None
-    qo_const = dict(common, TOPK=TOPK, BLOCK_G=max(16, group), BLOCK_N=BS, BRANCHLESS=True)
-    yield "q_outer", qo._q_outer_fwd_kernel, qo_const, 4, 3, None
+    branchless, qwarps, qstages = qo.q_outer_config(D)
+    qo_const = dict(common, TOPK=TOPK, BLOCK_G=qo._pow2(group), BLOCK_N=BS, BRANCHLESS=branchless)
+    yield "q_outer", qo._q_outer_fwd_kernel, qo_const, qwarps, qstages, None
     rows, tokens, twarps = qt.tile_config(group, D)
     tile = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
     yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None
