@@ -57,14 +57,18 @@ def test_switch_comes_from_the_environment(monkeypatch):
 
 
 def test_item_sizes_are_whole_tiles():
-    """Below 32K tokens 64 tiles, or 512 pairs where that is more (G = 16); from 32K on 256 tiles. The backward caps
-    them at MAX_PAIRS_PER_ITEM (2048 pairs)."""
+    """Below 32K tokens 64 tiles, or 512 pairs where that is more (G = 16); from 32K on 256 tiles; capped by the
+    backward's MAX_PAIRS_PER_ITEM (2048 pairs) in whole tiles."""
     assert [kv_gluon_bwd.pairs_per_tile(g) for g in (1, 3, 4, 8, 16)] == [64, 21, 16, 8, 4]
     assert [kv_gluon_bwd.pairs_per_item(g, 8192) for g in (1, 3, 4, 8, 16)] == [4096, 64 * 21, 1024, 512, 512]
     assert [kv_gluon_bwd.pairs_per_item(g, 32768) for g in (1, 4, 8, 16)] == [256 * 64, 4096, 2048, 1024]
+    # with the backward's cap (2048 pairs) rounded down to whole tiles: G = 5 has tiles of 12 pairs
+    assert [kv_gluon_bwd.pairs_per_item(g, 65536, 2048) for g in (1, 4, 5, 8, 16)] == [2048, 2048, 2040, 2048, 1024]
+    assert kv_gluon_bwd.pairs_per_item(4, 8192, 8) == 16  # one tile at least
     for g in (1, 3, 4, 5, 8, 16, 64):
         for n in (8192, 65536):
-            assert kv_gluon_bwd.pairs_per_item(g, n) % kv_gluon_bwd.pairs_per_tile(g) == 0
+            for cap in (None, 2048, 100):
+                assert kv_gluon_bwd.pairs_per_item(g, n, cap) % kv_gluon_bwd.pairs_per_tile(g) == 0
 
 
 @pytest.mark.skipif(not kv_gluon_bwd.HAVE_GLUON, reason="this Triton has no Gluon")

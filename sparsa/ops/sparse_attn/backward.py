@@ -374,8 +374,8 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
         and index.n_pairs_max * group < kv_gluon_bwd.MAX_PARTIAL_ROWS  # TMA stores address rows in int32
     )
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
-    if gluon:  # the Hopper dK/dV (kv_gluon_bwd.py): its own tile and item sizes
-        per_item = min(per_item, kv_gluon_bwd.pairs_per_item(group, n_tokens))
+    if gluon:  # the Hopper dK/dV (kv_gluon_bwd.py): its own tile and item sizes (whole tiles)
+        per_item = kv_gluon_bwd.pairs_per_item(group, n_tokens, MAX_PAIRS_PER_ITEM)
     dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
     on = overlap.enabled()
     pipe = overlap.Pipeline(q.device, on)

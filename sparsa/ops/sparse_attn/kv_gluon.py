@@ -194,6 +194,22 @@ if HAVE_GLUON:
         return acc, m, l
 
     @gluon.jit
+    def rows_out(tile, buf, desc, PTR, row0, n_rows, gather: gl.constexpr):
+        """Rows row0 .. row0 + n_rows of a [ROWS, D] output (row-major, D columns) through the shared tile buf: one TMA
+        copy when the tile has all ROWS rows (contiguous and its own), masked row stores read back from buf in the
+        gather layout otherwise. The caller makes sure no earlier copy still reads buf."""
+        D: gl.constexpr = buf.shape[1]
+        buf.store(tile)
+        fence_async_shared()
+        gl.thread_barrier()
+        if n_rows == _ROWS:
+            tma.async_copy_shared_to_global(desc, [row0.to(gl.int32), 0], buf)
+        else:
+            ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
+            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+            gl.store(PTR + (row0 + ro)[:, None] * D + offs_d[None, :], buf.load(gather), mask=(ro < n_rows)[:, None])
+
+    @gluon.jit
     def _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G: gl.constexpr, PAIRS: gl.constexpr,
                   gather: gl.constexpr, TMA_ST: gl.constexpr):
         """Stores an item's partials: lse2 = m + log2 l and O = acc / l (rows row0 + r, r < the item's rows)."""
@@ -205,22 +221,15 @@ if HAVE_GLUON:
         gl.store(LSEP + row0 + r, m + gl.log2(l_safe), mask=r < n_rows)
         inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, acc.type.layout))
         out = (acc * inv[:, None]).to(OP.dtype.element_ty)
-        ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
         if TMA_ST:
             tma.store_wait(0)  # the previous item's partial copy has read o_s
             gl.thread_barrier()
-            o_s.store(out)
-            fence_async_shared()
-            gl.thread_barrier()
-            if n_rows == _ROWS:  # the item's 64 rows are contiguous and its own: one TMA copy
-                tma.async_copy_shared_to_global(op_desc, [row0.to(gl.int32), 0], o_s)
-            else:
-                gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], o_s.load(gather),
-                         mask=(ro < n_rows)[:, None])
+            rows_out(out, o_s, op_desc, OP, row0, n_rows, gather)
         else:
             # through shared memory into the gather layout: 16-byte row-contiguous stores (stored straight from the
             # accumulator layout, 4 bytes at a time, MAIN took 1.6-1.7x as long on the H100, session 14)
+            ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
+            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
             out = gl.convert_layout(out, gather)
             gl.store(OP + (row0 + ro)[:, None] * D + offs_d[None, :], out, mask=(ro < n_rows)[:, None])
 
@@ -401,7 +410,7 @@ def _kv_descriptor(x: torch.Tensor):
 
 
 def _partial_descriptor(op: torch.Tensor):
-    """TMA descriptor of the partials op [rows, D] in [ROWS, D] tiles (used by TMA_STORE)."""
+    """TMA descriptor of the partials op [rows, D] in [ROWS, D] tiles (MAIN's TMA_STORE; kv_gluon_bwd's dQ partials)."""
     return TensorDescriptor.from_tensor(op, [ROWS, op.shape[1]], _smem_layout(ROWS, op.shape[1],
                                                                                op.dtype == torch.bfloat16))
 

@@ -71,8 +71,8 @@ def pairs_per_tile(group: int) -> int:
 # after the other in one program, so long items leave a tail at small N, and short ones add slots (written, read back
 # and summed one after the other by the split reduction), which cost more the larger N. Below LARGE_TOKENS an item
 # has SMALL_TILES tiles, or MIN_PAIRS_PER_ITEM pairs where that is more (G = 16); from LARGE_TOKENS on, LARGE_TILES
-# tiles; always at most backward.MAX_PAIRS_PER_ITEM pairs (2048: G <= 8 at large N). Fwd+bwd ms on the H100 with 16 /
-# 32 / 64 / 128 / 256 tiles per item (session 16, gluon_bwd_tiles*.log; no MIN_PAIRS_PER_ITEM there):
+# tiles; always at most backward.MAX_PAIRS_PER_ITEM pairs in whole tiles (2048: G <= 8 at large N). Fwd+bwd ms on
+# the H100 with 16 / 32 / 64 / 128 / 256 tiles per item (session 16, gluon_bwd_tiles*.log; no MIN_PAIRS_PER_ITEM there):
 #   G = 4:  8K 2.76 / 2.67 / 2.72 / 2.85,   16K 5.80 / 5.54 / 5.42 / 5.53,   64K 25.28 / 23.42 / 22.50 / 22.32
 #   G = 8:  8K 2.84 / 2.71 / 2.73 / 3.01,   16K 5.95 / 5.63 / 5.48 / 5.40 / 5.56, 32K - / - / 11.07 / 10.92 / 10.89,
 #           64K 26.69 / 24.29 / 22.98 / 22.40,   128K - / - / 48.81 / 46.77 / 45.39
@@ -85,14 +85,19 @@ LARGE_TILES = 256
 MAX_TILES_PER_ITEM: int | None = None  # forced by the A/B script (kv_gluon_bwd_ab.py --tiles): this many at every N
 
 
-def pairs_per_item(group: int, n_tokens: int = 0) -> int:
-    """Pairs per dK/dV work item at most, in whole tiles (the comment above)."""
+def pairs_per_item(group: int, n_tokens: int = 0, max_pairs: int | None = None) -> int:
+    """Pairs per dK/dV work item at most, in whole tiles (the comment above); max_pairs (the backward passes
+    backward.MAX_PAIRS_PER_ITEM) caps it, rounded down to whole tiles (one tile at least)."""
     tile = pairs_per_tile(group)
     if MAX_TILES_PER_ITEM is not None:
-        return MAX_TILES_PER_ITEM * tile
-    if n_tokens >= LARGE_TOKENS:
-        return LARGE_TILES * tile
-    return max(SMALL_TILES, MIN_PAIRS_PER_ITEM // tile) * tile
+        tiles = MAX_TILES_PER_ITEM
+    elif n_tokens >= LARGE_TOKENS:
+        tiles = LARGE_TILES
+    else:
+        tiles = max(SMALL_TILES, MIN_PAIRS_PER_ITEM // tile)
+    if max_pairs is not None:
+        tiles = min(tiles, max(max_pairs // tile, 1))
+    return tiles * tile
 
 
 if HAVE_GLUON:
@@ -172,18 +177,8 @@ if HAVE_GLUON:
     def _store_dq(dq, buf, dqp_desc, DQP, p0, end, scale, G: gl.constexpr, PAIRS: gl.constexpr, gather: gl.constexpr):
         """dQ_pair * scale of a tile (rows p0 * G + r) through buf (the tile's query stage, read by now): one TMA copy
         when the tile has all ROWS rows, masked row stores otherwise."""
-        D: gl.constexpr = dq.shape[1]
         n_rows = gl.minimum((end - p0) * G, PAIRS * G).to(gl.int32)
-        row0 = p0 * G
-        buf.store((dq * scale).to(buf.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        if n_rows == _ROWS:
-            tma.async_copy_shared_to_global(dqp_desc, [row0.to(gl.int32), 0], buf)
-        else:
-            ro = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather))
-            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-            gl.store(DQP + (row0 + ro)[:, None] * D + offs_d[None, :], buf.load(gather), mask=(ro < n_rows)[:, None])
+        kv_gluon.rows_out((dq * scale).to(buf.dtype), buf, dqp_desc, DQP, p0 * G, n_rows, gather)
 
     @gluon.jit
     def _store_block(dk, dv, k_s, v_s, dk_desc, dv_desc, DK, DVv, DKP, DVP, slot, h, kst, blen, Hkv,
@@ -195,7 +190,8 @@ if HAVE_GLUON:
         if slot >= 0:
             rl: gl.constexpr = gl.SliceLayout(1, dk.type.layout)
             cl: gl.constexpr = gl.SliceLayout(0, dk.type.layout)
-            off = slot.to(gl.int64) * (BN * D) + gl.arange(0, BN, layout=rl)[:, None] * D + gl.arange(0, D, layout=cl)[None, :]
+            off = (slot.to(gl.int64) * (BN * D) + gl.arange(0, BN, layout=rl)[:, None] * D
+                   + gl.arange(0, D, layout=cl)[None, :])
             gl.store(DKP + off, dk)
             gl.store(DVP + off, dv)
         else:
@@ -216,8 +212,8 @@ if HAVE_GLUON:
                 gl.store(DVv + rows[:, None] * D + offs_d[None, :], v_s.load(gather), mask=mask)
 
     @gluon.jit
-    def _kv_bwd_gluon_kernel(Q, DO, LSE, DELTA, k_desc, v_desc, dk_desc, dv_desc, dqp_desc, DQP, DK, DVv, DKP, DVP, WORK, TOKS,
-                             BLKSTART, BLKLEN, scale, qk_scale, Hq, Hkv, NBG, h0, G: gl.constexpr,
+    def _kv_bwd_gluon_kernel(Q, DO, LSE, DELTA, k_desc, v_desc, dk_desc, dv_desc, dqp_desc, DQP, DK, DVv, DKP, DVP,
+                             WORK, TOKS, BLKSTART, BLKLEN, scale, qk_scale, Hq, Hkv, NBG, h0, G: gl.constexpr,
                              PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr):
         """dK/dV and the dQ partials of work item program_id (one warpgroup). Iteration t starts tile t + 1's
         gathers and loads tile t + 2's tokens, then computes tile t: only the item's first tile waits on a load."""
@@ -289,11 +285,6 @@ def _ds_layout():
     return kv_gluon._smem_layout(BLOCK, ROWS, True)
 
 
-def _dqp_descriptor(dqp: torch.Tensor):
-    """TMA descriptor of the dQ partials dqp [rows, D] in [ROWS, D] tiles."""
-    return kv_gluon._partial_descriptor(dqp)
-
-
 def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale: float):
     """dK/dV over the dK/dV work list `work` [W, 4] (items of whole tiles of pairs_per_tile(G) pairs) of `index`
     (a head slice): dk, dv (or the split slots dkp, dvp) and the dQ partials dqp [pairs * G, D] (bf16)."""
@@ -303,7 +294,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, met
     if work.shape[0] == 0:
         return
     args = (q, do, lse, delta, kv_gluon._kv_descriptor(k), kv_gluon._kv_descriptor(v), kv_gluon._kv_descriptor(dk),
-            kv_gluon._kv_descriptor(dv), _dqp_descriptor(dqp), dqp,
+            kv_gluon._kv_descriptor(dv), kv_gluon._partial_descriptor(dqp), dqp,
             dk, dv, dkp, dvp, work, index.toks, meta.blk_start, meta.blk_len, scale, scale * LOG2E, q.shape[1],
             k.shape[1], meta.n_blocks, index.h0)
     consts = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, q.shape[2], True),
@@ -323,13 +314,13 @@ def compile_offline(group: int = 4, d: int = 128):
     fn = _kv_bwd_gluon_kernel
     names = fn.arg_names
     desc = mangle_type(kv_gluon._kv_descriptor(torch.zeros(256, 2, d, dtype=torch.bfloat16)))
-    dqp_desc = mangle_type(_dqp_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
+    dqp_desc = mangle_type(kv_gluon._partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
     const = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, d, True),
                  DS_LAYOUT=_ds_layout())
     types = {"Q": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQP": "*bf16", "DK": "*bf16",
              "DVv": "*bf16", "DKP": "*fp32", "DVP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
-             "BLKLEN": "*i32", "scale": "fp32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "dk_desc": desc, "dv_desc": desc,
-             "dqp_desc": dqp_desc}
+             "BLKLEN": "*i32", "scale": "fp32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "dk_desc": desc,
+             "dv_desc": desc, "dqp_desc": dqp_desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
     aligned = [i for i, name in enumerate(names) if name in ("Q", "DO", "DQP", "DK", "DVv", "DKP", "DVP", "Hq")]
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k_),): v_ for k_, v_ in const.items()},
