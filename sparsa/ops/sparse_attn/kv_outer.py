@@ -49,7 +49,7 @@ def local_config(group: int, head_dim: int):
 
 
 def merge_stages(local: bool, block_size: int, head_dim: int) -> int:
-    """Pipeline stages of the merge kernel: 3, or 2 with the local blocks fused in at block 128 and head dim 128
+    """Pipeline stages of the merge kernel: 3, or 2 with the local blocks fused in at block 128, head dims from 128
     (offline sm_90 build: 213056 bytes of shared memory with 3 stages, 147520 with 2; the H100's build of the dK/dV
     kernel needed 32 KB more than its offline build, session 16)."""
     return 2 if local and block_size >= 128 and head_dim >= 128 else 3

@@ -198,7 +198,7 @@ def block_tiles(union, counts, maxu: int, n_blocks: int) -> PairIndex:
 
 
 def dq_stages(block_n: int, head_dim: int) -> int:
-    """Pipeline stages of the dq kernel: 3, or 2 for blocks of 128 keys at head dim 128 (offline sm_90 build: 229440
+    """Pipeline stages of the dq kernel: 3, or 2 for blocks of 128 keys at head dims from 128 (offline build: 229440
     bytes of shared memory with 3 stages, 163904 with 2; the H100's build of a kernel that needed 230912 offline
     needed 32 KB more, over its 232448: session 16)."""
     return 2 if block_n >= 128 and head_dim >= 128 else 3
