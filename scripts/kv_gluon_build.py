@@ -44,7 +44,12 @@ def main():
     p.add_argument("--kernel", choices=("main", "bwd"), default="main")
     p.add_argument("--groups", default="1,3,4,16")
     p.add_argument("--dims", default="64,128")
+    p.add_argument("--flags", default="", help="kv_gluon flags to turn on first, '+'-joined (CONTIG+KV_REUSE)")
     args = p.parse_args()
+    for name in filter(None, args.flags.split("+")):
+        if not isinstance(getattr(kv_gluon, name, None), bool):
+            raise SystemExit(f"--flags: {name!r} is not a kv_gluon flag")
+        setattr(kv_gluon, name, True)
     for d in (int(x) for x in args.dims.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
             print(json.dumps(report(group, d, args.kernel)), flush=True)
