@@ -61,16 +61,11 @@ PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in a
 TMA_STORE = True
 OFFSETS_I32 = True
 PIPELINE = True
-# session 17 variants (constexprs, timed by kv_gluon_ab --flags):
-# CONTIG: program p takes the consecutive items [p * W // P, (p + 1) * W // P) of the work list instead of
-#         p, p + P, ...: items of one (KV head, block) group are consecutive in the list, so a program's next item
-#         mostly has the same key block;
-# KV_REUSE: an item of the same group as the program's previous item reads that item's K / V stage instead of
-#         copying the same 32 KB (D = 128) again; K / V stages then follow the program's K / V loads, not its items.
-#         Why: at 8K G = 4 MAIN moves about 3.2 GB of query, key and value tiles from L2 into shared memory and 1.1 GB
-#         of partials out in 0.64 ms (about 6.7 TB/s through L2), two thirds of the loads being K and V.
-CONTIG = False
-KV_REUSE = False
+# session 17 variant of the PIPELINE loop (opt-in, timed by kv_gluon_ab --flags): ASYNC_PV reorders iteration i so
+# that both MMAs of item i + 1 run under other work: its Q K^T under item i + 2's copies and loads, its P V (issued
+# asynchronously) under item i's partial stores. (Carrying the P V in flight across the loop's back edge instead
+# made ptxas serialize every wgmma: C7514.)
+ASYNC_PV = False
 # PIPELINE from this group size: at G = 1 (forced with SPARSA_KV_GLUON=1) the loop without it was faster at 8K and
 # 16K (MAIN 0.74 vs 0.77 ms, 1.51 vs 1.57) and equal at 64K (6.68-6.72 vs 6.68)
 PIPELINE_MIN_GROUP = 2
@@ -120,36 +115,10 @@ if HAVE_GLUON:
     _ROWS = gl.constexpr(ROWS)
 
     @gluon.jit
-    def _my_items(n_items, CONTIG: gl.constexpr):
-        """(first item, item stride, item count >= 1) of this program: items pid, pid + P, ... or, with CONTIG, the
-        consecutive items [pid * W // P, (pid + 1) * W // P) (the host launches P <= W programs)."""
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        if CONTIG:
-            first = pid.to(gl.int64) * n_items // nprog
-            n_mine = ((pid + 1).to(gl.int64) * n_items // nprog - first).to(gl.int32)
-            stride = 1
-        else:
-            first = pid.to(gl.int64)
-            n_mine = gl.cdiv(n_items - pid, nprog)
-            stride = nprog
-        return first, stride, n_mine
-
-    @gluon.jit
-    def _work(WORK, j, n_mine, first, stride):
+    def _work(WORK, j, n_mine, pid, nprog):
         """(first pair, end pair, group) of this program's j-th item (its last item from j = n_mine on)."""
-        w = first + gl.minimum(j, n_mine - 1).to(gl.int64) * stride
+        w = (pid + gl.minimum(j, n_mine - 1) * nprog).to(gl.int64)
         return gl.load(WORK + w * 3), gl.load(WORK + w * 3 + 1), gl.load(WORK + w * 3 + 2)
-
-    @gluon.jit
-    def _kv_load_id(n_kv, grp, grp_prev, KV_REUSE: gl.constexpr):
-        """(K / V loads issued once this item's are, whether it issues its own): an item of the previous item's group
-        reads that item's K / V with KV_REUSE; its K / V are then load n_kv - 1, in stage (n_kv - 1) % 2."""
-        if KV_REUSE:
-            new = grp != grp_prev
-        else:
-            new = grp == grp  # every item loads its own
-        return n_kv + new.to(gl.int32), new
 
     @gluon.jit
     def _item_rows(TOKS, start, end, G: gl.constexpr, PAIRS: gl.constexpr, layout: gl.constexpr,
@@ -184,20 +153,30 @@ if HAVE_GLUON:
         return hd, kst, gl.load(BLKLEN + gb), tok_g, tok_s, first
 
     @gluon.jit
-    def _issue(j, n_mine, kv_id, kv_new, h, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq,
-               G: gl.constexpr, gather: gl.constexpr):
-        """Starts the loads of this program's j-th item: its gathered query rows into stage j % 2 by cp.async (one
-        commit group per call, also past the last item, where the last item's rows are re-read and never used, so
-        that the group count stays in step) and, when kv_new, K and V by TMA into K / V stage kv_id % 2 (arriving
-        on that stage's barrier)."""
+    def _issue(j, n_mine, h, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G: gl.constexpr,
+               gather: gl.constexpr):
+        """Starts the loads of this program's j-th item into stage j % 2: K and V by TMA (arriving on the stage's
+        barrier), the gathered query rows by cp.async (one commit group per call, also past the last item, where
+        the last item's rows are re-read and never used, so that the group count stays in step)."""
+        _issue_kv(j, n_mine, h, kst, k_desc, v_desc, k_s, v_s, ready)
+        _issue_q(j, h, tok_g, Q, q_s, Hq, G, gather)
+
+    @gluon.jit
+    def _issue_kv(j, n_mine, h, kst, k_desc, v_desc, k_s, v_s, ready):
+        """_issue's K and V copies (TMA, arriving on stage j % 2's barrier; none past the last item)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         s = j % 2
-        live = (j < n_mine) & kv_new
-        ks = kv_id % 2
-        bar = ready.index(ks)
+        live = j < n_mine
+        bar = ready.index(s)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
-        tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, k_s.index(ks), pred=live)
-        tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(ks), pred=live)
+        tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, k_s.index(s), pred=live)
+        tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(s), pred=live)
+
+    @gluon.jit
+    def _issue_q(j, h, tok_g, Q, q_s, Hq, G: gl.constexpr, gather: gl.constexpr):
+        """_issue's gathered query rows (cp.async into stage j % 2, one commit group)."""
+        D: gl.constexpr = q_s.shape[2]
+        s = j % 2
         g = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather)) % G
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
         rows = tok_g * Hq + h * G + g  # int32 with OFFSETS_I32 (the launch checks q.numel() < 2**31)
@@ -205,10 +184,12 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr, PAIRS: gl.constexpr):
+    def _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr, PAIRS: gl.constexpr,
+                    ASYNC: gl.constexpr = False):
         """From an item's scores sc [ROWS, BN] (fp32, wgmma layout) to (acc = P V [ROWS, D] fp32 unnormalised, m, l),
         kv_outer.main_tile's math; `first` is the item's first token, the smallest (pairs are sorted by group, then
-        token)."""
+        token). ASYNC: acc is the P V MMA's token, waited for with (token, P operand, v_tile) kept alive, and the P
+        operand is returned too: (token, m, l, p_op)."""
         D: gl.constexpr = v_tile.shape[1]
         BN: gl.constexpr = v_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -228,8 +209,13 @@ if HAVE_GLUON:
         p = gl.exp2(sc * qk_scale - m[:, None])
         l = gl.sum(p, 1)
         p_op = gl.convert_layout(p.to(v_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
-        acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
-        return acc, m, l
+        if ASYNC:
+            tok_pv = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False,
+                                   is_async=True)
+            return tok_pv, m, l, p_op
+        else:
+            acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
+            return acc, m, l
 
     @gluon.jit
     def rows_out(tile, buf, desc, PTR, row0, n_rows, gather: gl.constexpr):
@@ -305,14 +291,14 @@ if HAVE_GLUON:
         return q_s, k_s, v_s, o_s, ready
 
     @gluon.jit
-    def _wait_item(ready, kv_id):
-        """Until an item is in shared memory: this thread's query rows (every commit group but the newest one, the
-        next item's), visible to the async proxy (the wgmma) once all threads pass the barrier, and its K and V
-        (K / V load kv_id: stage kv_id % 2, phase (kv_id // 2) & 1; a phase already complete passes at once)."""
+    def _wait_item(ready, j):
+        """Until this program's j-th item is in its stage j % 2: this thread's query rows (every commit group but
+        the newest one, item j + 1's or j + 2's), visible to the async proxy (the wgmma) once all threads pass the
+        barrier, and K and V (the stage's barrier, phase (j // 2) & 1)."""
         async_copy.wait_group(1)
         fence_async_shared()
         gl.thread_barrier()
-        mbarrier.wait(ready.index(kv_id % 2), (kv_id // 2) & 1)
+        mbarrier.wait(ready.index(j % 2), (j // 2) & 1)
 
     @gluon.jit
     def _drain(ready, TMA_ST: gl.constexpr):
@@ -326,8 +312,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _kv_main_gluon_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_items,
                               Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-                              TMA_ST: gl.constexpr, I32: gl.constexpr, CONTIG: gl.constexpr,
-                              KV_REUSE: gl.constexpr):
+                              TMA_ST: gl.constexpr, I32: gl.constexpr):
         """MAIN over the items pid, pid + P, ... of the work list. Iteration i issues item i + 1's copies (from
         block and token loads started in iteration i - 1), starts the loads of item i + 2's block and tokens
         and of item i + 3's work entry, then computes item i: no load latency on the critical path."""
@@ -343,35 +328,30 @@ if HAVE_GLUON:
 
         q_s, k_s, v_s, o_s, ready = _buffers(k_desc, v_desc, op_desc, Q_LAYOUT, TMA_ST)
 
-        f0, stride, n_mine = _my_items(n_items, CONTIG)
-        start, end, grp = _work(WORK, 0, n_mine, f0, stride)
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
+        start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
         hd, kst, blen, tok_g, tok_s, first = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS,
                                                         grows, srows, I32)
-        n_kv = 1  # K / V loads issued: item 0's
-        kv_id = 0  # the K / V load the next item to compute reads
-        _issue(0, n_mine, kv_id, True, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-        start1, end1, grp1 = _work(WORK, 1, n_mine, f0, stride)
+        _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
         hd1, kst1, blen1, tok_g1, tok_s1, first1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G,
                                                               PAIRS, grows, srows, I32)
-        start2, end2, grp2 = _work(WORK, 2, n_mine, f0, stride)
+        start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
         for i in range(n_mine):
-            n_kv, kv_new = _kv_load_id(n_kv, grp1, grp, KV_REUSE)
-            kv_id1 = n_kv - 1
-            _issue(i + 1, n_mine, kv_id1, kv_new, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G,
-                   gather)
+            _issue(i + 1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
             hd2, kst2, blen2, tok_g2, tok_s2, first2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0,
                                                                   G, PAIRS, grows, srows, I32)
-            start3, end3, grp3 = _work(WORK, i + 3, n_mine, f0, stride)
+            start3, end3, grp3 = _work(WORK, i + 3, n_mine, pid, nprog)
 
             stage = i % 2
-            ks = kv_id % 2
-            _wait_item(ready, kv_id)
-            _compute(q_s.index(stage), k_s.index(ks), v_s.index(ks), o_s, op_desc, OP, LSEP, start, end, kst,
+            _wait_item(ready, i)
+            _compute(q_s.index(stage), k_s.index(stage), v_s.index(stage), o_s, op_desc, OP, LSEP, start, end, kst,
                      blen, tok_s, first, qk_scale, G, PAIRS, gather, TMA_ST)
 
-            start, end, grp, kst, blen, tok_s, first, kv_id = start1, end1, grp1, kst1, blen1, tok_s1, first1, kv_id1
-            start1, end1, grp1, hd1, kst1, blen1, tok_g1, tok_s1, first1 = (start2, end2, grp2, hd2, kst2, blen2, tok_g2,
-                                                                            tok_s2, first2)
+            start, end, kst, blen, tok_s, first = start1, end1, kst1, blen1, tok_s1, first1
+            start1, end1, hd1, kst1, blen1, tok_g1, tok_s1, first1 = start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2
             start2, end2, grp2 = start3, end3, grp3
         _drain(ready, TMA_ST)
 
@@ -379,8 +359,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _kv_main_gluon_pipe_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                    n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-                                   TMA_ST: gl.constexpr, I32: gl.constexpr, CONTIG: gl.constexpr,
-                                   KV_REUSE: gl.constexpr):
+                                   TMA_ST: gl.constexpr, I32: gl.constexpr, ASYNC_PV: gl.constexpr = False):
         """PIPELINE variant of _kv_main_gluon_kernel: iteration i stores item i's partials while item i + 1's first
         MMA (Q K^T, issued asynchronously) runs, then computes item i + 1's softmax and P V. Loads run one item
         further ahead: iteration i issues item i + 2's copies (into item i's stage, read by then), loads item i + 3's
@@ -397,22 +376,22 @@ if HAVE_GLUON:
 
         q_s, k_s, v_s, o_s, ready = _buffers(k_desc, v_desc, op_desc, Q_LAYOUT, TMA_ST)
 
-        f0, stride, n_mine = _my_items(n_items, CONTIG)
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
         # items 0 and 1: copies issued; item 2: block and tokens loaded; item 3: work entry loaded
-        start, end, grp = _work(WORK, 0, n_mine, f0, stride)
+        start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
         hd, kst, blen, tok_g, tok_s, first = _item_meta(TOKS, BLKSTART, BLKLEN, start, end, grp, NBG, h0, G, PAIRS,
                                                         grows, srows, I32)
-        _issue(0, n_mine, 0, True, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-        start1, end1, grp1 = _work(WORK, 1, n_mine, f0, stride)
+        _issue(0, n_mine, hd, kst, tok_g, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
         hd1, kst1, blen1, tok_g1, tok_s1, first1 = _item_meta(TOKS, BLKSTART, BLKLEN, start1, end1, grp1, NBG, h0, G,
                                                               PAIRS, grows, srows, I32)
-        n_kv, kv_new = _kv_load_id(1, grp1, grp, KV_REUSE)  # K / V loads issued once item 1's are
-        kv_id1 = n_kv - 1  # the K / V load item 1 reads
-        _issue(1, n_mine, kv_id1, kv_new, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-        start2, end2, grp2 = _work(WORK, 2, n_mine, f0, stride)
+        _issue(1, n_mine, hd1, kst1, tok_g1, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+        start2, end2, grp2 = _work(WORK, 2, n_mine, pid, nprog)
         hd2, kst2, blen2, tok_g2, tok_s2, first2 = _item_meta(TOKS, BLKSTART, BLKLEN, start2, end2, grp2, NBG, h0,
                                                               G, PAIRS, grows, srows, I32)
-        start3, end3, grp3 = _work(WORK, 3, n_mine, f0, stride)
+        start3, end3, grp3 = _work(WORK, 3, n_mine, pid, nprog)
         # item 0, up to its P V
         _wait_item(ready, 0)
         sc = warpgroup_mma(q_s.index(0), k_s.index(0).permute((1, 0)),
@@ -420,32 +399,53 @@ if HAVE_GLUON:
         acc, m, l = _softmax_pv(sc, v_s.index(0), start, end, kst, blen, tok_s, first, qk_scale, G, PAIRS)
         gl.thread_barrier()  # stage 0 is read
         for i in range(n_mine):
-            # item i + 2's query rows go into item i's stage; its K / V, when new, into the stage that item i + 1's
-            # K / V are not in (the one before them, read by items <= i only)
-            n_kv, kv_new = _kv_load_id(n_kv, grp2, grp1, KV_REUSE)
-            kv_id2 = n_kv - 1
-            _issue(i + 2, n_mine, kv_id2, kv_new, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G,
-                   gather)
-            hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3, NBG,
-                                                                  h0, G, PAIRS, grows, srows, I32)
-            start4, end4, grp4 = _work(WORK, i + 4, n_mine, f0, stride)
-            if i + 1 < n_mine:
-                nxt = (i + 1) % 2
-                ks = kv_id1 % 2
-                _wait_item(ready, kv_id1)  # (only item i + 2's copies may still be pending)
-                sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(ks).permute((1, 0)),
-                                       gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
-                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
-                sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(ks)])[0]
-                acc, m, l = _softmax_pv(sc, v_s.index(ks), start1, end1, kst1, blen1, tok_s1, first1, qk_scale, G,
-                                        PAIRS)
-                gl.thread_barrier()  # item i + 1's stages are read
+            if ASYNC_PV:
+                if i + 1 < n_mine:
+                    nxt = (i + 1) % 2
+                    _wait_item(ready, i + 1)  # (only item i + 1's copies were pending)
+                    sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
+                                           gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False,
+                                           is_async=True)
+                    # under item i + 1's Q K^T: item i + 2's copies into item i's stage (read: its P V was waited for)
+                    _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+                    hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3,
+                                                                          NBG, h0, G, PAIRS, grows, srows, I32)
+                    start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
+                    sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
+                    pv_tok, m1, l1, p_op = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1,
+                                                       qk_scale, G, PAIRS, True)
+                    # under item i + 1's P V: item i's stores
+                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                    acc = warpgroup_mma_wait(0, deps=[pv_tok, p_op, v_s.index(nxt)])[0]
+                    m, l = m1, l1
+                    gl.thread_barrier()  # item i + 1's stage is read
+                else:
+                    _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+                    hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3,
+                                                                          NBG, h0, G, PAIRS, grows, srows, I32)
+                    start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
+                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
             else:
-                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+                hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3, NBG,
+                                                                      h0, G, PAIRS, grows, srows, I32)
+                start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
+                if i + 1 < n_mine:
+                    nxt = (i + 1) % 2
+                    _wait_item(ready, i + 1)  # (only item i + 2's copies may still be pending)
+                    sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
+                                           gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False,
+                                           is_async=True)
+                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                    sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
+                    acc, m, l = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1, qk_scale,
+                                            G, PAIRS)
+                    gl.thread_barrier()  # item i + 1's stage is read
+                else:
+                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
             start, end = start1, end1
-            start1, end1, grp1, kst1, blen1, tok_s1, first1, kv_id1 = start2, end2, grp2, kst2, blen2, tok_s2, first2, kv_id2
-            start2, end2, grp2, hd2, kst2, blen2, tok_g2, tok_s2, first2 = (start3, end3, grp3, hd3, kst3, blen3, tok_g3,
-                                                                            tok_s3, first3)
+            start1, end1, kst1, blen1, tok_s1, first1 = start2, end2, kst2, blen2, tok_s2, first2
+            start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2 = start3, end3, hd3, kst3, blen3, tok_g3, tok_s3, first3
             start3, end3, grp3 = start4, end4, grp4
         _drain(ready, TMA_ST)
 
@@ -493,9 +493,10 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     args = (q, _kv_descriptor(k), _kv_descriptor(v), _partial_descriptor(op), op, lsep, work, index.toks,
             meta.blk_start, meta.blk_len, scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
     q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
-    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32, CONTIG=CONTIG,
-                  KV_REUSE=KV_REUSE)
+    consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32)
     kernel = _kv_main_gluon_pipe_kernel if uses_pipeline(group) else _kv_main_gluon_kernel
+    if uses_pipeline(group) and ASYNC_PV:
+        consts["ASYNC_PV"] = True
     launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
     launcher(kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
@@ -515,8 +516,9 @@ def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None,
     desc = mangle_type(_kv_descriptor(sample))
     op_desc = mangle_type(_partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
     const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True),
-                 TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32,
-                 CONTIG=CONTIG, KV_REUSE=KV_REUSE)
+                 TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32)
+    if fn is _kv_main_gluon_pipe_kernel:
+        const["ASYNC_PV"] = ASYNC_PV
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "op_desc": op_desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
