@@ -20,7 +20,7 @@ from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import kv_gluon
 
 
-FLAGS = ("TMA_STORE", "OFFSETS_I32", "PIPELINE", "ASYNC_PV")
+FLAGS = ("TMA_STORE", "OFFSETS_I32", "PIPELINE")
 
 
 def parse_flags(text):

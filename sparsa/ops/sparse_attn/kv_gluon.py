@@ -61,11 +61,6 @@ PROGRAMS_PER_SM = 2  # two stages of 48 KB (D = 128) each: two programs fit in a
 TMA_STORE = True
 OFFSETS_I32 = True
 PIPELINE = True
-# session 17 variant of the PIPELINE loop (opt-in, timed by kv_gluon_ab --flags): ASYNC_PV reorders iteration i so
-# that both MMAs of item i + 1 run under other work: its Q K^T under item i + 2's copies and loads, its P V (issued
-# asynchronously) under item i's partial stores. (Carrying the P V in flight across the loop's back edge instead
-# made ptxas serialize every wgmma: C7514.)
-ASYNC_PV = False
 # PIPELINE from this group size: at G = 1 (forced with SPARSA_KV_GLUON=1) the loop without it was faster at 8K and
 # 16K (MAIN 0.74 vs 0.77 ms, 1.51 vs 1.57) and equal at 64K (6.68-6.72 vs 6.68)
 PIPELINE_MIN_GROUP = 2
@@ -158,12 +153,6 @@ if HAVE_GLUON:
         """Starts the loads of this program's j-th item into stage j % 2: K and V by TMA (arriving on the stage's
         barrier), the gathered query rows by cp.async (one commit group per call, also past the last item, where
         the last item's rows are re-read and never used, so that the group count stays in step)."""
-        _issue_kv(j, n_mine, h, kst, k_desc, v_desc, k_s, v_s, ready)
-        _issue_q(j, h, tok_g, Q, q_s, Hq, G, gather)
-
-    @gluon.jit
-    def _issue_kv(j, n_mine, h, kst, k_desc, v_desc, k_s, v_s, ready):
-        """_issue's K and V copies (TMA, arriving on stage j % 2's barrier; none past the last item)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         s = j % 2
         live = j < n_mine
@@ -171,12 +160,6 @@ if HAVE_GLUON:
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
         tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, k_s.index(s), pred=live)
         tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (h * D).to(gl.int32)], bar, v_s.index(s), pred=live)
-
-    @gluon.jit
-    def _issue_q(j, h, tok_g, Q, q_s, Hq, G: gl.constexpr, gather: gl.constexpr):
-        """_issue's gathered query rows (cp.async into stage j % 2, one commit group)."""
-        D: gl.constexpr = q_s.shape[2]
-        s = j % 2
         g = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather)) % G
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
         rows = tok_g * Hq + h * G + g  # int32 with OFFSETS_I32 (the launch checks q.numel() < 2**31)
@@ -184,12 +167,10 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr, PAIRS: gl.constexpr,
-                    ASYNC: gl.constexpr = False):
+    def _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G: gl.constexpr, PAIRS: gl.constexpr):
         """From an item's scores sc [ROWS, BN] (fp32, wgmma layout) to (acc = P V [ROWS, D] fp32 unnormalised, m, l),
         kv_outer.main_tile's math; `first` is the item's first token, the smallest (pairs are sorted by group, then
-        token). ASYNC: acc is the P V MMA's token, waited for with (token, P operand, v_tile) kept alive, and the P
-        operand is returned too: (token, m, l, p_op)."""
+        token)."""
         D: gl.constexpr = v_tile.shape[1]
         BN: gl.constexpr = v_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -209,13 +190,8 @@ if HAVE_GLUON:
         p = gl.exp2(sc * qk_scale - m[:, None])
         l = gl.sum(p, 1)
         p_op = gl.convert_layout(p.to(v_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2))
-        if ASYNC:
-            tok_pv = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False,
-                                   is_async=True)
-            return tok_pv, m, l, p_op
-        else:
-            acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
-            return acc, m, l
+        acc = warpgroup_mma(p_op, v_tile, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
+        return acc, m, l
 
     @gluon.jit
     def rows_out(tile, buf, desc, PTR, row0, n_rows, gather: gl.constexpr):
@@ -359,7 +335,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _kv_main_gluon_pipe_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                    n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-                                   TMA_ST: gl.constexpr, I32: gl.constexpr, ASYNC_PV: gl.constexpr = False):
+                                   TMA_ST: gl.constexpr, I32: gl.constexpr):
         """PIPELINE variant of _kv_main_gluon_kernel: iteration i stores item i's partials while item i + 1's first
         MMA (Q K^T, issued asynchronously) runs, then computes item i + 1's softmax and P V. Loads run one item
         further ahead: iteration i issues item i + 2's copies (into item i's stage, read by then), loads item i + 3's
@@ -399,50 +375,22 @@ if HAVE_GLUON:
         acc, m, l = _softmax_pv(sc, v_s.index(0), start, end, kst, blen, tok_s, first, qk_scale, G, PAIRS)
         gl.thread_barrier()  # stage 0 is read
         for i in range(n_mine):
-            if ASYNC_PV:
-                if i + 1 < n_mine:
-                    nxt = (i + 1) % 2
-                    _wait_item(ready, i + 1)  # (only item i + 1's copies were pending)
-                    sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
-                                           gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False,
-                                           is_async=True)
-                    # under item i + 1's Q K^T: item i + 2's copies into item i's stage (read: its P V was waited for)
-                    _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-                    hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3,
-                                                                          NBG, h0, G, PAIRS, grows, srows, I32)
-                    start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
-                    sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
-                    pv_tok, m1, l1, p_op = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1,
-                                                       qk_scale, G, PAIRS, True)
-                    # under item i + 1's P V: item i's stores
-                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
-                    acc = warpgroup_mma_wait(0, deps=[pv_tok, p_op, v_s.index(nxt)])[0]
-                    m, l = m1, l1
-                    gl.thread_barrier()  # item i + 1's stage is read
-                else:
-                    _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-                    hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3,
-                                                                          NBG, h0, G, PAIRS, grows, srows, I32)
-                    start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
-                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+            _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
+            hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3, NBG,
+                                                                  h0, G, PAIRS, grows, srows, I32)
+            start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
+            if i + 1 < n_mine:
+                nxt = (i + 1) % 2
+                _wait_item(ready, i + 1)  # (only item i + 2's copies may still be pending)
+                sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
+                                       gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
+                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
+                acc, m, l = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1, qk_scale, G,
+                                        PAIRS)
+                gl.thread_barrier()  # item i + 1's stage is read
             else:
-                _issue(i + 2, n_mine, hd2, kst2, tok_g2, Q, k_desc, v_desc, q_s, k_s, v_s, ready, Hq, G, gather)
-                hd3, kst3, blen3, tok_g3, tok_s3, first3 = _item_meta(TOKS, BLKSTART, BLKLEN, start3, end3, grp3, NBG,
-                                                                      h0, G, PAIRS, grows, srows, I32)
-                start4, end4, grp4 = _work(WORK, i + 4, n_mine, pid, nprog)
-                if i + 1 < n_mine:
-                    nxt = (i + 1) % 2
-                    _wait_item(ready, i + 1)  # (only item i + 2's copies may still be pending)
-                    sc_tok = warpgroup_mma(q_s.index(nxt), k_s.index(nxt).permute((1, 0)),
-                                           gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False,
-                                           is_async=True)
-                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
-                    sc = warpgroup_mma_wait(0, deps=[sc_tok, q_s.index(nxt), k_s.index(nxt)])[0]
-                    acc, m, l = _softmax_pv(sc, v_s.index(nxt), start1, end1, kst1, blen1, tok_s1, first1, qk_scale,
-                                            G, PAIRS)
-                    gl.thread_barrier()  # item i + 1's stage is read
-                else:
-                    _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
+                _epilogue(acc, m, l, o_s, op_desc, OP, LSEP, start, end, G, PAIRS, gather, TMA_ST)
             start, end = start1, end1
             start1, end1, kst1, blen1, tok_s1, first1 = start2, end2, kst2, blen2, tok_s2, first2
             start2, end2, hd2, kst2, blen2, tok_g2, tok_s2, first2 = start3, end3, hd3, kst3, blen3, tok_g3, tok_s3, first3
@@ -495,8 +443,6 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     q_layout = _smem_layout(ROWS, q.shape[2], q.dtype == torch.bfloat16)
     consts = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=q_layout, TMA_ST=TMA_STORE, I32=i32)
     kernel = _kv_main_gluon_pipe_kernel if uses_pipeline(group) else _kv_main_gluon_kernel
-    if uses_pipeline(group) and ASYNC_PV:
-        consts["ASYNC_PV"] = True
     launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
     launcher(kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
@@ -517,8 +463,6 @@ def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None,
     op_desc = mangle_type(_partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
     const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True),
                  TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32)
-    if fn is _kv_main_gluon_pipe_kernel:
-        const["ASYNC_PV"] = ASYNC_PV
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "op_desc": op_desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
