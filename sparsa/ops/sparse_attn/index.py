@@ -183,34 +183,16 @@ def split_work_list(index: PairIndex, per_item: int):
     return work, n_slots, _group_split_info_torch(index, per_item)
 
 
-# 16-bit sort keys store group - 2**15: the whole signed range, so up to 2**16 - 1 keys (the groups and the
-# "invalid" key n_groups) sort in the two passes of a 16-bit radix sort. Before session 17 they stored the group
-# itself, so 64K tokens at G = 1 (32 KV heads x 1024 blocks = 32768 groups) and 128K at G = 2 took 32-bit keys
-KEY16_OFFSET = -(2**15)
-
-
 def key_dtype(n_groups: int) -> torch.dtype:
-    """The narrowest sort key that holds n_groups + 1 keys (the last one, n_groups, marks invalid slots): a 16-bit
-    radix sort makes half the passes of a 32-bit one."""
-    return torch.int16 if n_groups < 2**16 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
+    """The narrowest sort key that holds n_groups (the "invalid" key): a 16-bit radix sort makes half the passes."""
+    return torch.int16 if n_groups < 2**15 - 1 else torch.int32 if n_groups < 2**31 - 1 else torch.int64
 
 
-def key_offset(n_groups: int) -> int:
-    """What is added to a group (or the invalid key n_groups) to make its sort key: KEY16_OFFSET for 16-bit keys."""
-    return KEY16_OFFSET if key_dtype(n_groups) == torch.int16 else 0
-
-
-def group_keys(gid: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Groups (and invalid keys n_groups), any integer dtype -> sort keys (key_dtype, key_offset added)."""
-    return (gid.to(torch.int64) + key_offset(n_groups)).to(key_dtype(n_groups))
-
-
-def sort_groups(keys: torch.Tensor, n_groups: int):
-    """Stable sort of the sort keys [P] (group_keys) -> (sorted keys, perm, counts [n_groups], gstart [n_groups])."""
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    edges = torch.arange(n_groups + 1, device=keys.device, dtype=torch.int64) + key_offset(n_groups)
-    bounds = torch.searchsorted(sorted_keys, edges.to(keys.dtype))
-    return sorted_keys, perm, bounds[1:] - bounds[:-1], bounds[:-1]
+def sort_groups(gid: torch.Tensor, n_groups: int):
+    """Stable sort of the keys gid [P] -> (sorted keys, perm, counts [n_groups], gstart [n_groups])."""
+    sorted_gid, perm = torch.sort(gid, stable=True)
+    bounds = torch.searchsorted(sorted_gid, torch.arange(n_groups + 1, device=gid.device, dtype=gid.dtype))
+    return sorted_gid, perm, bounds[1:] - bounds[:-1], bounds[:-1]
 
 
 def partial_slots(index: PairIndex, per_item: int) -> int:
@@ -225,11 +207,12 @@ def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h
     sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
     valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
     n_groups = n_heads * meta.n_blocks
-    head = torch.arange(n_heads, device=device, dtype=torch.int64)
-    gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(torch.int64)[:, None, None]) + sl.to(torch.int64)
+    kdt = key_dtype(n_groups)
+    head = torch.arange(n_heads, device=device, dtype=kdt)
+    gid = (head[None, :, None] * meta.n_blocks + meta.tok_blockbase.to(kdt)[:, None, None]) + sl.to(kdt)
     gid = torch.where(valid, gid, n_groups)  # invalid slots sort last
     gid = gid.permute(1, 0, 2).reshape(-1)  # order (head, token, slot)
-    _, perm, counts, gstart = sort_groups(group_keys(gid, n_groups), n_groups)
+    _, perm, counts, gstart = sort_groups(gid, n_groups)
     n_pairs = gid.numel()
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     pos[perm] = torch.arange(n_pairs, dtype=torch.int32, device=device)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bound)
-from .index import DocMeta, PairIndex, key_dtype, key_offset, partial_slots, sort_groups
+from .index import DocMeta, PairIndex, key_dtype, partial_slots, sort_groups
 
 
 # elements (slots, sorted positions, work rows, groups) per program of the index kernels
@@ -35,7 +35,6 @@ def _pair_key_kernel(
     N,
     NBG,
     n_groups,
-    key_offset,
     h0,
     block_size,
     stride_n,
@@ -46,7 +45,7 @@ def _pair_key_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Sort keys of BLOCK_T tokens x all slots of one local head hl (the `valid_slots` test fused in):
-    GID [Hs, N, TOPK] = key_offset + (hl * NBG + block base of the token + slot's block, n_groups if invalid)."""
+    GID [Hs, N, TOPK] = hl * NBG + block base of the token + slot's block, n_groups if invalid."""
     pid = tl.program_id(0).to(tl.int64)
     n_tblocks = tl.cdiv(N, BLOCK_T)
     hl = pid // n_tblocks
@@ -64,21 +63,21 @@ def _pair_key_kernel(
     own = (t - tl.load(DOCSTART + t, mask=tmask, other=0)) // block_size  # [BT] the token's own local block
     base = hl * NBG + tl.load(BLOCKBASE + t, mask=tmask, other=0)  # [BT]
     valid = (c >= 0) & (c <= own[:, None]) & ~repeat
-    key = tl.where(valid, base[:, None] + c, n_groups) + key_offset
+    key = tl.where(valid, base[:, None] + c, n_groups)
     tl.store(GID + (hl * N + t)[:, None] * TOPK + s[None, :], key.to(GID.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _pair_pos_kernel(
-    PERM, SORTED, POS, TOKS, n_pairs, N, invalid_key, TOPK: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr
+    PERM, SORTED, POS, TOKS, n_pairs, N, n_groups, TOPK: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr
 ):
     """For BLOCK sorted positions p: POS[perm[p]] = p (-1 if the key is the invalid one), TOKS[p] = the
     token of the slot perm[p] of the (head, token, slot) order. WIDE: more than 2^31 slots (int64 division)."""
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = p < n_pairs
     q = tl.load(PERM + p, mask=mask, other=0)
-    key = tl.load(SORTED + p, mask=mask, other=0).to(tl.int64)
-    tl.store(POS + q, tl.where(key < invalid_key, p, -1).to(tl.int32), mask=mask)
+    key = tl.load(SORTED + p, mask=mask, other=0)
+    tl.store(POS + q, tl.where(key < n_groups, p, -1).to(tl.int32), mask=mask)
     if not WIDE:
         q = q.to(tl.int32)
     tl.store(TOKS + p, ((q // TOPK) % N).to(tl.int32), mask=mask)
@@ -104,7 +103,6 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
             n_tokens,
             meta.n_blocks,
             n_groups,
-            key_offset(n_groups),
             h0,
             block_size,
             *idx.stride(),
@@ -118,8 +116,7 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
     if n_pairs:
         wide = n_pairs >= WIDE_PAIRS
         _pair_pos_kernel[(triton.cdiv(n_pairs, INDEX_BLOCK),)](
-            perm, sorted_gid, pos, toks, n_pairs, n_tokens, n_groups + key_offset(n_groups), TOPK=topk, WIDE=wide,
-            BLOCK=INDEX_BLOCK,
+            perm, sorted_gid, pos, toks, n_pairs, n_tokens, n_groups, TOPK=topk, WIDE=wide, BLOCK=INDEX_BLOCK
         )
     return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos.view(n_heads, n_tokens, topk))
 

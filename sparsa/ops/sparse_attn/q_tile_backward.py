@@ -23,7 +23,7 @@ import triton.language as tl
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
-from .index import PairIndex, group_keys, sort_groups, split_work_list
+from .index import PairIndex, key_dtype, sort_groups, split_work_list
 from .q_outer import LOG2E, _pow2, precision_for
 from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
 
@@ -191,7 +191,7 @@ def block_tiles(union, counts, maxu: int, n_blocks: int) -> PairIndex:
     step = torch.arange(maxu, device=union.device, dtype=torch.int32)
     head = torch.arange(n_heads_kv, device=union.device, dtype=torch.int64)[None, :, None]
     valid = step[None, None, :] < counts[:, :, None]
-    keys = group_keys(torch.where(valid, head * n_blocks + union.to(torch.int64), n_groups), n_groups).reshape(-1)
+    keys = torch.where(valid, head * n_blocks + union.to(torch.int64), n_groups).to(key_dtype(n_groups)).reshape(-1)
     _, perm, group_counts, gstart = sort_groups(keys, n_groups)
     tiles = (perm // (n_heads_kv * maxu)).to(torch.int32)
     return PairIndex(0, n_heads_kv, keys.numel(), group_counts, gstart, tiles, tiles[:0])
