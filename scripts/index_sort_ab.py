@@ -11,7 +11,6 @@ import json
 import torch
 
 from benchmarks.sparse_attention import BS, bench, make, sparse_calls, time_index
-from scripts.sa_kernel_times import kernel_times
 from sparsa.ops.sparse_attn import index_triton
 from sparsa.ops.sparse_attn.index import doc_meta
 
@@ -26,16 +25,6 @@ def parse_shapes(text):
     if not shapes:
         raise ValueError("--shapes: give 'N,G;N,G'")
     return shapes
-
-
-def index_kernels(idx, n, on):
-    """The index build's kernels, GPU ms per call, with the counting sort on / off (one slice of all heads)."""
-    flat = idx.view(n, idx.shape[2], -1).contiguous()
-    meta = doc_meta(1, n, None, BS, idx.device)
-    index_triton.COUNTING_SORT = on
-    times = kernel_times(lambda: index_triton.build_pair_index_triton(flat, meta, BS, 0, flat.shape[1]), 3)
-    index_triton.COUNTING_SORT = DEFAULT
-    return {name: round(ms, 4) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:8]}
 
 
 def same_index(idx, n):
@@ -58,9 +47,6 @@ def main():
     for n, group in parse_shapes(args.shapes):
         q, k, v, idx = make(n, group)
         equal = same_index(idx, n)
-        for on in (True, False):
-            print(json.dumps({"N": n, "G": group, "counting_sort": on, "kernels_ms": index_kernels(idx, n, on)}),
-                  flush=True)
         fwd, fwd_bwd, _ = sparse_calls(n, group, "kv_outer")
         for on in (True, False, True, False):
             index_triton.COUNTING_SORT = on
