@@ -14,8 +14,6 @@ from benchmarks.sparse_attention import BS, bench, make, sparse_calls, time_inde
 from sparsa.ops.sparse_attn import index_triton
 from sparsa.ops.sparse_attn.index import doc_meta
 
-DEFAULT = index_triton.COUNTING_SORT
-
 
 def parse_shapes(text):
     shapes = []
@@ -35,7 +33,7 @@ def same_index(idx, n):
     for on in (True, False):
         index_triton.COUNTING_SORT = on
         built.append(index_triton.build_pair_index_triton(flat, meta, BS, 0, flat.shape[1]))
-    index_triton.COUNTING_SORT = DEFAULT
+    index_triton.COUNTING_SORT = True
     return all(torch.equal(getattr(built[0], f), getattr(built[1], f)) for f in ("counts", "gstart", "toks", "pos"))
 
 
@@ -54,7 +52,7 @@ def main():
                    "index_ms": time_index(q, k, v, idx), "fwd_ms": bench(fwd), "fwdbwd_ms": bench(fwd_bwd)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    index_triton.COUNTING_SORT = DEFAULT
+    index_triton.COUNTING_SORT = True
     print("\n| N | G | sort | same index | index ms | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['N']} | {r['G']} | {r['sort']} | {r['equal']} | {r['index_ms']:.3f} | {r['fwd_ms']:.3f} | "

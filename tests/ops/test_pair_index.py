@@ -170,15 +170,6 @@ def _random_idx(n_tokens, n_heads_kv, topk, high, seed, dtype=torch.int32):
     return idx
 
 
-@pytest.fixture(params=[True, False], ids=["counting_sort", "torch_sort"])
-def counting_sort(request, monkeypatch):
-    """Runs a test with the counting sort on and off (torch.sort + the pos kernel)."""
-    monkeypatch.delenv("SPARSA_INDEX_COUNTING_SORT", raising=False)
-    monkeypatch.setattr(index_triton, "COUNTING_SORT", request.param)
-    return request.param
-
-
-@pytest.mark.usefixtures("counting_sort")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_kernels_equal_the_pytorch_reference(packed, dtype):
@@ -193,7 +184,6 @@ def test_kernels_equal_the_pytorch_reference(packed, dtype):
     _compare_with_reference(idx, meta, block_size, 2, 1)
 
 
-@pytest.mark.usefixtures("counting_sort")
 def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
     meta = doc_meta(1, 3000, torch.tensor([0, 1234, 3000], dtype=torch.int32), 1, DEV)
     assert 11 * meta.n_blocks >= 2**15
@@ -208,7 +198,6 @@ def test_counting_sort_in_many_chunks_and_tiles(monkeypatch, rank_tokens):
     """The counting sort (chunk histograms, scans, rank tiles) with chunks of 5 tokens and rank tiles of 1, 2, 4
     tokens (a last tile cut short in most chunks), packed documents and head slices: equal to the PyTorch path
     (which sorts), invalid slots included (toks past the valid pairs)."""
-    monkeypatch.setattr(index_triton, "COUNTING_SORT", True)
     monkeypatch.setattr(index_triton, "CHUNK_MIN_TOKENS", 5)
     monkeypatch.setattr(index_triton, "RANK_TOKENS", rank_tokens)
     monkeypatch.setattr(index_triton, "RANK_TOKENS_CPU", rank_tokens)
@@ -220,9 +209,8 @@ def test_counting_sort_in_many_chunks_and_tiles(monkeypatch, rank_tokens):
 
 
 def test_sort_path_where_the_counting_sort_does_not_fit(monkeypatch):
-    """More bins than MAX_COUNT_BINS: torch.sort and the pos kernel, the same index."""
+    """More bins than MAX_COUNT_BINS (or COUNTING_SORT off): torch.sort and the pos kernel, the same index."""
     meta = doc_meta(1, 45, None, 4, DEV)
-    monkeypatch.setattr(index_triton, "COUNTING_SORT", True)
     monkeypatch.setattr(index_triton, "MAX_COUNT_BINS", meta.n_blocks)
     assert not index_triton.counting_sort_fits(45 * 3 * 6, meta.n_blocks)
     _compare_with_reference(_random_idx(45, 3, 6, 14, seed=13).to(DEV), meta, 4, 0, 3, per_items=(2,))
@@ -234,14 +222,3 @@ def test_wide_pos_kernel_path(monkeypatch):
     monkeypatch.setattr(index_triton, "COUNTING_SORT", False)
     monkeypatch.setattr(index_triton, "WIDE_PAIRS", 0)
     _compare_with_reference(_random_idx(50, 2, 5, 14, seed=11).to(DEV), meta, 4, 0, 2)
-
-
-def test_counting_sort_switch(monkeypatch):
-    monkeypatch.setattr(index_triton, "COUNTING_SORT", False)
-    monkeypatch.setenv("SPARSA_INDEX_COUNTING_SORT", "1")
-    assert index_triton.counting_sort_fits(100, 10)
-    monkeypatch.setenv("SPARSA_INDEX_COUNTING_SORT", "0")
-    assert not index_triton.counting_sort_fits(100, 10)
-    monkeypatch.setenv("SPARSA_INDEX_COUNTING_SORT", "yes")
-    with pytest.raises(ValueError, match="SPARSA_INDEX_COUNTING_SORT"):
-        index_triton.counting_sort_fits(100, 10)

@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bound)
-from .._env import env_flag
 from .index import DocMeta, PairIndex, key_dtype, partial_slots, sort_groups
 
 
@@ -84,10 +83,8 @@ def _pair_pos_kernel(
     tl.store(TOKS + p, ((q // TOPK) % N).to(tl.int32), mask=mask)
 
 
-# the counting sort (session 17) instead of torch.sort + the pos kernel where its per-head bins (blocks + 1) fit;
-# SPARSA_INDEX_COUNTING_SORT=1 / 0 overrides. Off by default until it is timed on a GPU (scripts/index_sort_ab.py):
-# correct in the interpreter and compiled offline for sm_90, not yet run on a GPU
-COUNTING_SORT = False
+# the counting sort (session 17) instead of torch.sort + the pos kernel where its per-head bins (blocks + 1) fit
+COUNTING_SORT = True
 MAX_COUNT_BINS = 4096
 CHUNKS_PER_HEAD = 256  # at most; chunks of at least CHUNK_MIN_TOKENS tokens
 CHUNK_MIN_TOKENS = 64
@@ -154,10 +151,8 @@ def _chunk_scatter_kernel(GID, BASE, POS, TOKS, N, NBG, n_groups, T, n_chunks, T
 
 
 def counting_sort_fits(n_pairs: int, n_blocks: int) -> bool:
-    """Whether _counting_sort takes a head slice: switched on (COUNTING_SORT, SPARSA_INDEX_COUNTING_SORT), int32
-    positions and at most MAX_COUNT_BINS bins per head."""
-    on = env_flag("SPARSA_INDEX_COUNTING_SORT", COUNTING_SORT)
-    return on and n_pairs < 2**31 and n_blocks + 1 <= MAX_COUNT_BINS
+    """Whether _counting_sort takes a head slice: int32 positions and at most MAX_COUNT_BINS bins per head."""
+    return COUNTING_SORT and n_pairs < 2**31 and n_blocks + 1 <= MAX_COUNT_BINS
 
 
 def _counting_sort(gid: torch.Tensor, n_heads: int, n_tokens: int, topk: int, n_blocks: int):
