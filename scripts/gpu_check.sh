@@ -7,7 +7,6 @@
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
 # sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
 # kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep
-# index_sort_ab
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep index_sort_ab " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -101,8 +100,6 @@ step gluon_pipe_ab 480 bash -c "$PY -m pytest -q tests/ops/test_kv_gluon.py -k g
 # the Gluon dK/dV (kv_gluon_bwd.py, SPARSA_KV_GLUON_BWD=1): its GPU tests, then against the Triton dK/dV
 step gluon_bwd_ab 480 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_kv_gluon_bwd.py -k gpu; $PY scripts/kv_gluon_bwd_ab.py --sizes ${BWD_AB_SIZES:-8192,65536} --groups ${BWD_AB_GROUPS:-1,4,8,16}"
 # G = 1 on the Gluon MAIN (forced on; without PIPELINE) against the Triton MAIN at every N of the benchmark
-# session 17: the pair index's counting sort against torch.sort + the pos kernel (index tests on the GPU first)
-step index_sort_ab 400 bash -c "$PY -m pytest -q tests/ops/test_pair_index.py; $PY scripts/index_sort_ab.py"
 step gluon_g1_sweep 400 "$PY" scripts/kv_gluon_ab.py --sizes 8192,16384,32768,65536,131072 --groups 1 --programs 2
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

@@ -34,7 +34,7 @@ D, BS, TOPK = 128, 64, 16
 POINTER_TYPES = {
     "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
     "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
-    "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES", "HIST", "BASE"},
+    "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES"},
     "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM"},
     "*i16": {"GID", "SORTED"},
 }
@@ -116,11 +116,6 @@ def kernels(group: int):
     key = dict(TOPK=TOPK, BLOCK_T=ix.INDEX_BLOCK // TOPK, BLOCK_K=TOPK)
     yield "index pair_key", ix._pair_key_kernel, key, 4, 3, None
     yield "index pair_pos", ix._pair_pos_kernel, dict(TOPK=TOPK, WIDE=False, BLOCK=ix.INDEX_BLOCK), 4, 3, None
-    # the counting sort's kernels (64K tokens at block 64: 1024 blocks + the invalid bin -> 2048 bins)
-    hist = dict(TOPK=TOPK, BLOCK_T=ix.INDEX_BLOCK // TOPK, BLOCK_K=TOPK, BINS=2048)
-    yield "index chunk_hist", ix._chunk_hist_kernel, hist, 4, 3, None
-    scatter = dict(TOPK=TOPK, TILE_T=ix.RANK_TOKENS, BLOCK_K=TOPK)
-    yield "index chunk_scatter", ix._chunk_scatter_kernel, scatter, ix.SCATTER_WARPS, 3, None
 
 
 def main():

@@ -1,7 +1,6 @@
 """The block -> token pair index of the KV-outer kernels (sparsa/ops/sparse_attn/index.py) against its
 definition (both implementations), with the 16-bit and the 32-bit sort keys, and the Triton index kernels
-(index_triton.py: the counting sort, and torch.sort + the pos kernel where it does not fit) against the PyTorch path
-element for element."""
+(index_triton.py) against the PyTorch path element for element."""
 import pytest
 import torch
 
@@ -193,32 +192,8 @@ def test_kernels_equal_the_pytorch_reference_with_32bit_keys():
     _compare_with_reference(idx, meta, 1, 1, 11, per_items=(5,))
 
 
-@pytest.mark.parametrize("rank_tokens", [1, 2, 4])
-def test_counting_sort_in_many_chunks_and_tiles(monkeypatch, rank_tokens):
-    """The counting sort (chunk histograms, scans, rank tiles) with chunks of 5 tokens and rank tiles of 1, 2, 4
-    tokens (a last tile cut short in most chunks), packed documents and head slices: equal to the PyTorch path
-    (which sorts), invalid slots included (toks past the valid pairs)."""
-    monkeypatch.setattr(index_triton, "CHUNK_MIN_TOKENS", 5)
-    monkeypatch.setattr(index_triton, "RANK_TOKENS", rank_tokens)
-    monkeypatch.setattr(index_triton, "RANK_TOKENS_CPU", rank_tokens)
-    meta = doc_meta(1, 90, torch.tensor([0, 7, 30, 41, 90], dtype=torch.int32), 4, DEV)
-    assert index_triton.counting_sort_fits(90 * 3 * 6, meta.n_blocks)
-    idx = _random_idx(meta.n_tokens, 3, 6, 14, seed=12).to(DEV)
-    _compare_with_reference(idx, meta, 4, 0, 3, per_items=(2,))
-    _compare_with_reference(idx, meta, 4, 1, 2, per_items=(3,))
-
-
-def test_sort_path_where_the_counting_sort_does_not_fit(monkeypatch):
-    """More bins than MAX_COUNT_BINS (or COUNTING_SORT off): torch.sort and the pos kernel, the same index."""
-    meta = doc_meta(1, 45, None, 4, DEV)
-    monkeypatch.setattr(index_triton, "MAX_COUNT_BINS", meta.n_blocks)
-    assert not index_triton.counting_sort_fits(45 * 3 * 6, meta.n_blocks)
-    _compare_with_reference(_random_idx(45, 3, 6, 14, seed=13).to(DEV), meta, 4, 0, 3, per_items=(2,))
-
-
 def test_wide_pos_kernel_path(monkeypatch):
-    """The int64 division path of more than 2^31 slots, forced on a small input (on the sort path)."""
+    """The int64 division path of more than 2^31 slots, forced on a small input."""
     meta = doc_meta(1, 50, None, 4, DEV)
-    monkeypatch.setattr(index_triton, "COUNTING_SORT", False)
     monkeypatch.setattr(index_triton, "WIDE_PAIRS", 0)
     _compare_with_reference(_random_idx(50, 2, 5, 14, seed=11).to(DEV), meta, 4, 0, 2)

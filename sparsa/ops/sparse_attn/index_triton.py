@@ -83,112 +83,8 @@ def _pair_pos_kernel(
     tl.store(TOKS + p, ((q // TOPK) % N).to(tl.int32), mask=mask)
 
 
-# the counting sort (session 17) instead of torch.sort + the pos kernel where its per-head bins (blocks + 1) fit
-COUNTING_SORT = True
-MAX_COUNT_BINS = 4096
-CHUNKS_PER_HEAD = 256  # at most; chunks of at least CHUNK_MIN_TOKENS tokens
-CHUNK_MIN_TOKENS = 64
-# tokens per rank tile of the scatter kernel (a [RANK_TOKENS * topk]^2 compare) and its warps: one warp of 56
-# registers (offline sm_90 build), so that a whole 64K-token G = 1 slice (8192 programs) is nearly resident at once;
-# each program's tiles are a chain of dependent loads and stores
-RANK_TOKENS = 2
-SCATTER_WARPS = 1
-RANK_TOKENS_CPU = 8  # under the interpreter (CPU tensors): fewer, larger tiles run faster there
-
-
-@triton.jit
-def _chunk_hist_kernel(GID, HIST, N, NBG, n_groups, T, n_chunks, TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BINS: tl.constexpr):
-    """HIST [Hs, n_chunks, NBG + 1] int32: slots per block (and invalid ones, last bin) of the tokens
-    [c * T, (c + 1) * T) of local head hl; program (hl, c)."""
-    pid = tl.program_id(0).to(tl.int64)
-    hl = pid // n_chunks
-    c = pid % n_chunks
-    s = tl.arange(0, BLOCK_K)
-    hist = tl.zeros([BINS], dtype=tl.int32)
-    for t0 in range(c * T, tl.minimum((c + 1) * T, N), BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask = (t < tl.minimum((c + 1) * T, N))[:, None] & (s < TOPK)[None, :]
-        key = tl.load(GID + (hl * N + t)[:, None] * TOPK + s[None, :], mask=mask, other=0).to(tl.int64)
-        b = tl.where(key < n_groups, key - hl * NBG, NBG)
-        hist += tl.histogram(tl.reshape(b.to(tl.int32), [BLOCK_T * BLOCK_K]), BINS,
-                             mask=tl.reshape(mask, [BLOCK_T * BLOCK_K]))
-    j = tl.arange(0, BINS)
-    tl.store(HIST + pid * (NBG + 1) + j, hist, mask=j <= NBG)
-
-
-@triton.jit
-def _chunk_scatter_kernel(GID, BASE, POS, TOKS, N, NBG, n_groups, T, n_chunks, TOPK: tl.constexpr,
-                          TILE_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (hl, c): walks the chunk's tokens in tiles of TILE_T; each slot's sorted position is its bin's
-    running base (BASE [Hs, n_chunks, NBG + 1], this program's row only) plus its rank among the tile's earlier
-    slots of the same bin ((token, slot) order: a stable sort). POS = position (-1 for invalid slots), TOKS[position]
-    = token; the row's bases advance by the tile's counts (stored by each bin's last slot) before the next tile."""
-    P: tl.constexpr = TILE_T * BLOCK_K
-    pid = tl.program_id(0).to(tl.int64)
-    hl = pid // n_chunks
-    c = pid % n_chunks
-    row = BASE + pid * (NBG + 1)
-    i = tl.arange(0, P)
-    s = i % BLOCK_K
-    earlier = i[None, :] < i[:, None]  # [P, P]: j before i
-    end = tl.minimum((c + 1) * T, N)
-    for t0 in range(c * T, end, TILE_T):
-        t = t0 + i // BLOCK_K
-        mask = (t < end) & (s < TOPK)
-        slot = (hl * N + t) * TOPK + s
-        key = tl.load(GID + slot, mask=mask, other=0).to(tl.int64)
-        b = tl.where(mask, tl.where(key < n_groups, key - hl * NBG, NBG), -1)  # -1: no slot
-        same = (b[:, None] == b[None, :]) & mask[:, None]  # [P, P]
-        rank = tl.sum((same & earlier).to(tl.int32), 1)
-        count = tl.sum(same.to(tl.int32), 1)
-        p = tl.load(row + b, mask=mask, other=0) + rank
-        tl.store(POS + slot, tl.where(key < n_groups, p, -1), mask=mask)
-        tl.store(TOKS + p, t.to(tl.int32), mask=mask)
-        tl.debug_barrier()  # every thread has read the row's bases of this tile
-        tl.store(row + b, p + 1, mask=mask & (rank == count - 1))
-        tl.debug_barrier()  # the next tile reads the advanced bases
-
-
-def counting_sort_fits(n_pairs: int, n_blocks: int) -> bool:
-    """Whether _counting_sort takes a head slice: int32 positions and at most MAX_COUNT_BINS bins per head."""
-    return COUNTING_SORT and n_pairs < 2**31 and n_blocks + 1 <= MAX_COUNT_BINS
-
-
-def _counting_sort(gid: torch.Tensor, n_heads: int, n_tokens: int, topk: int, n_blocks: int):
-    """The stable sort of the keys gid [Hs * N * K] (order (head, token, slot)) by group, without a sort: per-chunk
-    bin counts, their scans, then each slot's position. Returns (counts, gstart, toks, pos) as index.PairIndex."""
-    device = gid.device
-    n_groups = n_heads * n_blocks
-    n_pairs = gid.numel()
-    n_chunks = max(1, min(CHUNKS_PER_HEAD, triton.cdiv(n_tokens, CHUNK_MIN_TOKENS)))
-    chunk = triton.cdiv(n_tokens, n_chunks)
-    nb1 = n_blocks + 1
-    block_k = triton.next_power_of_2(topk)
-    hist = torch.empty(n_heads, n_chunks, nb1, dtype=torch.int32, device=device)
-    grid = (n_heads * n_chunks,)
-    _chunk_hist_kernel[grid](gid, hist, n_tokens, n_blocks, n_groups, chunk, n_chunks, TOPK=topk,
-                             BLOCK_T=max(1, INDEX_BLOCK // block_k), BLOCK_K=block_k, BINS=triton.next_power_of_2(nb1))
-    blocks = hist[:, :, :n_blocks]  # [Hs, C, NBG]
-    counts = blocks.sum(1, dtype=torch.int64).reshape(-1)  # [n_groups]
-    ends = torch.cumsum(counts, 0)
-    gstart = ends - counts
-    base = torch.empty_like(hist)
-    base[:, :, :n_blocks] = (gstart.view(n_heads, 1, n_blocks) + torch.cumsum(blocks, 1) - blocks).to(torch.int32)
-    invalid = hist[:, :, n_blocks].reshape(-1).to(torch.int64)  # invalid slots sort last, in (head, chunk) order
-    n_valid = ends[-1:] if n_groups else torch.zeros(1, dtype=torch.int64, device=device)
-    base[:, :, n_blocks] = (n_valid + torch.cumsum(invalid, 0) - invalid).to(torch.int32).view(n_heads, n_chunks)
-    pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
-    toks = torch.empty(n_pairs, dtype=torch.int32, device=device)
-    _chunk_scatter_kernel[grid](gid, base, pos, toks, n_tokens, n_blocks, n_groups, chunk, n_chunks, TOPK=topk,
-                                TILE_T=RANK_TOKENS if gid.is_cuda else RANK_TOKENS_CPU, BLOCK_K=block_k,
-                                num_warps=SCATTER_WARPS)
-    return counts, gstart, toks, pos
-
-
 def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
-    """`index.build_pair_index`. Launches: key kernel, then the counting sort (`_counting_sort`: histogram kernel,
-    scans, scatter kernel) or, where it does not fit, sort, arange + searchsorted + sub (group bounds) and the
+    """`index.build_pair_index`. Launches: key kernel, sort, arange + searchsorted + sub (group bounds),
     pos/toks kernel."""
     n_tokens, _, topk = idx.shape
     device = idx.device
@@ -214,9 +110,6 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
             BLOCK_T=block_t,
             BLOCK_K=block_k,
         )
-    if n_pairs and counting_sort_fits(n_pairs, meta.n_blocks):
-        counts, gstart, toks, pos = _counting_sort(gid, n_heads, n_tokens, topk, meta.n_blocks)
-        return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos.view(n_heads, n_tokens, topk))
     sorted_gid, perm, counts, gstart = sort_groups(gid, n_groups)
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
     toks = torch.empty(n_pairs, dtype=torch.int32, device=device)
