@@ -53,3 +53,19 @@ def test_gpu_check_names_match_its_steps():
     opt_in = set(re.search(r'-eq 0 \] && \[\[ " ([^"]+) " =~', text).group(1).split())
     assert opt_in <= listed, sorted(opt_in - listed)
     assert listed == defined, (sorted(listed - defined), sorted(defined - listed))
+
+
+def test_with_flags_sets_module_flags_then_runs_the_script(tmp_path):
+    """scripts/with_flags.py: bool flags of a module set (and one turned off with =0) before the script runs with its
+    own arguments; a name that is not a bool flag stops it."""
+    script = tmp_path / "show.py"
+    script.write_text("import sys\nfrom sparsa.ops.sparse_attn import kv_gluon\n"
+                      "print('flags', kv_gluon.TMA_STORE, kv_gluon.PIPELINE, sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = [sys.executable, os.path.join(ROOT, "scripts", "with_flags.py"), "sparsa.ops.sparse_attn.kv_gluon"]
+    out = subprocess.run([*run, "TMA_STORE+PIPELINE=0", str(script), "--x", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "flags True False ['--x', '1']" in out.stdout
+    bad = subprocess.run([*run, "ROWS", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "not a bool flag" in bad.stderr
