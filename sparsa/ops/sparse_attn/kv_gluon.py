@@ -109,6 +109,18 @@ def pairs_per_item(group: int) -> int:
 if HAVE_GLUON:
     _ROWS = gl.constexpr(ROWS)
 
+    @gluon.constexpr_function
+    def wgmma_layout(n, warps):
+        """The register layout of a wgmma result with n columns (instruction shape [16, n, 16], warps stacked on
+        the rows)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, n, 16])
+
+    @gluon.constexpr_function
+    def row_gather_layout(d, warps):
+        """Rows of d 16-bit elements, 8 (16 bytes) per thread and d // 8 threads per row: the layout of the gathered
+        row loads and of the row stores."""
+        return gl.BlockedLayout([1, 8], [32 // (d // 8), d // 8], [warps, 1], [1, 0])
+
     @gluon.jit
     def _work(WORK, j, n_mine, pid, nprog):
         """(first pair, end pair, group) of this program's j-th item (its last item from j = n_mine on)."""
@@ -174,10 +186,8 @@ if HAVE_GLUON:
         D: gl.constexpr = v_tile.shape[1]
         BN: gl.constexpr = v_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, BN, 16])
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, D, 16])
+        mma_s: gl.constexpr = wgmma_layout(BN, WARPS)
+        mma_o: gl.constexpr = wgmma_layout(D, WARPS)
         if (blen == BN) & (first >= kst + BN - 1):  # pairs are in token order: every row sees every key
             m = gl.max(sc, 1) * qk_scale  # rows past the item's end are finite and not stored
         else:  # the tokens' own block, or a short last block of a document
@@ -239,8 +249,7 @@ if HAVE_GLUON:
         """MAIN on one item whose rows, keys and values are in shared memory."""
         BN: gl.constexpr = k_tile.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, BN, 16])
+        mma_s: gl.constexpr = wgmma_layout(BN, WARPS)
         sc = warpgroup_mma(q_tile, k_tile.permute((1, 0)), gl.zeros([_ROWS, BN], gl.float32, layout=mma_s),
                            use_acc=False)
         acc, m, l = _softmax_pv(sc, v_tile, start, end, kst, blen, tok, first, qk_scale, G, PAIRS)
@@ -295,10 +304,8 @@ if HAVE_GLUON:
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        TPW_D: gl.constexpr = D // 8
-        gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, BN, 16])
+        gather: gl.constexpr = row_gather_layout(D, WARPS)
+        mma_s: gl.constexpr = wgmma_layout(BN, WARPS)
         grows: gl.constexpr = gl.SliceLayout(1, gather)
         srows: gl.constexpr = gl.SliceLayout(1, mma_s)
 
@@ -343,10 +350,8 @@ if HAVE_GLUON:
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        TPW_D: gl.constexpr = D // 8
-        gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, BN, 16])
+        gather: gl.constexpr = row_gather_layout(D, WARPS)
+        mma_s: gl.constexpr = wgmma_layout(BN, WARPS)
         grows: gl.constexpr = gl.SliceLayout(1, gather)
         srows: gl.constexpr = gl.SliceLayout(1, mma_s)
 

@@ -141,10 +141,8 @@ if HAVE_GLUON:
         D: gl.constexpr = q_s.shape[2]
         BN: gl.constexpr = k_s.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, _ROWS, 16])
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, D, 16])
+        mma_s: gl.constexpr = kv_gluon.wgmma_layout(_ROWS, WARPS)
+        mma_o: gl.constexpr = kv_gluon.wgmma_layout(D, WARPS)
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
         cols: gl.constexpr = gl.SliceLayout(0, mma_s)
         zeros = gl.zeros([BN, _ROWS], gl.float32, layout=mma_s)
@@ -220,11 +218,9 @@ if HAVE_GLUON:
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
-        TPW_D: gl.constexpr = D // 8
-        gather: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
+        gather: gl.constexpr = kv_gluon.row_gather_layout(D, WARPS)
         vec: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])  # [2 * ROWS]: lse, delta
-        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, D, 16])
+        mma_o: gl.constexpr = kv_gluon.wgmma_layout(D, WARPS)
         grows: gl.constexpr = gl.SliceLayout(1, gather)
 
         w = gl.program_id(0).to(gl.int64)
