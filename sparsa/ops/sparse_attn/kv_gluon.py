@@ -79,11 +79,14 @@ def enabled(group: int, n_tokens: int = 0) -> bool:
     return env_flag("SPARSA_KV_GLUON", default) and HAVE_GLUON
 
 
+def on_hopper(x: torch.Tensor) -> bool:
+    """Whether Gluon is here and x is on a Hopper GPU (CUDA capability 9.x): where the Gluon kernels can run."""
+    return HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:
     """Whether this kernel covers the call: a Hopper GPU and `covers`."""
-    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
-        return False
-    return covers(q, k, v, block_size, local)
+    return on_hopper(q) and covers(q, k, v, block_size, local)
 
 
 def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local: bool) -> bool:

@@ -57,9 +57,8 @@ def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -
 
 def eligible(q, k, v, do, block_size: int) -> bool:
     """A Hopper GPU, `covers`, and dO laid out as q (its rows are gathered with q's offsets)."""
-    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
-        return False
-    return covers(q, k, v, block_size) and do.shape == q.shape and do.is_contiguous() and do.data_ptr() % 16 == 0
+    return (kv_gluon.on_hopper(q) and covers(q, k, v, block_size) and do.shape == q.shape and do.is_contiguous()
+            and do.data_ptr() % 16 == 0)
 
 
 def pairs_per_tile(group: int) -> int:
