@@ -33,6 +33,7 @@ def make(n, group, seed=0):
 
 b.make = make
 b.bench = lambda fn, grad_to_none=None: (fn(), 1.0)[1]
+b.time_dense = lambda n: (1.0, 1.0)
 torch.cuda.get_device_name = lambda *a: "cpu (dry run)"
 torch.cuda.synchronize = lambda *a: None
 torch.cuda.empty_cache = lambda *a: None

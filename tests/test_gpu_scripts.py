@@ -11,6 +11,7 @@ PROBES = [
     ["scripts/kv_variants.py", "--sizes", "48", "--groups", "4", "--fwd", "64x4x96;64x4x0x2", "--bwd", "k;k64x4",
      "--reduce", "16x4", "--flags", "CACHE_HINTS;MAIN_EARLY_V+CACHE_HINTS"],
     ["scripts/kv_local_ab.py", "--sizes", "48", "--groups", "2", "--local", "16x4", "--backward"],
+    ["scripts/kv_local_split_ab.py", "--sizes", "48", "--groups", "2", "--accuracy", "--acc-size", "48", "--profile"],
     ["scripts/kv_gluon_ab.py", "--sizes", "48", "--groups", "2", "--programs", "2", "--flags", "none;PIPELINE"],
     ["scripts/kv_overlap_ab.py", "--sizes", "48", "--groups", "2", "--chunks", "2", "--no-dense"],
     ["scripts/sa_kernel_times.py", "--sizes", "48", "--groups", "4", "--calls", "1"],

@@ -25,24 +25,28 @@ def test_unknown_pair_index_backend_is_a_value_error(monkeypatch):
         index_mod.pair_index_backend()
 
 
-def _expected_groups(idx, meta, block_size, h0, n_heads):
+def _expected_groups(idx, meta, block_size, h0, n_heads, skip_local=False):
     """{group: [tokens in order]} from the definition: a slot is valid when >= 0, its block starts at or
-    before the token (positions local to the document) and no earlier slot of the row holds the same block."""
+    before the token (positions local to the document) and no earlier slot of the row holds the same block;
+    with skip_local also not the document's block 0 nor the token's own or previous block."""
     groups = {}
     docstart, blockbase = meta.tok_docstart.tolist(), meta.tok_blockbase.tolist()
     for hl in range(n_heads):
         for t in range(idx.shape[0]):
             seen = set()
+            own = (t - docstart[t]) // block_size
             for c in idx[t, h0 + hl].tolist():
-                if c >= 0 and c * block_size <= t - docstart[t] and c not in seen:
+                local = skip_local and c in (0, own, own - 1)
+                if c >= 0 and c * block_size <= t - docstart[t] and c not in seen and not local:
                     groups.setdefault(hl * meta.n_blocks + blockbase[t] + c, []).append(t)
                 seen.add(c)
     return groups
 
 
-def _check(idx, meta, block_size, h0, n_heads):
-    index = build_pair_index(idx, meta, block_size, h0, n_heads)
-    expected = _expected_groups(idx, meta, block_size, h0, n_heads)
+def _check(idx, meta, block_size, h0, n_heads, skip_local=False):
+    index = build_pair_index(idx, meta, block_size, h0, n_heads, skip_local)
+    assert index.skip_local == skip_local
+    expected = _expected_groups(idx, meta, block_size, h0, n_heads, skip_local)
     counts, gstart, toks = index.counts.tolist(), index.gstart.tolist(), index.toks.tolist()
     assert len(counts) == n_heads * meta.n_blocks
     for g, n in enumerate(counts):
@@ -75,6 +79,8 @@ def test_pair_index_matches_definition(packed):
     idx = idx.to(DEV)
     _check(idx, meta, block_size, 0, n_heads_kv)
     _check(idx, meta, block_size, 1, 2)  # a head slice
+    _check(idx, meta, block_size, 0, n_heads_kv, skip_local=True)
+    _check(idx, meta, block_size, 1, 2, skip_local=True)
 
 
 @pytest.mark.usefixtures("pair_index_backend")
@@ -134,9 +140,9 @@ def _assert_identical(a, b, name):
     assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
 
 
-def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2, 3, 7)):
-    new = index_triton.build_pair_index_triton(idx, meta, block_size, h0, n_heads)
-    ref = index_mod._build_pair_index_torch(idx, meta, block_size, h0, n_heads)
+def _compare_with_reference(idx, meta, block_size, h0, n_heads, per_items=(1, 2, 3, 7), skip_local=False):
+    new = index_triton.build_pair_index_triton(idx, meta, block_size, h0, n_heads, skip_local)
+    ref = index_mod._build_pair_index_torch(idx, meta, block_size, h0, n_heads, skip_local)
     assert (new.h0, new.n_heads, new.n_pairs_max) == (ref.h0, ref.n_heads, ref.n_pairs_max)
     for name in ("counts", "gstart", "toks", "pos"):
         _assert_identical(getattr(new, name), getattr(ref, name), name)
@@ -181,6 +187,7 @@ def test_kernels_equal_the_pytorch_reference(packed, dtype):
     _compare_with_reference(idx, meta, block_size, 0, n_heads_kv)
     _compare_with_reference(idx, meta, block_size, 1, 2)  # a head slice
     _compare_with_reference(idx, meta, block_size, 2, 1)
+    _compare_with_reference(idx, meta, block_size, 0, n_heads_kv, per_items=(1, 2), skip_local=True)
 
 
 def test_kernels_equal_the_pytorch_reference_with_32bit_keys():

@@ -84,14 +84,18 @@ def _doc_meta(lens: list, block_size: int, device) -> DocMeta:
     return DocMeta(n_tokens, n_blocks, tok_docstart, tok_blockbase, blk_start, blk_len)
 
 
-def valid_slots(idx: torch.Tensor, meta: DocMeta, block_size: int) -> torch.Tensor:
+def valid_slots(idx: torch.Tensor, meta: DocMeta, block_size: int, skip_local: bool = False) -> torch.Tensor:
     """idx [N, H, K] int32 -> bool [N, H, K]: slot holds a block with at least one visible key, and it is the
-    block's first slot in the row (a block listed twice counts once; rows need not be sorted)."""
+    block's first slot in the row (a block listed twice counts once; rows need not be sorted). skip_local: the
+    token's local blocks (its document's block 0, its own and the previous block) are not pairs either (the
+    local kernel, kv_local.py, attends to them)."""
     n_tokens = idx.shape[0]
     tloc = torch.arange(n_tokens, device=idx.device) - meta.tok_docstart  # [N]
     # block c starts at or before the token  <=>  c <= the token's own block (no product that could overflow)
-    own_block = (tloc // block_size).to(idx.dtype)
-    valid = (idx >= 0) & (idx <= own_block[:, None, None])
+    own_block = (tloc // block_size).to(idx.dtype)[:, None, None]
+    valid = (idx >= 0) & (idx <= own_block)
+    if skip_local:
+        valid &= (idx != 0) & (idx < own_block - 1)
     if idx.shape[-1] > 1:
         # a stable sort puts a block's first slot first among its equals: the later ones are repeats
         ordered, order = torch.sort(idx, dim=-1, stable=True)
@@ -110,6 +114,7 @@ class PairIndex:
     gstart: torch.Tensor  # [Hs * NBG] int64 first sorted position of each group
     toks: torch.Tensor  # [Hs * N * K] int32 token of each sorted position (valid ones first)
     pos: torch.Tensor  # [Hs, N, K] int32 sorted position of each slot, -1 if the slot is invalid
+    skip_local: bool = False  # local blocks are not pairs (valid_slots): only the forward with kv_local uses it
 
     def head_range(self, first: int, end: int) -> "PairIndex":
         """Local heads [first, end) of this slice as an index of their own: views that share this index's
@@ -128,6 +133,7 @@ class PairIndex:
             self.gstart[groups],
             self.toks,
             self.pos[first:end],
+            self.skip_local,
         )
 
 
@@ -149,11 +155,13 @@ def _triton_path():
     return index_triton
 
 
-def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
-    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads)."""
+def build_pair_index(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int,
+                     skip_local: bool = False) -> PairIndex:
+    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads) (without the
+    local blocks with skip_local: `valid_slots`)."""
     fast = _triton_path()
     build = fast.build_pair_index_triton if fast else _build_pair_index_torch
-    return build(idx, meta, block_size, h0, n_heads)
+    return build(idx, meta, block_size, h0, n_heads, skip_local)
 
 
 def work_list(index: PairIndex, per_item: int, with_slots: bool = False):
@@ -200,12 +208,13 @@ def partial_slots(index: PairIndex, per_item: int) -> int:
     return max(1, 2 * index.n_pairs_max // per_item)
 
 
-def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
-    """idx [N, Hkv, K] int32 (all heads); builds the sorted pair list of heads [h0, h0 + n_heads)."""
+def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int,
+                            skip_local: bool = False) -> PairIndex:
+    """`build_pair_index` with PyTorch ops."""
     n_tokens, _, topk = idx.shape
     device = idx.device
     sl = idx[:, h0 : h0 + n_heads]  # [N, Hs, K]
-    valid = valid_slots(sl, meta, block_size)  # [N, Hs, K]
+    valid = valid_slots(sl, meta, block_size, skip_local)  # [N, Hs, K]
     n_groups = n_heads * meta.n_blocks
     kdt = key_dtype(n_groups)
     head = torch.arange(n_heads, device=device, dtype=kdt)
@@ -221,7 +230,7 @@ def _build_pair_index_torch(idx: torch.Tensor, meta: DocMeta, block_size: int, h
         toks = (perm.to(torch.int32) // topk) % n_tokens
     else:
         toks = ((perm // topk) % n_tokens).to(torch.int32)
-    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos)
+    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos, skip_local)
 
 
 def _work_list_torch(index: PairIndex, per_item: int, with_slots: bool = False):

@@ -43,6 +43,7 @@ def _pair_key_kernel(
     TOPK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SKIP_LOCAL: tl.constexpr = False,
 ):
     """Sort keys of BLOCK_T tokens x all slots of one local head hl (the `valid_slots` test fused in):
     GID [Hs, N, TOPK] = hl * NBG + block base of the token + slot's block, n_groups if invalid."""
@@ -63,6 +64,8 @@ def _pair_key_kernel(
     own = (t - tl.load(DOCSTART + t, mask=tmask, other=0)) // block_size  # [BT] the token's own local block
     base = hl * NBG + tl.load(BLOCKBASE + t, mask=tmask, other=0)  # [BT]
     valid = (c >= 0) & (c <= own[:, None]) & ~repeat
+    if SKIP_LOCAL:  # block 0, own and previous block: the local kernel's (kv_local.py)
+        valid = valid & (c != 0) & (c < own[:, None] - 1)
     key = tl.where(valid, base[:, None] + c, n_groups)
     tl.store(GID + (hl * N + t)[:, None] * TOPK + s[None, :], key.to(GID.dtype.element_ty), mask=mask)
 
@@ -83,7 +86,8 @@ def _pair_pos_kernel(
     tl.store(TOKS + p, ((q // TOPK) % N).to(tl.int32), mask=mask)
 
 
-def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int) -> PairIndex:
+def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h0: int, n_heads: int,
+                            skip_local: bool = False) -> PairIndex:
     """`index.build_pair_index`. Launches: key kernel, sort, arange + searchsorted + sub (group bounds),
     pos/toks kernel."""
     n_tokens, _, topk = idx.shape
@@ -109,6 +113,7 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
             TOPK=topk,
             BLOCK_T=block_t,
             BLOCK_K=block_k,
+            SKIP_LOCAL=skip_local,
         )
     sorted_gid, perm, counts, gstart = sort_groups(gid, n_groups)
     pos = torch.empty(n_pairs, dtype=torch.int32, device=device)
@@ -118,7 +123,7 @@ def build_pair_index_triton(idx: torch.Tensor, meta: DocMeta, block_size: int, h
         _pair_pos_kernel[(triton.cdiv(n_pairs, INDEX_BLOCK),)](
             perm, sorted_gid, pos, toks, n_pairs, n_tokens, n_groups, TOPK=topk, WIDE=wide, BLOCK=INDEX_BLOCK
         )
-    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos.view(n_heads, n_tokens, topk))
+    return PairIndex(h0, n_heads, n_pairs, counts, gstart, toks, pos.view(n_heads, n_tokens, topk), skip_local)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_flag
-from . import kv_gluon, overlap
+from . import kv_gluon, kv_local, overlap
 from .index import PairIndex, work_list
 from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
@@ -187,10 +187,13 @@ def _kv_fwd_merge_kernel(
     LOCAL: tl.constexpr,
     SLOTS: tl.constexpr = 1,
     HINTS: tl.constexpr = False,
+    INIT: tl.constexpr = False,
 ):
     """REDUCE: one program per (TOKENS consecutive tokens, KV head), rows = those tokens x their G heads;
     merges each row's partials slot by slot (slot order: deterministic), without a branch per slot so that
     the loads of all rows of a slot are issued together.
+    INIT: each row starts from the (o, lse) already in O, LSE (the local kernel's, kv_local.py) as a partial of
+    its own (normalised, weight 2^lse2), instead of from nothing.
     LOCAL (opt-in): when the tile lies in one document, an online softmax over its tokens' local blocks
     (block 0, own, previous; each row only over the ones its token selected) from the contiguous query rows
     starts the merge, and those slots' partials (not written by MAIN) are skipped."""
@@ -201,6 +204,12 @@ def _kv_fwd_merge_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    if INIT:
+        orow = t * Hq + h * G + g
+        m_i = tl.load(LSE + orow, mask=rmask, other=float("-inf")) * 1.4426950408889634  # natural log -> log2
+        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+        acc = tl.load(O + orow[:, None] * DV + offs_dv[None, :], mask=rmask[:, None] & (offs_dv < DV)[None, :],
+                      other=0.0).to(tl.float32)
     idx_row = IDX + (t * Hkv + h) * TOPK  # [R]
     if LOCAL:
         t0 = tl.program_id(0).to(tl.int64) * TOKENS
@@ -469,7 +478,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
     block_m, warps, launch_opts = fwd_config(group, head_dim, block_size)
     pairs = block_m // group
     local_rows, local_tokens, local_warps = local_config(group, max(head_dim, head_dim_v))
-    if not local_fusion():
+    if not local_fusion() or index.skip_local:  # (the local kernel of kv_local.py has them)
         local_tokens = 0
     if q.dtype == torch.float32:
         pdtype = torch.float32
@@ -495,6 +504,8 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         block_size, scale, group, topk, block_m, pairs, warps, launch_opts, bool(local_tokens), gluon_main, rows,
         tokens, merge_warps,
     )
+    if index.skip_local:  # the local pairs: o, lse of the local blocks alone, where the merge starts
+        kv_local.launch_local(q, k, v, o, lse, idx, meta, block_size, scale, index.h0, index.n_heads)
     on = overlap.enabled()
     pipe = overlap.Pipeline(q.device, on)
     for chunk in overlap.head_chunks(index, on):  # one chunk unless SPARSA_KV_OVERLAP=1 (overlap.py)
@@ -602,6 +613,7 @@ def _launch_merge(plan: _ForwardPlan, q, k, v, o, lse, op, lsep, idx, index: Pai
         LOCAL=local,
         SLOTS=1 if local else reduce_slots(topk, rows, head_dim_v),  # fused local blocks: measured slot by slot
         HINTS=cache_hints(group),
+        INIT=index.skip_local,
         num_warps=merge_warps,
         num_stages=merge_stages(local, block_size, max(head_dim, head_dim_v)),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .backward import compute_delta, kv_outer_backward
-from . import kv_gluon
+from . import kv_gluon, kv_local
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
@@ -108,10 +108,14 @@ class _SparseAttention(torch.autograd.Function):
             o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
             lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
             indices = []
+            # without gradients the local blocks may leave the pairs (kv_local.py); then the backward has no index
+            split = kv_local.uses_split(any(ctx.needs_input_grad[:3]))
             for h0, hs in _head_slices(n_heads_kv, n_tokens, topk, group, head_dim, head_dim_v, _esize(q.dtype)):
-                index = build_pair_index(idx, meta, block_size, h0, hs)
+                index = build_pair_index(idx, meta, block_size, h0, hs, skip_local=split)
                 kv_outer_forward(q, k, v, idx, index, meta, block_size, scale, o, lse)
                 indices.append(index)
+            if split:
+                indices = None
         ctx.save_for_backward(q, k, v, o, lse, idx)
         ctx.meta, ctx.block_size, ctx.scale, ctx.indices = meta, block_size, scale, indices
         ctx.loop_order = loop_order
