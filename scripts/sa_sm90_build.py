@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 from sparsa.ops._sm90_tools import tool_reports
 from sparsa.ops.sparse_attn import backward as bwd
 from sparsa.ops.sparse_attn import index_triton as ix
+from sparsa.ops.sparse_attn import kv_local as kvl
 from sparsa.ops.sparse_attn import kv_outer as kv
 from sparsa.ops.sparse_attn import q_outer as qo
 from sparsa.ops.sparse_attn import q_tile as qt
@@ -35,7 +36,7 @@ POINTER_TYPES = {
     "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
     "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
     "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES"},
-    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM"},
+    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM", "TOKBASE", "TOKDOCSTART"},
     "*i16": {"GID", "SORTED"},
 }
 FLOAT_ARGS = {"qk_scale", "scale"}
@@ -92,6 +93,9 @@ def kernels(group: int):
         )
         yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, kv.merge_stages(
             local, BS, D), None
+    lrows = kvl.local_rows(group, D)
+    local = dict(common, TOPK=TOPK, BLOCK_R=lrows, TOKENS=lrows // group, BLOCK_N=BS, BLOCK_K=TOPK)
+    yield "kv_local", kvl._kv_local_kernel, local, 8 if lrows >= 128 else 4, 2, None
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, bopts, _ = bwd.bwd_config(group, D, BS)
