@@ -4,7 +4,9 @@ settings interleaved over two rounds, do_bench medians in ms (index build includ
 with the unsplit one (not bitwise: another summation order), and dense causal SDPA is timed in the same run.
 With --accuracy it first checks bf16 at --acc-size tokens against a float32 reference: the split forward's relative
 error must stay within 2x that of a bf16 PyTorch reference (the issue's criterion), at |q.k| up to ~50.
-With --profile it prints each kernel's GPU time of one split forward per shape.
+With --profile it prints each kernel's GPU time of one split forward per shape. With --backward it also times
+forward+backward with kv_local.WITH_GRAD off ("0") and on ("1g": the split forward, then the backward builds its own
+pair index).
 
     PYTHONPATH=. python3 scripts/kv_local_split_ab.py [--sizes 8192,65536] [--groups 1,2,4,8,16] [--accuracy]
 """
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from benchmarks.sparse_attention import BS, bench, make, time_dense
+from benchmarks.sparse_attention import BS, bench, make, sparse_calls, time_dense
 import sparsa
 from sparsa.ops.sparse_attn import kv_local, naive
 
@@ -74,6 +76,7 @@ def main():
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--acc-size", type=int, default=4096)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--backward", action="store_true")
     p.add_argument("--rows", default="64", help="kv_local.LOCAL_ROWS values of the split forward, comma-separated")
     args = p.parse_args()
     groups = [int(g) for g in args.groups.split(",")]
@@ -101,6 +104,16 @@ def main():
                         row["diff_vs_unsplit"] = rel(fn()[0], ref)
                     print(json.dumps(row), flush=True)
             kv_local.LOCAL_ROWS = int(args.rows.split(",")[0])
+            if args.backward:
+                fwd_bwd = sparse_calls(n, group, "kv_outer")[1]
+                for rnd in range(2):
+                    for setting in ("0", "1g"):
+                        os.environ["SPARSA_KV_LOCAL_SPLIT"] = setting[0]
+                        kv_local.WITH_GRAD = setting == "1g"
+                        print(json.dumps({"N": n, "G": group, "round": rnd, "split": setting,
+                                          "fwdbwd_ms": bench(fwd_bwd)}), flush=True)
+                kv_local.WITH_GRAD = False
+                del fwd_bwd
             if args.profile:
                 for setting in ("0", "1"):
                     os.environ["SPARSA_KV_LOCAL_SPLIT"] = setting

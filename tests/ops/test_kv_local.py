@@ -116,3 +116,21 @@ def test_local_split_setting(monkeypatch):
     monkeypatch.setenv("SPARSA_KV_LOCAL_SPLIT", "yes")
     with pytest.raises(ValueError, match="SPARSA_KV_LOCAL_SPLIT"):
         kv_local.enabled()
+
+
+def test_local_split_with_gradients_rebuilds_the_backward_index(split, monkeypatch):
+    """kv_local.WITH_GRAD: the split forward with gradients, then the backward's own pair index (local pairs in)."""
+    monkeypatch.setattr(kv_local, "WITH_GRAD", True)
+    q, k, v = _inputs(1, 80, 2, 2, 16, torch.float32, seed=5)
+    idx = random_selection(1, 80, 2, 4, 16, generator=torch.Generator().manual_seed(5), device=DEVICE)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    do = torch.randn_like(q)
+    o = sparsa.sparse_attention(*leaves, idx, block_size=16, loop_order="kv_outer")
+    o.backward(do)
+    assert split == [(0, 2)]
+    ref = [x.double().clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = naive.sparse_attention(*ref, idx, block_size=16, scale=16**-0.5)[0]
+    o_ref.backward(do.double())
+    assert rel(o, o_ref) < 2e-5
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 2e-5

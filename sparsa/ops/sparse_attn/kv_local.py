@@ -153,7 +153,12 @@ def launch_local(q, k, v, o, lse, idx, meta, block_size: int, scale: float, h0: 
     )
 
 
+# also with gradients (the backward then builds its own pair index, with the local pairs): an experiment for
+# scripts/kv_local_split_ab.py --backward
+WITH_GRAD = False
+
+
 def uses_split(needs_grad: bool) -> bool:
     """Whether a KV-outer forward takes the local blocks out of its pairs: enabled() and no input needs a
-    gradient (the backward's pair index has them)."""
-    return enabled() and not needs_grad
+    gradient (the backward's pair index has them), or WITH_GRAD."""
+    return enabled() and (WITH_GRAD or not needs_grad)
