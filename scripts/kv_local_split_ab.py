@@ -77,7 +77,8 @@ def main():
     p.add_argument("--acc-size", type=int, default=4096)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--backward", action="store_true")
-    p.add_argument("--rows", default="64", help="kv_local.LOCAL_ROWS values of the split forward, comma-separated")
+    p.add_argument("--rows", default="64x8",
+                   help="ROWSxWARPS (kv_local.LOCAL_ROWS, LOCAL_WARPS) variants of the split forward, comma-separated")
     args = p.parse_args()
     groups = [int(g) for g in args.groups.split(",")]
     ok = True
@@ -97,13 +98,13 @@ def main():
                 for setting in ["0"] + [f"1:{r}" for r in args.rows.split(",")]:
                     os.environ["SPARSA_KV_LOCAL_SPLIT"] = setting[0]
                     if setting != "0":
-                        kv_local.LOCAL_ROWS = int(setting[2:])
+                        kv_local.LOCAL_ROWS, kv_local.LOCAL_WARPS = (int(x) for x in setting[2:].split("x"))
                     row = {"N": n, "G": group, "round": rnd, "split": setting, "fwd_ms": bench(fn),
                            "dense_fwd_ms": dense}
                     if setting != "0":
                         row["diff_vs_unsplit"] = rel(fn()[0], ref)
                     print(json.dumps(row), flush=True)
-            kv_local.LOCAL_ROWS = int(args.rows.split(",")[0])
+            kv_local.LOCAL_ROWS, kv_local.LOCAL_WARPS = (int(x) for x in args.rows.split(",")[0].split("x"))
             if args.backward:
                 fwd_bwd = sparse_calls(n, group, "kv_outer")[1]
                 for rnd in range(2):

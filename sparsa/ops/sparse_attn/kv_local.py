@@ -27,6 +27,8 @@ from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
 # rows (tokens x G heads) of one program at head dim <= 128; whole tokens, at least one token's G rows
 LOCAL_ROWS = 64
+# warps of one program (offline sm_90 build, 64 rows, D = 128: 4 warps spill 24 bytes at G = 1 and 4, 8 do not)
+LOCAL_WARPS = 8
 
 
 def enabled() -> bool:
@@ -95,15 +97,17 @@ def _kv_local_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    for i in range(3):  # block 0, the previous block, the own block: each local block once
-        c = tl.where(i == 0, 0, own - 2 + i)
-        if (i == 0) | (c > 0):
-            chosen = tl.max((sel == c).to(tl.int32), 1) > 0  # [R]
-            kpos = ds + c * BS + offs_n
-            kmask = offs_n < tl.load(BLKLEN + base + c)
-            score_mask = (rmask & chosen)[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
-            m_i, l_i, acc = attend_block(q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV,
-                                         BLOCK_D, BLOCK_DV, PRECISION)
+    # block 0, the previous block, the own block, each local block once; branchless (a repeat of block 0 is a fully
+    # masked step, whose loads move no data) so that the compiler can pipeline the block loads
+    for i in range(3):
+        c = tl.where(i == 0, 0, tl.maximum(own - 2 + i, 0))
+        live = (i == 0) | (own - 2 + i > 0)
+        chosen = (tl.max((sel == c).to(tl.int32), 1) > 0) & live  # [R]
+        kpos = ds + c * BS + offs_n
+        kmask = (offs_n < tl.load(BLKLEN + base + c)) & live
+        score_mask = (rmask & chosen)[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+        m_i, l_i, acc = attend_block(q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV,
+                                     BLOCK_D, BLOCK_DV, PRECISION)
     store_rows(O, LSE, t * Hq + h * G + g, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
@@ -148,7 +152,7 @@ def launch_local(q, k, v, o, lse, idx, meta, block_size: int, scale: float, h0: 
         BLOCK_DV=_pow2(head_dim_v),
         BLOCK_K=_pow2(topk, 1),
         PRECISION=precision_for(q.dtype),
-        num_warps=8 if big else 4,
+        num_warps=max(LOCAL_WARPS, 8 if big else 4),
         num_stages=2,
     )
 
