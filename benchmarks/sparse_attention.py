@@ -57,8 +57,9 @@ def memory_rate():
 FWD_PAIR_BYTES, BWD_PAIR_BYTES = 3 * D * 2, 4 * D * 2 + 8
 
 
-def traffic_floor_gb(idx, n_tokens, group):
-    """(forward GB, forward GB with the local blocks fused, backward GB) of the KV-outer model."""
+def traffic_floor_gb(idx, n_tokens, group, split=False):
+    """(forward GB, forward GB with the local blocks fused (split: in their own kernel), backward GB) of the KV-outer
+    model."""
     meta = doc_meta(1, n_tokens, None, BS, idx.device)
     flat = idx.view(n_tokens, idx.shape[2], -1)
     valid = valid_slots(flat, meta, BS)
@@ -66,7 +67,8 @@ def traffic_floor_gb(idx, n_tokens, group):
     local = valid & ((flat == 0) | (flat == own) | (flat == own - 1))
     pairs, local_pairs = int(valid.sum()) * group, int(local.sum()) * group
     fwd = pairs * FWD_PAIR_BYTES
-    fwd_local = (pairs - local_pairs) * FWD_PAIR_BYTES + n_tokens * HQ * D * 2
+    # fused: one contiguous row per (token, head); split (kv_local.py): that row read, o written and read by the merge
+    fwd_local = (pairs - local_pairs) * FWD_PAIR_BYTES + n_tokens * HQ * D * 2 * (3 if split else 1)
     return fwd / 1e9, fwd_local / 1e9, pairs * BWD_PAIR_BYTES / 1e9
 
 
@@ -223,6 +225,7 @@ def main():
         # kernel settings read from the environment (sparsa/ops/sparse_attn/index.py, kv_outer.py)
         "SPARSA_PAIR_INDEX": pair_index_backend(),
         "SPARSA_KV_LOCAL": os.environ.get("SPARSA_KV_LOCAL", "0"),
+        "SPARSA_KV_LOCAL_SPLIT": os.environ.get("SPARSA_KV_LOCAL_SPLIT", "0"),
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
@@ -251,10 +254,11 @@ def main():
             row["fwdbwd"] = time_sparse(q, k, v, idx, row["auto"], True)
             row["tflops_fwd"] = flops / row["fwd"] / 1e9
             row["tflops_fwdbwd"] = 3.5 * flops / row["fwdbwd"] / 1e9
-            fwd_gb, fwd_local_gb, bwd_gb = traffic_floor_gb(idx, n, group)
-            fwd_gb = fwd_local_gb if info["SPARSA_KV_LOCAL"] == "1" else fwd_gb
-            row["floor_fwd_ms"] = fwd_gb / mem_rate * 1e3
-            row["floor_fwdbwd_ms"] = (fwd_gb + bwd_gb) / mem_rate * 1e3
+            split = info["SPARSA_KV_LOCAL_SPLIT"] == "1"  # (forward without gradients only)
+            fwd_gb, fwd_local_gb, bwd_gb = traffic_floor_gb(idx, n, group, split)
+            local = info["SPARSA_KV_LOCAL"] == "1"
+            row["floor_fwd_ms"] = (fwd_local_gb if local or split else fwd_gb) / mem_rate * 1e3
+            row["floor_fwdbwd_ms"] = ((fwd_local_gb if local else fwd_gb) + bwd_gb) / mem_rate * 1e3
             if n <= 8192:
                 row["reference_fwd"] = time_reference(q, k, v, idx)
             rows.append(row)

@@ -22,6 +22,9 @@ def test_traffic_floor_counts_pairs_and_local_pairs():
     assert fwd_local * 1e9 == pytest.approx((pairs - local) * group * 3 * row_bytes + n * bench_sa.HQ * row_bytes, rel=1e-12)
     assert bwd * 1e9 == pytest.approx(pairs * group * (4 * row_bytes + 8), rel=1e-12)
     assert 0 < local < pairs
+    split = bench_sa.traffic_floor_gb(idx, n, group, split=True)[1]  # row read, o written and read back
+    assert split * 1e9 == pytest.approx((pairs - local) * group * 3 * row_bytes + 3 * n * bench_sa.HQ * row_bytes,
+                                        rel=1e-12)
 
 
 def test_mean_union_of_tiles():
