@@ -93,7 +93,7 @@ def kernels(group: int):
         )
         yield ("kv_local_reduce" if local else "kv_reduce"), kv._kv_fwd_merge_kernel, merge, rwarps, kv.merge_stages(
             local, BS, D), None
-    lrows = kvl.local_rows(group, D)
+    lrows = kvl.local_rows(group, D, BS)
     local = dict(common, TOPK=TOPK, BLOCK_R=lrows, TOKENS=lrows // group, BLOCK_N=BS, BLOCK_K=TOPK)
     yield "kv_local", kvl._kv_local_kernel, local, max(kvl.LOCAL_WARPS, 8 if lrows >= 128 else 4), 2, None
     for keys in (False, True):

@@ -134,3 +134,22 @@ def test_local_split_with_gradients_rebuilds_the_backward_index(split, monkeypat
     assert rel(o, o_ref) < 2e-5
     for a, b in zip(leaves, ref):
         assert rel(a.grad, b.grad) < 2e-5
+
+
+@pytest.mark.parametrize("dim,block", [(256, 16), (32, 128)])
+def test_local_split_wide_heads_and_block_128(dim, block, split):
+    """Head dim 256 (32 rows per program) and block 128 (a sub-tile walks part of a block's tokens)."""
+    q, k, v = _inputs(1, 3 * block // 2 + 5, 1, 2, dim, torch.float32, seed=dim)
+    n = q.shape[1]
+    idx = random_selection(1, n, 1, 3, block, generator=torch.Generator().manual_seed(dim), device=DEVICE)
+    _check_forward(q, k, v, idx, block)
+    assert split
+
+
+def test_local_split_with_reductions_on_a_side_stream(split, monkeypatch):
+    """SPARSA_KV_OVERLAP=1 (one merge per head chunk): every chunk's merge starts from the local kernel's rows."""
+    monkeypatch.setenv("SPARSA_KV_OVERLAP", "1")
+    q, k, v = _inputs(1, 64, 4, 2, 16, torch.float32, seed=8)
+    idx = random_selection(1, 64, 4, 4, 16, generator=torch.Generator().manual_seed(8), device=DEVICE)
+    _check_forward(q, k, v, idx, 16)
+    assert split == [(0, 4)]

@@ -36,10 +36,10 @@ def enabled() -> bool:
     return env_flag("SPARSA_KV_LOCAL_SPLIT", False)
 
 
-def local_rows(group: int, head_dim: int) -> int:
-    """BLOCK_R of the local kernel: LOCAL_ROWS at head dim <= 128 (half from 256), at least G rounded up to a
-    power of two."""
-    rows = LOCAL_ROWS if head_dim <= 128 else LOCAL_ROWS // 2
+def local_rows(group: int, head_dim: int, block_size: int = 64) -> int:
+    """BLOCK_R of the local kernel: LOCAL_ROWS at head dims and blocks <= 128, half that beyond (offline sm_90 build,
+    64 rows, 8 warps: 20 bytes of spills at block 128, D = 128), at least G rounded up to a power of two."""
+    rows = LOCAL_ROWS if max(head_dim, block_size) <= 128 and block_size < 128 else LOCAL_ROWS // 2
     return max(rows, _pow2(group, 1))
 
 
@@ -120,7 +120,7 @@ def launch_local(q, k, v, o, lse, idx, meta, block_size: int, scale: float, h0: 
     topk = idx.shape[-1]
     if n_tokens == 0 or meta.n_blocks == 0:
         return
-    rows = local_rows(group, max(head_dim, head_dim_v))
+    rows = local_rows(group, max(head_dim, head_dim_v), block_size)
     tokens = rows // group
     sub = triton.cdiv(block_size, tokens)
     big = max(head_dim, head_dim_v, block_size) > 128 or rows >= 128
