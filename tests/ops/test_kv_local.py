@@ -153,3 +153,13 @@ def test_local_split_with_reductions_on_a_side_stream(split, monkeypatch):
     idx = random_selection(1, 64, 4, 4, 16, generator=torch.Generator().manual_seed(8), device=DEVICE)
     _check_forward(q, k, v, idx, 16)
     assert split == [(0, 4)]
+
+
+def test_local_split_wins_over_the_fused_local_merge(split, monkeypatch):
+    """SPARSA_KV_LOCAL=1 together with the split: the split runs (MAIN and the merge see no local pair) and the
+    result is still the reference's."""
+    monkeypatch.setenv("SPARSA_KV_LOCAL", "1")
+    q, k, v = _inputs(1, 70, 2, 3, 16, torch.float32, seed=9)
+    idx = random_selection(1, 70, 2, 4, 16, generator=torch.Generator().manual_seed(9), device=DEVICE)
+    _check_forward(q, k, v, idx, 16)
+    assert split == [(0, 2)]
