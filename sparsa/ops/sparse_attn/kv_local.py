@@ -25,7 +25,7 @@ import triton.language as tl
 from .._env import env_flag
 from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
-# rows (tokens x G heads) of one program at head dim <= 128; whole tokens, at least one token's G rows
+# rows (tokens x G heads) of one program at head dims <= 128 and blocks below 128 (local_rows); whole tokens
 LOCAL_ROWS = 64
 # warps of one program (offline sm_90 build, 64 rows, D = 128: 4 warps spill 24 bytes at G = 1 and 4, 8 do not)
 LOCAL_WARPS = 8
@@ -37,9 +37,9 @@ def enabled() -> bool:
 
 
 def local_rows(group: int, head_dim: int, block_size: int = 64) -> int:
-    """BLOCK_R of the local kernel: LOCAL_ROWS at head dims and blocks <= 128, half that beyond (offline sm_90 build,
-    64 rows, 8 warps: 20 bytes of spills at block 128, D = 128), at least G rounded up to a power of two."""
-    rows = LOCAL_ROWS if max(head_dim, block_size) <= 128 and block_size < 128 else LOCAL_ROWS // 2
+    """BLOCK_R of the local kernel: LOCAL_ROWS at head dims <= 128 and blocks below 128, half that otherwise (offline
+    sm_90 build, 64 rows, 8 warps: 20 bytes of spills at block 128, D = 128), at least G rounded up to a power of two."""
+    rows = LOCAL_ROWS if head_dim <= 128 and block_size < 128 else LOCAL_ROWS // 2
     return max(rows, _pow2(group, 1))
 
 
