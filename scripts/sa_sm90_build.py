@@ -95,7 +95,7 @@ def kernels(group: int):
             local, BS, D), None
     lrows = kvl.local_rows(group, D, BS)
     local = dict(common, TOPK=TOPK, BLOCK_R=lrows, TOKENS=lrows // group, BLOCK_N=BS, BLOCK_K=TOPK)
-    yield "kv_local", kvl._kv_local_kernel, local, max(kvl.LOCAL_WARPS, 8 if lrows >= 128 else 4), 2, None
+    yield "kv_local", kvl._kv_local_kernel, local, kvl.local_warps(lrows, D, BS), 2, None
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, bopts, _ = bwd.bwd_config(group, D, BS)

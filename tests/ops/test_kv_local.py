@@ -10,6 +10,7 @@ from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn import kv_local, naive, triton_ops
 from sparsa.ops.sparse_attn.index import random_selection
 from tests.helpers import rel_err as rel
+from tests.ops.test_sparse_attn_triton import make_inputs
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,14 +35,9 @@ def split(monkeypatch):
     return calls
 
 
-def _inputs(batch, seqlen, hkv, group, dim, dtype, dim_v=None, logit=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, seqlen, hkv * group, dim, generator=gen)
-    k = torch.randn(batch, seqlen, hkv, dim, generator=gen)
-    v = torch.randn(batch, seqlen, hkv, dim_v or dim, generator=gen)
-    if logit is not None:  # |q . k| * scale up to ~logit
-        q, k = (x * (logit / dim**0.5) ** 0.5 * 1.5 for x in (q, k))
-    return [x.to(DEVICE, dtype) for x in (q, k, v)]
+def _inputs(*args, **kwargs):
+    """q, k, v of test_sparse_attn_triton.make_inputs (same arguments)."""
+    return make_inputs(*args, **kwargs)[:3]
 
 
 def _check_forward(q, k, v, idx, block_size, cu_seqlens=None, tol=2e-5):

@@ -43,6 +43,11 @@ def local_rows(group: int, head_dim: int, block_size: int = 64) -> int:
     return max(rows, _pow2(group, 1))
 
 
+def local_warps(rows: int, head_dim: int, block_size: int) -> int:
+    """num_warps of the local kernel: LOCAL_WARPS, 8 for 128 rows or head dims / blocks above 128."""
+    return 8 if rows >= 128 or max(head_dim, block_size) > 128 else LOCAL_WARPS
+
+
 @triton.jit
 def _kv_local_kernel(
     Q,
@@ -123,7 +128,6 @@ def launch_local(q, k, v, o, lse, idx, meta, block_size: int, scale: float, h0: 
     rows = local_rows(group, max(head_dim, head_dim_v), block_size)
     tokens = rows // group
     sub = triton.cdiv(block_size, tokens)
-    big = max(head_dim, head_dim_v, block_size) > 128 or rows >= 128
     _kv_local_kernel[(meta.n_blocks * sub, n_heads)](
         q,
         k,
@@ -152,7 +156,7 @@ def launch_local(q, k, v, o, lse, idx, meta, block_size: int, scale: float, h0: 
         BLOCK_DV=_pow2(head_dim_v),
         BLOCK_K=_pow2(topk, 1),
         PRECISION=precision_for(q.dtype),
-        num_warps=max(LOCAL_WARPS, 8 if big else 4),
+        num_warps=local_warps(rows, max(head_dim, head_dim_v), block_size),
         num_stages=2,
     )
 
