@@ -15,7 +15,7 @@ query rows, with the key blocks shared by all rows: no gather and one output row
          MAIN computes no local pair and the merge finds pos = -1 in the local slots.
 
 Forward only: the backward's pair index keeps the local pairs, so a forward whose inputs need gradients keeps them
-too (triton_ops decides).
+too (triton_ops decides), unless WITH_GRAD (an experiment: the backward then builds its own index).
 """
 from __future__ import annotations
 

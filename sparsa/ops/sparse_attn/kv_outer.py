@@ -10,6 +10,8 @@ REDUCE per (token, KV head), over the token's slots (fixed order, deterministic;
 LOCAL  (opt-in, SPARSA_KV_LOCAL=1) the merge kernel first runs an online softmax over its tokens' local
        blocks (block 0, own, previous) from contiguous query rows, then merges the other partials; MAIN
        skips those pairs (no gathered rows, no partials for 3 of the benchmark's 16 slots).
+SPLIT  (opt-in, SPARSA_KV_LOCAL_SPLIT=1, kv_local.py) the pair index has no local pairs; the local kernel writes
+       o, lse of the local blocks and the merge (INIT) starts from them.
 """
 
 from __future__ import annotations
