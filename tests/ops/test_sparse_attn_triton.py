@@ -12,7 +12,7 @@ import torch
 import sparsa
 from sparsa.ops.sparse_attn import naive
 from sparsa.ops import _alloc as alloc_mod
-from sparsa.ops.sparse_attn.index import random_selection
+from sparsa.ops.sparse_attn.index import pooled_selection, random_selection
 from tests.helpers import rel_err as rel
 
 CUDA = torch.cuda.is_available()
@@ -315,6 +315,44 @@ def test_q_tile_backward_with_split_blocks(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
 
 
+@pytest.mark.parametrize("union_list", [True, False])
+def test_q_tile_forward_kernels_packed_fp16_large_logits(union_list, monkeypatch):
+    """Both q_tile forwards (over precomputed tile unions, and the single-pass merge) on packed documents with
+    fp16 logits up to ~50, repeated blocks in a row and a pooled (shared-block) selection."""
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+
+    monkeypatch.setattr(qt_mod, "UNION_LIST", union_list)
+    cu = torch.tensor([0, 50, 53, 128], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 128, 2, 3, 32, torch.float16, logit=50.0, seed=91)
+    idx = random_selection(1, 128, 2, 5, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(91))
+    idx[0, 60:, :, 1] = idx[0, 60:, :, 2]  # a block listed twice counts once
+    check(q, k, v, do, idx.to(DEVICE), 16, cu_seqlens=cu, orders=("q_tile",), grads=False)
+    q, k, v, do = make_inputs(1, 160, 2, 2, 16, torch.float32, seed=92)
+    idx = pooled_selection(160, 2, 6, 16, 4, tile=32, generator=torch.Generator().manual_seed(92))
+    check(q, k, v, do, idx.to(DEVICE), 16, orders=("q_tile",))
+
+
+def test_pooled_selection_helper():
+    """Forced blocks, ascending rows, and each tile's free blocks from one pool of `pool` blocks."""
+    idx = pooled_selection(640, 2, 8, 16, 6, tile=64, generator=torch.Generator().manual_seed(0))
+    assert idx.shape == (1, 640, 2, 8) and idx.dtype == torch.int32
+    cur = torch.arange(640) // 16
+    for t in (0, 17, 200, 639):
+        valid = idx[0, t, 0][idx[0, t, 0] >= 0]
+        assert torch.all(valid[1:] > valid[:-1]) and int(valid[0]) == 0 and int(valid[-1]) == int(cur[t])
+        assert len(valid) == min(8, int(cur[t]) + 1)
+    for t0 in range(256, 640, 64):  # pools are full from here (blocks 1 .. 14 usable): 6 free blocks each
+        for h in range(2):
+            rows = idx[0, t0 : t0 + 64, h]
+            own = cur[t0 : t0 + 64, None]
+            free = rows[(rows > 0) & (rows < own - 1)]
+            assert len(set(free.tolist())) == 6  # every token takes 5 of the same 6
+    with pytest.raises(ValueError, match="pool"):
+        pooled_selection(64, 1, 4, 16, 0)
+    with pytest.raises(ValueError, match="tile"):
+        pooled_selection(64, 1, 4, 16, 2, tile=0)
+
+
 def test_loop_order_from_the_environment(monkeypatch):
     """SPARSA_LOOP_ORDER forces the order of calls that pass none."""
     from sparsa.ops.sparse_attn import triton_ops
@@ -332,6 +370,26 @@ def test_loop_order_from_the_environment(monkeypatch):
     monkeypatch.setenv("SPARSA_LOOP_ORDER", "tiles")
     with pytest.raises(ValueError, match="SPARSA_LOOP_ORDER"):
         sparsa.sparse_attention(q, k, v, idx, block_size=16)
+
+
+def test_q_tile_forward_with_the_kv_outer_backward(monkeypatch):
+    """SPARSA_Q_TILE_BACKWARD=kv_outer: the q_tile forward's gradients from the KV-outer backward (which builds
+    its pair index itself), packed documents; a bad value is a ValueError naming the setting."""
+    from sparsa.ops.sparse_attn import triton_ops
+
+    calls = []
+    real = triton_ops.kv_outer_backward
+    monkeypatch.setattr(triton_ops, "kv_outer_backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "kv_outer")
+    cu = torch.tensor([0, 70, 112], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 112, 2, 2, 16, torch.float32, seed=93)
+    idx = random_selection(1, 112, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(93))
+    check(q, k, v, do, idx.to(DEVICE), 16, cu_seqlens=cu, orders=("q_tile",))
+    assert calls
+    monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "tiles")
+    with pytest.raises(ValueError, match="SPARSA_Q_TILE_BACKWARD"):
+        run(lambda a, b, c: sparsa.sparse_attention(a, b, c, idx.to(DEVICE), block_size=16, loop_order="q_tile",
+                                                    return_lse=True), q, k, v, do)
 
 
 def test_automatic_loop_order_rule():

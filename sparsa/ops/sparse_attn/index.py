@@ -316,3 +316,56 @@ def random_selection(
                 ind = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind)
                 out[b, s + c0 : s + c1, :, :width] = ind.to(torch.int32)
     return out
+
+
+def pooled_selection(
+    seqlen: int,
+    n_heads_kv: int,
+    topk: int,
+    block_size: int,
+    pool: int,
+    *,
+    tile: int = 64,
+    generator: torch.Generator | None = None,
+    device=None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Benchmark selections with locality, [1, T, Hkv, topk] int32: like `random_selection` (block 0, the
+    current and the previous block forced, ascending, -1 right-padded), but the other blocks of the tokens of
+    each `tile` consecutive tokens (per KV head) come from one random pool of `pool` past blocks, so a tile's
+    union is about pool + 3 blocks, as adjacent tokens' `select_blocks` choices share blocks on real
+    activations (benchmarks/results/real_selection_locality_cpu.md). Tokens whose pool is smaller than
+    what they need take the rest at random."""
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gen_device = "cpu" if generator is not None else device
+    n_blocks = -(-seqlen // block_size)
+    width = min(topk, n_blocks)
+    blocks = torch.arange(n_blocks, device=device)
+    n_tiles = -(-seqlen // tile)
+    # each tile's pool: the `pool` best of random scores over the blocks every token of the tile may take
+    first = torch.arange(n_tiles, device=device) * tile // block_size  # [tiles] block of the tile's first token
+    tile_score = torch.rand(n_tiles, n_heads_kv, n_blocks, generator=generator, device=gen_device).to(device)
+    usable = (blocks[None, :] > 0) & (blocks[None, :] < first[:, None] - 1)  # [tiles, blocks]
+    tile_score = torch.where(usable[:, None, :], tile_score, torch.full_like(tile_score, -1.0))
+    top_val, top_ind = torch.topk(tile_score, min(pool, n_blocks), dim=-1)  # [tiles, Hkv, pool]
+    in_pool = torch.zeros(n_tiles, n_heads_kv, n_blocks, dtype=torch.bool, device=device)
+    in_pool.scatter_(-1, top_ind, top_val >= 0)
+    out = torch.full((1, seqlen, n_heads_kv, topk), -1, dtype=torch.int32, device=device)
+    for c0 in range(0, seqlen, chunk):
+        c1 = min(c0 + chunk, seqlen)
+        tok = torch.arange(c0, c1, device=device)
+        cur = tok // block_size  # [n]
+        score = torch.rand(c1 - c0, n_heads_kv, n_blocks, generator=generator, device=gen_device).to(device)
+        score = score + in_pool[tok // tile].to(score.dtype)  # pool members first, in random order
+        forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+        score = torch.where(forced[:, None, :], torch.full_like(score, 3.0), score)
+        score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
+        val, ind = torch.topk(score, width, dim=-1)
+        ind = torch.where(val < 0, torch.full_like(ind, n_blocks), ind)
+        ind = torch.sort(ind, dim=-1).values
+        out[0, c0:c1, :, :width] = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind).to(torch.int32)
+    return out

@@ -27,6 +27,8 @@ from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 
 # rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
 TILE_ROWS = 64
+# the forward over precomputed tile unions (a pipelined counted loop) instead of the single-pass merge
+UNION_LIST = True
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -127,6 +129,80 @@ def _q_tile_fwd_kernel(
     store_rows(O, LSE, orow, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
+@triton.jit
+def _q_tile_list_fwd_kernel(
+    Q, K, V, O, LSE, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, qk_scale, N, Hq, Hkv, BS,
+    TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward over the tile's precomputed union list (UNION, COUNT from _tile_union_kernel): a counted
+    loop whose K / V loads Triton software-pipelines (num_stages), where _q_tile_fwd_kernel's merge is a
+    `while` loop that it does not. The rows' selections stay in registers; a row uses block b when b's local
+    index is in its selection, at or before its own block (the union is distinct: each block once per row)."""
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
+    t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS  # [R] the token's own (local) block
+    orow = t * Hq + h * G + g
+    q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
+    sel = tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1
+    )  # [R, K]
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    union = UNION + (tile * Hkv + h) * MAXU
+    for i in range(tl.load(COUNT + tile * Hkv + h)):
+        b = tl.load(union + i).to(tl.int64)
+        c = b - base  # [R] local index of b in each row's document
+        use = rmask & (tl.max((sel == c[:, None]).to(tl.int32), 1) > 0) & (c >= 0) & (c <= own)
+        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
+        score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
+        m_i, l_i, acc = attend_block(
+            q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
+        )
+    store_rows(O, LSE, orow, rmask, acc, m_i, l_i, DV, BLOCK_DV)
+
+
+@triton.jit
+def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, TOPK: tl.constexpr,
+                       TOKENS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MAXU: tl.constexpr):
+    """UNION[tile, h, :COUNT] = the ascending distinct global blocks of the tile's TOKENS tokens (one row each)."""
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    t = tile * TOKENS + tl.arange(0, BLOCK_T)
+    rmask = (tl.arange(0, BLOCK_T) < TOKENS) & (t < N)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
+    offs_k = tl.arange(0, BLOCK_K)
+    sel = tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=0
+    )
+    ptr = tl.sum((sel < 0).to(tl.int32), 1)
+    cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+    out = UNION + (tile * Hkv + h) * MAXU
+    n = 0
+    b = tl.min(cur, 0)
+    while b < 2**62:
+        tl.store(out + n, b.to(tl.int32))
+        n += 1
+        ptr = ptr + (cur == b).to(tl.int32)
+        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+        # a block repeated in a row is already in the list: advance past it without a second entry
+        nb = tl.min(cur, 0)
+        while nb == b:
+            ptr = ptr + (cur == b).to(tl.int32)
+            cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
+            nb = tl.min(cur, 0)
+        b = nb
+    tl.store(COUNT + tile * Hkv + h, n)
+
+
 def tile_config(group: int, head_dim: int):
     """(BLOCK_R rows, tokens per program, num_warps): about TILE_ROWS x 128 elements per row tile; 8 warps
     above head dim 128 (compiled offline for sm_90, bf16: at head dim 256 4 warps spill 700 bytes, 8 warps
@@ -135,9 +211,16 @@ def tile_config(group: int, head_dim: int):
     return rows, tokens, 8 if head_dim > 128 else 4
 
 
+def list_stages(block_n: int, head_dim: int) -> int:
+    """Pipeline stages of the union-list forward: 3, or 2 from blocks of 128 keys at head dim 128 (or 64 keys
+    at 256), where three stages of K and V would need 192 KB of shared memory."""
+    return 2 if block_n * head_dim >= 128 * 128 else 3
+
+
 def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
     """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 with ascending rows (-1 first)
-    -> o [N, Hq, Dv], lse [N, Hq] fp32."""
+    -> o [N, Hq, Dv], lse [N, Hq] fp32. UNION_LIST: the tiles' unions first (_tile_union_kernel), then the
+    pipelined forward over them; else the single-pass merge (_q_tile_fwd_kernel)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
@@ -145,33 +228,36 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
     rows, tokens, warps = tile_config(group, max(head_dim, head_dim_v))
     topk = idx.shape[-1]
-    _q_tile_fwd_kernel[(triton.cdiv(n_tokens, tokens), n_heads_kv)](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        idx,
-        meta.tok_docstart,
-        meta.tok_blockbase,
-        meta.blk_start,
-        meta.blk_len,
-        scale * LOG2E,
-        n_tokens,
-        n_heads_q,
-        n_heads_kv,
-        block_size,
-        TOPK=topk,
-        G=group,
-        D=head_dim,
-        DV=head_dim_v,
-        BLOCK_R=rows,
-        TOKENS=tokens,
-        BLOCK_N=_pow2(block_size),
-        BLOCK_D=_pow2(head_dim),
-        BLOCK_DV=_pow2(head_dim_v),
-        BLOCK_K=_pow2(topk, 1),
-        PRECISION=precision_for(q.dtype),
-        num_warps=warps,
+    consts = dict(
+        TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
+        BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
     )
+    grid = (triton.cdiv(n_tokens, tokens), n_heads_kv)
+    layout = (idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len)
+    if UNION_LIST:
+        union, counts, maxu = tile_union(idx, meta, block_size, tokens)
+        _q_tile_list_fwd_kernel[grid](
+            q, k, v, o, lse, *layout, union, counts, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
+            MAXU=maxu, num_warps=warps,
+            num_stages=list_stages(consts["BLOCK_N"], max(consts["BLOCK_D"], consts["BLOCK_DV"])), **consts,
+        )
+    else:
+        _q_tile_fwd_kernel[grid](
+            q, k, v, o, lse, *layout, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size, num_warps=warps,
+            **consts,
+        )
     return o, lse
+
+
+def tile_union(idx, meta, block_size: int, tokens: int):
+    """(union [tiles, Hkv, MAXU] int32 global block ids, counts [tiles, Hkv] int32, MAXU)."""
+    n_tokens, n_heads_kv, topk = idx.shape
+    n_tiles = triton.cdiv(n_tokens, tokens)
+    maxu = tokens * topk
+    union = torch.empty(n_tiles, n_heads_kv, maxu, dtype=torch.int32, device=idx.device)
+    counts = torch.empty(n_tiles, n_heads_kv, dtype=torch.int32, device=idx.device)
+    _tile_union_kernel[(n_tiles, n_heads_kv)](
+        idx, meta.tok_docstart, meta.tok_blockbase, union, counts, n_tokens, n_heads_kv, block_size,
+        TOPK=topk, TOKENS=tokens, BLOCK_T=_pow2(tokens, 1), BLOCK_K=_pow2(topk, 1), MAXU=maxu,
+    )
+    return union, counts, maxu

@@ -25,7 +25,7 @@ from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
 from .index import PairIndex, key_dtype, sort_groups, split_work_list
 from .q_outer import LOG2E, _pow2, precision_for
-from .q_tile import _block_keys, _next_block, _tile_layout, tile_config
+from .q_tile import _block_keys, _tile_layout, tile_config, tile_union
 
 # union entries (tiles) per dK/dV work item: only blocks chosen by more tiles (block 0 is in every tile's union)
 # are cut into items, whose fp32 partial dK/dV (64 KB each at block 64, head dim 128) SPLIT_REDUCE sums
@@ -33,40 +33,6 @@ TILES_PER_ITEM = 256
 # warps of the dQ and dK/dV kernels: compiled offline for sm_90 (bf16, head dim 128, block 64, 64-row tiles)
 # 4 warps spill ~250 bytes in dK/dV, 8 warps 0-16
 BWD_WARPS = 8
-
-
-@triton.jit
-def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, TOPK: tl.constexpr,
-                       TOKENS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MAXU: tl.constexpr):
-    """UNION[tile, h, :COUNT] = the ascending distinct global blocks of the tile's TOKENS tokens (one row each)."""
-    tile = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    t = tile * TOKENS + tl.arange(0, BLOCK_T)
-    rmask = (tl.arange(0, BLOCK_T) < TOKENS) & (t < N)
-    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
-    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
-    offs_k = tl.arange(0, BLOCK_K)
-    sel = tl.load(
-        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=0
-    )
-    ptr = tl.sum((sel < 0).to(tl.int32), 1)
-    cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-    out = UNION + (tile * Hkv + h) * MAXU
-    n = 0
-    b = tl.min(cur, 0)
-    while b < 2**62:
-        tl.store(out + n, b.to(tl.int32))
-        n += 1
-        ptr = ptr + (cur == b).to(tl.int32)
-        cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-        # a block repeated in a row is already in the list: advance past it without a second entry
-        nb = tl.min(cur, 0)
-        while nb == b:
-            ptr = ptr + (cur == b).to(tl.int32)
-            cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-            nb = tl.min(cur, 0)
-        b = nb
-    tl.store(COUNT + tile * Hkv + h, n)
 
 
 @triton.jit
@@ -167,20 +133,6 @@ def _tile_dkdv_kernel(
         ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
         dk, dv, _ = dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION)
     _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
-
-
-def tile_union(idx, meta, block_size: int, tokens: int):
-    """(union [tiles, Hkv, MAXU] int32 global block ids, counts [tiles, Hkv] int32, MAXU)."""
-    n_tokens, n_heads_kv, topk = idx.shape
-    n_tiles = triton.cdiv(n_tokens, tokens)
-    maxu = tokens * topk
-    union = torch.empty(n_tiles, n_heads_kv, maxu, dtype=torch.int32, device=idx.device)
-    counts = torch.empty(n_tiles, n_heads_kv, dtype=torch.int32, device=idx.device)
-    _tile_union_kernel[(n_tiles, n_heads_kv)](
-        idx, meta.tok_docstart, meta.tok_blockbase, union, counts, n_tokens, n_heads_kv, block_size,
-        TOPK=topk, TOKENS=tokens, BLOCK_T=_pow2(tokens, 1), BLOCK_K=_pow2(topk, 1), MAXU=maxu,
-    )
-    return union, counts, maxu
 
 
 def block_tiles(union, counts, maxu: int, n_blocks: int) -> PairIndex:

@@ -81,6 +81,12 @@ def forced_loop_order() -> str | None:
     return env_choice("SPARSA_LOOP_ORDER", LOOP_ORDERS, None)
 
 
+def q_tile_backward_order() -> str:
+    """SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer: the backward after a q_tile forward, its own over the tiles' unions
+    (default) or the KV-outer one (which builds the pair index then)."""
+    return env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer"), "q_tile")
+
+
 def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int, esize: int = 4):
     per_head = n_tokens * topk * group * (max(head_dim, head_dim_v) * esize + 4)
     step = max(1, min(n_heads_kv, PAIR_BUFFER_BYTES // max(per_head, 1)))
@@ -131,7 +137,7 @@ class _SparseAttention(torch.autograd.Function):
         group = n_heads_q // n_heads_kv
         topk = idx.shape[-1]
         do = do.contiguous()
-        if ctx.loop_order == "q_tile":  # its own backward: over the tiles' block unions, no pair index
+        if ctx.loop_order == "q_tile" and q_tile_backward_order() == "q_tile":  # its own backward: over the tiles' block unions, no pair index
             dq, dk, dv = q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size, scale)
             return dq, dk, dv, None, None, None, None, None
         delta = compute_delta(o, do)
