@@ -55,6 +55,7 @@ def main():
     p.add_argument("--pools", default="0,20,40", help="0 = random_selection")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--walk", action="store_true", help="also time the single-pass merge q_tile forward")
+    p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS, e.g. 64x8,128x8")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []
@@ -86,6 +87,14 @@ def main():
                         lambda idx=idx: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
                     )
                     qt_mod.UNION_LIST = True
+                for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants
+                    rows_target, warps = (int(x) for x in spec.split("x"))
+                    saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS
+                    qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = rows_target, warps
+                    row[f"fwd_q_tile_{spec}"] = sa.bench(
+                        lambda idx=idx: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
+                    )
+                    qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = saved
                 flat = torch.sort(idx.view(n, hkv, topk), dim=-1).values.contiguous()
                 meta = doc_meta(1, n, None, bs, q.device)
                 row["union_ms"] = sa.bench(lambda flat=flat, meta=meta: qt_mod.tile_union(flat, meta, bs, tile_tokens))

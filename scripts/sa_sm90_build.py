@@ -113,7 +113,8 @@ def kernels(group: int):
     yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None
     union = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_T=max(1, 1 << (tokens - 1).bit_length()), BLOCK_K=TOPK,
                  MAXU=tokens * TOPK)
-    yield "q_tile union", qtb._tile_union_kernel, union, 4, 3, None
+    yield "q_tile union", qt._tile_union_kernel, union, 4, 3, None
+    yield "q_tile list", qt._q_tile_list_fwd_kernel, dict(tile, MAXU=tokens * TOPK), twarps, qt.list_stages(BS, D), None
     yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, qtb.dq_stages(BS, D), None
     yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
     # the pair-index kernels (the default index, index_triton.py) at their launches: 16-bit sort keys

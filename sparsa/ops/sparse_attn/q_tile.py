@@ -29,6 +29,8 @@ from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 TILE_ROWS = 64
 # the forward over precomputed tile unions (a pipelined counted loop) instead of the single-pass merge
 UNION_LIST = True
+# warps of the union-list forward (None: tile_config's); an A/B knob (scripts/locality_bench.py --tiles)
+LIST_WARPS = None
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -147,7 +149,7 @@ def _q_tile_list_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
-    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS  # [R] the token's own (local) block
+    own = ((t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS).to(tl.int32)  # [R] the token's own local block
     orow = t * Hq + h * G + g
     q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
     sel = tl.load(
@@ -159,7 +161,7 @@ def _q_tile_list_fwd_kernel(
     union = UNION + (tile * Hkv + h) * MAXU
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
-        c = b - base  # [R] local index of b in each row's document
+        c = (b - base).to(tl.int32)  # [R] local index of b in each row's document
         use = rmask & (tl.max((sel == c[:, None]).to(tl.int32), 1) > 0) & (c >= 0) & (c <= own)
         kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
@@ -238,7 +240,7 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
         union, counts, maxu = tile_union(idx, meta, block_size, tokens)
         _q_tile_list_fwd_kernel[grid](
             q, k, v, o, lse, *layout, union, counts, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
-            MAXU=maxu, num_warps=warps,
+            MAXU=maxu, num_warps=LIST_WARPS or warps,
             num_stages=list_stages(consts["BLOCK_N"], max(consts["BLOCK_D"], consts["BLOCK_DV"])), **consts,
         )
     else:
