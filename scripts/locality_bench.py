@@ -98,6 +98,11 @@ def main():
                 flat = torch.sort(idx.view(n, hkv, topk), dim=-1).values.contiguous()
                 meta = doc_meta(1, n, None, bs, q.device)
                 row["union_ms"] = sa.bench(lambda flat=flat, meta=meta: qt_mod.tile_union(flat, meta, bs, tile_tokens))
+                row["waste"] = qt_mod.union_waste(flat, meta, bs, tile_tokens)
+                row["waste_sampled"] = qt_mod.union_waste(flat, meta, bs, tile_tokens, 16)
+                row["waste_sampled_ms"] = sa.bench(
+                    lambda flat=flat, meta=meta: qt_mod.union_waste(flat, meta, bs, tile_tokens, 16)
+                )
                 row["max_rel_diff"] = max(rel(o, outs["kv_outer"]) for o in outs.values())
                 if not args.no_backward:
                     row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
@@ -109,11 +114,11 @@ def main():
                 rows.append(row)
                 del idx, outs
                 torch.cuda.empty_cache()
-    print("N G pool union | fwd kv q_tile (q_outer) walk union | fwd+bwd auto q_tile q_tile+kv | dense fwd fwd+bwd")
+    print("N G pool union waste | fwd kv q_tile (q_outer) walk union | fwd+bwd auto q_tile q_tile+kv | dense fwd fwd+bwd")
     nan = float("nan")
     for r in rows:
         print(
-            f"{r['N']} {r['G']} {r['pool']} {r['tile_union']} | {r['fwd_kv_outer']:.2f} {r['fwd_q_tile']:.2f}"
+            f"{r['N']} {r['G']} {r['pool']} {r['tile_union']} {r['waste']:.2f} | {r['fwd_kv_outer']:.2f} {r['fwd_q_tile']:.2f}"
             f" {r.get('fwd_q_outer', nan):.2f} {r.get('fwd_q_tile_walk', nan):.2f} {r['union_ms']:.2f}"
             f" | {r.get('fwd_bwd_auto', nan):.2f} {r.get('fwd_bwd_q_tile', nan):.2f} {r.get('fwd_bwd_q_tile_kv', nan):.2f}"
             f" | {r['dense_fwd']:.2f} {r['dense_fwd_bwd']:.2f}"

@@ -332,6 +332,25 @@ def test_q_tile_forward_kernels_packed_fp16_large_logits(union_list, monkeypatch
     check(q, k, v, do, idx.to(DEVICE), 16, orders=("q_tile",))
 
 
+def test_union_waste_matches_its_definition():
+    """q_tile.union_waste (every tile, and every 3rd) against the sets of the tiles' selected blocks."""
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+    from sparsa.ops.sparse_attn.index import doc_meta
+
+    n, hkv, topk, bs, tokens = 200, 2, 5, 16, 16
+    idx = pooled_selection(n, hkv, topk, bs, 3, tile=32, generator=torch.Generator().manual_seed(7))[0]
+    idx = torch.sort(idx, dim=-1).values  # the q_tile kernels' layout: ascending rows, -1 first
+    meta = doc_meta(1, n, None, bs, torch.device(DEVICE))
+    for stride in (1, 3):
+        work = useful = 0
+        for t0 in range(0, n, tokens * stride):
+            rows = idx[t0 : t0 + tokens]
+            useful += int((rows >= 0).sum())
+            work += sum(len(set(rows[:, h][rows[:, h] >= 0].tolist())) for h in range(hkv)) * tokens
+        got = qt_mod.union_waste(idx.to(DEVICE).contiguous(), meta, bs, tokens, stride)
+        assert abs(got - work / useful) < 1e-9, (stride, got, work / useful)
+
+
 def test_pooled_selection_helper():
     """Forced blocks, ascending rows, and each tile's free blocks from one pool of `pool` blocks."""
     idx = pooled_selection(640, 2, 8, 16, 6, tile=64, generator=torch.Generator().manual_seed(0))
