@@ -1,16 +1,19 @@
 """GPU: the loop orders on selections with locality (`pooled_selection`) at the benchmark's shapes.
 
-    PYTHONPATH=. python3 scripts/locality_bench.py [--ns 16384,65536] [--gs 1,4,16] [--pools 0,20,40]
+    PYTHONPATH=. python3 scripts/locality_bench.py [--ns 8192,65536] [--gs 4,16,1] [--pools 20,40,0]
 
 Setup as benchmarks/sparse_attention.py (Hq = 32, head dim 128, block 64, top-16, bf16). Pool 0 is the
 benchmark's `random_selection`; pool P gives the tokens of each 64-token tile their 13 free blocks from one
 pool of P past blocks (real `select_blocks` selections at block 64 have 21-25 distinct blocks per 64-token
-tile, benchmarks/results/real_selection_locality_cpu.md). For each (N, G, pool): the mean distinct blocks
-per q_tile program tile, do_bench medians (ms) of the forward with each order and of forward+backward with the
-automatic order and with q_tile, dense causal SDPA, and the largest relative difference between orders.
+tile, benchmarks/results/real_selection_locality_cpu.md). For each (N, G, pool): the query-tile order's waste
+(locality.selection_waste over every tile) and the time of the automatic order's check; do_bench medians (ms)
+of the forward with each order, with the automatic order with and without the locality check
+(SPARSA_LOCALITY_CHECK), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
+also with q_tile's own); dense causal SDPA; the largest relative difference between orders.
 """
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -18,24 +21,30 @@ import torch
 
 import sparsa
 import benchmarks.sparse_attention as sa
+from sparsa.ops.sparse_attn import locality
 from sparsa.ops.sparse_attn import q_tile as qt_mod
 from sparsa.ops.sparse_attn.index import doc_meta, pooled_selection, random_selection
 
 
-def tile_union(idx, tokens):
-    """Mean distinct selected blocks per (tile of `tokens` consecutive tokens, KV head)."""
-    n, hkv = idx.shape[1], idx.shape[2]
-    pad = -n % tokens
-    x = torch.nn.functional.pad(idx[0].long(), (0, 0, 0, 0, 0, pad), value=-1)  # [n + pad, Hkv, K]
-    x = x.view(-1, tokens, hkv, idx.shape[3]).permute(0, 2, 1, 3).reshape(x.shape[0] // tokens * hkv, -1)  # [tiles * Hkv, T * K]
-    x = torch.sort(x, dim=-1).values
-    new = torch.ones_like(x, dtype=torch.bool)
-    new[:, 1:] = x[:, 1:] != x[:, :-1]
-    return ((new & (x >= 0)).sum(-1).float().mean()).item()
+@contextlib.contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def fwd_ms(q, k, v, idx, order):
+    return sa.bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=sa.BS, loop_order=order))
 
 
 def fwd_bwd_ms(q, k, v, idx, order):
@@ -48,12 +57,50 @@ def fwd_bwd_ms(q, k, v, idx, order):
     return sa.bench(run, grad_to_none=[qr, kr, vr])
 
 
+def measure(q, k, v, idx, group, args):
+    n, hkv, bs = q.shape[1], k.shape[2], sa.BS
+    _, tokens, _ = qt_mod.tile_config(group, q.shape[-1])
+    flat = idx.view(n, hkv, -1).contiguous()
+    meta = doc_meta(1, n, None, bs, q.device)
+    row = {"tile_tokens": tokens, "waste": round(locality.selection_waste(flat, meta, tokens, 1 << 40), 3),
+           "check_ms": sa.bench(lambda: locality.selection_waste(flat, meta, tokens))}
+    outs = {}
+    for order in ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
+        outs[order] = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
+        row[f"fwd_{order}"] = fwd_ms(q, k, v, idx, order)
+    row["max_rel_diff"] = max(rel(o, outs["kv_outer"]) for o in outs.values())
+    row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
+    with env("SPARSA_LOCALITY_CHECK", "0"):
+        row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
+    if args.walk:  # the single-pass merge forward against the union-list one (the default)
+        qt_mod.UNION_LIST = False
+        row["fwd_q_tile_walk"] = fwd_ms(q, k, v, idx, "q_tile")
+        qt_mod.UNION_LIST = True
+    for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants ROWSxWARPS
+        saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS
+        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = (int(x) for x in spec.split("x"))
+        row[f"fwd_q_tile_{spec}"] = fwd_ms(q, k, v, idx, "q_tile")
+        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = saved
+    sorted_idx = torch.sort(flat, dim=-1).values.contiguous()
+    row["union_ms"] = sa.bench(lambda: qt_mod.tile_union(sorted_idx, meta, bs, tokens))
+    if not args.no_backward:
+        row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
+        with env("SPARSA_LOCALITY_CHECK", "0"):
+            row["fwd_bwd_auto_nocheck"] = fwd_bwd_ms(q, k, v, idx, None)
+        row["fwd_bwd_q_tile"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
+        if args.own_backward:
+            with env("SPARSA_Q_TILE_BACKWARD", "q_tile"):
+                row["fwd_bwd_q_tile_own"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
+    return row
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ns", default="16384,65536")
-    p.add_argument("--gs", default="1,4,16")
-    p.add_argument("--pools", default="0,20,40", help="0 = random_selection")
+    p.add_argument("--ns", default="8192,65536")
+    p.add_argument("--gs", default="4,16,1")
+    p.add_argument("--pools", default="20,40,0", help="0 = random_selection")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--own-backward", action="store_true", help="also forward+backward with q_tile's own backward")
     p.add_argument("--walk", action="store_true", help="also time the single-pass merge q_tile forward")
     p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS, e.g. 64x8,128x8")
     args = p.parse_args()
@@ -63,64 +110,28 @@ def main():
         dense_fwd, dense_fb = sa.time_dense(n)
         for group in (int(x) for x in args.gs.split(",")):
             q, k, v, _ = sa.make(n, group)
-            hkv, bs, topk = k.shape[2], sa.BS, sa.TOPK
-            _, tile_tokens, _ = qt_mod.tile_config(group, q.shape[-1])
+            hkv = k.shape[2]
             for pool in (int(x) for x in args.pools.split(",")):
-                sel_gen = torch.Generator().manual_seed(pool)
+                gen = torch.Generator().manual_seed(pool)
                 if pool == 0:
-                    idx = random_selection(1, n, hkv, topk, bs, generator=sel_gen, device=q.device)
+                    idx = random_selection(1, n, hkv, sa.TOPK, sa.BS, generator=gen, device=q.device)
                 else:
-                    idx = pooled_selection(n, hkv, topk, bs, pool, generator=sel_gen, device=q.device)
-                row = {"N": n, "G": group, "pool": pool, "tile_tokens": tile_tokens,
-                       "tile_union": round(tile_union(idx, tile_tokens), 2), "dense_fwd": dense_fwd,
-                       "dense_fwd_bwd": dense_fb}
-                outs = {}
-                for order in ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
-                    outs[order] = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
-                    row[f"fwd_{order}"] = sa.bench(
-                        lambda order=order, idx=idx: sparsa.sparse_attention(q, k, v, idx, block_size=bs,
-                                                                             loop_order=order)
-                    )
-                if args.walk:  # the single-pass merge forward against the union-list one (the default)
-                    qt_mod.UNION_LIST = False
-                    row["fwd_q_tile_walk"] = sa.bench(
-                        lambda idx=idx: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
-                    )
-                    qt_mod.UNION_LIST = True
-                for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants
-                    rows_target, warps = (int(x) for x in spec.split("x"))
-                    saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS
-                    qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = rows_target, warps
-                    row[f"fwd_q_tile_{spec}"] = sa.bench(
-                        lambda idx=idx: sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
-                    )
-                    qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = saved
-                flat = torch.sort(idx.view(n, hkv, topk), dim=-1).values.contiguous()
-                meta = doc_meta(1, n, None, bs, q.device)
-                row["union_ms"] = sa.bench(lambda flat=flat, meta=meta: qt_mod.tile_union(flat, meta, bs, tile_tokens))
-                row["waste"] = qt_mod.union_waste(flat, meta, bs, tile_tokens)
-                row["waste_sampled"] = qt_mod.union_waste(flat, meta, bs, tile_tokens, 16)
-                row["waste_sampled_ms"] = sa.bench(
-                    lambda flat=flat, meta=meta: qt_mod.union_waste(flat, meta, bs, tile_tokens, 16)
-                )
-                row["max_rel_diff"] = max(rel(o, outs["kv_outer"]) for o in outs.values())
-                if not args.no_backward:
-                    row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
-                    row["fwd_bwd_q_tile"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
-                    os.environ["SPARSA_Q_TILE_BACKWARD"] = "kv_outer"
-                    row["fwd_bwd_q_tile_kv"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
-                    del os.environ["SPARSA_Q_TILE_BACKWARD"]
+                    idx = pooled_selection(n, hkv, sa.TOPK, sa.BS, pool, generator=gen, device=q.device)
+                row = {"N": n, "G": group, "pool": pool, **measure(q, k, v, idx, group, args),
+                       "dense_fwd": dense_fwd, "dense_fwd_bwd": dense_fb}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                del idx, outs
+                del idx
                 torch.cuda.empty_cache()
-    print("N G pool union waste | fwd kv q_tile (q_outer) walk union | fwd+bwd auto q_tile q_tile+kv | dense fwd fwd+bwd")
     nan = float("nan")
+    print("N G pool waste check | fwd kv q_tile q_outer auto auto_nocheck | fwd+bwd auto auto_nocheck q_tile q_tile_own"
+          " | dense fwd fwd+bwd")
     for r in rows:
         print(
-            f"{r['N']} {r['G']} {r['pool']} {r['tile_union']} {r['waste']:.2f} | {r['fwd_kv_outer']:.2f} {r['fwd_q_tile']:.2f}"
-            f" {r.get('fwd_q_outer', nan):.2f} {r.get('fwd_q_tile_walk', nan):.2f} {r['union_ms']:.2f}"
-            f" | {r.get('fwd_bwd_auto', nan):.2f} {r.get('fwd_bwd_q_tile', nan):.2f} {r.get('fwd_bwd_q_tile_kv', nan):.2f}"
+            f"{r['N']} {r['G']} {r['pool']} {r['waste']:.2f} {r['check_ms']:.3f} | {r['fwd_kv_outer']:.2f}"
+            f" {r['fwd_q_tile']:.2f} {r.get('fwd_q_outer', nan):.2f} {r['fwd_auto']:.2f} {r['fwd_auto_nocheck']:.2f}"
+            f" | {r.get('fwd_bwd_auto', nan):.2f} {r.get('fwd_bwd_auto_nocheck', nan):.2f}"
+            f" {r.get('fwd_bwd_q_tile', nan):.2f} {r.get('fwd_bwd_q_tile_own', nan):.2f}"
             f" | {r['dense_fwd']:.2f} {r['dense_fwd_bwd']:.2f}"
         )
 

@@ -27,6 +27,7 @@ from sparsa.ops.sparse_attn import backward as bwd
 from sparsa.ops.sparse_attn import index_triton as ix
 from sparsa.ops.sparse_attn import kv_local as kvl
 from sparsa.ops.sparse_attn import kv_outer as kv
+from sparsa.ops.sparse_attn import locality as loc
 from sparsa.ops.sparse_attn import q_outer as qo
 from sparsa.ops.sparse_attn import q_tile as qt
 from sparsa.ops.sparse_attn import q_tile_backward as qtb
@@ -36,7 +37,7 @@ POINTER_TYPES = {
     "*bf16": {"Q", "K", "V", "O", "OP", "DO", "DQP", "DK", "DVv", "DQ"},
     "*fp32": {"LSE", "LSEP", "DELTA", "DKP", "DVP"},
     "*i32": {"POS", "IDX", "TOKS", "BLKLEN", "LOCALBLK", "UNION", "COUNT", "TILES"},
-    "*i64": {"WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM", "TOKBASE", "TOKDOCSTART"},
+    "*i64": {"OUT", "WORK", "DOCSTART", "BLOCKBASE", "BLKSTART", "SPLIT", "PERM", "TOKBASE", "TOKDOCSTART"},
     "*i16": {"GID", "SORTED"},
 }
 FLOAT_ARGS = {"qk_scale", "scale"}
@@ -115,6 +116,9 @@ def kernels(group: int):
                  MAXU=tokens * TOPK)
     yield "q_tile union", qt._tile_union_kernel, union, 4, 3, None
     yield "q_tile list", qt._q_tile_list_fwd_kernel, dict(tile, MAXU=tokens * TOPK), twarps, qt.list_stages(BS, D), None
+    block_e = max(16, 1 << (tokens * TOPK - 1).bit_length())
+    distinct = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_E=block_e, CHUNK=loc.distinct_chunk(block_e))
+    yield "locality distinct", loc._tile_distinct_kernel, distinct, loc.distinct_warps(block_e), 1, None
     yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, qtb.dq_stages(BS, D), None
     yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
     # the pair-index kernels (the default index, index_triton.py) at their launches: 16-bit sort keys

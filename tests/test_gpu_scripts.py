@@ -16,7 +16,7 @@ PROBES = [
     ["scripts/kv_gluon_ab.py", "--sizes", "48", "--groups", "2", "--programs", "2", "--flags", "none;PIPELINE"],
     ["scripts/kv_overlap_ab.py", "--sizes", "48", "--groups", "2", "--chunks", "2", "--no-dense"],
     ["scripts/sa_kernel_times.py", "--sizes", "48", "--groups", "4", "--calls", "1"],
-    ["scripts/locality_bench.py", "--ns", "48", "--gs", "2", "--pools", "0,2", "--walk", "--tiles", "16x8"],
+    ["scripts/locality_bench.py", "--ns", "48", "--gs", "2", "--pools", "0,2", "--walk", "--tiles", "16x8", "--own-backward"],
     ["scripts/sa_host_overhead.py", "--sizes", "48", "--groups", "4", "--profile", "48,4", "--calls", "1"],
 ]
 

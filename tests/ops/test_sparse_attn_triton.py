@@ -332,23 +332,70 @@ def test_q_tile_forward_kernels_packed_fp16_large_logits(union_list, monkeypatch
     check(q, k, v, do, idx.to(DEVICE), 16, orders=("q_tile",))
 
 
-def test_union_waste_matches_its_definition():
-    """q_tile.union_waste (every tile, and every 3rd) against the sets of the tiles' selected blocks."""
-    from sparsa.ops.sparse_attn import q_tile as qt_mod
+@pytest.mark.parametrize("sample_programs", [10**6, 5])
+def test_selection_waste_matches_its_definition(sample_programs):
+    """locality.selection_waste (every tile, and a sample of them) against the sets of the tiles' selected
+    blocks, on packed documents (a block id is local to its document) with unsorted rows."""
+    from sparsa.ops.sparse_attn import locality
     from sparsa.ops.sparse_attn.index import doc_meta
 
-    n, hkv, topk, bs, tokens = 200, 2, 5, 16, 16
-    idx = pooled_selection(n, hkv, topk, bs, 3, tile=32, generator=torch.Generator().manual_seed(7))[0]
-    idx = torch.sort(idx, dim=-1).values  # the q_tile kernels' layout: ascending rows, -1 first
-    meta = doc_meta(1, n, None, bs, torch.device(DEVICE))
-    for stride in (1, 3):
-        work = useful = 0
-        for t0 in range(0, n, tokens * stride):
-            rows = idx[t0 : t0 + tokens]
-            useful += int((rows >= 0).sum())
-            work += sum(len(set(rows[:, h][rows[:, h] >= 0].tolist())) for h in range(hkv)) * tokens
-        got = qt_mod.union_waste(idx.to(DEVICE).contiguous(), meta, bs, tokens, stride)
-        assert abs(got - work / useful) < 1e-9, (stride, got, work / useful)
+    n, hkv, topk, bs, tokens = 200, 2, 5, 16, 8
+    cu = torch.tensor([0, 90, 200], dtype=torch.int32)
+    idx = random_selection(1, n, hkv, topk, bs, cu_seqlens=cu, generator=torch.Generator().manual_seed(7))[0]
+    idx = idx[:, :, torch.randperm(topk, generator=torch.Generator().manual_seed(8))]  # any slot order
+    meta = doc_meta(1, n, cu.to(DEVICE), bs, torch.device(DEVICE))
+    n_tiles = -(-n // tokens)
+    stride = max(1, -(-n_tiles * hkv // sample_programs))
+    base = meta.tok_blockbase.cpu()
+    work = useful = 0
+    for t0 in range(0, n, tokens * stride):
+        rows = idx[t0 : t0 + tokens].long()
+        gid = torch.where(rows >= 0, rows + base[t0 : t0 + tokens, None, None], -1)
+        useful += int((rows >= 0).sum())
+        work += sum(len(set(gid[:, h][gid[:, h] >= 0].tolist())) for h in range(hkv)) * tokens
+    got = locality.selection_waste(idx.to(DEVICE).contiguous(), meta, tokens, sample_programs)
+    assert abs(got - work / useful) < 1e-9, (got, work / useful)
+    assert stride == 1 or sample_programs < n_tiles * hkv
+
+
+def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
+    """With the locality check on (here on CPU, from 64 tokens): pooled selections (tiles share their blocks)
+    take the query-tile order (outputs and gradients match the reference), random ones do not,
+    SPARSA_LOCALITY_CHECK=0 turns it off."""
+    from sparsa.ops.sparse_attn import locality, triton_ops
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+
+    monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(locality, "MIN_TOKENS", 64)
+    monkeypatch.setattr(qt_mod, "TILE_ROWS", 4)  # 16-token tiles at head dim 16, G = 2
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")  # the size rule's choice at 64K
+    calls = []
+    real = triton_ops.q_tile_forward
+    monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, do = make_inputs(1, 512, 2, 2, 16, torch.float32, seed=94)
+    # waste 1.42 and 2.79 (MAX_WASTE 1.7)
+    pooled = pooled_selection(512, 2, 6, 16, 6, tile=64, generator=torch.Generator().manual_seed(94)).to(DEVICE)
+    rnd = random_selection(1, 512, 2, 6, 16, generator=torch.Generator().manual_seed(94), device=DEVICE)
+    check(q, k, v, do, pooled, 16, orders=(None,))
+    assert calls, "pooled selection: q_tile expected"
+    calls.clear()
+    sparsa.sparse_attention(q, k, v, rnd, block_size=16)
+    assert not calls, "random selection: q_tile not expected"
+    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "0")
+    sparsa.sparse_attention(q, k, v, pooled, block_size=16)
+    assert not calls
+    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "yes")
+    with pytest.raises(ValueError, match="SPARSA_LOCALITY_CHECK"):
+        sparsa.sparse_attention(q, k, v, pooled, block_size=16)
+
+
+def test_q_tile_backward_rule(monkeypatch):
+    from sparsa.ops.sparse_attn.triton_ops import Q_TILE_MAX_TOKEN_HEADS, q_tile_backward_order
+
+    assert q_tile_backward_order(4096, 3) == "q_tile"  # SmolLM2-135M at 4K tokens: its own backward
+    assert q_tile_backward_order(Q_TILE_MAX_TOKEN_HEADS + 1, 1) == "kv_outer"
+    monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "q_tile")
+    assert q_tile_backward_order(65536, 8) == "q_tile"
 
 
 def test_pooled_selection_helper():

@@ -172,12 +172,10 @@ def _q_tile_list_fwd_kernel(
 
 
 @triton.jit
-def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, STRIDE, TOPK: tl.constexpr,
+def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, TOPK: tl.constexpr,
                        TOKENS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MAXU: tl.constexpr):
-    """UNION[p, h, :COUNT] = the ascending distinct global blocks of the TOKENS tokens (one row each) of tile
-    p * STRIDE (STRIDE > 1: a sample of the tiles, union_waste)."""
-    pid = tl.program_id(0).to(tl.int64)
-    tile = pid * STRIDE
+    """UNION[tile, h, :COUNT] = the ascending distinct global blocks of the tile's TOKENS tokens (one row each)."""
+    tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     t = tile * TOKENS + tl.arange(0, BLOCK_T)
     rmask = (tl.arange(0, BLOCK_T) < TOKENS) & (t < N)
@@ -189,7 +187,7 @@ def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, STRID
     )
     ptr = tl.sum((sel < 0).to(tl.int32), 1)
     cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-    out = UNION + (pid * Hkv + h) * MAXU
+    out = UNION + (tile * Hkv + h) * MAXU
     n = 0
     b = tl.min(cur, 0)
     while b < 2**62:
@@ -204,7 +202,7 @@ def _tile_union_kernel(IDX, DOCSTART, BLOCKBASE, UNION, COUNT, N, Hkv, BS, STRID
             cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
             nb = tl.min(cur, 0)
         b = nb
-    tl.store(COUNT + pid * Hkv + h, n)
+    tl.store(COUNT + tile * Hkv + h, n)
 
 
 def tile_config(group: int, head_dim: int):
@@ -253,29 +251,15 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
     return o, lse
 
 
-def tile_union(idx, meta, block_size: int, tokens: int, stride: int = 1):
-    """(union [tiles, Hkv, MAXU] int32 global block ids, counts [tiles, Hkv] int32, MAXU) of every `stride`-th
-    tile of `tokens` tokens."""
+def tile_union(idx, meta, block_size: int, tokens: int):
+    """(union [tiles, Hkv, MAXU] int32 global block ids, counts [tiles, Hkv] int32, MAXU)."""
     n_tokens, n_heads_kv, topk = idx.shape
-    n_tiles = triton.cdiv(triton.cdiv(n_tokens, tokens), stride)
+    n_tiles = triton.cdiv(n_tokens, tokens)
     maxu = tokens * topk
     union = torch.empty(n_tiles, n_heads_kv, maxu, dtype=torch.int32, device=idx.device)
     counts = torch.empty(n_tiles, n_heads_kv, dtype=torch.int32, device=idx.device)
     _tile_union_kernel[(n_tiles, n_heads_kv)](
-        idx, meta.tok_docstart, meta.tok_blockbase, union, counts, n_tokens, n_heads_kv, block_size, stride,
+        idx, meta.tok_docstart, meta.tok_blockbase, union, counts, n_tokens, n_heads_kv, block_size,
         TOPK=topk, TOKENS=tokens, BLOCK_T=_pow2(tokens, 1), BLOCK_K=_pow2(topk, 1), MAXU=maxu,
     )
     return union, counts, maxu
-
-
-def union_waste(idx, meta, block_size: int, tokens: int, stride: int = 1) -> float:
-    """How much more MMA work the query-tile order does than the selection needs, on every `stride`-th tile:
-    (sum over the tiles and KV heads of union size x tokens) / (selected slots, -1 padding excluded). 1.0 when the
-    tokens of a tile select the same blocks; about TOKENS when they share none. One host synchronisation."""
-    n_tokens = idx.shape[0]
-    _, counts, _ = tile_union(idx, meta, block_size, tokens, stride)
-    tiles = torch.arange(0, triton.cdiv(n_tokens, tokens), stride, device=idx.device)
-    tok = (tiles[:, None] * tokens + torch.arange(tokens, device=idx.device)[None, :]).reshape(-1)
-    tok = tok[tok < n_tokens]
-    work, useful = torch.stack([counts.sum().to(torch.int64) * tokens, (idx[tok] >= 0).sum()]).tolist()
-    return work / max(useful, 1)

@@ -3,10 +3,10 @@
 forward : query-outer (q_outer.py, one program per token and KV head) or KV-outer (kv_outer.py,
           one program per (KV head, block, chunk of the tokens that chose it) + LSE merge), chosen
           automatically; or the query-tile order (q_tile.py, one program per tile of tokens; automatic
-          for small problems at head dim <= 64);
+          for small problems at head dim <= 64, and where adjacent tokens share their blocks: locality.py);
 backward: KV-outer (backward.py): dK/dV per block, dQ through per-pair partials and a fixed-order
-          reduction (deterministic); the query-tile order (q_tile.py) has its own backward over
-          the tiles' block unions (q_tile_backward.py).
+          reduction (deterministic); after the query-tile order, for small problems, its own backward
+          over the tiles' block unions (q_tile_backward.py).
 Every batch row / packed document is flattened into one token axis; positions and block indices
 stay local to each document (index.DocMeta). KV heads are processed in slices so that the
 per-pair buffers stay under PAIR_BUFFER_BYTES.
@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 
 from .backward import compute_delta, kv_outer_backward
-from . import kv_gluon, kv_local
+from . import kv_gluon, kv_local, locality
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
 from .._env import env_choice
 from .q_outer import q_outer_forward
-from .q_tile import q_tile_forward
+from .q_tile import q_tile_forward, tile_config
 from .q_tile_backward import q_tile_backward
 
 # upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
@@ -81,10 +81,15 @@ def forced_loop_order() -> str | None:
     return env_choice("SPARSA_LOOP_ORDER", LOOP_ORDERS, None)
 
 
-def q_tile_backward_order() -> str:
-    """SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer: the backward after a q_tile forward, its own over the tiles' unions
-    (default) or the KV-outer one (which builds the pair index then)."""
-    return env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer"), "q_tile")
+def q_tile_backward_order(n_tokens: int, n_heads_kv: int) -> str:
+    """The backward after a q_tile forward: its own over the tiles' unions for small problems (the size where
+    q_tile is the automatic order, measured faster there in session 9), else the KV-outer one, which builds the
+    pair index itself (H100 session 19, forward+backward with q_tile's backward vs the KV-outer one on pooled
+    selections: 8K G = 4 6.14 vs 2.56 ms, 64K 46.1 vs 20.4). SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer forces one."""
+    forced = env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer"), None)
+    if forced is not None:
+        return forced
+    return "q_tile" if n_tokens * n_heads_kv <= Q_TILE_MAX_TOKEN_HEADS else "kv_outer"
 
 
 def _head_slices(n_heads_kv: int, n_tokens: int, topk: int, group: int, head_dim: int, head_dim_v: int, esize: int = 4):
@@ -137,7 +142,7 @@ class _SparseAttention(torch.autograd.Function):
         group = n_heads_q // n_heads_kv
         topk = idx.shape[-1]
         do = do.contiguous()
-        if ctx.loop_order == "q_tile" and q_tile_backward_order() == "q_tile":  # its own backward: over the tiles' block unions, no pair index
+        if ctx.loop_order == "q_tile" and q_tile_backward_order(n_tokens, n_heads_kv) == "q_tile":  # its own backward: over the tiles' block unions, no pair index
             dq, dk, dv = q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size, scale)
             return dq, dk, dv, None, None, None, None, None
         delta = compute_delta(o, do)
@@ -163,9 +168,17 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
     vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
-    if loop_order is None:
-        loop_order = forced_loop_order() or automatic_loop_order(qf, kf, vf, block_size)
     idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32)
+    if loop_order is None:
+        loop_order = forced_loop_order()
+    if loop_order is None:
+        loop_order = automatic_loop_order(qf, kf, vf, block_size)
+        head_dim_max = max(head_dim, head_dim_v)
+        if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max):
+            # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
+            tokens = tile_config(n_heads_q // n_heads_kv, head_dim_max)[1]
+            if locality.prefers_q_tile(idx.contiguous(), meta, tokens):
+                loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
         # makes every repeat adjacent, so a block listed twice counts once (the set semantics of

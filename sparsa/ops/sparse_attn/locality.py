@@ -1,0 +1,112 @@
+"""How much adjacent tokens share their selected blocks, and when that makes the query-tile order the faster one.
+
+The query-tile order (q_tile.py) runs each tile of TOKENS consecutive tokens over the union of their selected
+blocks: its MMA work is the union size x TOKENS per (tile, KV head), against the selected slots that the other
+orders compute. `selection_waste` is that ratio (1.0: the tokens of a tile select the same blocks; about TOKENS:
+they share none) on a sample of the tiles. On the H100 (session 19, scripts/locality_bench.py,
+benchmarks/results/h100_session19/locality_list.log; Hq = 32, head dim 128, block 64, top-16) the query-tile
+forward beat the automatic order up to a waste of about 1.9 (8K, G = 4) to 2.4 (64K, G = 16) and lost above;
+`prefers_q_tile` takes it below MAX_WASTE. Real `select_blocks` selections of SmolLM2-135M at block 64 have a
+waste of about 1.3-1.5 on 16-token tiles (benchmarks/results/real_selection_locality_cpu.md); the benchmark's
+random selections about 3.7 (8K, G = 4) to 10 (64K, G = 4).
+
+The check costs one small kernel and one host synchronisation per call; it is skipped during CUDA graph capture
+and with SPARSA_LOCALITY_CHECK=0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._env import env_choice
+from .q_outer import _pow2
+
+# the query-tile order is chosen below this waste (measured crossovers 1.9-2.4, see above)
+MAX_WASTE = 1.7
+# sampled (tile, KV head) programs per check, at most
+SAMPLE_PROGRAMS = 2048
+# the check runs where the query-tile forward was measured: head dims up to 128, from 2048 tokens
+MAX_HEAD_DIM = 128
+MIN_TOKENS = 2048
+# devices on which the check runs (tests add "cpu" to run it in the interpreter)
+DEVICES = ("cuda",)
+
+
+@triton.jit
+def _tile_distinct_kernel(IDX, BLOCKBASE, OUT, N, Hkv, STRIDE, TOPK: tl.constexpr, TOKENS: tl.constexpr,
+                          BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """OUT[0] += distinct selected global blocks of tile program_id(0) * STRIDE (TOKENS tokens, KV head
+    program_id(1)); OUT[1] += its selected slots (-1 padding excluded). A slot is a repeat when an earlier slot
+    of the tile holds the same block: compared CHUNK slots at a time, no sorting, no serial loop."""
+    tile = tl.program_id(0).to(tl.int64) * STRIDE
+    h = tl.program_id(1).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    gid = _slot_blocks(IDX, BLOCKBASE, tile, h, e, N, Hkv, TOPK, TOKENS)  # [E] global block or -1
+    repeat = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for j0 in range(0, BLOCK_E, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        gj = _slot_blocks(IDX, BLOCKBASE, tile, h, j, N, Hkv, TOPK, TOKENS)  # [C]
+        same = (gj[None, :] == gid[:, None]) & (j[None, :] < e[:, None]) & (gj[None, :] >= 0)
+        repeat = tl.maximum(repeat, tl.max(same.to(tl.int32), 1))
+    valid = gid >= 0
+    tl.atomic_add(OUT, tl.sum((valid & (repeat == 0)).to(tl.int64), 0))
+    tl.atomic_add(OUT + 1, tl.sum(valid.to(tl.int64), 0))
+
+
+@triton.jit
+def _slot_blocks(IDX, BLOCKBASE, tile, h, e, N, Hkv, TOPK: tl.constexpr, TOKENS: tl.constexpr):
+    """Global block ids [E] of the tile's slots e (token e // TOPK of the tile, slot e % TOPK), -1 for padding
+    and for slots past the tile or the sequence."""
+    t = tile * TOKENS + e // TOPK
+    ok = (e < TOKENS * TOPK) & (t < N)
+    c = tl.load(IDX + (t * Hkv + h) * TOPK + e % TOPK, mask=ok, other=-1)
+    base = tl.load(BLOCKBASE + t, mask=ok, other=0).to(tl.int32)  # global block ids fit int32
+    return tl.where(ok & (c >= 0), base + c, -1)
+
+
+def distinct_chunk(block_e: int) -> int:
+    """Slots compared per step: [BLOCK_E, CHUNK] compares of about 4096 elements (offline sm_90 build: no spills)."""
+    return max(1, min(block_e, 4096 // block_e))
+
+
+def distinct_warps(block_e: int) -> int:
+    return 8 if block_e >= 512 else 4
+
+
+def selection_waste(idx: torch.Tensor, meta, tokens: int, sample_programs: int = SAMPLE_PROGRAMS) -> float:
+    """idx [N, Hkv, K] int32 (any slot order) -> (distinct blocks x tokens) / selected slots over every s-th
+    tile of `tokens` tokens, s chosen so that at most `sample_programs` (tile, KV head) programs run. One host
+    synchronisation."""
+    n_tokens, n_heads_kv, topk = idx.shape
+    n_tiles = triton.cdiv(n_tokens, tokens)
+    stride = max(1, triton.cdiv(n_tiles * n_heads_kv, sample_programs))
+    out = torch.zeros(2, dtype=torch.int64, device=idx.device)
+    block_e = _pow2(tokens * topk, 16)
+    _tile_distinct_kernel[(triton.cdiv(n_tiles, stride), n_heads_kv)](
+        idx, meta.tok_blockbase, out, n_tokens, n_heads_kv, stride,
+        TOPK=topk, TOKENS=tokens, BLOCK_E=block_e, CHUNK=distinct_chunk(block_e), num_warps=distinct_warps(block_e),
+    )
+    distinct, useful = out.tolist()
+    return distinct * tokens / max(useful, 1)
+
+
+def check_enabled() -> bool:
+    """SPARSA_LOCALITY_CHECK=1|0 (default 1): whether the automatic loop order looks at the selection."""
+    return env_choice("SPARSA_LOCALITY_CHECK", ("0", "1"), "1") == "1"
+
+
+def check_applies(q: torch.Tensor, head_dim: int) -> bool:
+    """Whether the automatic loop order checks the selection's locality for q [N, Hq, D] (device, size, head
+    dim, not while a CUDA graph is captured, SPARSA_LOCALITY_CHECK)."""
+    if q.device.type not in DEVICES or q.shape[0] < MIN_TOKENS or head_dim > MAX_HEAD_DIM:
+        return False
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return check_enabled()
+
+
+def prefers_q_tile(idx: torch.Tensor, meta, tokens: int) -> bool:
+    """Whether the query-tile order's waste on idx [N, Hkv, K] (tiles of `tokens` tokens) is under MAX_WASTE."""
+    return selection_waste(idx, meta, tokens) < MAX_WASTE
