@@ -10,8 +10,8 @@ forward beat the automatic order up to a waste of about 1.9 (8K, G = 4) to 2.4 (
 waste of about 1.3-1.5 on 16-token tiles (benchmarks/results/real_selection_locality_cpu.md); the benchmark's
 random selections about 3.7 (8K, G = 4) to 10 (64K, G = 4).
 
-The check costs one small kernel and one host synchronisation per call; it is skipped during CUDA graph capture
-and with SPARSA_LOCALITY_CHECK=0.
+The check costs one small kernel and one host synchronisation per call; it is skipped under torch.compile, during
+CUDA graph capture and with SPARSA_LOCALITY_CHECK=0.
 """
 
 from __future__ import annotations
@@ -99,11 +99,11 @@ def check_enabled() -> bool:
 
 def check_applies(q: torch.Tensor, head_dim: int) -> bool:
     """Whether the automatic loop order checks the selection's locality for q [N, Hq, D] (device, size, head
-    dim, not while a CUDA graph is captured, SPARSA_LOCALITY_CHECK)."""
+    dim, not under torch.compile or CUDA graph capture, SPARSA_LOCALITY_CHECK)."""
     if q.device.type not in DEVICES or q.shape[0] < MIN_TOKENS or head_dim > MAX_HEAD_DIM:
         return False
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False  # no host synchronisation inside a traced or captured graph
     return check_enabled()
 
 
