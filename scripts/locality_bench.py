@@ -8,7 +8,7 @@ pool of P past blocks (real `select_blocks` selections at block 64 have 21-25 di
 tile, benchmarks/results/real_selection_locality_cpu.md). For each (N, G, pool): the query-tile order's waste
 (locality.selection_waste over every tile) and the time of the automatic order's check; do_bench medians (ms)
 of the forward with each order, with the automatic order with and without the locality check
-(SPARSA_LOCALITY_CHECK), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
+(SPARSA_LOCALITY_CHECK; --auto-only: only those), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
 also with q_tile's own); dense causal SDPA; the largest relative difference between orders.
 """
 
@@ -65,13 +65,15 @@ def measure(q, k, v, idx, group, args):
     row = {"tile_tokens": tokens, "waste": round(locality.selection_waste(flat, meta, tokens, 1 << 40), 3),
            "check_ms": sa.bench(lambda: locality.selection_waste(flat, meta, tokens))}
     outs = {}
-    for order in ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
+    with env("SPARSA_LOCALITY_CHECK", "0"):
+        outs["auto_nocheck"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
+        row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
+    outs["auto"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
+    row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
+    for order in () if args.auto_only else ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
         outs[order] = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
         row[f"fwd_{order}"] = fwd_ms(q, k, v, idx, order)
-    row["max_rel_diff"] = max(rel(o, outs["kv_outer"]) for o in outs.values())
-    row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
-    with env("SPARSA_LOCALITY_CHECK", "0"):
-        row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
+    row["max_rel_diff"] = max(rel(o, outs["auto_nocheck"]) for o in outs.values())
     if args.walk:  # the single-pass merge forward against the union-list one (the default)
         qt_mod.UNION_LIST = False
         row["fwd_q_tile_walk"] = fwd_ms(q, k, v, idx, "q_tile")
@@ -87,6 +89,7 @@ def measure(q, k, v, idx, group, args):
         row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
         with env("SPARSA_LOCALITY_CHECK", "0"):
             row["fwd_bwd_auto_nocheck"] = fwd_bwd_ms(q, k, v, idx, None)
+    if not args.no_backward and not args.auto_only:
         row["fwd_bwd_q_tile"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
         if args.own_backward:
             with env("SPARSA_Q_TILE_BACKWARD", "q_tile"):
@@ -100,6 +103,7 @@ def main():
     p.add_argument("--gs", default="4,16,1")
     p.add_argument("--pools", default="20,40,0", help="0 = random_selection")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--auto-only", action="store_true", help="only the automatic order, with and without the check")
     p.add_argument("--own-backward", action="store_true", help="also forward+backward with q_tile's own backward")
     p.add_argument("--walk", action="store_true", help="also time the single-pass merge q_tile forward")
     p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS, e.g. 64x8,128x8")
@@ -128,8 +132,8 @@ def main():
           " | dense fwd fwd+bwd")
     for r in rows:
         print(
-            f"{r['N']} {r['G']} {r['pool']} {r['waste']:.2f} {r['check_ms']:.3f} | {r['fwd_kv_outer']:.2f}"
-            f" {r['fwd_q_tile']:.2f} {r.get('fwd_q_outer', nan):.2f} {r['fwd_auto']:.2f} {r['fwd_auto_nocheck']:.2f}"
+            f"{r['N']} {r['G']} {r['pool']} {r['waste']:.2f} {r['check_ms']:.3f} | {r.get('fwd_kv_outer', nan):.2f}"
+            f" {r.get('fwd_q_tile', nan):.2f} {r.get('fwd_q_outer', nan):.2f} {r['fwd_auto']:.2f} {r['fwd_auto_nocheck']:.2f}"
             f" | {r.get('fwd_bwd_auto', nan):.2f} {r.get('fwd_bwd_auto_nocheck', nan):.2f}"
             f" {r.get('fwd_bwd_q_tile', nan):.2f} {r.get('fwd_bwd_q_tile_own', nan):.2f}"
             f" | {r['dense_fwd']:.2f} {r['dense_fwd_bwd']:.2f}"
