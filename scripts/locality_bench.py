@@ -8,7 +8,7 @@ pool of P past blocks (real `select_blocks` selections at block 64 have 21-25 di
 tile, benchmarks/results/real_selection_locality_cpu.md). For each (N, G, pool): the query-tile order's waste
 (locality.selection_waste over every tile) and the time of the automatic order's check; do_bench medians (ms)
 of the forward with each order, with the automatic order with and without the locality check
-(SPARSA_LOCALITY_CHECK; --auto-only: only those), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
+(SPARSA_LOCALITY_CHECK=1 / 0; --auto-only: only those), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
 also with q_tile's own); dense causal SDPA; the largest relative difference between orders.
 """
 
@@ -68,8 +68,9 @@ def measure(q, k, v, idx, group, args):
     with env("SPARSA_LOCALITY_CHECK", "0"):
         outs["auto_nocheck"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
         row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
-    outs["auto"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
-    row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
+    with env("SPARSA_LOCALITY_CHECK", "1"):
+        outs["auto"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
+        row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
     for order in () if args.auto_only else ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
         outs[order] = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
         row[f"fwd_{order}"] = fwd_ms(q, k, v, idx, order)
@@ -86,7 +87,8 @@ def measure(q, k, v, idx, group, args):
     sorted_idx = torch.sort(flat, dim=-1).values.contiguous()
     row["union_ms"] = sa.bench(lambda: qt_mod.tile_union(sorted_idx, meta, bs, tokens))
     if not args.no_backward:
-        row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
+        with env("SPARSA_LOCALITY_CHECK", "1"):
+            row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
         with env("SPARSA_LOCALITY_CHECK", "0"):
             row["fwd_bwd_auto_nocheck"] = fwd_bwd_ms(q, k, v, idx, None)
     if not args.no_backward and not args.auto_only:

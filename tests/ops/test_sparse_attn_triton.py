@@ -359,7 +359,7 @@ def test_selection_waste_matches_its_definition(sample_programs):
 
 
 def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
-    """With the locality check on (here on CPU, from 64 tokens): pooled selections (tiles share their blocks)
+    """With the locality check on (opt-in; here on CPU, from 64 tokens): pooled selections (tiles share their blocks)
     take the query-tile order (outputs and gradients match the reference), random ones do not,
     SPARSA_LOCALITY_CHECK=0 turns it off."""
     from sparsa.ops.sparse_attn import locality, triton_ops
@@ -367,6 +367,7 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
 
     monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(locality, "MIN_TOKENS", 64)
+    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "1")
     monkeypatch.setattr(qt_mod, "TILE_ROWS", 4)  # 16-token tiles at head dim 16, G = 2
     monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")  # the size rule's choice at 64K
     calls = []
@@ -381,9 +382,13 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
     calls.clear()
     sparsa.sparse_attention(q, k, v, rnd, block_size=16)
     assert not calls, "random selection: q_tile not expected"
-    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "0")
-    sparsa.sparse_attention(q, k, v, pooled, block_size=16)
-    assert not calls
+    for setting in ("0", None):  # off, and off by default
+        if setting is None:
+            monkeypatch.delenv("SPARSA_LOCALITY_CHECK")
+        else:
+            monkeypatch.setenv("SPARSA_LOCALITY_CHECK", setting)
+        sparsa.sparse_attention(q, k, v, pooled, block_size=16)
+        assert not calls
     monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "yes")
     with pytest.raises(ValueError, match="SPARSA_LOCALITY_CHECK"):
         sparsa.sparse_attention(q, k, v, pooled, block_size=16)
