@@ -1,4 +1,4 @@
-"""Query-tile forward (opt-in third loop order, `loop_order="q_tile"`): one program per (TOKENS consecutive
+"""Query-tile forward (third loop order, `loop_order="q_tile"`; automatic for small problems, locality.py): one program per (TOKENS consecutive
 tokens, KV head), rows = those tokens x their G heads, walking the *union* of the tokens' selected blocks.
 
 The rows' selections are sorted (sparse_attention_triton sorts every row), so the union is a merge of sorted
@@ -10,8 +10,11 @@ is gathered and no partials are written: a loaded block serves every row of the 
 It pays when adjacent tokens share blocks, as real `select_blocks` selections do (scripts/real_activations.py:
 SmolLM2, block 16, top-16, 64-token tiles visit 41-49 distinct blocks against 129 for random selections);
 for random selections the union is nearly TOKENS x topk blocks and the MMAs mostly compute masked rows.
-Its backward (q_tile_backward.py) works over the same tile unions: dQ per tile, dK/dV per block over the
-tiles that chose it, again without per-pair traffic.
+By default (UNION_LIST) the union is first written per (tile, KV head) by _tile_union_kernel and the forward
+runs a counted loop over it, which Triton pipelines (8-14% faster on the H100, session 19); the single-pass
+merge kernel is kept for the A/B. Its backward (q_tile_backward.py) works over the same tile unions: dQ per
+tile, dK/dV per block over the tiles that chose it, again without per-pair traffic (used for small problems;
+larger ones take the KV-outer backward, triton_ops.q_tile_backward_order).
 """
 
 from __future__ import annotations
