@@ -135,6 +135,34 @@ def _q_tile_fwd_kernel(
 
 
 @triton.jit
+def _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                 TOKENS: tl.constexpr):
+    """Rows of one tile (TOKENS tokens x G heads of KV head h): token, mask, row index, global id of the token's
+    document block 0 and the token's own local block."""
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tile * TOKENS + offs_r // G
+    rmask = (offs_r // G < TOKENS) & (t < N)
+    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
+    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
+    return t, rmask, t * Hq + h * G + offs_r % G, base, own
+
+
+@triton.jit
+def _tile_selection(IDX, t, h, rmask, Hkv, TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[R, BLOCK_K] int32: the selections of the rows' tokens (-1 for padding and masked rows)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    return tl.load(
+        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1
+    )
+
+
+@triton.jit
+def _rows_choosing(sel, c, own, rmask):
+    """[R] bool: rows whose selection sel [R, K] holds the local block c [R], at or before their own block."""
+    return rmask & (tl.max((sel == c[:, None]).to(tl.int32), 1) > 0) & (c >= 0) & (c <= own)
+
+
+@triton.jit
 def _q_tile_list_fwd_kernel(
     Q, K, V, O, LSE, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, qk_scale, N, Hq, Hkv, BS,
     TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -147,25 +175,19 @@ def _q_tile_list_fwd_kernel(
     index is in its selection, at or before its own block (the union is distinct: each block once per row)."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
+    t, rmask, orow, base, own = _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, BLOCK_R, TOKENS)
+    own = own.to(tl.int32)  # int32 compares against the selection (fewer registers)
     t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
-    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
-    own = ((t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS).to(tl.int32)  # [R] the token's own local block
-    orow = t * Hq + h * G + g
     q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    sel = tl.load(
-        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1
-    )  # [R, K]
+    sel = _tile_selection(IDX, t, h, rmask, Hkv, TOPK, BLOCK_K)  # [R, K], kept in registers
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     union = UNION + (tile * Hkv + h) * MAXU
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
-        c = (b - base).to(tl.int32)  # [R] local index of b in each row's document
-        use = rmask & (tl.max((sel == c[:, None]).to(tl.int32), 1) > 0) & (c >= 0) & (c <= own)
+        use = _rows_choosing(sel, (b - base).to(tl.int32), own, rmask)  # b's local index in each row's document
         kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
         m_i, l_i, acc = attend_block(

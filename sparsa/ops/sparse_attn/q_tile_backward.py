@@ -25,7 +25,7 @@ from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
 from .index import PairIndex, key_dtype, sort_groups, split_work_list
 from .q_outer import LOG2E, _pow2, precision_for
-from .q_tile import _block_keys, _tile_layout, tile_config, tile_union
+from .q_tile import _block_keys, _rows_choosing, _tile_layout, _tile_selection, _tile_tokens, tile_config, tile_union
 
 # union entries (tiles) per dK/dV work item: only blocks chosen by more tiles (block 0 is in every tile's union)
 # are cut into items, whose fp32 partial dK/dV (64 KB each at block 64, head dim 128) SPLIT_REDUCE sums
@@ -37,28 +37,8 @@ BWD_WARPS = 8
 
 @triton.jit
 def _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[R] bool: the row's token selected global block b (its local index is in the token's selection, at
-    or before the token's own block)."""
-    c = b - base  # [R] local index of b in each row's document
-    offs_k = tl.arange(0, BLOCK_K)
-    sel = tl.load(
-        IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=-1
-    )
-    chosen = tl.max((sel == c[:, None]).to(tl.int32), 1) > 0
-    return rmask & chosen & (c >= 0) & (c <= own)
-
-
-@triton.jit
-def _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G: tl.constexpr, BLOCK_R: tl.constexpr,
-                 TOKENS: tl.constexpr):
-    """Rows of one tile (TOKENS tokens x G heads of KV head h): token, mask, row index, global id of the token's
-    document block 0 and the token's own local block."""
-    offs_r = tl.arange(0, BLOCK_R)
-    t = tile * TOKENS + offs_r // G
-    rmask = (offs_r // G < TOKENS) & (t < N)
-    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
-    own = (t - tl.load(DOCSTART + t, mask=rmask, other=0)) // BS
-    return t, rmask, t * Hq + h * G + offs_r % G, base, own
+    """[R] bool: the row's token selected global block b (its selection loaded here, see _rows_choosing)."""
+    return _rows_choosing(_tile_selection(IDX, t, h, rmask, Hkv, TOPK, BLOCK_K), b - base, own, rmask)
 
 
 @triton.jit

@@ -142,7 +142,8 @@ class _SparseAttention(torch.autograd.Function):
         group = n_heads_q // n_heads_kv
         topk = idx.shape[-1]
         do = do.contiguous()
-        if ctx.loop_order == "q_tile" and q_tile_backward_order(n_tokens, n_heads_kv) == "q_tile":  # its own backward: over the tiles' block unions, no pair index
+        # after q_tile, for small problems, its own backward: over the tiles' block unions, no pair index
+        if ctx.loop_order == "q_tile" and q_tile_backward_order(n_tokens, n_heads_kv) == "q_tile":
             dq, dk, dv = q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size, scale)
             return dq, dk, dv, None, None, None, None, None
         delta = compute_delta(o, do)
@@ -168,7 +169,7 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     qf = q.reshape(n_tokens, n_heads_q, head_dim).contiguous()
     kf = k.reshape(n_tokens, n_heads_kv, head_dim).contiguous()
     vf = v.reshape(n_tokens, n_heads_kv, head_dim_v).contiguous()
-    idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32)
+    idx = block_indices.reshape(n_tokens, n_heads_kv, -1).to(torch.int32).contiguous()
     if loop_order is None:
         loop_order = forced_loop_order()
     if loop_order is None:
@@ -177,7 +178,7 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
         if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max):
             # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
             tokens = tile_config(n_heads_q // n_heads_kv, head_dim_max)[1]
-            if locality.prefers_q_tile(idx.contiguous(), meta, tokens):
+            if locality.prefers_q_tile(idx, meta, tokens):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
@@ -185,6 +186,5 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
         # docs/semantics.md) in any slot order. The KV-outer pair index drops any repeat itself (first slot
         # of each block), which saves this sort (0.33 ms at 64K, G = 4 on the H200).
         idx = torch.sort(idx, dim=-1).values
-    idx = idx.contiguous()
     o, lse = _SparseAttention.apply(qf, kf, vf, idx, meta, block_size, float(scale), loop_order)
     return o.view(batch, seqlen, n_heads_q, head_dim_v), lse.view(batch, seqlen, n_heads_q)
