@@ -107,7 +107,7 @@ step kv_split_pytest 200 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/op
 step kv_split_ab 540 "$PY" scripts/kv_local_split_ab.py --sizes 8192,65536 --groups 4,1,16,2,8 --rows 64x8,128x8,64x4 --accuracy --profile --backward
 # selections with locality (session 19): the locality check and q_tile tests on the GPU (fp32 inputs, not the
 # interpreter), then the automatic order with / without the check and every order on pooled and random selections
-step locality_pytest 200 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_sparse_attn_triton.py -k "takes_q_tile or waste or q_tile_forward or gpu"
+step locality_pytest 200 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_sparse_attn_triton.py -k "takes_q_tile or waste or monitor or q_tile_forward or gpu"
 step locality_auto 300 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs 4,16,1 --pools 20,0 --auto-only
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3

@@ -6,10 +6,12 @@ Setup as benchmarks/sparse_attention.py (Hq = 32, head dim 128, block 64, top-16
 benchmark's `random_selection`; pool P gives the tokens of each 64-token tile their 13 free blocks from one
 pool of P past blocks (real `select_blocks` selections at block 64 have 21-25 distinct blocks per 64-token
 tile, benchmarks/results/real_selection_locality_cpu.md). For each (N, G, pool): the query-tile order's waste
-(locality.selection_waste over every tile) and the time of the automatic order's check; do_bench medians (ms)
-of the forward with each order, with the automatic order with and without the locality check
-(SPARSA_LOCALITY_CHECK=1 / 0; --auto-only: only those), and of forward+backward likewise (q_tile: with the backward its rule picks; --own-backward
-also with q_tile's own); dense causal SDPA; the largest relative difference between orders.
+(locality.selection_waste over every tile, and over the sample the automatic order counts) and the time of one
+count (check_ms; locality.LocalityMonitor enqueues one every CHECK_EVERY calls, without synchronisation);
+do_bench medians (ms) of the forward with each order, with the automatic order with and without the locality
+check (SPARSA_LOCALITY_CHECK=1 / 0; --auto-only: only those), and of forward+backward likewise (q_tile: with the
+backward its rule picks; --own-backward also with q_tile's own); dense causal SDPA; the largest relative
+difference between orders.
 """
 
 import argparse
@@ -62,13 +64,18 @@ def measure(q, k, v, idx, group, args):
     _, tokens, _ = qt_mod.tile_config(group, q.shape[-1])
     flat = idx.view(n, hkv, -1).contiguous()
     meta = doc_meta(1, n, None, bs, q.device)
+    programs = locality.default_sample_programs(tokens, flat.shape[-1])
     row = {"tile_tokens": tokens, "waste": round(locality.selection_waste(flat, meta, tokens, 1 << 40), 3),
-           "check_ms": sa.bench(lambda: locality.selection_waste(flat, meta, tokens))}
+           "sample_waste": round(locality.selection_waste(flat, meta, tokens, programs), 3),
+           "check_ms": sa.bench(lambda: locality._launch_count(flat, meta, tokens, programs))}
     outs = {}
     with env("SPARSA_LOCALITY_CHECK", "0"):
         outs["auto_nocheck"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
         row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
     with env("SPARSA_LOCALITY_CHECK", "1"):
+        locality.MONITOR.reset()  # the previous row's shape had other selections
+        sparsa.sparse_attention(q, k, v, idx, block_size=bs)  # the count is enqueued here and read next call
+        torch.cuda.synchronize()
         outs["auto"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
         row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
     for order in () if args.auto_only else ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):

@@ -367,6 +367,8 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
 
     monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(locality, "MIN_TOKENS", 64)
+    monkeypatch.setattr(locality, "CHECK_EVERY", 1)  # every call measured (on CUDA: read one call later)
+    monkeypatch.setattr(locality, "MONITOR", locality.LocalityMonitor())
     monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "1")
     monkeypatch.setattr(qt_mod, "TILE_ROWS", 4)  # 16-token tiles at head dim 16, G = 2
     monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")  # the size rule's choice at 64K
@@ -377,8 +379,14 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
     # waste 1.42 and 2.79 (MAX_WASTE 1.7)
     pooled = pooled_selection(512, 2, 6, 16, 6, tile=64, generator=torch.Generator().manual_seed(94)).to(DEVICE)
     rnd = random_selection(1, 512, 2, 6, 16, generator=torch.Generator().manual_seed(94), device=DEVICE)
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    sparsa.sparse_attention(q, k, v, pooled, block_size=16)  # CUDA: measured here, read on the next call
+    sync()
+    calls.clear()
     check(q, k, v, do, pooled, 16, orders=(None,))
     assert calls, "pooled selection: q_tile expected"
+    sparsa.sparse_attention(q, k, v, rnd, block_size=16)
+    sync()
     calls.clear()
     sparsa.sparse_attention(q, k, v, rnd, block_size=16)
     assert not calls, "random selection: q_tile not expected"
@@ -392,6 +400,75 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
     monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "yes")
     with pytest.raises(ValueError, match="SPARSA_LOCALITY_CHECK"):
         sparsa.sparse_attention(q, k, v, pooled, block_size=16)
+
+
+def test_locality_monitor_measures_every_nth_call(monkeypatch):
+    """LocalityMonitor: a new count on every CHECK_EVERY-th call of a shape (CUDA: read once its event has
+    completed, never waited for), the same value as selection_waste on that sample, shapes kept apart."""
+    from sparsa.ops.sparse_attn import locality
+    from sparsa.ops.sparse_attn.index import doc_meta
+
+    monkeypatch.setattr(locality, "CHECK_EVERY", 3)
+    n, hkv, topk, bs, tokens = 256, 2, 6, 16, 16
+    meta = doc_meta(1, n, None, bs, torch.device(DEVICE))
+    gen = torch.Generator().manual_seed(31)
+    pooled = pooled_selection(n, hkv, topk, bs, 6, tile=64, generator=gen)[0].to(DEVICE).contiguous()
+    rnd = random_selection(1, n, hkv, topk, bs, generator=gen, device=DEVICE)[0].contiguous()
+    expect = {name: locality.selection_waste(x, meta, tokens, locality.default_sample_programs(tokens, topk))
+              for name, x in (("pooled", pooled), ("random", rnd))}
+    assert expect["pooled"] < expect["random"], expect
+    half = rnd[:128].contiguous()  # another shape: its own count, not this shape's
+    half_waste = locality.selection_waste(half, meta, tokens, locality.default_sample_programs(tokens, topk))
+    launches = []
+    real = locality._launch_count
+    monkeypatch.setattr(locality, "_launch_count", lambda *a: launches.append(1) or real(*a))
+    monitor = locality.LocalityMonitor()
+
+    def waste(x):
+        got = monitor.waste(x, meta, tokens)
+        if CUDA:
+            torch.cuda.synchronize()  # so that the next call can read this call's count
+        return got
+
+    first = waste(pooled)
+    assert first == (None if CUDA else expect["pooled"])
+    assert waste(rnd) == expect["pooled"] and waste(rnd) == expect["pooled"]  # calls 1, 2: no new count
+    assert len(launches) == 1
+    got = waste(rnd)  # call 3: a new count, on the random selection
+    assert len(launches) == 2
+    assert got == (expect["pooled"] if CUDA else expect["random"])
+    assert waste(rnd) == expect["random"]
+    assert waste(half) == (None if CUDA else half_waste)
+    assert len(launches) == 3  # another shape: its own count
+    monitor.reset()
+    assert waste(pooled) == first and len(launches) == 4
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_gpu_locality_check_without_synchronisation(monkeypatch):
+    """The automatic order with the locality check (bf16, 4K tokens, G = 4) never waits for the device
+    (torch.cuda.set_sync_debug_mode("error")) and, once its count is read, takes q_tile on pooled selections."""
+    from sparsa.ops.sparse_attn import locality, triton_ops
+
+    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "1")
+    monkeypatch.setattr(locality, "MONITOR", locality.LocalityMonitor())
+    orders = []
+    real = triton_ops._SparseAttention.apply
+    monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: orders.append(a[-1]) or real(*a))
+    n, hkv, group, d, topk, bs = 4096, 2, 4, 128, 16, 64
+    q, k, v, _ = make_inputs(1, n, hkv, group, d, torch.bfloat16, seed=95)
+    idx = pooled_selection(n, hkv, topk, bs, 20, generator=torch.Generator().manual_seed(95)).to("cuda")
+    sparsa.sparse_attention(q, k, v, idx, block_size=bs)  # compiles every kernel outside the debug mode
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert orders[0] != "q_tile" and orders[-1] == "q_tile", orders
+    ref = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="kv_outer")
+    assert rel(out, ref) < 1e-2
 
 
 def test_q_tile_backward_rule(monkeypatch):

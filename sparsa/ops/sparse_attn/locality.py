@@ -27,8 +27,11 @@ from .q_outer import _pow2
 
 # the query-tile order is chosen below this waste (measured crossovers 1.9-2.4, see above)
 MAX_WASTE = 1.7
-# sampled (tile, KV head) programs per check, at most
+# sampled (tile, KV head) programs per check, at most, and slot compares per check (default_sample_programs)
 SAMPLE_PROGRAMS = 2048
+SAMPLE_COMPARES = 1 << 27
+# a problem shape's selections are counted on every CHECK_EVERY-th call (LocalityMonitor)
+CHECK_EVERY = 16
 # the check runs where the query-tile forward was measured: head dims up to 128, from 2048 tokens
 MAX_HEAD_DIM = 128
 MIN_TOKENS = 2048
@@ -77,21 +80,92 @@ def distinct_warps(block_e: int) -> int:
     return 8 if block_e >= 512 else 4
 
 
-def selection_waste(idx: torch.Tensor, meta, tokens: int, sample_programs: int = SAMPLE_PROGRAMS) -> float:
-    """idx [N, Hkv, K] int32 (any slot order) -> (distinct blocks x tokens) / selected slots over every s-th
-    tile of `tokens` tokens, s chosen so that at most `sample_programs` (tile, KV head) programs run. One host
-    synchronisation."""
+def _sample_stride(n_tiles: int, n_heads_kv: int, sample_programs: int) -> int:
+    return max(1, triton.cdiv(n_tiles * n_heads_kv, sample_programs))
+
+
+def default_sample_programs(tokens: int, topk: int) -> int:
+    """Programs per check: about SAMPLE_COMPARES slot compares in all (BLOCK_E^2 per program), 64 to
+    SAMPLE_PROGRAMS programs. Session 20's H100 times at 2048 programs: 0.04 ms at 64 slots per tile,
+    0.17 ms at 256, 1.3 ms at 1024 (G = 1): the sample shrinks with the tile."""
+    block_e = _pow2(tokens * topk, 16)
+    return max(64, min(SAMPLE_PROGRAMS, SAMPLE_COMPARES // (block_e * block_e)))
+
+
+def _launch_count(idx: torch.Tensor, meta, tokens: int, sample_programs: int) -> torch.Tensor:
+    """Enqueue the count of the sampled tiles' distinct blocks and selected slots: int64 [2] on idx's device."""
     n_tokens, n_heads_kv, topk = idx.shape
     n_tiles = triton.cdiv(n_tokens, tokens)
-    stride = max(1, triton.cdiv(n_tiles * n_heads_kv, sample_programs))
+    stride = _sample_stride(n_tiles, n_heads_kv, sample_programs)
     out = torch.zeros(2, dtype=torch.int64, device=idx.device)
     block_e = _pow2(tokens * topk, 16)
     _tile_distinct_kernel[(triton.cdiv(n_tiles, stride), n_heads_kv)](
         idx, meta.tok_blockbase, out, n_tokens, n_heads_kv, stride,
         TOPK=topk, TOKENS=tokens, BLOCK_E=block_e, CHUNK=distinct_chunk(block_e), num_warps=distinct_warps(block_e),
     )
-    distinct, useful = out.tolist()
+    return out
+
+
+def _waste(counts, tokens: int) -> float:
+    distinct, useful = (int(c) for c in counts)
     return distinct * tokens / max(useful, 1)
+
+
+def selection_waste(idx: torch.Tensor, meta, tokens: int, sample_programs: int = SAMPLE_PROGRAMS) -> float:
+    """idx [N, Hkv, K] int32 (any slot order) -> (distinct blocks x tokens) / selected slots over every s-th
+    tile of `tokens` tokens, s chosen so that at most `sample_programs` (tile, KV head) programs run. One host
+    synchronisation (the automatic order uses `LocalityMonitor`, which has none)."""
+    return _waste(_launch_count(idx, meta, tokens, sample_programs).tolist(), tokens)
+
+
+class _Shape:
+    """A monitor's state for one problem shape: calls seen, the probe in flight, the last measured waste."""
+
+    def __init__(self):
+        self.calls = 0
+        self.pending = None  # (event, pinned host counts) of a probe not yet read
+        self.waste = None
+
+
+class LocalityMonitor:
+    """The automatic order's view of the selections' locality, without host synchronisation.
+
+    Every CHECK_EVERY-th call of a problem shape (tokens, KV heads, top-k, tile, device) enqueues the count on
+    a sample of the tiles, copies it to pinned host memory behind a CUDA event and returns; a later call of
+    that shape reads it once the event has completed. So the choice on CUDA lags the selections by at least
+    one call and stands for every layer of that shape: a wrong choice costs speed, never correctness (every
+    order computes the same attention). On the CPU (interpreter tests) the count is read at once.
+    """
+
+    def __init__(self):
+        self._shapes: dict[tuple, _Shape] = {}
+
+    def reset(self):
+        self._shapes.clear()
+
+    def waste(self, idx: torch.Tensor, meta, tokens: int) -> float | None:
+        """The latest completed measurement of this shape's waste (None before the first), enqueuing a new
+        probe every CHECK_EVERY calls."""
+        key = (idx.device, *idx.shape, tokens)
+        state = self._shapes.setdefault(key, _Shape())
+        if state.pending is not None and state.pending[0].query():
+            state.waste = _waste(state.pending[1].tolist(), tokens)
+            state.pending = None
+        if state.calls % CHECK_EVERY == 0 and state.pending is None:
+            counts = _launch_count(idx, meta, tokens, default_sample_programs(tokens, idx.shape[-1]))
+            if idx.is_cuda:
+                host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+                host.copy_(counts, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                state.pending = (event, host)
+            else:
+                state.waste = _waste(counts.tolist(), tokens)
+        state.calls += 1
+        return state.waste
+
+
+MONITOR = LocalityMonitor()
 
 
 def check_enabled() -> bool:
@@ -110,5 +184,7 @@ def check_applies(q: torch.Tensor, head_dim: int) -> bool:
 
 
 def prefers_q_tile(idx: torch.Tensor, meta, tokens: int) -> bool:
-    """Whether the query-tile order's waste on idx [N, Hkv, K] (tiles of `tokens` tokens) is under MAX_WASTE."""
-    return selection_waste(idx, meta, tokens) < MAX_WASTE
+    """Whether the query-tile order's waste on this shape's selections idx [N, Hkv, K] (tiles of `tokens`
+    tokens; MONITOR's latest measurement) is under MAX_WASTE. False until a measurement has completed."""
+    waste = MONITOR.waste(idx, meta, tokens)
+    return waste is not None and waste < MAX_WASTE
