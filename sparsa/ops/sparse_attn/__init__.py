@@ -47,9 +47,9 @@ def sparse_attention(
     q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], block_indices [B, T, Hkv, topk] (-1 = none).
     Returns o [B, T, Hq, Dv] and, with `return_lse`, the natural-log LSE [B, T, Hq] in float32.
     `loop_order` ("q_outer" | "kv_outer" | "q_tile") forces a Triton forward loop order; None chooses from
-    G, T, head dim and KV heads (q_tile for small problems at head dim <= 64); with SPARSA_LOCALITY_CHECK=1
-    (opt-in), on CUDA from 2048 tokens, also from the selection: q_tile when the tokens of a tile share most of
-    their blocks (locality.py; one host synchronisation per call). "q_tile" walks the union of a tile of
+    G, T, head dim and KV heads (q_tile for small problems at head dim <= 64) and, on CUDA from 2048 tokens,
+    from the selection: q_tile when the tokens of a tile share most of their blocks (locality.py: a count every
+    16 calls of a shape, no host synchronisation; SPARSA_LOCALITY_CHECK=0 turns it off). "q_tile" walks the union of a tile of
     tokens' blocks (docs/kernels/sparse_attention.md).
     """
     _, n_heads_kv = check_qkv(q, k, v)
