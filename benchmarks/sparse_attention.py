@@ -1,11 +1,13 @@
 """Benchmark of sparsa.sparse_attention (Triton) against dense causal SDPA and the reference.
 
-    PYTHONPATH=. python benchmarks/sparse_attention.py [--quick] [--tune] [--out results.json]
+    PYTHONPATH=. python benchmarks/sparse_attention.py [--quick] [--tune] [--pool P] [--out results.json]
 
 Setup (as ../shared/ANCHORS.md): batch 1, Hq = 32, G = Hq / Hkv, head dim 128, block 64, top-16
-(block 0, the current and the previous block forced, 13 random past blocks), bf16.
-Times are medians of triton.testing.do_bench in ms; the sparse times include the index building
-(every call builds its block -> token index). TFLOP/s count useful FLOPs only: 4 * D per
+(block 0, the current and the previous block forced, 13 random past blocks), bf16. With --pool P the 13 free
+blocks of every 64-token tile come from one pool of P past blocks (`pooled_selection`; P = 20 has the tile
+unions of real SmolLM2 selections). Times are medians of triton.testing.do_bench in ms; the sparse times
+include the index building (every call builds its block -> token index). "fwd (auto)" and fwd+bwd are the
+library's default (loop_order=None: the size rule and the locality check), named by the order it takes. TFLOP/s count useful FLOPs only: 4 * D per
 (query head, visible selected key) forward, 3.5x that forward+backward.
 """
 
@@ -25,7 +27,11 @@ import sparsa
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
-from sparsa.ops.sparse_attn.index import build_pair_index, doc_meta, pair_index_backend, random_selection, valid_slots
+from sparsa.ops.sparse_attn import locality
+from sparsa.ops.sparse_attn.index import (
+    build_pair_index, doc_meta, pair_index_backend, pooled_selection, random_selection, valid_slots,
+)
+from sparsa.ops.sparse_attn.q_tile import tile_config
 from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices, automatic_loop_order
 
 HQ, D, BS, TOPK = 32, 128, 64, 16
@@ -81,14 +87,33 @@ def visible_keys(idx, n_tokens):
     return int(torch.where(valid, cnt, torch.zeros_like(cnt)).sum())
 
 
-def make(n, group, seed=0):
+def make(n, group, seed=0, pool=0):
+    """bf16 q, k, v and a selection [1, n, Hkv, TOPK]: random (pool 0) or pooled from P blocks per tile."""
     hkv = HQ // group
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, n, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, n, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, n, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    idx = random_selection(1, n, hkv, TOPK, BS, generator=torch.Generator().manual_seed(seed), device="cuda")
+    gen = torch.Generator().manual_seed(seed)
+    if pool:
+        idx = pooled_selection(n, hkv, TOPK, BS, pool, generator=gen, device="cuda")
+    else:
+        idx = random_selection(1, n, hkv, TOPK, BS, generator=gen, device="cuda")
     return q, k, v, idx
+
+
+def default_order(q, k, v, idx):
+    """(order, waste): the loop order that sparse_attention's default takes in steady state on these inputs
+    (the size rule, then the locality check on the sample that locality.LocalityMonitor counts)."""
+    order = automatic_loop_order(q[0], k[0], v[0], BS)
+    n, hkv, group = q.shape[1], k.shape[2], HQ // k.shape[2]
+    tokens = tile_config(group, D)[1]
+    flat = idx.view(n, hkv, -1).contiguous()
+    meta = doc_meta(1, n, None, BS, q.device)
+    waste = locality.selection_waste(flat, meta, tokens, locality.default_sample_programs(tokens, TOPK))
+    if order != "q_tile" and locality.check_applies(q[0], D) and waste < locality.MAX_WASTE:
+        order = "q_tile"
+    return order, waste
 
 
 def sparse_calls(n, group, loop_order=None):
@@ -208,7 +233,8 @@ def main():
     ap.add_argument("--ns", default=None, help="comma-separated N list (overrides)")
     ap.add_argument("--gs", default=None, help="comma-separated G list (overrides)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--q-tile", action="store_true", help="also time the opt-in q_tile forward (slow on random selections)")
+    ap.add_argument("--q-tile", action="store_true", help="also time the q_tile forward (slow on random selections)")
+    ap.add_argument("--pool", type=int, default=0, help="pooled selections from P blocks per 64-token tile (0: random)")
     args = ap.parse_args()
     ns = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536, 131072]
     gs = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
@@ -226,6 +252,8 @@ def main():
         "SPARSA_PAIR_INDEX": pair_index_backend(),
         "SPARSA_KV_LOCAL": os.environ.get("SPARSA_KV_LOCAL", "0"),
         "SPARSA_KV_LOCAL_SPLIT": os.environ.get("SPARSA_KV_LOCAL_SPLIT", "0"),
+        "SPARSA_LOCALITY_CHECK": "1" if locality.check_enabled() else "0",
+        "selection": f"pooled, P = {args.pool}" if args.pool else "random",
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
@@ -242,16 +270,17 @@ def main():
             flush=True,
         )
         for group in gs:
-            q, k, v, idx = make(n, group)
+            q, k, v, idx = make(n, group, pool=args.pool)
             keys = visible_keys(idx, n)
             flops = 4 * D * group * keys
             row = {"N": n, "G": group, "dense_fwd": dense_fwd, "dense_fwdbwd": dense_fb, "gflop_fwd": flops / 1e9}
             row["index"] = time_index(q, k, v, idx)
-            for order in ("q_outer", "kv_outer", "q_tile") if args.q_tile else ("q_outer", "kv_outer"):
+            for order in ("q_outer", "kv_outer", "q_tile") if args.q_tile or args.pool else ("q_outer", "kv_outer"):
                 row[f"fwd_{order}"] = time_sparse(q, k, v, idx, order, False)
-            row["auto"] = automatic_loop_order(q[0], k[0], v[0], BS)
-            row["fwd"] = row[f"fwd_{row['auto']}"]
-            row["fwdbwd"] = time_sparse(q, k, v, idx, row["auto"], True)
+            row["auto"], row["waste"] = default_order(q, k, v, idx)
+            locality.MONITOR.reset()  # the previous row's counts were of another selection
+            row["fwd"] = time_sparse(q, k, v, idx, None, False)
+            row["fwdbwd"] = time_sparse(q, k, v, idx, None, True)
             row["tflops_fwd"] = flops / row["fwd"] / 1e9
             row["tflops_fwdbwd"] = 3.5 * flops / row["fwdbwd"] / 1e9
             split = info["SPARSA_KV_LOCAL_SPLIT"] == "1"  # (forward without gradients only)
@@ -268,7 +297,7 @@ def main():
             print(
                 f"  G={group:2d} index {row['index']:.3f} | fwd q_outer {row['fwd_q_outer']:.3f} kv_outer {row['fwd_kv_outer']:.3f}"
                 f"{' q_tile %.3f' % row['fwd_q_tile'] if 'fwd_q_tile' in row else ''}"
-                f" -> auto {row['auto']} {row['fwd']:.3f} ms ({row['tflops_fwd']:.0f} TFLOP/s) | fwd+bwd {row['fwdbwd']:.3f} ms"
+                f" -> auto {row['auto']} (waste {row['waste']:.2f}) {row['fwd']:.3f} ms ({row['tflops_fwd']:.0f} TFLOP/s) | fwd+bwd {row['fwdbwd']:.3f} ms"
                 f" ({row['tflops_fwdbwd']:.0f} TFLOP/s) | ref fwd {row.get('reference_fwd')}",
                 flush=True,
             )
@@ -289,7 +318,7 @@ def main():
         if "N" not in r:
             continue
         print(
-            f"| {r['N'] // 1024}K | {r['G']} | {r['index']:.2f} | {r['fwd_q_outer']:.2f} | {r['fwd_kv_outer']:.2f} | {r['fwd']:.2f} ({r['auto']}) |"
+            f"| {r['N'] // 1024}K | {r['G']} | {r['index']:.2f} | {r['fwd_q_outer']:.2f} | {r['fwd_kv_outer']:.2f} | {r['fwd']:.2f} ({r['auto']}, waste {r['waste']:.2f}) |"
             f" {r['tflops_fwd']:.0f} | {r['fwdbwd']:.2f} | {r['tflops_fwdbwd']:.0f} | {r['dense_fwd']:.2f} | {r['dense_fwdbwd']:.2f} |"
             f" {r['dense_fwd'] / r['fwd']:.1f}x | {r['dense_fwdbwd'] / r['fwdbwd']:.1f}x |"
             f" {r['floor_fwd_ms']:.2f} / {r['floor_fwdbwd_ms']:.2f} |"

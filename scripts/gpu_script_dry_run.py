@@ -17,18 +17,21 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmarks.sparse_attention as b  # noqa: E402
-from sparsa.ops.sparse_attn.index import random_selection  # noqa: E402
+from sparsa.ops.sparse_attn.index import pooled_selection, random_selection  # noqa: E402
 
 b.HQ, b.D, b.BS, b.TOPK = 8, 16, 16, 4
 
 
-def make(n, group, seed=0):
+def make(n, group, seed=0, pool=0):
     hkv = b.HQ // group
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, n, b.HQ, b.D, generator=g)
     k = torch.randn(1, n, hkv, b.D, generator=g)
     v = torch.randn(1, n, hkv, b.D, generator=g)
-    return q, k, v, random_selection(1, n, hkv, b.TOPK, b.BS, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    if pool:
+        return q, k, v, pooled_selection(n, hkv, b.TOPK, b.BS, pool, tile=32, generator=gen)
+    return q, k, v, random_selection(1, n, hkv, b.TOPK, b.BS, generator=gen)
 
 
 b.make = make
