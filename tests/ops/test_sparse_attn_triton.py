@@ -444,6 +444,12 @@ def test_locality_monitor_measures_every_nth_call(monkeypatch):
     assert len(launches) == 3  # another shape: its own count
     monitor.reset()
     assert waste(pooled) == first and len(launches) == 4
+    monkeypatch.setattr(locality, "MAX_SHAPES", 2)  # a third shape drops the first one seen
+    waste(half)
+    waste(rnd[:64].contiguous())
+    assert len(monitor._shapes) == 2 and len(launches) == 6
+    waste(pooled)  # dropped above: counted again as a new shape
+    assert len(launches) == 7
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

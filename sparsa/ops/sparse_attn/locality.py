@@ -35,6 +35,8 @@ SAMPLE_PROGRAMS = 2048
 SAMPLE_COMPARES = 1 << 27
 # a problem shape's selections are counted on every CHECK_EVERY-th call (LocalityMonitor)
 CHECK_EVERY = 16
+# shapes a monitor keeps (the oldest is dropped past this: prefill of many prompt lengths)
+MAX_SHAPES = 64
 # the check runs where the query-tile forward was measured: head dims up to 128, from 2048 tokens
 MAX_HEAD_DIM = 128
 MIN_TOKENS = 2048
@@ -135,7 +137,7 @@ class LocalityMonitor:
 
     Every CHECK_EVERY-th call of a problem shape (tokens, KV heads, top-k, tile, device) enqueues the count on
     a sample of the tiles, copies it to pinned host memory behind a CUDA event and returns; a later call of
-    that shape reads it once the event has completed. So the choice on CUDA lags the selections by at least
+    that shape reads it once the event has completed (at most MAX_SHAPES shapes are kept). So the choice on CUDA lags the selections by at least
     one call and stands for every layer of that shape: a wrong choice costs speed, never correctness (every
     order computes the same attention). On the CPU (interpreter tests) the count is read at once.
     """
@@ -150,7 +152,11 @@ class LocalityMonitor:
         """The latest completed measurement of this shape's waste (None before the first), enqueuing a new
         probe every CHECK_EVERY calls."""
         key = (idx.device, *idx.shape, tokens)
-        state = self._shapes.setdefault(key, _Shape())
+        state = self._shapes.get(key)
+        if state is None:
+            if len(self._shapes) >= MAX_SHAPES:
+                del self._shapes[next(iter(self._shapes))]  # the shape seen first
+            state = self._shapes[key] = _Shape()
         if state.pending is not None and state.pending[0].query():
             state.waste = _waste(state.pending[1].tolist(), tokens)
             state.pending = None
