@@ -29,7 +29,7 @@ from sparsa.ops.sparse_attn import naive
 from sparsa.ops import _alloc as alloc_mod
 from sparsa.ops.sparse_attn.index import random_selection
 
-ORDERS = ("q_outer", "kv_outer", "q_tile")  # q_tile: opt-in, slow on random selections but checked too
+ORDERS = ("q_outer", "kv_outer", "q_tile")  # q_tile: the default only for small problems or local selections; checked on all
 RESULTS = []
 FAILURES = []
 
