@@ -86,11 +86,14 @@ def measure(q, k, v, idx, group, args):
         qt_mod.UNION_LIST = False
         row["fwd_q_tile_walk"] = fwd_ms(q, k, v, idx, "q_tile")
         qt_mod.UNION_LIST = True
-    for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants ROWSxWARPS
-        saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS
-        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = (int(x) for x in spec.split("x"))
+    for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants ROWSxWARPS[xSTAGES]
+        saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES
+        rows, warps, *stages = (int(x) for x in spec.split("x"))
+        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = rows, warps, (stages or [None])[0]
+        out = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
         row[f"fwd_q_tile_{spec}"] = fwd_ms(q, k, v, idx, "q_tile")
-        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS = saved
+        row["max_rel_diff"] = max(row["max_rel_diff"], rel(out, outs["auto_nocheck"]))
+        qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = saved
     sorted_idx = torch.sort(flat, dim=-1).values.contiguous()
     row["union_ms"] = sa.bench(lambda: qt_mod.tile_union(sorted_idx, meta, bs, tokens))
     if not args.no_backward:
@@ -115,7 +118,7 @@ def main():
     p.add_argument("--auto-only", action="store_true", help="only the automatic order, with and without the check")
     p.add_argument("--own-backward", action="store_true", help="also forward+backward with q_tile's own backward")
     p.add_argument("--walk", action="store_true", help="also time the single-pass merge q_tile forward")
-    p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS, e.g. 64x8,128x8")
+    p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS[xSTAGES], e.g. 64x4x2,128x8")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []
@@ -146,6 +149,8 @@ def main():
             f" | {r.get('fwd_bwd_auto', nan):.2f} {r.get('fwd_bwd_auto_nocheck', nan):.2f}"
             f" {r.get('fwd_bwd_q_tile', nan):.2f} {r.get('fwd_bwd_q_tile_own', nan):.2f}"
             f" | {r['dense_fwd']:.2f} {r['dense_fwd_bwd']:.2f}"
+            + "".join(f" | q_tile {key[len('fwd_q_tile_'):]} {ms:.2f}" for key, ms in r.items()
+                      if key.startswith("fwd_q_tile_") and key != "fwd_q_tile_walk")
         )
 
 

@@ -32,8 +32,11 @@ from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
 TILE_ROWS = 64
 # the forward over precomputed tile unions (a pipelined counted loop) instead of the single-pass merge
 UNION_LIST = True
-# warps of the union-list forward (None: tile_config's); an A/B knob (scripts/locality_bench.py --tiles)
+# warps and pipeline stages of the union-list forward (None: tile_config's, list_stages'); A/B knobs
+# (scripts/locality_bench.py --tiles). Two stages take 82 KB of shared memory at block 64, head dim 128 (sm_90
+# build), so two programs fit an SM; three take 115 KB, one program per SM.
 LIST_WARPS = None
+LIST_STAGES = None
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -266,7 +269,8 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
         _q_tile_list_fwd_kernel[grid](
             q, k, v, o, lse, *layout, union, counts, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
             MAXU=maxu, num_warps=LIST_WARPS or warps,
-            num_stages=list_stages(consts["BLOCK_N"], max(consts["BLOCK_D"], consts["BLOCK_DV"])), **consts,
+            num_stages=LIST_STAGES or list_stages(consts["BLOCK_N"], max(consts["BLOCK_D"], consts["BLOCK_DV"])),
+            **consts,
         )
     else:
         _q_tile_fwd_kernel[grid](
