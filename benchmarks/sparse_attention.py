@@ -111,7 +111,7 @@ def default_order(q, k, v, idx):
     flat = idx.view(n, hkv, -1).contiguous()
     meta = doc_meta(1, n, None, BS, q.device)
     waste = locality.selection_waste(flat, meta, tokens, locality.default_sample_programs(tokens, TOPK))
-    if order != "q_tile" and locality.check_applies(q[0], D) and waste < locality.MAX_WASTE:
+    if order != "q_tile" and locality.check_applies(q[0], D) and waste < locality.max_waste(group):
         order = "q_tile"
     return order, waste
 

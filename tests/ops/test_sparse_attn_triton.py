@@ -479,6 +479,19 @@ def test_gpu_locality_check_without_synchronisation(monkeypatch):
     assert rel(out, ref) < 1e-2
 
 
+def test_locality_threshold_per_group(monkeypatch):
+    """max_waste: 2.0 at G = 1, 1.9 at G = 16 (measured crossovers 2.19-2.32 / 2.12-2.19), 1.7 elsewhere;
+    prefers_q_tile compares the monitor's latest count against it and says no before the first count."""
+    from sparsa.ops.sparse_attn import locality
+
+    assert [locality.max_waste(g) for g in (1, 2, 4, 8, 16)] == [2.0, 1.7, 1.7, 1.7, 1.9]
+    latest = {"waste": 1.85}
+    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: latest["waste"])
+    assert [locality.prefers_q_tile(None, None, 16, g) for g in (1, 2, 4, 8, 16)] == [True, False, False, False, True]
+    latest["waste"] = None
+    assert not locality.prefers_q_tile(None, None, 16, 1)
+
+
 def test_q_tile_backward_rule(monkeypatch):
     from sparsa.ops.sparse_attn.triton_ops import Q_TILE_MAX_TOKEN_HEADS, q_tile_backward_order
 

@@ -177,8 +177,9 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
         head_dim_max = max(head_dim, head_dim_v)
         if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max):
             # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
-            tokens = tile_config(n_heads_q // n_heads_kv, head_dim_max)[1]
-            if locality.prefers_q_tile(idx, meta, tokens):
+            group = n_heads_q // n_heads_kv
+            tokens = tile_config(group, head_dim_max)[1]
+            if locality.prefers_q_tile(idx, meta, tokens, group):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
