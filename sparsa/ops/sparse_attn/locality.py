@@ -171,7 +171,7 @@ class LocalityMonitor:
                 host = torch.empty(2, dtype=torch.int64, pin_memory=True)
                 host.copy_(counts, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(idx.device))  # the stream the copy was enqueued on
                 state.pending = (event, host)
             else:
                 state.waste = _waste(counts.tolist(), tokens)
