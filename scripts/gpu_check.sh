@@ -114,8 +114,9 @@ step locality_mid 300 "$PY" scripts/locality_bench.py --ns 16384,32768 --gs 4,16
 # the benchmark on pooled selections (P = 20: real selections' tile unions), every G; POOL_NS picks the sizes
 step bench_pooled 560 "$PY" benchmarks/sparse_attention.py --pool 20 --ns "${POOL_NS:-16384,32768}" --out "$LOGS/bench_pooled.json"
 # the union-list q_tile forward with two pipeline stages (82 KB of shared memory: two programs per SM) against
-# three (115 KB, the default at block 64, head dim 128: one per SM), and 128 x 8 with two; pooled selections
-step list_stages_ab 400 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs 4,16,1 --pools 20 --no-backward --tiles 64x4x2,64x4x3,128x8x2
+# three (115 KB, the default at block 64, head dim 128: one per SM), 128 x 8 with two, and K / V by TMA
+# (SPARSA_Q_TILE_TMA=1) at two and three stages; pooled selections. First the q_tile tests with TMA on.
+step list_stages_ab 480 bash -c "SPARSA_Q_TILE_TMA=1 SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu'; $PY scripts/locality_bench.py --ns 8192,65536 --gs 4,16,1 --pools 20 --no-backward --tiles 64x4x2,64x4x3,128x8x2,64x4x2+tma,64x4x3+tma"
 # the per-G thresholds (locality.max_waste: 2.0 at G = 1, 1.9 at G = 16, 1.7 at G = 4) on pools whose waste
 # falls between (8K: P = 26 / 30 / 34 / 40 give 1.71 / 1.92 / 2.11 / 2.38 at G = 1 and 4, 1.63 / 1.75 / 1.86 / 1.98
 # at G = 16): every forward order and the automatic one

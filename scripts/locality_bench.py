@@ -86,12 +86,14 @@ def measure(q, k, v, idx, group, args):
         qt_mod.UNION_LIST = False
         row["fwd_q_tile_walk"] = fwd_ms(q, k, v, idx, "q_tile")
         qt_mod.UNION_LIST = True
-    for spec in filter(None, args.tiles.split(",")):  # union-list forward launch variants ROWSxWARPS[xSTAGES]
+    for spec in filter(None, args.tiles.split(",")):  # union-list variants ROWSxWARPS[xSTAGES][+tma]
         saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES
-        rows, warps, *stages = (int(x) for x in spec.split("x"))
+        launch, tma = spec.removesuffix("+tma"), spec.endswith("+tma")
+        rows, warps, *stages = (int(x) for x in launch.split("x"))
         qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = rows, warps, (stages or [None])[0]
-        out = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
-        row[f"fwd_q_tile_{spec}"] = fwd_ms(q, k, v, idx, "q_tile")
+        with env("SPARSA_Q_TILE_TMA", "1" if tma else "0"):
+            out = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
+            row[f"fwd_q_tile_{spec}"] = fwd_ms(q, k, v, idx, "q_tile")
         row["max_rel_diff"] = max(row["max_rel_diff"], rel(out, outs["auto_nocheck"]))
         qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = saved
     sorted_idx = torch.sort(flat, dim=-1).values.contiguous()
@@ -118,7 +120,7 @@ def main():
     p.add_argument("--auto-only", action="store_true", help="only the automatic order, with and without the check")
     p.add_argument("--own-backward", action="store_true", help="also forward+backward with q_tile's own backward")
     p.add_argument("--walk", action="store_true", help="also time the single-pass merge q_tile forward")
-    p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS[xSTAGES], e.g. 64x4x2,128x8")
+    p.add_argument("--tiles", default="", help="union-list forward variants ROWSxWARPS[xSTAGES][+tma] (+tma: K / V by TMA), e.g. 64x4x2,64x4x2+tma")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = []

@@ -45,6 +45,8 @@ ALIGNED_INTS = {"Hq", "N", "BS"}  # multiples of 16 in the benchmark's setup (Tr
 
 
 def arg_type(name: str) -> str:
+    if name in ("KD", "VD"):  # q_tile's TMA descriptors of K / V viewed as [N, Hkv * D], one block per box
+        return f"tensordesc<bf16[{BS}, {D}]>"
     for kind, names in POINTER_TYPES.items():
         if name in names:
             return kind
@@ -115,7 +117,9 @@ def kernels(group: int):
     union = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_T=max(1, 1 << (tokens - 1).bit_length()), BLOCK_K=TOPK,
                  MAXU=tokens * TOPK)
     yield "q_tile union", qt._tile_union_kernel, union, 4, 3, None
-    yield "q_tile list", qt._q_tile_list_fwd_kernel, dict(tile, MAXU=tokens * TOPK), twarps, qt.list_stages(BS, D), None
+    for tma in (False, True):
+        yield (f"q_tile list{' tma' if tma else ''}", qt._q_tile_list_fwd_kernel, dict(tile, MAXU=tokens * TOPK, TMA=tma),
+               twarps, qt.list_stages(BS, D), None)
     block_e = max(16, 1 << (tokens * TOPK - 1).bit_length())
     distinct = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_E=block_e, CHUNK=loc.distinct_chunk(block_e))
     yield "locality distinct", loc._tile_distinct_kernel, distinct, loc.distinct_warps(block_e), 1, None

@@ -315,13 +315,18 @@ def test_q_tile_backward_with_split_blocks(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
 
 
-@pytest.mark.parametrize("union_list", [True, False])
-def test_q_tile_forward_kernels_packed_fp16_large_logits(union_list, monkeypatch):
-    """Both q_tile forwards (over precomputed tile unions, and the single-pass merge) on packed documents with
-    fp16 logits up to ~50, repeated blocks in a row and a pooled (shared-block) selection."""
+@pytest.mark.parametrize("variant", ["list", "walk", "list_tma"])
+def test_q_tile_forward_kernels_packed_fp16_large_logits(variant, monkeypatch):
+    """Both q_tile forwards (over precomputed tile unions, also with K / V by TMA, and the single-pass merge) on
+    packed documents with fp16 logits up to ~50, repeated blocks in a row, a last document's block that runs
+    past the sequence (TMA: rows past N read as 0) and a pooled (shared-block) selection."""
     from sparsa.ops.sparse_attn import q_tile as qt_mod
 
-    monkeypatch.setattr(qt_mod, "UNION_LIST", union_list)
+    monkeypatch.setattr(qt_mod, "UNION_LIST", variant != "walk")
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1" if variant == "list_tma" else "0")
+    used = []
+    real = qt_mod.list_tma
+    monkeypatch.setattr(qt_mod, "list_tma", lambda *a: used.append(real(*a)) or used[-1])
     cu = torch.tensor([0, 50, 53, 128], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 128, 2, 3, 32, torch.float16, logit=50.0, seed=91)
     idx = random_selection(1, 128, 2, 5, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(91))
@@ -330,6 +335,8 @@ def test_q_tile_forward_kernels_packed_fp16_large_logits(union_list, monkeypatch
     q, k, v, do = make_inputs(1, 160, 2, 2, 16, torch.float32, seed=92)
     idx = pooled_selection(160, 2, 6, 16, 4, tile=32, generator=torch.Generator().manual_seed(92))
     check(q, k, v, do, idx.to(DEVICE), 16, orders=("q_tile",))
+    if variant != "walk":
+        assert used and all(u == (variant == "list_tma") for u in used), used
 
 
 @pytest.mark.parametrize("sample_programs", [10**6, 5])

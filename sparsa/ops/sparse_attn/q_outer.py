@@ -29,6 +29,13 @@ def attend_block(q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_sca
                 other=0.0)
     vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
                  mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    return attend_loaded(q, k, vv, score_mask, m_i, l_i, acc, qk_scale, PRECISION)
+
+
+@triton.jit
+def attend_loaded(q, k, vv, score_mask, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """attend_block on a loaded key block k [BN, D] and value block vv [BN, Dv]. Keys outside score_mask get
+    probability 0, so their value rows must be finite (zeros or real rows), never garbage."""
     sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     sc = tl.where(score_mask, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, 1))

@@ -19,14 +19,17 @@ larger ones take the KV-outer backward, triton_ops.q_tile_backward_order).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
+from .._env import env_choice
 from .kv_outer import reduce_config, token_rows
-from .q_outer import LOG2E, _pow2, attend_block, precision_for, store_rows
+from .q_outer import LOG2E, _pow2, attend_block, attend_loaded, precision_for, store_rows
 
 # rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
 TILE_ROWS = 64
@@ -37,6 +40,7 @@ UNION_LIST = True
 # build), so two programs fit an SM; three take 115 KB, one program per SM.
 LIST_WARPS = None
 LIST_STAGES = None
+# K and V of the union-list forward by TMA: SPARSA_Q_TILE_TMA=1 (opt-in, `list_tma`; not yet timed on a GPU)
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -68,7 +72,7 @@ def _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N: tl.co
     kst = tl.where(one_doc, ds0 + (b - base0) * BS, tl.load(BLKSTART + b, mask=~one_doc, other=0))
     blen = tl.where(one_doc, BS, tl.load(BLKLEN + b, mask=~one_doc, other=0))
     kpos = kst + offs_n
-    return kpos, (offs_n < blen) & (kpos <= t1)
+    return kpos, (offs_n < blen) & (kpos <= t1), kst
 
 
 @triton.jit
@@ -128,7 +132,7 @@ def _q_tile_fwd_kernel(
         last = tl.where(at_b, b, last)
         ptr = ptr + at_b.to(tl.int32)
         cur = _next_block(IDX, t, h, ptr, own, base, rmask, Hkv, TOPK)
-        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
+        kpos, kmask, _ = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
         m_i, l_i, acc = attend_block(
             q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
@@ -167,10 +171,10 @@ def _rows_choosing(sel, c, own, rmask):
 
 @triton.jit
 def _q_tile_list_fwd_kernel(
-    Q, K, V, O, LSE, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, qk_scale, N, Hq, Hkv, BS,
+    Q, K, V, KD, VD, O, LSE, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, qk_scale, N, Hq, Hkv, BS,
     TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """The forward over the tile's precomputed union list (UNION, COUNT from _tile_union_kernel): a counted
     loop whose K / V loads Triton software-pipelines (num_stages), where _q_tile_fwd_kernel's merge is a
@@ -191,11 +195,16 @@ def _q_tile_list_fwd_kernel(
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
         use = _rows_choosing(sel, (b - base).to(tl.int32), own, rmask)  # b's local index in each row's document
-        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
+        kpos, kmask, kst = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         score_mask = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
-        m_i, l_i, acc = attend_block(
-            q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
-        )
+        if TMA:  # the block's BLOCK_N rows by TMA (rows past N read as 0; masked rows are real, finite rows)
+            k = KD.load([kst.to(tl.int32), (h * D).to(tl.int32)])
+            vv = VD.load([kst.to(tl.int32), (h * DV).to(tl.int32)])
+            m_i, l_i, acc = attend_loaded(q, k, vv, score_mask, m_i, l_i, acc, qk_scale, PRECISION)
+        else:
+            m_i, l_i, acc = attend_block(
+                q, K, V, kpos, kmask, h, Hkv, score_mask, m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
+            )
     store_rows(O, LSE, orow, rmask, acc, m_i, l_i, DV, BLOCK_DV)
 
 
@@ -266,9 +275,11 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
     layout = (idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len)
     if UNION_LIST:
         union, counts, maxu = tile_union(idx, meta, block_size, tokens)
+        tma = list_tma(k, v, consts)
+        kd, vd = (_row_descriptor(x, consts["BLOCK_N"]) for x in (k, v)) if tma else (k, v)
         _q_tile_list_fwd_kernel[grid](
-            q, k, v, o, lse, *layout, union, counts, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
-            MAXU=maxu, num_warps=LIST_WARPS or warps,
+            q, k, v, kd, vd, o, lse, *layout, union, counts, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv,
+            block_size, MAXU=maxu, TMA=tma, num_warps=LIST_WARPS or warps,
             num_stages=LIST_STAGES or list_stages(consts["BLOCK_N"], max(consts["BLOCK_D"], consts["BLOCK_DV"])),
             **consts,
         )
@@ -278,6 +289,28 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
             **consts,
         )
     return o, lse
+
+
+def list_tma(k, v, consts) -> bool:
+    """Whether the union-list forward loads K and V by TMA (SPARSA_Q_TILE_TMA=1, opt-in until timed on a GPU):
+    head dims that are their own block widths, rows of [N, Hkv * D] 16-byte aligned, on CUDA or in the
+    interpreter."""
+    if env_choice("SPARSA_Q_TILE_TMA", ("0", "1"), "0") != "1":
+        return False
+    if not (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return all(
+        x.shape[2] == width and x.is_contiguous() and x.data_ptr() % 16 == 0 and x.shape[1] * width * x.element_size() % 16 == 0
+        for x, width in ((k, consts["BLOCK_D"]), (v, consts["BLOCK_DV"]))
+    )
+
+
+def _row_descriptor(x, block_n: int):
+    """TMA descriptor of x [N, Hkv, D] viewed as [N, Hkv * D], boxes of [block_n, D] (one KV head's block)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, heads, width = x.shape
+    return TensorDescriptor.from_tensor(x.view(n, heads * width), [block_n, width])
 
 
 def tile_union(idx, meta, block_size: int, tokens: int):

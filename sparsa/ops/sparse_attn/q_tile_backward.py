@@ -74,7 +74,7 @@ def _tile_dq_kernel(
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
         use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
-        kpos, kmask = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
+        kpos, kmask, _ = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
         k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
                     other=0.0)
         vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
