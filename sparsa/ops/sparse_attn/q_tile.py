@@ -65,7 +65,7 @@ def _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS: tl.constexpr):
 
 @triton.jit
 def _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N: tl.constexpr):
-    """Key positions [BLOCK_N] and mask of global block b. In a one-document tile they follow from the
+    """Key positions [BLOCK_N], mask and first key of global block b. In a one-document tile they follow from the
     document start (no dependent load in the block loop; keys after the tile's last token are never visible,
     so the block's length is not needed), else from the block table."""
     offs_n = tl.arange(0, BLOCK_N)
