@@ -457,6 +457,8 @@ def test_locality_monitor_measures_every_nth_call(monkeypatch):
     assert len(monitor._shapes) == 2 and len(launches) == 6
     waste(pooled)  # dropped above: counted again as a new shape
     assert len(launches) == 7
+    monitor.waste(pooled, doc_meta(1, n, None, bs // 2, torch.device(DEVICE)), tokens)  # another block size
+    assert len(launches) == 8
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -140,7 +140,7 @@ class _Shape:
 class LocalityMonitor:
     """The automatic order's view of the selections' locality, without host synchronisation.
 
-    Every CHECK_EVERY-th call of a problem shape (tokens, KV heads, top-k, tile, device) enqueues the count on
+    Every CHECK_EVERY-th call of a problem shape (tokens, KV heads, top-k, tile, blocks, device) enqueues the count on
     a sample of the tiles, copies it to pinned host memory behind a CUDA event and returns; a later call of
     that shape reads it once the event has completed (at most MAX_SHAPES shapes are kept). So the choice on CUDA lags the selections by at least
     one call and stands for every layer of that shape: a wrong choice costs speed, never correctness (every
@@ -156,7 +156,7 @@ class LocalityMonitor:
     def waste(self, idx: torch.Tensor, meta, tokens: int) -> float | None:
         """The latest completed measurement of this shape's waste (None before the first), enqueuing a new
         probe every CHECK_EVERY calls."""
-        key = (idx.device, *idx.shape, tokens)
+        key = (idx.device, *idx.shape, tokens, meta.n_blocks)  # n_blocks: block size and document layout
         state = self._shapes.get(key)
         if state is None:
             if len(self._shapes) >= MAX_SHAPES:
