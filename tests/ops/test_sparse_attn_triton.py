@@ -501,6 +501,25 @@ def test_locality_threshold_per_group(monkeypatch):
     assert not locality.prefers_q_tile(None, None, 16, 1)
 
 
+def test_q_tile_tma_applies_only_where_it_can(monkeypatch):
+    """list_tma: off by default; on with SPARSA_Q_TILE_TMA=1 for contiguous K / V whose head dim is its block
+    width; not for head dims padded to a power of two; bad values named."""
+    from sparsa.ops.sparse_attn.q_tile import list_tma
+
+    k = torch.zeros(64, 2, 32, device=DEVICE)
+    consts = {"BLOCK_D": 32, "BLOCK_DV": 32}
+    monkeypatch.delenv("SPARSA_Q_TILE_TMA", raising=False)
+    assert not list_tma(k, k, consts)
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
+    assert list_tma(k, k, consts)
+    odd = torch.zeros(64, 2, 24, device=DEVICE)
+    assert not list_tma(odd, odd, consts)
+    assert not list_tma(k, k[:, :, :16], {"BLOCK_D": 32, "BLOCK_DV": 16})  # a strided view
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "yes")
+    with pytest.raises(ValueError, match="SPARSA_Q_TILE_TMA"):
+        list_tma(k, k, consts)
+
+
 def test_q_tile_backward_rule(monkeypatch):
     from sparsa.ops.sparse_attn.triton_ops import Q_TILE_MAX_TOKEN_HEADS, q_tile_backward_order
 
