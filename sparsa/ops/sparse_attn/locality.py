@@ -18,7 +18,7 @@ on every CHECK_EVERY-th call of a shape, without host synchronisation; the choic
 has completed. H100, session 20 (benchmarks/results/h100_session20/locality_auto.log; Hq = 32, head dim 128,
 block 64, top-16, bf16): one count takes 0.02-0.14 ms; on random selections the forward with the check ran as
 without it (8K 1.13-1.41 ms, 64K 9.07-11.55), on pooled selections (P = 20, waste 1.4) it took q_tile, 8K 0.77-0.99
-ms against 1.11-1.40 and 64K 6.04-7.96 against 9.15-11.42; forward+backward 6-13% faster. It is skipped under
+ms against 1.11-1.40 and 64K 6.04-7.96 against 9.15-11.42; forward+backward 5-13% faster. It is skipped under
 torch.compile and during CUDA graph capture.
 """
 
