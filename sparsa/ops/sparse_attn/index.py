@@ -271,6 +271,19 @@ def _group_split_info_torch(index: PairIndex, per_item: int) -> torch.Tensor:
     return torch.stack([sizes, base], 1).contiguous()
 
 
+def _pick_blocks(score: torch.Tensor, cur: torch.Tensor, width: int) -> torch.Tensor:
+    """score [n, Hkv, NB] (below 3), cur [n] the tokens' own blocks -> [n, Hkv, width] int32: block 0, the own
+    and the previous block forced, no later block, the rest by highest score; ascending, -1 right-padded."""
+    n_blocks = score.shape[-1]
+    blocks = torch.arange(n_blocks, device=score.device)
+    forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+    score = torch.where(forced[:, None, :], torch.full_like(score, 3.0), score)
+    score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
+    val, ind = torch.topk(score, width, dim=-1)
+    ind = torch.sort(torch.where(val < 0, torch.full_like(ind, n_blocks), ind), dim=-1).values
+    return torch.where(ind == n_blocks, torch.full_like(ind, -1), ind).to(torch.int32)
+
+
 def random_selection(
     batch: int,
     seqlen: int,
@@ -293,7 +306,6 @@ def random_selection(
         for s, e in spans:
             n_blocks = -(-(e - s) // block_size)
             width = min(topk, n_blocks)
-            blocks = torch.arange(n_blocks, device=device)
             for c0 in range(0, e - s, chunk):
                 c1 = min(c0 + chunk, e - s)
                 cur = torch.arange(c0, c1, device=device) // block_size  # [n]
@@ -304,17 +316,7 @@ def random_selection(
                     generator=generator,
                     device="cpu" if generator is not None else device,
                 )
-                score = score.to(device)
-                forced = (
-                    (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
-                )
-                score = torch.where(forced[:, None, :], torch.full_like(score, 2.0), score)
-                score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
-                val, ind = torch.topk(score, width, dim=-1)
-                ind = torch.where(val < 0, torch.full_like(ind, n_blocks), ind)
-                ind = torch.sort(ind, dim=-1).values
-                ind = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind)
-                out[b, s + c0 : s + c1, :, :width] = ind.to(torch.int32)
+                out[b, s + c0 : s + c1, :, :width] = _pick_blocks(score.to(device), cur, width)
     return out
 
 
@@ -361,11 +363,5 @@ def pooled_selection(
         cur = tok // block_size  # [n]
         score = torch.rand(c1 - c0, n_heads_kv, n_blocks, generator=generator, device=gen_device).to(device)
         score = score + in_pool[tok // tile].to(score.dtype)  # pool members first, in random order
-        forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
-        score = torch.where(forced[:, None, :], torch.full_like(score, 3.0), score)
-        score = torch.where((blocks[None, :] > cur[:, None])[:, None, :], torch.full_like(score, -1.0), score)
-        val, ind = torch.topk(score, width, dim=-1)
-        ind = torch.where(val < 0, torch.full_like(ind, n_blocks), ind)
-        ind = torch.sort(ind, dim=-1).values
-        out[0, c0:c1, :, :width] = torch.where(ind == n_blocks, torch.full_like(ind, -1), ind).to(torch.int32)
+        out[0, c0:c1, :, :width] = _pick_blocks(score, cur, width)
     return out
