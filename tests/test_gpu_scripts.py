@@ -72,3 +72,30 @@ def test_with_flags_sets_module_flags_then_runs_the_script(tmp_path):
     assert "flags True False ['--x', '1']" in out.stdout
     bad = subprocess.run([*run, "ROWS", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "not a bool flag" in bad.stderr
+
+
+BENCH_DRY_RUN = """
+import sys
+max_waste = float(sys.argv[-1])
+sys.argv = ["scripts/gpu_script_dry_run.py", "/dev/null"]
+__file__ = sys.argv[0]
+exec(open("scripts/gpu_script_dry_run.py").read().split("script = sys.argv[1]")[0])
+import benchmarks.sparse_attention as b
+from sparsa.ops.sparse_attn import locality
+locality.DEVICES, locality.MIN_TOKENS, locality.MAX_WASTE = ("cpu",), 64, max_waste
+b.matmul_rate = b.memory_rate = b.time_reference = lambda *a: 1.0
+sys.argv = ["benchmarks/sparse_attention.py", "--ns", "128", "--gs", "4", "--pool", "1"]
+b.main()
+"""
+
+
+@pytest.mark.parametrize("max_waste, order", [(100.0, "q_tile"), (0.5, "q_outer")])
+def test_benchmark_names_the_order_the_default_took(max_waste, order):
+    """benchmarks/sparse_attention.py --pool (dry run): the table names the loop order that the timed default
+    call took, q_tile when the locality check accepts the selection, the size rule's order when it does not."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", BENCH_DRY_RUN, str(max_waste)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 0K | 4 |")]
+    assert len(rows) == 1 and f"({order}, waste" in rows[0], out.stdout[-2000:]
