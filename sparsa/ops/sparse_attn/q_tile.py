@@ -28,7 +28,7 @@ import triton.language as tl
 from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 from .._alloc import new_output
 from .._env import env_choice
-from .kv_outer import reduce_config, token_rows
+from .kv_outer import reduce_config
 from .q_outer import LOG2E, _pow2, attend_block, attend_loaded, precision_for, store_rows
 
 # rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
@@ -104,17 +104,13 @@ def _q_tile_fwd_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    t, g, rmask = token_rows(N, G, BLOCK_R, TOKENS)
+    t, rmask, orow, base, own = _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, BLOCK_R, TOKENS)
     t1, one_doc, ds0, base0 = _tile_layout(DOCSTART, BLOCKBASE, N, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
-    dmask = offs_d < D
-    ds = tl.load(DOCSTART + t, mask=rmask, other=0)
-    base = tl.load(BLOCKBASE + t, mask=rmask, other=0)
-    own = (t - ds) // BS  # [R] the token's own (local) block
-    orow = t * Hq + h * G + g
-    q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(Q + orow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
     sel = tl.load(
         IDX + (t * Hkv + h)[:, None] * TOPK + offs_k[None, :], mask=rmask[:, None] & (offs_k < TOPK)[None, :], other=0
     )
