@@ -45,20 +45,6 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def fwd_ms(q, k, v, idx, order):
-    return sa.bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=sa.BS, loop_order=order))
-
-
-def fwd_bwd_ms(q, k, v, idx, order):
-    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    do = torch.randn_like(q)
-
-    def run():
-        sparsa.sparse_attention(qr, kr, vr, idx, block_size=sa.BS, loop_order=order).backward(do)
-
-    return sa.bench(run, grad_to_none=[qr, kr, vr])
-
-
 def measure(q, k, v, idx, group, args):
     n, hkv, bs = q.shape[1], k.shape[2], sa.BS
     _, tokens, _ = qt_mod.tile_config(group, q.shape[-1])
@@ -71,20 +57,20 @@ def measure(q, k, v, idx, group, args):
     outs = {}
     with env("SPARSA_LOCALITY_CHECK", "0"):
         outs["auto_nocheck"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
-        row["fwd_auto_nocheck"] = fwd_ms(q, k, v, idx, None)
+        row["fwd_auto_nocheck"] = sa.time_sparse(q, k, v, idx, None, False)
     with env("SPARSA_LOCALITY_CHECK", "1"):
         locality.MONITOR.reset()  # the previous row's shape had other selections
         sparsa.sparse_attention(q, k, v, idx, block_size=bs)  # the count is enqueued here and read next call
         torch.cuda.synchronize()
         outs["auto"] = sparsa.sparse_attention(q, k, v, idx, block_size=bs)
-        row["fwd_auto"] = fwd_ms(q, k, v, idx, None)
+        row["fwd_auto"] = sa.time_sparse(q, k, v, idx, None, False)
     for order in () if args.auto_only else ("kv_outer", "q_tile") + (("q_outer",) if group >= 8 else ()):
         outs[order] = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order=order)
-        row[f"fwd_{order}"] = fwd_ms(q, k, v, idx, order)
+        row[f"fwd_{order}"] = sa.time_sparse(q, k, v, idx, order, False)
     row["max_rel_diff"] = max(rel(o, outs["auto_nocheck"]) for o in outs.values())
     if args.walk:  # the single-pass merge forward against the union-list one (the default)
         qt_mod.UNION_LIST = False
-        row["fwd_q_tile_walk"] = fwd_ms(q, k, v, idx, "q_tile")
+        row["fwd_q_tile_walk"] = sa.time_sparse(q, k, v, idx, "q_tile", False)
         qt_mod.UNION_LIST = True
     for spec in filter(None, args.tiles.split(",")):  # union-list variants ROWSxWARPS[xSTAGES][+tma]
         saved = qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES
@@ -93,21 +79,21 @@ def measure(q, k, v, idx, group, args):
         qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = rows, warps, (stages or [None])[0]
         with env("SPARSA_Q_TILE_TMA", "1" if tma else "0"):
             out = sparsa.sparse_attention(q, k, v, idx, block_size=bs, loop_order="q_tile")
-            row[f"fwd_q_tile_{spec}"] = fwd_ms(q, k, v, idx, "q_tile")
+            row[f"fwd_q_tile_{spec}"] = sa.time_sparse(q, k, v, idx, "q_tile", False)
         row["max_rel_diff"] = max(row["max_rel_diff"], rel(out, outs["auto_nocheck"]))
         qt_mod.TILE_ROWS, qt_mod.LIST_WARPS, qt_mod.LIST_STAGES = saved
     sorted_idx = torch.sort(flat, dim=-1).values.contiguous()
     row["union_ms"] = sa.bench(lambda: qt_mod.tile_union(sorted_idx, meta, bs, tokens))
     if not args.no_backward:
         with env("SPARSA_LOCALITY_CHECK", "1"):
-            row["fwd_bwd_auto"] = fwd_bwd_ms(q, k, v, idx, None)
+            row["fwd_bwd_auto"] = sa.time_sparse(q, k, v, idx, None, True)
         with env("SPARSA_LOCALITY_CHECK", "0"):
-            row["fwd_bwd_auto_nocheck"] = fwd_bwd_ms(q, k, v, idx, None)
+            row["fwd_bwd_auto_nocheck"] = sa.time_sparse(q, k, v, idx, None, True)
     if not args.no_backward and not args.auto_only:
-        row["fwd_bwd_q_tile"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
+        row["fwd_bwd_q_tile"] = sa.time_sparse(q, k, v, idx, "q_tile", True)
         if args.own_backward:
             with env("SPARSA_Q_TILE_BACKWARD", "q_tile"):
-                row["fwd_bwd_q_tile_own"] = fwd_bwd_ms(q, k, v, idx, "q_tile")
+                row["fwd_bwd_q_tile_own"] = sa.time_sparse(q, k, v, idx, "q_tile", True)
     return row
 
 
