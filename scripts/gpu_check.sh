@@ -6,7 +6,7 @@
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
 # sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
-# kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold
+# kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -121,6 +121,12 @@ step list_stages_ab 480 bash -c "SPARSA_Q_TILE_TMA=1 SPARSA_POISON_OUTPUTS=1 $PY
 # falls between (8K: P = 26 / 30 / 34 / 40 give 1.71 / 1.92 / 2.11 / 2.38 at G = 1 and 4, 1.63 / 1.75 / 1.86 / 1.98
 # at G = 16): every forward order and the automatic one
 step locality_threshold 480 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40 --no-backward
+# K / V by TMA on by default on Hopper (session 21): the q_tile tests with the default, then the crossover waste
+# of q_tile against the other orders with TMA, every forward order (for locality.max_waste)
+step tma_threshold 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu'; $PY scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40,46 --no-backward; $PY scripts/locality_bench.py --ns 8192,65536 --gs 2,8 --pools 30,40 --no-backward"
+# the session-21 thresholds (locality.max_waste 2.1-2.4) on the benchmark's random selections, where 8K G = 16
+# (waste 2.36) now takes q_tile; with the q_tile / locality GPU tests first
+step thresholds_random 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu or locality or tma'; $PY benchmarks/sparse_attention.py --ns 8192,16384 --q-tile --out $LOGS/thresholds_random.json"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

@@ -82,7 +82,8 @@ __file__ = sys.argv[0]
 exec(open("scripts/gpu_script_dry_run.py").read().split("script = sys.argv[1]")[0])
 import benchmarks.sparse_attention as b
 from sparsa.ops.sparse_attn import locality
-locality.DEVICES, locality.MIN_TOKENS, locality.MAX_WASTE = ("cpu",), 64, max_waste
+locality.DEVICES, locality.MIN_TOKENS = ("cpu",), 64
+locality.max_waste = lambda group, tma=True: max_waste
 b.matmul_rate = b.memory_rate = b.time_reference = lambda *a: 1.0
 sys.argv = ["benchmarks/sparse_attention.py", "--ns", "128", "--gs", "4", "--pool", "1"]
 b.main()

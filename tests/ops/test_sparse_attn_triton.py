@@ -383,7 +383,7 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
     real = triton_ops.q_tile_forward
     monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a: calls.append(1) or real(*a))
     q, k, v, do = make_inputs(1, 512, 2, 2, 16, torch.float32, seed=94)
-    # waste 1.42 and 2.79 (MAX_WASTE 1.7)
+    # waste 1.42 and 2.79 (max_waste(2) 2.1, 1.85 without TMA)
     pooled = pooled_selection(512, 2, 6, 16, 6, tile=64, generator=torch.Generator().manual_seed(94)).to(DEVICE)
     rnd = random_selection(1, 512, 2, 6, 16, generator=torch.Generator().manual_seed(94), device=DEVICE)
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -489,35 +489,43 @@ def test_gpu_locality_check_without_synchronisation(monkeypatch):
 
 
 def test_locality_threshold_per_group(monkeypatch):
-    """max_waste: 2.0 at G = 1, 1.9 at G = 16 (measured crossovers 2.19-2.32 / 2.12-2.19), 1.7 elsewhere;
-    prefers_q_tile compares the monitor's latest count against it and says no before the first count."""
+    """max_waste: 2.4 at G = 1 and 16, 2.2 at G = 4 and 8, 2.1 at G = 2 and unmeasured G (measured crossovers with
+    TMA 2.25-2.69), 12% lower without TMA; prefers_q_tile compares the monitor's latest count against it and says
+    no before the first count."""
     from sparsa.ops.sparse_attn import locality
 
-    assert [locality.max_waste(g) for g in (1, 2, 4, 8, 16)] == [2.0, 1.7, 1.7, 1.7, 1.9]
-    latest = {"waste": 1.85}
+    assert [locality.max_waste(g) for g in (1, 2, 3, 4, 8, 16)] == [2.4, 2.1, 2.1, 2.2, 2.2, 2.4]
+    assert locality.max_waste(1, tma=False) == pytest.approx(2.4 * 0.88)
+    latest = {"waste": 2.15}
     monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: latest["waste"])
-    assert [locality.prefers_q_tile(None, None, 16, g) for g in (1, 2, 4, 8, 16)] == [True, False, False, False, True]
+    groups = (1, 2, 4, 8, 16)
+    assert [locality.prefers_q_tile(None, None, 16, g) for g in groups] == [True, False, True, True, True]
+    latest["waste"] = 2.0
+    assert [locality.prefers_q_tile(None, None, 16, g, tma=False) for g in groups] == [True, False, False, False, True]
     latest["waste"] = None
     assert not locality.prefers_q_tile(None, None, 16, 1)
 
 
 def test_q_tile_tma_applies_only_where_it_can(monkeypatch):
-    """list_tma: off by default; on with SPARSA_Q_TILE_TMA=1 for contiguous K / V whose head dim is its block
-    width; not for head dims padded to a power of two; bad values named."""
+    """list_tma: by default on CUDA devices of compute capability >= 9 only; off with SPARSA_Q_TILE_TMA=0; on with
+    1 for contiguous K / V whose head dim is its block width; not for head dims padded to a power of two; bad
+    values named."""
     from sparsa.ops.sparse_attn.q_tile import list_tma
 
     k = torch.zeros(64, 2, 32, device=DEVICE)
-    consts = {"BLOCK_D": 32, "BLOCK_DV": 32}
     monkeypatch.delenv("SPARSA_Q_TILE_TMA", raising=False)
-    assert not list_tma(k, k, consts)
+    hopper = k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
+    assert list_tma(k, k) == hopper
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "0")
+    assert not list_tma(k, k)
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
-    assert list_tma(k, k, consts)
+    assert list_tma(k, k)
     odd = torch.zeros(64, 2, 24, device=DEVICE)
-    assert not list_tma(odd, odd, consts)
-    assert not list_tma(k, k[:, :, :16], {"BLOCK_D": 32, "BLOCK_DV": 16})  # a strided view
+    assert not list_tma(odd, odd)
+    assert not list_tma(k, k[:, :, :16])  # a strided view
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "yes")
     with pytest.raises(ValueError, match="SPARSA_Q_TILE_TMA"):
-        list_tma(k, k, consts)
+        list_tma(k, k)
 
 
 def test_q_tile_backward_rule(monkeypatch):

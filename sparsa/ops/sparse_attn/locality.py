@@ -3,12 +3,15 @@
 The query-tile order (q_tile.py) runs each tile of TOKENS consecutive tokens over the union of their selected
 blocks: its MMA work is the union size x TOKENS per (tile, KV head), against the selected slots that the other
 orders compute. `selection_waste` is that ratio (1.0: the tokens of a tile select the same blocks; about TOKENS:
-they share none) on a sample of the tiles. On the H100 (session 19, scripts/locality_bench.py,
-benchmarks/results/h100_session19/locality_list.log; Hq = 32, head dim 128, block 64, top-16) the query-tile
-forward beat the automatic order up to a waste (linear between the measured P = 20 and P = 40 points) of 1.88 /
-2.13 at G = 4 (8K / 64K), 2.19 / 2.32 at G = 1 and 2.12 / 2.19 at G = 16, and lost above; `prefers_q_tile`
-takes it below `max_waste(G)`: about 90% of the lowest crossover at G = 1 and 16 (the sample's estimate was within
-7% of the whole count on the H100), MAX_WASTE = 1.7 at G = 4 and at the group sizes not measured. Real
+they share none) on a sample of the tiles. On the H100 (session 21, scripts/locality_bench.py,
+benchmarks/results/h100_session21/tma_threshold.log; Hq = 32, head dim 128, block 64, top-16, K and V loaded by
+TMA as by default on Hopper) the query-tile forward beat the best other order up to a waste (linear between the
+measured pools) of about 2.55 / 2.69 at G = 1 (8K / 64K), 2.25 / 2.57 at G = 2, 2.36 / 2.62 at G = 4, 2.38 / 2.67
+at G = 8 and 2.55 / 2.57 at G = 16, and lost above; `prefers_q_tile` takes it below `max_waste(G)`, about 95% of
+the lower crossover (the sample's estimate was within 7% of the whole count; near the crossover either order
+costs about the same), MAX_WASTE at group sizes not measured. Without TMA (other GPUs, padded head dims) the
+crossovers were about 10% lower (benchmarks/results/h100_session21/locality_threshold_no_tma.log: 2.23 / 2.33 at
+G = 1, 1.98 / 2.21 at G = 4, 2.12 / 2.21 at G = 16), hence NO_TMA_FACTOR. Real
 `select_blocks` selections of SmolLM2-135M at block 64 have a waste of about 1.3-1.5 on 16-token tiles at 4K
 tokens and 1.4-1.7 at 8K, 1.5-1.8 / 1.7-2.2 on 64-token tiles (benchmarks/results/real_selection_locality_cpu*.md);
 the benchmark's random selections about 3.7 (8K, G = 4) to 10 (64K, G = 4).
@@ -31,10 +34,11 @@ import triton.language as tl
 from .._env import env_choice
 from .q_outer import _pow2
 
-# the query-tile order is chosen below this waste (measured crossovers 1.88-2.32, see above), per group size
-# where measured at both 8K and 64K
-MAX_WASTE = 1.7
-MAX_WASTE_BY_GROUP = {1: 2.0, 16: 1.9}
+# the query-tile order is chosen below this waste (measured crossovers with TMA 2.25-2.69, see above), per
+# group size where measured at both 8K and 64K; times NO_TMA_FACTOR where its forward loads K and V without TMA
+MAX_WASTE = 2.1
+MAX_WASTE_BY_GROUP = {1: 2.4, 2: 2.1, 4: 2.2, 8: 2.2, 16: 2.4}
+NO_TMA_FACTOR = 0.88
 # sampled (tile, KV head) programs per check, at most, and slot compares per check (default_sample_programs)
 SAMPLE_PROGRAMS = 2048
 SAMPLE_COMPARES = 1 << 27
@@ -197,13 +201,15 @@ def check_applies(q: torch.Tensor, head_dim: int) -> bool:
     return check_enabled()
 
 
-def max_waste(group: int) -> float:
-    """The waste below which the automatic order takes q_tile at G query heads per KV head (see above)."""
-    return MAX_WASTE_BY_GROUP.get(group, MAX_WASTE)
+def max_waste(group: int, tma: bool = True) -> float:
+    """The waste below which the automatic order takes q_tile at G query heads per KV head, whose forward loads
+    K and V by TMA or not (see above)."""
+    return MAX_WASTE_BY_GROUP.get(group, MAX_WASTE) * (1.0 if tma else NO_TMA_FACTOR)
 
 
-def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int) -> bool:
+def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int, tma: bool = True) -> bool:
     """Whether the query-tile order's waste on this shape's selections idx [N, Hkv, K] (tiles of `tokens`
-    tokens; MONITOR's latest measurement) is under max_waste(group). False until a measurement has completed."""
+    tokens; MONITOR's latest measurement) is under max_waste(group, tma). False until a measurement has
+    completed."""
     waste = MONITOR.waste(idx, meta, tokens)
-    return waste is not None and waste < max_waste(group)
+    return waste is not None and waste < max_waste(group, tma)

@@ -18,6 +18,7 @@ import torch
 
 from .backward import compute_delta, kv_outer_backward
 from . import kv_gluon, kv_local, locality
+from . import q_tile as q_tile_kernels
 from .index import build_pair_index, doc_meta
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
@@ -179,7 +180,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
             # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
             group = n_heads_q // n_heads_kv
             tokens = tile_config(group, head_dim_max)[1]
-            if locality.prefers_q_tile(idx, meta, tokens, group):
+            tma = q_tile_kernels.UNION_LIST and q_tile_kernels.list_tma(kf, vf)  # its forward's K / V loads
+            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
