@@ -125,8 +125,9 @@ step locality_threshold 480 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs
 # of q_tile against the other orders with TMA, every forward order (for locality.max_waste)
 step tma_threshold 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu'; $PY scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40,46 --no-backward; $PY scripts/locality_bench.py --ns 8192,65536 --gs 2,8 --pools 30,40 --no-backward"
 # the session-21 thresholds (locality.max_waste 2.1-2.4) on the benchmark's random selections, where 8K G = 16
-# (waste 2.36) now takes q_tile; with the q_tile / locality GPU tests first
-step thresholds_random 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu or locality or tma'; $PY benchmarks/sparse_attention.py --ns 8192,16384 --q-tile --out $LOGS/thresholds_random.json"
+# (waste 2.36) now takes q_tile; with the q_tile / locality GPU tests first; then q_tile with smaller tiles
+# (16 / 32 rows) on random selections
+step thresholds_random 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu or locality or tma'; $PY benchmarks/sparse_attention.py --ns 8192,16384 --q-tile --out $LOGS/thresholds_random.json; $PY scripts/locality_bench.py --ns 8192,16384 --gs 16,8,4 --pools 0 --no-backward --tiles 16x4x3+tma,32x4x3+tma"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
