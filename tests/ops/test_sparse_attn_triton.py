@@ -506,6 +506,22 @@ def test_locality_threshold_per_group(monkeypatch):
     assert not locality.prefers_q_tile(None, None, 16, 1)
 
 
+def test_locality_check_applies_only_where_measured(monkeypatch):
+    """check_applies: from MIN_TOKENS tokens, head dims up to 128, blocks of up to 128 keys, on DEVICES, and
+    not with SPARSA_LOCALITY_CHECK=0."""
+    from sparsa.ops.sparse_attn import locality
+
+    monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.delenv("SPARSA_LOCALITY_CHECK", raising=False)
+    q = torch.zeros(2048, 4, 128)
+    assert locality.check_applies(q, 128, 64) and locality.check_applies(q, 128, 128)
+    assert not locality.check_applies(q, 128, 256)
+    assert not locality.check_applies(q, 256, 64)
+    assert not locality.check_applies(q[:2047], 128, 64)
+    monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "0")
+    assert not locality.check_applies(q, 128, 64)
+
+
 def test_q_tile_tma_applies_only_where_it_can(monkeypatch):
     """list_tma: by default on CUDA devices of compute capability >= 9 only; off with SPARSA_Q_TILE_TMA=0; on with
     1 for contiguous K / V whose head dim is its block width; not for head dims padded to a power of two; bad

@@ -48,6 +48,9 @@ CHECK_EVERY = 16
 MAX_SHAPES = 64
 # the check runs where the query-tile forward was measured: head dims up to 128, from 2048 tokens
 MAX_HEAD_DIM = 128
+# ... and blocks of up to 128 keys (measured at 64; compiled offline for sm_90 at 128: 96 bytes of spills at
+# G = 4; at 256 two stages of K and V would need 256 KB of shared memory)
+MAX_BLOCK_SIZE = 128
 MIN_TOKENS = 2048
 # devices on which the check runs (tests add "cpu" to run it in the interpreter)
 DEVICES = ("cuda",)
@@ -191,10 +194,12 @@ def check_enabled() -> bool:
     return env_choice("SPARSA_LOCALITY_CHECK", ("0", "1"), "1") == "1"
 
 
-def check_applies(q: torch.Tensor, head_dim: int) -> bool:
+def check_applies(q: torch.Tensor, head_dim: int, block_size: int) -> bool:
     """Whether the automatic loop order checks the selection's locality for q [N, Hq, D] (device, size, head
-    dim, not under torch.compile or CUDA graph capture, SPARSA_LOCALITY_CHECK)."""
+    dim, block size, not under torch.compile or CUDA graph capture, SPARSA_LOCALITY_CHECK)."""
     if q.device.type not in DEVICES or q.shape[0] < MIN_TOKENS or head_dim > MAX_HEAD_DIM:
+        return False
+    if block_size > MAX_BLOCK_SIZE:
         return False
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return False  # no counts, events or host copies inside a traced or captured graph

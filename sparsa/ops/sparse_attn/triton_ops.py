@@ -176,7 +176,7 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     if loop_order is None:
         loop_order = automatic_loop_order(qf, kf, vf, block_size)
         head_dim_max = max(head_dim, head_dim_v)
-        if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max):
+        if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max, block_size):
             # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
             group = n_heads_q // n_heads_kv
             tokens = tile_config(group, head_dim_max)[1]
