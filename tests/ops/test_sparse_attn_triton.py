@@ -506,6 +506,26 @@ def test_locality_threshold_per_group(monkeypatch):
     assert not locality.prefers_q_tile(None, None, 16, 1)
 
 
+@pytest.mark.parametrize("tma, expected", [("1", True), ("0", False)])
+def test_automatic_order_threshold_follows_tma(tma, expected, monkeypatch):
+    """The automatic order compares the waste against max_waste(G, tma) with tma as the q_tile forward would
+    load K / V: at G = 2 a waste of 2.0 is under 2.1 (TMA) and over 2.1 x 0.88 (without)."""
+    from sparsa.ops.sparse_attn import locality, triton_ops
+
+    monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(locality, "MIN_TOKENS", 64)
+    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: 2.0)
+    monkeypatch.delenv("SPARSA_LOCALITY_CHECK", raising=False)
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
+    taken = []
+    monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: taken.append(a[-1]) or (a[0], a[0][..., 0]))
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")
+    q, k, v, _ = make_inputs(1, 128, 2, 2, 16, torch.float32, seed=95)
+    idx = random_selection(1, 128, 2, 4, 16, generator=torch.Generator().manual_seed(95), device=DEVICE)
+    triton_ops.sparse_attention_triton(q, k, v, idx, block_size=16, scale=0.25)
+    assert taken == ["q_tile" if expected else "kv_outer"]
+
+
 def test_locality_check_applies_only_where_measured(monkeypatch):
     """check_applies: from MIN_TOKENS tokens, head dims up to 128, blocks of up to 128 keys, on DEVICES, and
     not with SPARSA_LOCALITY_CHECK=0."""
