@@ -12,7 +12,8 @@ SmolLM2, block 16, top-16, 64-token tiles visit 41-49 distinct blocks against 12
 for random selections the union is nearly TOKENS x topk blocks and the MMAs mostly compute masked rows.
 By default (UNION_LIST) the union is first written per (tile, KV head) by _tile_union_kernel and the forward
 runs a counted loop over it, which Triton pipelines (8-14% faster on the H100, session 19); the single-pass
-merge kernel is kept for the A/B. Its backward (q_tile_backward.py) works over the same tile unions: dQ per
+merge kernel is kept for the A/B. On Hopper the list forward loads K and V by TMA (`list_tma`, 8-16% faster on
+the H100, session 21). Its backward (q_tile_backward.py) works over the same tile unions: dQ per
 tile, dK/dV per block over the tiles that chose it, again without per-pair traffic (used for small problems;
 larger ones take the KV-outer backward, triton_ops.q_tile_backward_order).
 """
