@@ -18,6 +18,7 @@ PROBES = [
     ["scripts/sa_kernel_times.py", "--sizes", "48", "--groups", "4", "--calls", "1"],
     ["scripts/locality_bench.py", "--ns", "48", "--gs", "2", "--pools", "0,2", "--walk", "--tiles", "16x8", "--own-backward"],
     ["scripts/sa_host_overhead.py", "--sizes", "48", "--groups", "4", "--profile", "48,4", "--calls", "1"],
+    ["scripts/pooled_bwd_kernels.py", "--sizes", "64", "--groups", "2", "--pool", "6", "--calls", "1"],
 ]
 
 
