@@ -121,7 +121,7 @@ step list_stages_ab 480 bash -c "SPARSA_Q_TILE_TMA=1 SPARSA_POISON_OUTPUTS=1 $PY
 # falls between (8K: P = 26 / 30 / 34 / 40 give 1.71 / 1.92 / 2.11 / 2.38 at G = 1 and 4, 1.63 / 1.75 / 1.86 / 1.98
 # at G = 16): every forward order and the automatic one
 step locality_threshold 480 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40 --no-backward
-# K / V by TMA on by default on Hopper (session 21): the q_tile tests with the default, then the crossover waste
+# K / V by TMA on by default on Hopper for bf16 / fp16 (session 21): the q_tile tests with the default, then the crossover waste
 # of q_tile against the other orders with TMA, every forward order (for locality.max_waste)
 step tma_threshold 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu'; $PY scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40,46 --no-backward; $PY scripts/locality_bench.py --ns 8192,65536 --gs 2,8 --pools 30,40 --no-backward"
 # the session-21 thresholds (locality.max_waste 2.1-2.4) on the benchmark's random selections, where 8K G = 16

@@ -543,19 +543,23 @@ def test_locality_check_applies_only_where_measured(monkeypatch):
 
 
 def test_q_tile_tma_applies_only_where_it_can(monkeypatch):
-    """list_tma: by default on CUDA devices of compute capability >= 9 only; off with SPARSA_Q_TILE_TMA=0; on with
-    1 for contiguous K / V whose head dim is its block width; not for head dims padded to a power of two; bad
-    values named."""
+    """list_tma: by default on CUDA devices of compute capability >= 9 only, for 16-bit rows of up to 256 bytes;
+    off with SPARSA_Q_TILE_TMA=0; on with 1 for contiguous K / V whose head dim is its block width, any dtype;
+    not for head dims padded to a power of two; bad values named."""
     from sparsa.ops.sparse_attn.q_tile import list_tma
 
     k = torch.zeros(64, 2, 32, device=DEVICE)
+    half = k.half()
     monkeypatch.delenv("SPARSA_Q_TILE_TMA", raising=False)
     hopper = k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
-    assert list_tma(k, k) == hopper
+    assert list_tma(half, half) == hopper
+    assert not list_tma(k, k)  # fp32: only when forced
+    wide = torch.zeros(64, 2, 256, device=DEVICE, dtype=torch.float16)
+    assert not list_tma(wide, wide)  # rows of 512 bytes: only when forced
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "0")
     assert not list_tma(k, k)
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
-    assert list_tma(k, k)
+    assert list_tma(k, k) and list_tma(wide, wide)
     odd = torch.zeros(64, 2, 24, device=DEVICE)
     assert not list_tma(odd, odd)
     assert not list_tma(k, k[:, :, :16])  # a strided view

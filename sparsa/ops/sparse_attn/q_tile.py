@@ -291,13 +291,18 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
 
 def list_tma(k, v) -> bool:
     """Whether the union-list forward loads k [N, Hkv, D] and v [N, Hkv, Dv] by TMA: by default on CUDA devices
-    of compute capability 9 or more (SPARSA_Q_TILE_TMA=1 also elsewhere on CUDA and in the interpreter, 0
-    never), for head dims that are their own block widths (powers of two from 16) and rows of [N, Hkv * D]
-    16-byte aligned."""
+    of compute capability 9 or more for 16-bit inputs whose rows are at most 256 bytes (what the GPU tests and
+    the H100 timings covered: bf16 / fp16, head dims up to 128); SPARSA_Q_TILE_TMA=1 also elsewhere on CUDA, in
+    the interpreter and for other dtypes and widths, 0 never. Always: head dims that are their own block widths
+    (powers of two from 16) and rows of [N, Hkv * D] 16-byte aligned."""
     choice = env_choice("SPARSA_Q_TILE_TMA", ("0", "1", "auto"), "auto")
     if choice == "0" or not (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    if choice == "auto" and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+    if choice == "auto" and not (
+        k.is_cuda
+        and torch.cuda.get_device_capability(k.device)[0] >= 9
+        and all(x.element_size() == 2 and x.shape[2] * 2 <= 256 for x in (k, v))
+    ):
         return False
     return all(
         x.shape[2] == _pow2(x.shape[2]) and x.is_contiguous() and x.data_ptr() % 16 == 0
