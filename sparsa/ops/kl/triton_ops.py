@@ -960,7 +960,9 @@ def _head_group(n_keys: int, key_bytes: int, n_bh: int) -> int:
     (n_keys * key_bytes each) within HEAD_GROUP_L2_BYTES. SPARSA_KL_HEAD_GROUP=n forces it."""
     forced = os.environ.get("SPARSA_KL_HEAD_GROUP")
     if forced:
-        return max(1, min(int(forced), n_bh))
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"SPARSA_KL_HEAD_GROUP must be a positive integer, got {forced!r}")
+        return min(int(forced), n_bh)
     widest = max(1, min(HEAD_GROUP_L2_BYTES // max(1, n_keys * key_bytes), n_bh))
     n_groups = cdiv(n_bh, widest)
     return cdiv(n_bh, n_groups)  # groups of equal size (a small last group would run its heavy tiles last)
