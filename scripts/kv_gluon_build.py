@@ -19,13 +19,17 @@ from sparsa.ops._sm90_tools import tool_reports
 from sparsa.ops.sparse_attn import kv_gluon, kv_gluon_bwd
 
 
-def report(group: int, d: int, which: str = "main") -> dict:
-    kernel = kv_gluon.compile_offline(group, d) if which == "main" else kv_gluon_bwd.compile_offline(group, d)
+def report(group: int, d: int, which: str = "main", write_dq: bool = True) -> dict:
+    if which == "main":
+        kernel = kv_gluon.compile_offline(group, d)
+    else:
+        kernel = kv_gluon_bwd.compile_offline(group, d, write_dq)
     info, sass = tool_reports(kernel.asm["ptx"], kernel.asm["cubin"])
     return {
         "G": group,
         "D": d,
-        "kernel": "dkdv" if which == "bwd" else "pipeline" if kv_gluon.uses_pipeline(group) else "loop",
+        "kernel": ("dkdv" if write_dq else "dkdv_no_dq") if which == "bwd"
+        else "pipeline" if kv_gluon.uses_pipeline(group) else "loop",
         "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
@@ -45,6 +49,7 @@ def main():
     p.add_argument("--groups", default="1,3,4,16")
     p.add_argument("--dims", default="64,128")
     p.add_argument("--flags", default="", help="kv_gluon flags to turn on first, '+'-joined (CONTIG+KV_REUSE)")
+    p.add_argument("--no-dq", action="store_true", help="bwd: the dK/dV-only variant (WRITE_DQ=False, the hybrid backward)")
     args = p.parse_args()
     for name in filter(None, args.flags.split("+")):
         if not isinstance(getattr(kv_gluon, name, None), bool):
@@ -52,7 +57,7 @@ def main():
         setattr(kv_gluon, name, True)
     for d in (int(x) for x in args.dims.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            print(json.dumps(report(group, d, args.kernel)), flush=True)
+            print(json.dumps(report(group, d, args.kernel, not args.no_dq)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """GPU time per kernel of forward+backward on pooled selections (tiles share their blocks): the q_tile forward
-followed by the KV-outer backward (the default there) or by q_tile's own backward (SPARSA_Q_TILE_BACKWARD=q_tile).
+followed by the KV-outer backward (the default there), the hybrid one (SPARSA_Q_TILE_BACKWARD=hybrid: KV-outer
+dK/dV without dQ partials, q_tile's dQ kernel) or q_tile's own backward (SPARSA_Q_TILE_BACKWARD=q_tile).
 
     PYTHONPATH=. python3 scripts/pooled_bwd_kernels.py [--sizes 8192,65536] [--groups 4,16,1] [--pool 20] [--calls 3]
 
@@ -19,7 +20,7 @@ import benchmarks.sparse_attention as sa  # noqa: E402
 from scripts.sa_kernel_times import kernel_times  # noqa: E402
 import sparsa  # noqa: E402
 
-BACKWARDS = ("kv_outer", "q_tile")
+BACKWARDS = ("kv_outer", "hybrid", "q_tile")
 
 
 def fwd_bwd_call(q, k, v, idx):
@@ -35,11 +36,11 @@ def fwd_bwd_call(q, k, v, idx):
     return run, leaves
 
 
-def probe(n, group, pool, calls):
+def probe(n, group, pool, calls, backwards=BACKWARDS):
     """Print fwd / fwd+bwd times and the top kernels of each backward at (N, G)."""
     q, k, v, idx = sa.make(n, group, pool=pool)
     fwd_ms = sa.bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=sa.BS, loop_order="q_tile"))
-    for backward in BACKWARDS:
+    for backward in backwards:
         os.environ["SPARSA_Q_TILE_BACKWARD"] = backward
         run, leaves = fwd_bwd_call(q, k, v, idx)
         ms = sa.bench(run, grad_to_none=list(leaves))
@@ -58,11 +59,12 @@ def main():
     p.add_argument("--groups", default="4,16,1")
     p.add_argument("--pool", type=int, default=20)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--backwards", default=",".join(BACKWARDS), help="SPARSA_Q_TILE_BACKWARD values to time")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for n in (int(x) for x in args.sizes.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            probe(n, group, args.pool, args.calls)
+            probe(n, group, args.pool, args.calls, tuple(args.backwards.split(",")))
             torch.cuda.empty_cache()
 
 

@@ -102,7 +102,7 @@ def kernels(group: int):
     for keys in (False, True):
         os.environ["SPARSA_KV_BWD_KEYS"] = "1" if keys else "0"
         bm, bwarps, bopts, _ = bwd.bwd_config(group, D, BS)
-        dkdv = dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS, KEYS_AS_ROWS=keys)
+        dkdv = dict(common, BLOCK_M=bm, PAIRS=bm // group, BLOCK_N=BS, KEYS_AS_ROWS=keys, WRITE_DQ=True)
         yield f"kv_dkdv keys={keys}", bwd._kv_bwd_kernel, dkdv, bwarps, bopts.get("num_stages", 2), None
     os.environ.pop("SPARSA_KV_BWD_KEYS")
     rows, tokens, rwarps = kv.reduce_config(group, D)

@@ -89,6 +89,13 @@ def test_sm90_build_fits_two_programs_per_sm():
         assert r["hgmma"] == (2 * r["D"] + 3 * 64) // 16, r
         if r["D"] == 64:
             assert r["spill_bytes"] == 0, r
+    no_dq = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kv_gluon_build.py"), "--kernel", "bwd",
+                            "--groups", "4", "--dims", "128", "--no-dq"], env=env, capture_output=True, text=True,
+                           check=True, timeout=600).stdout
+    (r,) = [json.loads(line) for line in no_dq.splitlines() if line.startswith("{")]
+    with_dq = next(x for x in rows if x["G"] == 4 and x["D"] == 128)
+    assert r["kernel"] == "dkdv_no_dq" and r["hgmma"] == (2 * 128 + 2 * 64) // 16, r  # no dQ MMA
+    assert r["tma_stores"] == with_dq["tma_stores"] - 1 and r["spill_bytes"] <= with_dq["spill_bytes"], (r, with_dq)
 
 
 def _grads(q, k, v, do, idx, **kw):
@@ -164,7 +171,7 @@ def test_dispatch_stays_on_triton_past_its_bounds(monkeypatch):
     class Reached(Exception):
         pass
 
-    def launch(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale):
+    def launch(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale, write_dq=True):
         seen.append((dqp.dtype, int((work[:, 1] - work[:, 0]).max())))
         raise Reached
 

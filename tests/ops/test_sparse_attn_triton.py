@@ -315,6 +315,27 @@ def test_q_tile_backward_with_split_blocks(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
 
 
+@pytest.mark.parametrize("group, dtype", [(1, torch.float32), (3, torch.float16), (2, torch.float32)])
+def test_hybrid_backward_after_q_tile(group, dtype, monkeypatch):
+    """SPARSA_Q_TILE_BACKWARD=hybrid: dK / dV from the KV-outer kernels without dQ partials (their reduction is
+    never called), dQ from q_tile's dQ kernel; against the float64 reference on packed documents with a document
+    shorter than a block, repeated and padded (-1) slots, and every token choosing only block 0 and its own."""
+    from sparsa.ops.sparse_attn import backward as bwd_mod
+
+    monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "hybrid")
+    monkeypatch.setattr(bwd_mod, "_dq_sum", lambda *a: (_ for _ in ()).throw(AssertionError("dQ partials summed")))
+    cu = torch.tensor([0, 45, 52, 112], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 112, 2, group, 32, dtype, dim_v=16 if group == 2 else None, logit=30.0, seed=96)
+    idx = random_selection(1, 112, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(96))
+    idx[0, 70:, :, 1] = idx[0, 70:, :, 2]  # a block listed twice counts once
+    idx[0, 90:, :, 0] = -1
+    check(q, k, v, do, idx.to(DEVICE), 16, cu_seqlens=cu, orders=("q_tile",))
+    only_first = torch.full_like(idx, -1)
+    only_first[..., 0] = 0
+    only_first[..., 1] = torch.div(torch.arange(112), 16, rounding_mode="floor").view(1, 112, 1)
+    check(q, k, v, do, only_first.to(DEVICE), 16, orders=("q_tile",))
+
+
 @pytest.mark.parametrize("variant", ["list", "walk", "list_tma"])
 def test_q_tile_forward_kernels_packed_fp16_large_logits(variant, monkeypatch):
     """Both q_tile forwards (over precomputed tile unions, also with K / V by TMA, and the single-pass merge) on
@@ -764,3 +785,15 @@ def test_gpu_bf16_matches_reference(group):
     q, k, v, do = make_inputs(1, 2048, hkv, group, 128, torch.bfloat16, seed=group)
     idx = random_selection(1, 2048, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
     check(q, k, v, do, idx, 64, tol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_gpu_bf16_hybrid_backward(group, monkeypatch):
+    """SPARSA_Q_TILE_BACKWARD=hybrid in bf16 (on Hopper the Gluon dK/dV without its dQ partials) on pooled
+    selections, against the float64 reference."""
+    monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "hybrid")
+    hkv = 32 // group
+    q, k, v, do = make_inputs(1, 2048, hkv, group, 128, torch.bfloat16, seed=40 + group)
+    idx = pooled_selection(2048, hkv, 16, 64, 20, generator=torch.Generator().manual_seed(group), device=DEVICE)
+    check(q, k, v, do, idx, 64, orders=("q_tile",), tol=2e-2)

@@ -161,8 +161,9 @@ def _kv_bwd_kernel(
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     KEYS_AS_ROWS: tl.constexpr,
+    WRITE_DQ: tl.constexpr,
 ):
-    """dK/dV (and the dQ partials) of one work item. KEYS_AS_ROWS False: the gathered rows are the MMA rows,
+    """dK/dV (and with WRITE_DQ the dQ partials) of one work item. KEYS_AS_ROWS False: the gathered rows are the MMA rows,
     S = Q K^T [rows, keys], and P and dS are transposed for dV += P^T dO and dK += dS^T Q. True (default for
     G = 8 from 16K tokens, backward.keys_as_rows): the block's keys are the MMA rows (the layout of Triton's fused-attention
     backward), S^T = K Q^T [keys, rows], so P^T and dS^T feed dV and dK from registers and only dS is
@@ -188,12 +189,15 @@ def _kv_bwd_kernel(
             dpt = tl.dot(vv, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
+            if WRITE_DQ:
+                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * scale
+                _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
         else:
             ok = offs_n[None, :] <= last_key(tok, rmask, kst, blen)[:, None]
             dk, dv, ds = dkdv_rows_step(q, do, lse2, delta, k, vv, ok, dk, dv, qk_scale, PRECISION)
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
+            if WRITE_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                _store_dq_pair(DQP, dq, pidx, rmask, G, D, BLOCK_M, BLOCK_D)
     _store_dkdv(DK, DVv, DKP, DVP, dk * scale, dv, slot, kpos, kmask, h, Hkv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
 
 
@@ -362,7 +366,8 @@ def compute_delta(o, do):
 
 
 def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_size: int, scale: float, dq, dk, dv):
-    """Fills dq [N, Hq, D], dk, dv [N, Hkv, *] (dk, dv zero-initialised) for the heads of `index`."""
+    """Fills dq [N, Hq, D], dk, dv [N, Hkv, *] (dk, dv zero-initialised) for the heads of `index`; dq None: dk and
+    dv only (no dQ partials written, summed or allocated beyond a placeholder)."""
     n_tokens, n_heads_q, head_dim = q.shape
     group = n_heads_q // k.shape[1]
     block_m, warps, launch_opts, keys = bwd_config(group, head_dim, block_size, n_tokens)
@@ -377,19 +382,23 @@ def kv_outer_backward(q, k, v, do, lse, delta, index: PairIndex, meta, block_siz
     per_item = max(MAX_PAIRS_PER_ITEM // pairs, 1) * pairs
     if gluon:  # the Hopper dK/dV (kv_gluon_bwd.py): its own tile and item sizes (whole tiles)
         per_item = kv_gluon_bwd.pairs_per_item(group, n_tokens, MAX_PAIRS_PER_ITEM)
-    dqp = torch.empty(index.n_pairs_max * group, head_dim, dtype=dqp_dtype, device=q.device)
+    dqp_rows = index.n_pairs_max * group if dq is not None else 256  # a placeholder (the Gluon descriptor's box)
+    dqp = torch.empty(dqp_rows, head_dim, dtype=dqp_dtype, device=q.device)
     on = overlap.enabled()
     pipe = overlap.Pipeline(q.device, on)
     for chunk in overlap.head_chunks(index, on):  # one chunk unless SPARSA_KV_OVERLAP=1 (overlap.py)
         _block_grads(q, k, v, do, lse, delta, chunk, meta, block_size, scale, dqp, dk, dv, per_item,
-                     (block_m, warps, launch_opts, keys, gluon))
-        with pipe.side():
-            _dq_sum(dq, dqp, chunk, n_tokens, group, head_dim)
+                     (block_m, warps, launch_opts, keys, gluon), write_dq=dq is not None)
+        if dq is not None:
+            with pipe.side():
+                _dq_sum(dq, dqp, chunk, n_tokens, group, head_dim)
     pipe.join()
 
 
-def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, scale, dqp, dk, dv, per_item, config):
-    """dK, dV of `index`'s blocks (the dK/dV kernel and the reduction of split groups) and its dQ partials."""
+def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, scale, dqp, dk, dv, per_item, config,
+                 write_dq=True):
+    """dK, dV of `index`'s blocks (the dK/dV kernel and the reduction of split groups) and, with write_dq, its dQ
+    partials."""
     n_heads_q, head_dim = q.shape[1], q.shape[2]
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
@@ -400,7 +409,7 @@ def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, sc
     dkp = torch.empty(n_slots, block_n, block_d, dtype=torch.float32, device=q.device)
     dvp = torch.empty(n_slots, block_n, block_dv, dtype=torch.float32, device=q.device)
     if gluon:
-        kv_gluon_bwd.launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale)
+        kv_gluon_bwd.launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale, write_dq)
     else:
         _kv_bwd_kernel[(work.shape[0],)](
             q,
@@ -434,6 +443,7 @@ def _block_grads(q, k, v, do, lse, delta, index: PairIndex, meta, block_size, sc
             BLOCK_DV=block_dv,
             PRECISION=precision_for(q.dtype),
             KEYS_AS_ROWS=keys,
+            WRITE_DQ=write_dq,
             num_warps=warps,
             **{"num_stages": 2, **launch_opts},
         )

@@ -134,9 +134,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _tile_grads(s, q_s, do_s, ld_s, ds_s, k_s, v_s, dk, dv, TOKS, p0, end, kst, blen, first, qk_scale,
-                    G: gl.constexpr, PAIRS: gl.constexpr):
-        """One tile of rows in stage s against the item's block: (dk + dS^T Q, dv + P^T dO, dQ_pair = dS K unscaled),
-        fp32, the block's keys as the rows of dk, dv."""
+                    G: gl.constexpr, PAIRS: gl.constexpr, WRITE_DQ: gl.constexpr):
+        """One tile of rows in stage s against the item's block: (dk + dS^T Q, dv + P^T dO), fp32, the block's keys
+        as the rows of dk, dv; with WRITE_DQ dS^T is left in ds_s for the tile's dQ_pair (_tile_dq)."""
         D: gl.constexpr = q_s.shape[2]
         BN: gl.constexpr = k_s.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -162,13 +162,21 @@ if HAVE_GLUON:
         delta = ld.slice(_ROWS, _ROWS).load(cols)  # loaded here: fewer registers live at once
         ds_b = (pt * (dpt - delta[None, :])).to(q_s.dtype)
         dv_tok = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), a_op), do_s.index(s), dv, is_async=True)
-        ds_s.store(ds_b)
+        if WRITE_DQ:
+            ds_s.store(ds_b)
         dk_tok = warpgroup_mma(gl.convert_layout(ds_b, a_op), q_s.index(s), dk, is_async=True)
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's dS^T is in ds_s
+        if WRITE_DQ:
+            fence_async_shared()
+            gl.thread_barrier()  # every thread's dS^T is in ds_s
         dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, q_s.index(s), do_s.index(s)])[:2]
-        dq = warpgroup_mma(ds_s.permute((1, 0)), k_s, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
-        return dk, dv, dq
+        return dk, dv
+
+    @gluon.jit
+    def _tile_dq(ds_s, k_s):
+        """dQ_pair = dS K (unscaled, fp32) of the tile whose dS^T _tile_grads left in ds_s."""
+        D: gl.constexpr = k_s.shape[1]
+        mma_o: gl.constexpr = kv_gluon.wgmma_layout(D, gl.num_warps())
+        return warpgroup_mma(ds_s.permute((1, 0)), k_s, gl.zeros([_ROWS, D], gl.float32, layout=mma_o), use_acc=False)
 
     @gluon.jit
     def _store_dq(dq, buf, dqp_desc, DQP, p0, end, scale, G: gl.constexpr, PAIRS: gl.constexpr, gather: gl.constexpr):
@@ -211,9 +219,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _kv_bwd_gluon_kernel(Q, DO, LSE, DELTA, k_desc, v_desc, dk_desc, dv_desc, dqp_desc, DQP, DK, DVv, DKP, DVP,
                              WORK, TOKS, BLKSTART, BLKLEN, scale, qk_scale, Hq, Hkv, NBG, h0, G: gl.constexpr,
-                             PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr):
-        """dK/dV and the dQ partials of work item program_id (one warpgroup). Iteration t starts tile t + 1's
-        gathers and loads tile t + 2's tokens, then computes tile t: only the item's first tile waits on a load."""
+                             PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr,
+                             WRITE_DQ: gl.constexpr):
+        """dK/dV and (WRITE_DQ) the dQ partials of work item program_id (one warpgroup). Iteration t starts tile
+        t + 1's gathers and loads tile t + 2's tokens, then computes tile t: only the item's first tile waits on a
+        load."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -263,9 +273,10 @@ if HAVE_GLUON:
                 gl.thread_barrier()
                 s = t % 2
                 p0 = start + t * PAIRS
-                dk, dv, dq = _tile_grads(s, q_s, do_s, ld_s, ds_s, k_s, v_s, dk, dv, TOKS, p0, end, kst, blen, first,
-                                         qk_scale, G, PAIRS)
-                _store_dq(dq, q_s.index(s), dqp_desc, DQP, p0, end, scale, G, PAIRS, gather)
+                dk, dv = _tile_grads(s, q_s, do_s, ld_s, ds_s, k_s, v_s, dk, dv, TOKS, p0, end, kst, blen, first,
+                                     qk_scale, G, PAIRS, WRITE_DQ)
+                if WRITE_DQ:
+                    _store_dq(_tile_dq(ds_s, k_s), q_s.index(s), dqp_desc, DQP, p0, end, scale, G, PAIRS, gather)
                 first = first1
                 tok_g1, tok_v1, first1 = tok_g2, tok_v2, first2
             async_copy.wait_group(0)
@@ -280,9 +291,10 @@ def _ds_layout():
     return kv_gluon._smem_layout(BLOCK, ROWS, True)
 
 
-def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale: float):
+def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale: float, write_dq: bool = True):
     """dK/dV over the dK/dV work list `work` [W, 4] (items of whole tiles of pairs_per_tile(G) pairs) of `index`
-    (a head slice): dk, dv (or the split slots dkp, dvp) and the dQ partials dqp [pairs * G, D] (bf16)."""
+    (a head slice): dk, dv (or the split slots dkp, dvp) and, with write_dq, the dQ partials dqp [pairs * G, D]
+    (bf16; without, dqp is only a placeholder for the descriptor)."""
     from .q_outer import LOG2E
 
     group = q.shape[1] // k.shape[1]
@@ -293,13 +305,13 @@ def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, met
             dk, dv, dkp, dvp, work, index.toks, meta.blk_start, meta.blk_len, scale, scale * LOG2E, q.shape[1],
             k.shape[1], meta.n_blocks, index.h0)
     consts = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, q.shape[2], True),
-                  DS_LAYOUT=_ds_layout())
+                  DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq)
     kernel = _kv_bwd_gluon_kernel
     launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
     launcher(kernel, lambda meta_: (work.shape[0],), args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128):
+def compile_offline(group: int = 4, d: int = 128, write_dq: bool = True):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -311,7 +323,7 @@ def compile_offline(group: int = 4, d: int = 128):
     desc = mangle_type(kv_gluon._kv_descriptor(torch.zeros(256, 2, d, dtype=torch.bfloat16)))
     dqp_desc = mangle_type(kv_gluon._partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
     const = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, d, True),
-                 DS_LAYOUT=_ds_layout())
+                 DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq)
     types = {"Q": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQP": "*bf16", "DK": "*bf16",
              "DVv": "*bf16", "DKP": "*fp32", "DVP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "scale": "fp32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "dk_desc": desc,

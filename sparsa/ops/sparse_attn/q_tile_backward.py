@@ -136,26 +136,49 @@ def dq_stages(block_n: int, head_dim: int) -> int:
     return 2 if block_n >= 128 and head_dim >= 128 else 3
 
 
-def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: float):
-    """dq, dk, dv of the q_tile forward. q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], o, do [N, Hq, Dv],
-    lse [N, Hq] (natural log), idx [N, Hkv, K] int32 with ascending rows."""
-    n_tokens, n_heads_q, head_dim = q.shape
-    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
-    group = n_heads_q // n_heads_kv
+def _tile_setup(q, k, idx, meta, block_size: int, head_dim_v: int):
+    """The tiles' unions and the kernels' constants: (union, counts, maxu, consts)."""
+    n_heads_q, head_dim = q.shape[1], q.shape[2]
+    group = n_heads_q // k.shape[1]
     topk = idx.shape[-1]
     rows, tokens, _ = tile_config(group, max(head_dim, head_dim_v))
-    delta = compute_delta(o, do)
     union, counts, maxu = tile_union(idx, meta, block_size, tokens)
     consts = dict(
         TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
         BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
     )
+    return union, counts, maxu, consts
+
+
+def _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts):
+    """dq [N, Hq, D] by _tile_dq_kernel: one pass per (tile, KV head) over its union, written once."""
+    n_tokens, n_heads_q, _ = q.shape
+    n_heads_kv = k.shape[1]
     dq = new_output(q.shape, q.dtype, q.device)
     _tile_dq_kernel[(union.shape[0], n_heads_kv)](
         q, k, v, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
         union, counts, scale, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
-        MAXU=maxu, num_warps=BWD_WARPS, num_stages=dq_stages(consts["BLOCK_N"], max(head_dim, head_dim_v)), **consts,
+        MAXU=maxu, num_warps=BWD_WARPS, num_stages=dq_stages(consts["BLOCK_N"], max(consts["D"], consts["DV"])),
+        **consts,
     )
+    return dq
+
+
+def q_tile_dq(q, k, v, do, lse, delta, idx, meta, block_size: int, scale: float):
+    """dq alone, over the tiles' unions (the hybrid backward: dK / dV from the KV-outer kernels without dQ
+    partials). Shapes as q_tile_backward; delta [N, Hq] = rowsum(dO * O) in fp32."""
+    union, counts, maxu, consts = _tile_setup(q, k, idx, meta, block_size, v.shape[2])
+    return _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts)
+
+
+def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: float):
+    """dq, dk, dv of the q_tile forward. q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], o, do [N, Hq, Dv],
+    lse [N, Hq] (natural log), idx [N, Hkv, K] int32 with ascending rows."""
+    n_tokens, n_heads_q, head_dim = q.shape
+    n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
+    delta = compute_delta(o, do)
+    union, counts, maxu, consts = _tile_setup(q, k, idx, meta, block_size, head_dim_v)
+    dq = _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts)
     index = block_tiles(union, counts, maxu, meta.n_blocks)
     work, _, split = split_work_list(index, TILES_PER_ITEM)
     # exact number of partial slots (one host synchronisation): work_list's host-side bound, 2 x entries /

@@ -25,7 +25,7 @@ from .._alloc import new_output
 from .._env import env_choice
 from .q_outer import q_outer_forward
 from .q_tile import q_tile_forward, tile_config
-from .q_tile_backward import q_tile_backward
+from .q_tile_backward import q_tile_backward, q_tile_dq
 
 # upper bound on the per-pair buffers (forward partial outputs, dQ partials) of one head slice
 PAIR_BUFFER_BYTES = 6 << 30
@@ -86,8 +86,10 @@ def q_tile_backward_order(n_tokens: int, n_heads_kv: int) -> str:
     """The backward after a q_tile forward: its own over the tiles' unions for small problems (the size where
     q_tile is the automatic order, measured faster there in session 9), else the KV-outer one, which builds the
     pair index itself (H100 session 19, forward+backward with q_tile's backward vs the KV-outer one on pooled
-    selections: 8K G = 4 6.14 vs 2.56 ms, 64K 46.1 vs 20.4). SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer forces one."""
-    forced = env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer"), None)
+    selections: 8K G = 4 6.14 vs 2.56 ms, 64K 46.1 vs 20.4). SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer forces one;
+    =hybrid (opt-in, not yet timed): dK / dV from the KV-outer kernels without their per-pair dQ partials, dQ
+    from q_tile's dQ kernel over the tiles' unions (written once per token)."""
+    forced = env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer", "hybrid"), None)
     if forced is not None:
         return forced
     return "q_tile" if n_tokens * n_heads_kv <= Q_TILE_MAX_TOKEN_HEADS else "kv_outer"
@@ -144,11 +146,13 @@ class _SparseAttention(torch.autograd.Function):
         topk = idx.shape[-1]
         do = do.contiguous()
         # after q_tile, for small problems, its own backward: over the tiles' block unions, no pair index
-        if ctx.loop_order == "q_tile" and q_tile_backward_order(n_tokens, n_heads_kv) == "q_tile":
+        after_q_tile = q_tile_backward_order(n_tokens, n_heads_kv) if ctx.loop_order == "q_tile" else None
+        if after_q_tile == "q_tile":
             dq, dk, dv = q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size, scale)
             return dq, dk, dv, None, None, None, None, None
+        hybrid = after_q_tile == "hybrid"  # dQ over the tiles' unions, dK / dV without dQ partials
         delta = compute_delta(o, do)
-        dq = new_output(q.shape, q.dtype, q.device)
+        dq = None if hybrid else new_output(q.shape, q.dtype, q.device)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         indices = ctx.indices
@@ -157,6 +161,8 @@ class _SparseAttention(torch.autograd.Function):
             indices = (build_pair_index(idx, meta, block_size, h0, hs) for h0, hs in slices)
         for index in indices:
             kv_outer_backward(q, k, v, do, lse, delta, index, meta, block_size, scale, dq, dk, dv)
+        if hybrid:
+            dq = q_tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale)
         ctx.indices = None
         return dq, dk, dv, None, None, None, None, None
 
