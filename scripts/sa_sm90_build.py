@@ -123,7 +123,9 @@ def kernels(group: int):
     block_e = max(16, 1 << (tokens * TOPK - 1).bit_length())
     distinct = dict(TOPK=TOPK, TOKENS=tokens, BLOCK_E=block_e, CHUNK=loc.distinct_chunk(block_e))
     yield "locality distinct", loc._tile_distinct_kernel, distinct, loc.distinct_warps(block_e), 1, None
-    yield "q_tile dq", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK), qtb.BWD_WARPS, qtb.dq_stages(BS, D), None
+    for tma in (False, True):
+        yield (f"q_tile dq{' tma' if tma else ''}", qtb._tile_dq_kernel, dict(tile, MAXU=tokens * TOPK, TMA=tma),
+               qtb.BWD_WARPS, qtb.dq_stages(BS, D), None)
     yield "q_tile dkdv", qtb._tile_dkdv_kernel, tile, qtb.BWD_WARPS, 3, None
     # the pair-index kernels (the default index, index_triton.py) at their launches: 16-bit sort keys
     key = dict(TOPK=TOPK, BLOCK_T=ix.INDEX_BLOCK // TOPK, BLOCK_K=TOPK)

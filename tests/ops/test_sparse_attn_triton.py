@@ -299,13 +299,16 @@ def test_kv_heads_in_several_slices(local, monkeypatch):
     check(q, k, v, do, idx, 16)
 
 
-def test_q_tile_backward_with_split_blocks(monkeypatch):
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_q_tile_backward_with_split_blocks(tma, monkeypatch):
     """q_tile's dK/dV with every block's tiles cut into one-tile items (TILES_PER_ITEM = 1: partial slots and
-    SPLIT_REDUCE), 8-token tiles across packed documents, G = 2, Dv != D."""
+    SPLIT_REDUCE), 8-token tiles across packed documents, G = 2, Dv != D; its dQ (and the forward) with K / V by
+    TMA or not."""
     from sparsa.ops.sparse_attn import q_tile as qt_mod
     from sparsa.ops.sparse_attn import q_tile_backward as qtb_mod
 
     monkeypatch.setattr(qtb_mod, "TILES_PER_ITEM", 1)
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
     monkeypatch.setattr(qt_mod, "TILE_ROWS", 1)  # 16-row tiles: 8 tokens x 2 heads
     cu = torch.tensor([0, 37, 41, 96], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 96, 2, 2, 16, torch.float32, dim_v=32, seed=90)
@@ -315,14 +318,17 @@ def test_q_tile_backward_with_split_blocks(monkeypatch):
     check(q, k, v, do, idx, 16, cu_seqlens=cu, orders=("q_tile",))
 
 
+@pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("group, dtype", [(1, torch.float32), (3, torch.float16), (2, torch.float32)])
-def test_hybrid_backward_after_q_tile(group, dtype, monkeypatch):
+def test_hybrid_backward_after_q_tile(group, dtype, tma, monkeypatch):
     """SPARSA_Q_TILE_BACKWARD=hybrid: dK / dV from the KV-outer kernels without dQ partials (their reduction is
-    never called), dQ from q_tile's dQ kernel; against the float64 reference on packed documents with a document
-    shorter than a block, repeated and padded (-1) slots, and every token choosing only block 0 and its own."""
+    never called), dQ from q_tile's dQ kernel (K / V by TMA or not); against the float64 reference on packed
+    documents with a document shorter than a block, repeated and padded (-1) slots, and every token choosing only
+    block 0 and its own."""
     from sparsa.ops.sparse_attn import backward as bwd_mod
 
     monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "hybrid")
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
     monkeypatch.setattr(bwd_mod, "_dq_sum", lambda *a: (_ for _ in ()).throw(AssertionError("dQ partials summed")))
     cu = torch.tensor([0, 45, 52, 112], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 112, 2, group, 32, dtype, dim_v=16 if group == 2 else None, logit=30.0, seed=96)

@@ -25,7 +25,10 @@ from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
 from .index import PairIndex, key_dtype, sort_groups, split_work_list
 from .q_outer import LOG2E, _pow2, precision_for
-from .q_tile import _block_keys, _rows_choosing, _tile_layout, _tile_selection, _tile_tokens, tile_config, tile_union
+from .q_tile import (
+    _block_keys, _row_descriptor, _rows_choosing, _tile_layout, _tile_selection, _tile_tokens, list_tma, tile_config,
+    tile_union,
+)
 
 # union entries (tiles) per dK/dV work item: only blocks chosen by more tiles (block 0 is in every tile's union)
 # are cut into items, whose fp32 partial dK/dV (64 KB each at block 64, head dim 128) SPLIT_REDUCE sums
@@ -56,12 +59,15 @@ def _row_data(Q, DO, LSE, DELTA, row, mask, D: tl.constexpr, DV: tl.constexpr, B
 
 @triton.jit
 def _tile_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, scale, qk_scale,
+    Q, K, V, KD, VD, DO, LSE, DELTA, DQ, IDX, DOCSTART, BLOCKBASE, BLKSTART, BLKLEN, UNION, COUNT, scale, qk_scale,
     N, Hq, Hkv, BS,
     TOPK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, MAXU: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dQ of one (tile, KV head) over the tile's union: per block S and dP recomputed for the rows that chose
+    it, dq += dS K; written once. TMA: K and V boxes by the descriptors KD, VD (as q_tile's list forward; rows past
+    the block are real rows whose P and dS are 0, rows past N read as 0)."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     t, rmask, row, base, own = _tile_tokens(DOCSTART, BLOCKBASE, tile, h, N, Hq, BS, G, BLOCK_R, TOKENS)
@@ -74,11 +80,15 @@ def _tile_dq_kernel(
     for i in range(tl.load(COUNT + tile * Hkv + h)):
         b = tl.load(union + i).to(tl.int64)
         use = _rows_using(IDX, t, h, rmask, b, base, own, Hkv, TOPK, BLOCK_K)
-        kpos, kmask, _ = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
-        k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :], mask=kmask[:, None] & (offs_d < D)[None, :],
-                    other=0.0)
-        vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
-                     mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        kpos, kmask, kst = _block_keys(BLKSTART, BLKLEN, b, t1, one_doc, ds0, base0, BS, BLOCK_N)
+        if TMA:
+            k = KD.load([kst.to(tl.int32), (h * D).to(tl.int32)])
+            vv = VD.load([kst.to(tl.int32), (h * DV).to(tl.int32)])
+        else:
+            k = tl.load(K + (kpos * Hkv + h)[:, None] * D + offs_d[None, :],
+                        mask=kmask[:, None] & (offs_d < D)[None, :], other=0.0)
+            vv = tl.load(V + (kpos * Hkv + h)[:, None] * DV + offs_dv[None, :],
+                         mask=kmask[:, None] & (offs_dv < DV)[None, :], other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = use[:, None] & kmask[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.exp2(tl.where(ok, sc - lse2[:, None], float("-inf")))
@@ -151,15 +161,18 @@ def _tile_setup(q, k, idx, meta, block_size: int, head_dim_v: int):
 
 
 def _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts):
-    """dq [N, Hq, D] by _tile_dq_kernel: one pass per (tile, KV head) over its union, written once."""
+    """dq [N, Hq, D] by _tile_dq_kernel: one pass per (tile, KV head) over its union, written once; K and V by TMA
+    where the list forward would load them so (q_tile.list_tma)."""
     n_tokens, n_heads_q, _ = q.shape
     n_heads_kv = k.shape[1]
     dq = new_output(q.shape, q.dtype, q.device)
+    tma = list_tma(k, v)
+    kd, vd = (_row_descriptor(x, consts["BLOCK_N"]) for x in (k, v)) if tma else (k, v)
     _tile_dq_kernel[(union.shape[0], n_heads_kv)](
-        q, k, v, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
+        q, k, v, kd, vd, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
         union, counts, scale, scale * LOG2E, n_tokens, n_heads_q, n_heads_kv, block_size,
-        MAXU=maxu, num_warps=BWD_WARPS, num_stages=dq_stages(consts["BLOCK_N"], max(consts["D"], consts["DV"])),
-        **consts,
+        MAXU=maxu, TMA=tma, num_warps=BWD_WARPS,
+        num_stages=dq_stages(consts["BLOCK_N"], max(consts["D"], consts["DV"])), **consts,
     )
     return dq
 
