@@ -136,8 +136,9 @@ step pooled_bwd_kernels 420 "$PY" scripts/pooled_bwd_kernels.py --sizes 8192,655
 # smaller q_tile tiles where waste is high: 32 rows (32 tokens at G = 1, 8 at G = 4) against the default 64, TMA on
 step small_tiles 420 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs 1,4 --pools 20,30,40 --no-backward --tiles 32x4x3+tma,64x4x3+tma
 # the hybrid backward (SPARSA_Q_TILE_BACKWARD=hybrid: KV-outer dK/dV without dQ partials + q_tile's dQ kernel):
-# its bf16 GPU tests, then kernel times on pooled selections against the KV-outer and q_tile backwards
-step hybrid_bwd 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'hybrid'; $PY scripts/pooled_bwd_kernels.py --sizes 8192,65536 --groups 4,16,1 --pool 20 --backwards kv_outer,hybrid,q_tile"
+# its bf16 GPU tests, then kernel times on pooled selections against the KV-outer and q_tile backwards, then
+# with q_tile's dQ kernel loading K / V by TMA (q_tile_backward.DQ_TMA)
+step hybrid_bwd 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'hybrid'; $PY scripts/pooled_bwd_kernels.py --sizes 8192,65536 --groups 4,16,1 --pool 20 --backwards kv_outer,hybrid,q_tile; $PY scripts/with_flags.py sparsa.ops.sparse_attn.q_tile_backward DQ_TMA scripts/pooled_bwd_kernels.py --sizes 8192,65536 --groups 4,16,1 --pool 20 --backwards hybrid,q_tile"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

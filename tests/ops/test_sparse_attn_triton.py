@@ -309,6 +309,7 @@ def test_q_tile_backward_with_split_blocks(tma, monkeypatch):
 
     monkeypatch.setattr(qtb_mod, "TILES_PER_ITEM", 1)
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
+    monkeypatch.setattr(qtb_mod, "DQ_TMA", True)
     monkeypatch.setattr(qt_mod, "TILE_ROWS", 1)  # 16-row tiles: 8 tokens x 2 heads
     cu = torch.tensor([0, 37, 41, 96], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 96, 2, 2, 16, torch.float32, dim_v=32, seed=90)
@@ -327,8 +328,11 @@ def test_hybrid_backward_after_q_tile(group, dtype, tma, monkeypatch):
     block 0 and its own."""
     from sparsa.ops.sparse_attn import backward as bwd_mod
 
+    from sparsa.ops.sparse_attn import q_tile_backward as qtb_mod
+
     monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "hybrid")
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
+    monkeypatch.setattr(qtb_mod, "DQ_TMA", True)
     monkeypatch.setattr(bwd_mod, "_dq_sum", lambda *a: (_ for _ in ()).throw(AssertionError("dQ partials summed")))
     cu = torch.tensor([0, 45, 52, 112], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 112, 2, group, 32, dtype, dim_v=16 if group == 2 else None, logit=30.0, seed=96)
@@ -794,11 +798,15 @@ def test_gpu_bf16_matches_reference(group):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dq_tma", [False, True])
 @pytest.mark.parametrize("group", [1, 4, 16])
-def test_gpu_bf16_hybrid_backward(group, monkeypatch):
-    """SPARSA_Q_TILE_BACKWARD=hybrid in bf16 (on Hopper the Gluon dK/dV without its dQ partials) on pooled
-    selections, against the float64 reference."""
+def test_gpu_bf16_hybrid_backward(group, dq_tma, monkeypatch):
+    """SPARSA_Q_TILE_BACKWARD=hybrid in bf16 (on Hopper the Gluon dK/dV without its dQ partials; q_tile's dQ kernel
+    with K / V by TMA or not) on pooled selections, against the float64 reference."""
+    from sparsa.ops.sparse_attn import q_tile_backward as qtb_mod
+
     monkeypatch.setenv("SPARSA_Q_TILE_BACKWARD", "hybrid")
+    monkeypatch.setattr(qtb_mod, "DQ_TMA", dq_tma)
     hkv = 32 // group
     q, k, v, do = make_inputs(1, 2048, hkv, group, 128, torch.bfloat16, seed=40 + group)
     idx = pooled_selection(2048, hkv, 16, 64, 20, generator=torch.Generator().manual_seed(group), device=DEVICE)

@@ -36,6 +36,8 @@ TILES_PER_ITEM = 256
 # warps of the dQ and dK/dV kernels: compiled offline for sm_90 (bf16, head dim 128, block 64, 64-row tiles)
 # 4 warps spill ~250 bytes in dK/dV, 8 warps 0-16
 BWD_WARPS = 8
+# K / V of the dQ kernel by TMA where list_tma allows (opt-in until timed on a GPU; the forward's is the default)
+DQ_TMA = False
 
 
 @triton.jit
@@ -161,12 +163,12 @@ def _tile_setup(q, k, idx, meta, block_size: int, head_dim_v: int):
 
 
 def _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts):
-    """dq [N, Hq, D] by _tile_dq_kernel: one pass per (tile, KV head) over its union, written once; K and V by TMA
-    where the list forward would load them so (q_tile.list_tma)."""
+    """dq [N, Hq, D] by _tile_dq_kernel: one pass per (tile, KV head) over its union, written once; with DQ_TMA,
+    K and V by TMA where the list forward would load them so (q_tile.list_tma)."""
     n_tokens, n_heads_q, _ = q.shape
     n_heads_kv = k.shape[1]
     dq = new_output(q.shape, q.dtype, q.device)
-    tma = list_tma(k, v)
+    tma = DQ_TMA and list_tma(k, v)
     kd, vd = (_row_descriptor(x, consts["BLOCK_N"]) for x in (k, v)) if tma else (k, v)
     _tile_dq_kernel[(union.shape[0], n_heads_kv)](
         q, k, v, kd, vd, do, lse, delta, dq, idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len,
