@@ -126,8 +126,9 @@ step locality_threshold 480 "$PY" scripts/locality_bench.py --ns 8192,65536 --gs
 step tma_threshold 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu'; $PY scripts/locality_bench.py --ns 8192,65536 --gs 1,16,4 --pools 26,30,34,40,46 --no-backward; $PY scripts/locality_bench.py --ns 8192,65536 --gs 2,8 --pools 30,40 --no-backward"
 # the session-21 thresholds (locality.max_waste 2.1-2.4) on the benchmark's random selections, where 8K G = 16
 # (waste 2.36) now takes q_tile; with the q_tile / locality GPU tests first; then q_tile with smaller tiles
-# (16 / 32 rows) on random selections
-step thresholds_random 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu or locality or tma'; $PY benchmarks/sparse_attention.py --ns 8192,16384 --q-tile --out $LOGS/thresholds_random.json; $PY scripts/locality_bench.py --ns 8192,16384 --gs 16,8,4 --pools 0 --no-backward --tiles 16x4x3+tma,32x4x3+tma"
+# (16 / 32 rows) on random selections: at G = 16 a 16-row tile is one token (waste 1: q_outer's work, but with
+# TMA and Triton's pipelining), a candidate for the 8K forward target at G >= 16
+step thresholds_random 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'q_tile or gpu or locality or tma'; $PY benchmarks/sparse_attention.py --ns 8192,16384 --q-tile --out $LOGS/thresholds_random.json; $PY scripts/locality_bench.py --ns 8192,16384 --gs 16,8,4 --pools 0 --no-backward --tiles 16x4x3+tma,16x2x3+tma,16x1x3+tma,32x4x3+tma; $PY scripts/locality_bench.py --ns 65536 --gs 16 --pools 0 --no-backward --tiles 16x4x3+tma,16x2x3+tma"
 # the same at 8K only, for a short device budget: random selections, G = 16 (waste 2.36: q_tile since session 21)
 step random_8k_slim 200 bash -c "$PY benchmarks/sparse_attention.py --ns 8192 --gs 16,8,4 --q-tile --out $LOGS/random_8k_slim.json; $PY scripts/locality_bench.py --ns 8192 --gs 16,8 --pools 0 --no-backward --tiles 16x4x3+tma,32x4x3+tma"
 # kernels of forward+backward on pooled selections: the KV-outer backward (default after q_tile) against
