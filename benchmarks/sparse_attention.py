@@ -120,10 +120,11 @@ def sampled_waste(q, k, idx):
     return locality.selection_waste(flat, meta, tokens, locality.default_sample_programs(tokens, TOPK))
 
 
-def sparse_calls(n, group, loop_order=None):
-    """(fwd, fwd_bwd, leaves) on the benchmark's inputs at (N, G), for the probes in scripts/: fwd returns o;
-    fwd_bwd clears the leaves' grads and runs forward and backward (leaves = q, k, v with requires_grad)."""
-    q, k, v, idx = make(n, group)
+def sparse_calls(n, group, loop_order=None, pool=0):
+    """(fwd, fwd_bwd, leaves) on the benchmark's inputs at (N, G) (pooled selections with pool P), for the probes
+    in scripts/: fwd returns o; fwd_bwd clears the leaves' grads and runs forward and backward (leaves = q, k, v
+    with requires_grad)."""
+    q, k, v, idx = make(n, group, pool=pool)
     leaves = tuple(x.detach().clone().requires_grad_(True) for x in (q, k, v))
     do = torch.randn_like(q)
 

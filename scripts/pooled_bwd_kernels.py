@@ -18,31 +18,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmarks.sparse_attention as sa  # noqa: E402
 from scripts.sa_kernel_times import kernel_times  # noqa: E402
-import sparsa  # noqa: E402
 
 BACKWARDS = ("kv_outer", "hybrid", "q_tile")
 
 
-def fwd_bwd_call(q, k, v, idx):
-    """Forward+backward with the q_tile forward; the backward follows SPARSA_Q_TILE_BACKWARD."""
-    leaves = tuple(x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    do = torch.randn_like(q)
-
-    def run():
-        for x in leaves:
-            x.grad = None
-        sparsa.sparse_attention(*leaves, idx, block_size=sa.BS, loop_order="q_tile").backward(do)
-
-    return run, leaves
-
-
 def probe(n, group, pool, calls, backwards=BACKWARDS):
     """Print fwd / fwd+bwd times and the top kernels of each backward at (N, G)."""
-    q, k, v, idx = sa.make(n, group, pool=pool)
-    fwd_ms = sa.bench(lambda: sparsa.sparse_attention(q, k, v, idx, block_size=sa.BS, loop_order="q_tile"))
+    fwd, run, leaves = sa.sparse_calls(n, group, "q_tile", pool=pool)  # the backward: SPARSA_Q_TILE_BACKWARD
+    fwd_ms = sa.bench(fwd)
     for backward in backwards:
         os.environ["SPARSA_Q_TILE_BACKWARD"] = backward
-        run, leaves = fwd_bwd_call(q, k, v, idx)
         ms = sa.bench(run, grad_to_none=list(leaves))
         per = kernel_times(run, calls)
         total = sum(per.values())
