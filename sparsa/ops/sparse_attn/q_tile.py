@@ -254,21 +254,29 @@ def list_stages(block_n: int, head_dim: int) -> int:
     return 2 if block_n * head_dim >= 128 * 128 else 3
 
 
+def tile_consts(q, k, v, idx, block_size: int):
+    """(compile-time constants shared by the q_tile kernels, num_warps) for q [N, Hq, D], k [N, Hkv, D],
+    v [N, Hkv, Dv], idx [N, Hkv, K]."""
+    head_dim, head_dim_v, topk = q.shape[2], v.shape[2], idx.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    rows, tokens, warps = tile_config(group, max(head_dim, head_dim_v))
+    consts = dict(
+        TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
+        BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
+    )
+    return consts, warps
+
+
 def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
     """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 with ascending rows (-1 first)
     -> o [N, Hq, Dv], lse [N, Hq] fp32. UNION_LIST: the tiles' unions first (_tile_union_kernel), then the
     pipelined forward over them; else the single-pass merge (_q_tile_fwd_kernel)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
-    group = n_heads_q // n_heads_kv
     o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
-    rows, tokens, warps = tile_config(group, max(head_dim, head_dim_v))
-    topk = idx.shape[-1]
-    consts = dict(
-        TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
-        BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
-    )
+    consts, warps = tile_consts(q, k, v, idx, block_size)
+    tokens = consts["TOKENS"]
     grid = (triton.cdiv(n_tokens, tokens), n_heads_kv)
     layout = (idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len)
     if UNION_LIST:

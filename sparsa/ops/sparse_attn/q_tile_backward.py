@@ -24,9 +24,9 @@ from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time 
 from .._alloc import new_output
 from .backward import _bwd_block, _split_reduce_kernel, _store_dkdv, _work_item, compute_delta, dkdv_rows_step
 from .index import PairIndex, key_dtype, sort_groups, split_work_list
-from .q_outer import LOG2E, _pow2, precision_for
+from .q_outer import LOG2E
 from .q_tile import (
-    _block_keys, _row_descriptor, _rows_choosing, _tile_layout, _tile_selection, _tile_tokens, list_tma, tile_config,
+    _block_keys, _row_descriptor, _rows_choosing, _tile_layout, _tile_selection, _tile_tokens, list_tma, tile_consts,
     tile_union,
 )
 
@@ -148,17 +148,10 @@ def dq_stages(block_n: int, head_dim: int) -> int:
     return 2 if block_n >= 128 and head_dim >= 128 else 3
 
 
-def _tile_setup(q, k, idx, meta, block_size: int, head_dim_v: int):
+def _tile_setup(q, k, v, idx, meta, block_size: int):
     """The tiles' unions and the kernels' constants: (union, counts, maxu, consts)."""
-    n_heads_q, head_dim = q.shape[1], q.shape[2]
-    group = n_heads_q // k.shape[1]
-    topk = idx.shape[-1]
-    rows, tokens, _ = tile_config(group, max(head_dim, head_dim_v))
-    union, counts, maxu = tile_union(idx, meta, block_size, tokens)
-    consts = dict(
-        TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
-        BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
-    )
+    consts = tile_consts(q, k, v, idx, block_size)[0]
+    union, counts, maxu = tile_union(idx, meta, block_size, consts["TOKENS"])
     return union, counts, maxu, consts
 
 
@@ -182,7 +175,7 @@ def _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, count
 def q_tile_dq(q, k, v, do, lse, delta, idx, meta, block_size: int, scale: float):
     """dq alone, over the tiles' unions (the hybrid backward: dK / dV from the KV-outer kernels without dQ
     partials). Shapes as q_tile_backward; delta [N, Hq] = rowsum(dO * O) in fp32."""
-    union, counts, maxu, consts = _tile_setup(q, k, idx, meta, block_size, v.shape[2])
+    union, counts, maxu, consts = _tile_setup(q, k, v, idx, meta, block_size)
     return _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts)
 
 
@@ -192,7 +185,7 @@ def q_tile_backward(q, k, v, o, lse, do, idx, meta, block_size: int, scale: floa
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     delta = compute_delta(o, do)
-    union, counts, maxu, consts = _tile_setup(q, k, idx, meta, block_size, head_dim_v)
+    union, counts, maxu, consts = _tile_setup(q, k, v, idx, meta, block_size)
     dq = _tile_dq(q, k, v, do, lse, delta, idx, meta, block_size, scale, union, counts, maxu, consts)
     index = block_tiles(union, counts, maxu, meta.n_blocks)
     work, _, split = split_work_list(index, TILES_PER_ITEM)
