@@ -685,11 +685,60 @@ def test_automatic_loop_order_rule():
     assert choose_loop_order(3, 4096, 128, 3) == "kv_outer"
     assert choose_loop_order(4, 8192, 128, 8) == "kv_outer"
     assert choose_loop_order(4, 8192, 128) == "kv_outer"
+    # faster memory (the H200's tuning): G = 16 takes KV-outer at every size from 2048 tokens
+    for n in (2048, 8192, 32768, 131072):
+        assert choose_loop_order(16, n, 128, 2, large_group_kv_outer=True) == "kv_outer"
+    assert choose_loop_order(16, 1024, 128, 2, large_group_kv_outer=True) == "q_outer"
+    assert choose_loop_order(4, 8192, 128, 8, large_group_kv_outer=True) == "kv_outer"
+
+
+def test_device_tuning_table(monkeypatch):
+    """device_tuning: the H200 row by CUDA device name (KV-outer at G = 16, thresholds x 0.85), the H100 row for
+    other GPUs and CPU tensors; SPARSA_DEVICE_TUNING forces a row and rejects other values by name."""
+    from sparsa.ops.sparse_attn import device_tuning as dt
+    from sparsa.ops.sparse_attn import locality
+
+    monkeypatch.delenv("SPARSA_DEVICE_TUNING", raising=False)
+    assert dt.device_tuning(torch.device("cpu")) == dt.TUNINGS["h100"]
+    assert dt._tuning_for_name("NVIDIA H200") == "h200"
+    assert dt._tuning_for_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert dt._tuning_for_name("NVIDIA A100-SXM4-80GB") == "h100"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    h200 = dt.device_tuning(torch.device("cuda", 0))
+    assert h200.large_group_kv_outer and h200.waste_factor == 0.85
+    # the H200's measured crossovers (G = 1: 2.18 / 2.22, G = 4: 1.95 / 2.06) sit above its thresholds
+    assert locality.max_waste(1, factor=h200.waste_factor) == pytest.approx(2.04)
+    assert locality.max_waste(4, factor=h200.waste_factor) == pytest.approx(1.87)
+    # 8K G = 16 random selections (waste 2.36) take q_tile on the H100, not on the H200 (where KV-outer won)
+    assert locality.max_waste(16) > 2.36 > locality.max_waste(16, factor=h200.waste_factor)
+    monkeypatch.setenv("SPARSA_DEVICE_TUNING", "h100")
+    assert dt.device_tuning(torch.device("cuda", 0)) == dt.TUNINGS["h100"]
+    monkeypatch.setenv("SPARSA_DEVICE_TUNING", "h200")
+    assert dt.device_tuning(torch.device("cpu")) == dt.TUNINGS["h200"]
+    monkeypatch.setenv("SPARSA_DEVICE_TUNING", "b200")
+    with pytest.raises(ValueError, match="SPARSA_DEVICE_TUNING"):
+        dt.device_tuning(torch.device("cpu"))
+
+
+def test_device_tuning_reaches_the_automatic_order(monkeypatch):
+    """The call's device tuning reaches choose_loop_order (large_group_kv_outer) and the locality check's
+    threshold (prefers_q_tile's factor)."""
+    from sparsa.ops.sparse_attn import locality, triton_ops
+
+    seen, factors = [], []
+    monkeypatch.setattr(triton_ops, "choose_loop_order", lambda *a: seen.append(a) or "kv_outer")
+    monkeypatch.setattr(locality, "check_applies", lambda *a: True)
+    monkeypatch.setattr(locality, "prefers_q_tile", lambda *a, **kw: factors.append(kw["factor"]) or False)
+    monkeypatch.setenv("SPARSA_DEVICE_TUNING", "h200")
+    q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, seed=97)
+    idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(97), device=DEVICE)
+    sparsa.sparse_attention(q, k, v, idx, block_size=8)
+    assert seen[-1][-1] is True and factors == [0.85]
 
 
 def test_automatic_choice_sees_the_call_shape(monkeypatch):
     """sparse_attention_triton passes (G, tokens, max(D, Dv), Hkv, whether the KV-outer MAIN is the Gluon kernel:
-    never for these fp32 inputs) to choose_loop_order."""
+    never for these fp32 inputs, the device tuning's large_group_kv_outer: the H100's on CPU) to choose_loop_order."""
     from sparsa.ops.sparse_attn import triton_ops
 
     seen = []
@@ -698,7 +747,7 @@ def test_automatic_choice_sees_the_call_shape(monkeypatch):
     q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, dim_v=32, seed=96)
     idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(96), device=DEVICE)
     sparsa.sparse_attention(q, k, v, idx, block_size=8)
-    assert seen == [(3, 48, 32, 2, False)]
+    assert seen == [(3, 48, 32, 2, False, False)]
 
 
 def test_local_block_table_definition():

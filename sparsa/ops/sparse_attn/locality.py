@@ -11,7 +11,9 @@ at G = 8 and 2.55 / 2.57 at G = 16, and lost above; `prefers_q_tile` takes it be
 the lower crossover (the sample's estimate was within 7% of the whole count; near the crossover either order
 costs about the same), MAX_WASTE at group sizes not measured. Without TMA (other GPUs, padded head dims) the
 crossovers were about 10% lower (benchmarks/results/h100_session21/locality_threshold_no_tma.log: 2.23 / 2.33 at
-G = 1, 1.98 / 2.21 at G = 4, 2.12 / 2.21 at G = 16), hence NO_TMA_FACTOR. Real
+G = 1, 1.98 / 2.21 at G = 4, 2.12 / 2.21 at G = 16), hence NO_TMA_FACTOR. On GPUs with faster memory the
+KV-outer order gains and the crossovers drop (H200, session 22: 0.79-0.86 of the H100's), so the caller scales the
+threshold by device_tuning's `waste_factor`. Real
 `select_blocks` selections of SmolLM2-135M at block 64 have a waste of about 1.3-1.5 on 16-token tiles at 4K
 tokens and 1.4-1.7 at 8K, 1.5-1.8 / 1.7-2.2 on 64-token tiles (benchmarks/results/real_selection_locality_cpu*.md);
 the benchmark's random selections about 3.7 (8K, G = 4) to 10 (64K, G = 4).
@@ -206,15 +208,15 @@ def check_applies(q: torch.Tensor, head_dim: int, block_size: int) -> bool:
     return check_enabled()
 
 
-def max_waste(group: int, tma: bool = True) -> float:
+def max_waste(group: int, tma: bool = True, factor: float = 1.0) -> float:
     """The waste below which the automatic order takes q_tile at G query heads per KV head, whose forward loads
-    K and V by TMA or not (see above)."""
-    return MAX_WASTE_BY_GROUP.get(group, MAX_WASTE) * (1.0 if tma else NO_TMA_FACTOR)
+    K and V by TMA or not (see above), times the device's `factor` (device_tuning.py: 0.85 on the H200)."""
+    return MAX_WASTE_BY_GROUP.get(group, MAX_WASTE) * (1.0 if tma else NO_TMA_FACTOR) * factor
 
 
-def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int, tma: bool = True) -> bool:
+def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int, tma: bool = True, factor: float = 1.0) -> bool:
     """Whether the query-tile order's waste on this shape's selections idx [N, Hkv, K] (tiles of `tokens`
-    tokens; MONITOR's latest measurement) is under max_waste(group, tma). False until a measurement has
+    tokens; MONITOR's latest measurement) is under max_waste(group, tma, factor). False until a measurement has
     completed."""
     waste = MONITOR.waste(idx, meta, tokens)
-    return waste is not None and waste < max_waste(group, tma)
+    return waste is not None and waste < max_waste(group, tma, factor)

@@ -20,6 +20,7 @@ from .backward import compute_delta, kv_outer_backward
 from . import kv_gluon, kv_local, locality
 from . import q_tile as q_tile_kernels
 from .index import build_pair_index, doc_meta
+from .device_tuning import device_tuning
 from .kv_outer import kv_outer_forward
 from .._alloc import new_output
 from .._env import env_choice
@@ -46,12 +47,13 @@ GLUON_LARGE_GROUP_MAX_TOKENS = 32768
 
 
 def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None,
-                      gluon_main: bool = False) -> str:
+                      gluon_main: bool = False, large_group_kv_outer: bool = False) -> str:
     """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
     and for few queries (the KV-outer index build and reduction are fixed costs), except below 32K tokens where the
-    KV-outer MAIN is the Gluon kernel (`gluon_main`); query-tile for small problems at head dim <= 64
-    (Q_TILE_MAX_TOKEN_HEADS)."""
-    if group >= 16 and not (gluon_main and 2048 <= n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS):
+    KV-outer MAIN is the Gluon kernel (`gluon_main`) and at every size where `large_group_kv_outer` (GPUs with
+    faster memory, device_tuning.py); query-tile for small problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
+    kv_outer_large_group = large_group_kv_outer or (gluon_main and n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS)
+    if group >= 16 and not (n_tokens >= 2048 and kv_outer_large_group):
         return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
@@ -66,12 +68,13 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int 
 
 def automatic_loop_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str:
     """choose_loop_order for q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (whether the KV-outer MAIN would be the
-    Gluon kernel included)."""
+    Gluon kernel and the device's tuning included)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv = k.shape[1]
     group = n_heads_q // n_heads_kv
     gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(q, k, v, block_size, False)
-    return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main)
+    large_group_kv_outer = device_tuning(q.device).large_group_kv_outer
+    return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main, large_group_kv_outer)
 
 
 def forced_loop_order() -> str | None:
@@ -187,7 +190,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
             group = n_heads_q // n_heads_kv
             tokens = tile_config(group, head_dim_max)[1]
             tma = q_tile_kernels.UNION_LIST and q_tile_kernels.list_tma(kf, vf)  # its forward's K / V loads
-            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma):
+            factor = device_tuning(qf.device).waste_factor
+            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma, factor=factor):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
