@@ -336,14 +336,70 @@ def test_hybrid_backward_after_q_tile(group, dtype, tma, monkeypatch):
     monkeypatch.setattr(bwd_mod, "_dq_sum", lambda *a: (_ for _ in ()).throw(AssertionError("dQ partials summed")))
     cu = torch.tensor([0, 45, 52, 112], dtype=torch.int32, device=DEVICE)
     q, k, v, do = make_inputs(1, 112, 2, group, 32, dtype, dim_v=16 if group == 2 else None, logit=30.0, seed=96)
-    idx = random_selection(1, 112, 2, 4, 16, cu_seqlens=cu.cpu(), generator=torch.Generator().manual_seed(96))
-    idx[0, 70:, :, 1] = idx[0, 70:, :, 2]  # a block listed twice counts once
-    idx[0, 90:, :, 0] = -1
-    check(q, k, v, do, idx.to(DEVICE), 16, cu_seqlens=cu, orders=("q_tile",))
+    check_packed_and_degenerate(q, k, v, do, 96, 16, cu, "q_tile")
+
+
+@pytest.mark.parametrize("dtype, tma", [(torch.float32, "0"), (torch.float16, "1")])
+def test_query_outer_order_on_one_token_tiles(dtype, tma, monkeypatch):
+    """SPARSA_ONE_TOKEN_TILES=1: the query-outer order's forward runs the union-list kernel on one-token tiles
+    (rows = the token's 16 heads; K / V by TMA or not), its backward the KV-outer one; against the float64
+    reference on packed documents, repeated and padded slots, large logits and only block 0 + the own block."""
+    from sparsa.ops.sparse_attn import q_outer as qo_mod
+    from sparsa.ops.sparse_attn import triton_ops
+
+    monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "1")
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
+    tiles = []
+    real = triton_ops.q_tile_forward
+    monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a, **kw: tiles.append(kw.get("tile")) or real(*a, **kw))
+    monkeypatch.setattr(qo_mod, "_q_outer_fwd_kernel", None)  # the query-outer kernel must not run
+    cu = torch.tensor([0, 21, 25, 64], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 64, 1, 16, 32, dtype, logit=40.0, seed=98)
+    check_packed_and_degenerate(q, k, v, do, 98, 8, cu, "q_outer")
+    assert tiles and all(t == (16, 1, 2) for t in tiles)
+
+
+def test_one_token_tile_rule(monkeypatch):
+    """one_token_tile: automatic only at G = 16 from 2048 tokens where the list forward uses TMA (so never for CPU
+    tensors without SPARSA_Q_TILE_TMA=1), head dims and blocks up to 128; 1 forces it at G = 16, 32, ... (not at
+    G = 8 or 24); 0 never; other values are a ValueError naming the variable."""
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+
+    def tile(n, group, dim=128, block=64):
+        q = torch.empty(n, group, dim)
+        kv = torch.empty(n, 1, dim)
+        return qt_mod.one_token_tile(q, kv, kv, block)
+
+    monkeypatch.delenv("SPARSA_ONE_TOKEN_TILES", raising=False)
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "0")
+    assert tile(4096, 16) is None  # no TMA
+    monkeypatch.setattr(qt_mod, "list_tma", lambda k, v: True)
+    assert tile(4096, 16) == (16, 1, 2)
+    assert tile(1024, 16) is None and tile(4096, 8) is None and tile(4096, 32) is None
+    assert tile(4096, 16, dim=256) is None and tile(4096, 16, block=256) is None
+    monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "1")
+    assert tile(64, 16, dim=256) == (16, 1, 2) and tile(64, 32) == (32, 1, 4)
+    assert tile(64, 8) is None and tile(64, 24) is None
+    monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "0")
+    assert tile(4096, 16) is None
+    monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "yes")
+    with pytest.raises(ValueError, match="SPARSA_ONE_TOKEN_TILES"):
+        tile(4096, 16)
+
+
+def check_packed_and_degenerate(q, k, v, do, seed, block_size, cu, order):
+    """check() of one order on packed documents (cu) with repeated (a block listed twice counts once) and padded
+    (-1) slots, then with every token choosing only block 0 and its own block."""
+    n_tokens, hkv = q.shape[1], k.shape[2]
+    idx = random_selection(1, n_tokens, hkv, 4 if n_tokens > 64 else 3, block_size, cu_seqlens=cu.cpu(),
+                           generator=torch.Generator().manual_seed(seed))
+    idx[0, n_tokens * 5 // 8:, :, 1] = idx[0, n_tokens * 5 // 8:, :, 2]
+    idx[0, n_tokens * 4 // 5:, :, 0] = -1
+    check(q, k, v, do, idx.to(DEVICE), block_size, cu_seqlens=cu, orders=(order,))
     only_first = torch.full_like(idx, -1)
     only_first[..., 0] = 0
-    only_first[..., 1] = torch.div(torch.arange(112), 16, rounding_mode="floor").view(1, 112, 1)
-    check(q, k, v, do, only_first.to(DEVICE), 16, orders=("q_tile",))
+    only_first[..., 1] = torch.div(torch.arange(n_tokens), block_size, rounding_mode="floor").view(1, n_tokens, 1)
+    check(q, k, v, do, only_first.to(DEVICE), block_size, orders=(order,))
 
 
 @pytest.mark.parametrize("variant", ["list", "walk", "list_tma"])
@@ -844,6 +900,23 @@ def test_gpu_bf16_matches_reference(group):
     q, k, v, do = make_inputs(1, 2048, hkv, group, 128, torch.bfloat16, seed=group)
     idx = random_selection(1, 2048, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
     check(q, k, v, do, idx, 64, tol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_gpu_bf16_one_token_tiles(monkeypatch):
+    """The query-outer order at G = 16 in bf16 on one-token tiles (automatic on Hopper; forced elsewhere), large
+    logits, against the float64 reference."""
+    from sparsa.ops.sparse_attn import triton_ops
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "1")
+    tiles = []
+    real = triton_ops.q_tile_forward
+    monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a, **kw: tiles.append(kw.get("tile")) or real(*a, **kw))
+    q, k, v, do = make_inputs(1, 4096, 2, 16, 128, torch.bfloat16, logit=40.0, seed=99)
+    idx = random_selection(1, 4096, 2, 16, 64, generator=torch.Generator().manual_seed(99), device=DEVICE)
+    check(q, k, v, do, idx, 64, orders=("q_outer",), tol=2e-2)
+    assert tiles == [(16, 1, 2)]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

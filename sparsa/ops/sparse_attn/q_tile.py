@@ -43,6 +43,8 @@ LIST_WARPS = None
 LIST_STAGES = None
 # K and V of the union-list forward by TMA (`list_tma`): on by default on Hopper and later GPUs (8K-64K forwards
 # 8-16% faster on the H100, session 21); SPARSA_Q_TILE_TMA=0 / 1 forces it off / on
+# one_token_tile's automatic use from this many tokens (the smallest measured size was 8K)
+ONE_TOKEN_MIN_TOKENS = 2048
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -254,12 +256,12 @@ def list_stages(block_n: int, head_dim: int) -> int:
     return 2 if block_n * head_dim >= 128 * 128 else 3
 
 
-def tile_consts(q, k, v, idx, block_size: int):
+def tile_consts(q, k, v, idx, block_size: int, tile: tuple[int, int, int] | None = None):
     """(compile-time constants shared by the q_tile kernels, num_warps) for q [N, Hq, D], k [N, Hkv, D],
-    v [N, Hkv, Dv], idx [N, Hkv, K]."""
+    v [N, Hkv, Dv], idx [N, Hkv, K]; `tile` (rows, tokens, warps) overrides tile_config's."""
     head_dim, head_dim_v, topk = q.shape[2], v.shape[2], idx.shape[-1]
     group = q.shape[1] // k.shape[1]
-    rows, tokens, warps = tile_config(group, max(head_dim, head_dim_v))
+    rows, tokens, warps = tile or tile_config(group, max(head_dim, head_dim_v))
     consts = dict(
         TOPK=topk, G=group, D=head_dim, DV=head_dim_v, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=_pow2(block_size),
         BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(head_dim_v), BLOCK_K=_pow2(topk, 1), PRECISION=precision_for(q.dtype),
@@ -267,15 +269,16 @@ def tile_consts(q, k, v, idx, block_size: int):
     return consts, warps
 
 
-def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
+def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float, tile: tuple[int, int, int] | None = None):
     """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 with ascending rows (-1 first)
     -> o [N, Hq, Dv], lse [N, Hq] fp32. UNION_LIST: the tiles' unions first (_tile_union_kernel), then the
-    pipelined forward over them; else the single-pass merge (_q_tile_fwd_kernel)."""
+    pipelined forward over them; else the single-pass merge (_q_tile_fwd_kernel). `tile` (rows, tokens, warps)
+    overrides tile_config's (one_token_tile)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     o = new_output((n_tokens, n_heads_q, head_dim_v), q.dtype, q.device)
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
-    consts, warps = tile_consts(q, k, v, idx, block_size)
+    consts, warps = tile_consts(q, k, v, idx, block_size, tile)
     tokens = consts["TOKENS"]
     grid = (triton.cdiv(n_tokens, tokens), n_heads_kv)
     layout = (idx, meta.tok_docstart, meta.tok_blockbase, meta.blk_start, meta.blk_len)
@@ -295,6 +298,27 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float):
             **consts,
         )
     return o, lse
+
+
+def one_token_tile(q, k, v, block_size: int) -> tuple[int, int, int] | None:
+    """The query-outer order's forward as the union-list kernel on one-token tiles (rows = the token's G heads,
+    waste 1: the query-outer order's work, with TMA loads and Triton's pipelining), as (rows, tokens, warps), or
+    None for the query-outer kernel. SPARSA_ONE_TOKEN_TILES=auto (default): at G = 16 where the list forward
+    loads K / V by TMA, from ONE_TOKEN_MIN_TOKENS tokens (fewer: one launch instead of two), at head dims and
+    blocks up to 128: on the H200 (session 22, random selections, Hq = 32,
+    D = 128, block 64, top-16, bf16) 16 rows x 2 warps x 3 stages took 1.10 / 2.21 / 8.95 ms at 8K / 16K / 64K
+    against the query-outer kernel's 1.18 / 2.32 / 9.20 (not measured on the H100, where the query-outer kernel
+    ran as on the H200); 1: wherever G is a power of two >= 16; 0: never."""
+    choice = env_choice("SPARSA_ONE_TOKEN_TILES", ("auto", "0", "1"), "auto")
+    group = q.shape[1] // k.shape[1]
+    if choice == "0" or group < 16 or group != _pow2(group) or not UNION_LIST:
+        return None
+    if choice == "auto" and not (
+        group == 16 and q.shape[0] >= ONE_TOKEN_MIN_TOKENS and max(q.shape[2], v.shape[2]) <= 128
+        and block_size <= 128 and list_tma(k, v)
+    ):
+        return None
+    return group, 1, 2 if group == 16 else 4
 
 
 def list_tma(k, v) -> bool:
