@@ -33,6 +33,7 @@ from sparsa.ops.sparse_attn.index import (
     build_pair_index, doc_meta, pair_index_backend, pooled_selection, random_selection, valid_slots,
 )
 from sparsa.ops.sparse_attn.q_tile import tile_config
+from sparsa.ops.sparse_attn.device_tuning import device_tuning
 from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices
 
 HQ, D, BS, TOPK = 32, 128, 64, 16
@@ -259,6 +260,9 @@ def main():
         "SPARSA_KV_LOCAL_SPLIT": os.environ.get("SPARSA_KV_LOCAL_SPLIT", "0"),
         "SPARSA_LOCALITY_CHECK": "1" if locality.check_enabled() else "0",
         "selection": f"pooled, P = {args.pool}" if args.pool else "random",
+        # every SPARSA_* switch set for this run, and the automatic order's device tuning (device_tuning.py)
+        "environment": {name: value for name, value in sorted(os.environ.items()) if name.startswith("SPARSA_")},
+        "device_tuning": device_tuning(torch.device("cuda")).name,
     }
     rate = matmul_rate()
     info["bf16_matmul_tflops"] = rate
