@@ -52,9 +52,10 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int 
     and for few queries (the KV-outer index build and reduction are fixed costs), except below 32K tokens where the
     KV-outer MAIN is the Gluon kernel (`gluon_main`) and at every size where `large_group_kv_outer` (GPUs with
     faster memory, device_tuning.py); query-tile for small problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
-    kv_outer_large_group = large_group_kv_outer or (gluon_main and n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS)
-    if group >= 16 and not (n_tokens >= 2048 and kv_outer_large_group):
-        return "q_outer"
+    if group >= 16:
+        gluon_sizes = gluon_main and n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS
+        if n_tokens < 2048 or not (large_group_kv_outer or gluon_sizes):
+            return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
         return "q_outer"
     if (
@@ -90,7 +91,7 @@ def q_tile_backward_order(n_tokens: int, n_heads_kv: int) -> str:
     q_tile is the automatic order, measured faster there in session 9), else the KV-outer one, which builds the
     pair index itself (H100 session 19, forward+backward with q_tile's backward vs the KV-outer one on pooled
     selections: 8K G = 4 6.14 vs 2.56 ms, 64K 46.1 vs 20.4). SPARSA_Q_TILE_BACKWARD=q_tile|kv_outer forces one;
-    =hybrid (opt-in, not yet timed): dK / dV from the KV-outer kernels without their per-pair dQ partials, dQ
+    =hybrid (opt-in; 1.5-1.7x slower than the KV-outer backward on the H200, session 22): dK / dV from the KV-outer kernels without their per-pair dQ partials, dQ
     from q_tile's dQ kernel over the tiles' unions (written once per token)."""
     forced = env_choice("SPARSA_Q_TILE_BACKWARD", ("q_tile", "kv_outer", "hybrid"), None)
     if forced is not None:
