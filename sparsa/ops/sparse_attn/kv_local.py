@@ -32,7 +32,7 @@ LOCAL_WARPS = 8
 
 
 def enabled() -> bool:
-    """SPARSA_KV_LOCAL_SPLIT=1 / 0; unset: off (to be decided by the H100 measurement, docs/kernels/sparse_attention.md)."""
+    """SPARSA_KV_LOCAL_SPLIT=1 / 0; unset: off (slower on the H100 at every measured shape, session 19; docs/kernels/sparse_attention.md)."""
     return env_flag("SPARSA_KV_LOCAL_SPLIT", False)
 
 

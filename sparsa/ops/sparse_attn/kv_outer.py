@@ -59,8 +59,8 @@ def merge_stages(local: bool, block_size: int, head_dim: int) -> int:
 
 def local_fusion() -> bool:
     """Whether the forward computes each token's local blocks (its document's block 0, its own and the
-    previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1, or 0 (the default until it
-    has been timed on a GPU: docs/kernels/sparse_attention.md)."""
+    previous block) in the merge kernel instead of MAIN: SPARSA_KV_LOCAL=1, or 0 (the default: slower
+    on the H100 at every measured shape, session 9; docs/kernels/sparse_attention.md)."""
     return env_flag("SPARSA_KV_LOCAL", False)
 
 
@@ -493,7 +493,7 @@ def kv_outer_forward(q, k, v, idx, index: PairIndex, meta, block_size: int, scal
         and pdtype == q.dtype  # its partial tiles are in the input dtype
         and n_rows < kv_gluon.MAX_PARTIAL_ROWS  # its TMA partial stores address rows in int32
     )
-    if gluon_main:  # the Hopper MAIN (kv_gluon.py; default for G >= 2): its own item size
+    if gluon_main:  # the Hopper MAIN (kv_gluon.py; default for G >= 2, and G = 1 below 32K tokens): its own item size
         pairs = kv_gluon.pairs_per_item(group)
     op = torch.empty(n_rows, head_dim_v, dtype=pdtype, device=q.device)
     lsep = torch.empty(n_rows, dtype=torch.float32, device=q.device)
