@@ -5,7 +5,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_positive_int, check_qkv, check_tensor, default_scale
 from ..backend import use_triton
-from . import naive
+from . import blockwise, naive
 
 
 # Triton forward loop orders (`loop_order=`); q_tile has its own backward, the others share the KV-outer one
@@ -65,6 +65,7 @@ def sparse_attention(
         out, lse = sparse_attention_triton(
             q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, loop_order=loop_order
         )
-    else:
-        out, lse = naive.sparse_attention(q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+    else:  # PyTorch: the dense reference for short sequences, the memory-bounded blockwise path otherwise
+        path = naive if blockwise.prefers_dense(q, block_indices, block_size, cu_seqlens) else blockwise
+        out, lse = path.sparse_attention(q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
