@@ -219,6 +219,32 @@ def test_select_blocks_at_and_gathered_attention_match_library_ops():
         assert rel_err(g, r) < 1e-10
 
 
+@pytest.mark.parametrize("mask_rows", ["per_query", "broadcast"])
+def test_gathered_attention_in_query_chunks_matches_one_pass(monkeypatch, mask_rows):
+    from sparsa.ops.sparse_attn import blockwise
+
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 40, 4, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(2, 50, 2, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(2, 50, 2, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    idx = torch.randint(-1, 8, (2, 40, 2, 3), generator=gen)
+    positions = torch.arange(10, 50)[None, :].expand(2, 40).clone()
+    positions[1, :5] = -1  # queries with no key at all
+    if mask_rows == "per_query":
+        mask = torch.arange(50)[None, None, None, :] <= positions[:, None, :, None]
+        mask = mask & (torch.arange(50) >= 3)  # left padding of 3 slots
+    else:
+        mask = (torch.arange(50) >= 3)[None, None, None, :].expand(2, 1, 1, 50)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 2**30)
+    whole = gathered_sparse_attention(q, k, v, idx, positions, 7, 0.4, mask)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 3000)  # 3 queries per chunk
+    assert blockwise.chunk_tokens(2, 2, 2, 21, 8, 6) < 40
+    chunked = gathered_sparse_attention(q, k, v, idx, positions, 7, 0.4, mask)
+    assert rel_err(chunked, whole) < 1e-14
+    for g, r in zip(torch.autograd.grad(chunked.sum(), (q, k, v)), torch.autograd.grad(whole.sum(), (q, k, v))):
+        assert rel_err(g, r) < 1e-12
+
+
 def test_settings_validation_and_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="mode"):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import select_blocks, sparse_attention
+from ..ops.sparse_attn import blockwise
 from ..ops.select import naive as select_naive
 from ..ops.select.naive import topk_indices
 
@@ -264,7 +265,25 @@ def gathered_sparse_attention(q, k, v, block_indices, positions, block_size: int
 
     q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; block_indices [B, Tq, Hkv, K]; positions [B, Tq];
     key j is used by query (b, i) iff its block is selected, j <= positions[b, i] and (with a mask)
-    attention_mask[b, 0, i, j]. Differentiable in q, k, v. Returns [B, Tq, Hq, Dv] (q's dtype)."""
+    attention_mask[b, 0, i, j]. Differentiable in q, k, v. Returns [B, Tq, Hq, Dv] (q's dtype).
+    Long prompts run in query chunks whose gathered keys stay within blockwise.CHUNK_ELEMENTS (no autograd
+    memory bound: each chunk's gathered rows are kept for the backward)."""
+    step = blockwise.chunk_tokens(q.shape[0], k.shape[2], q.shape[2] // k.shape[2],
+                                  block_indices.shape[-1] * block_size, q.shape[-1], v.shape[-1])
+    if step >= q.shape[1]:
+        return _gathered_chunk(q, k, v, block_indices, positions, block_size, scale, attention_mask)
+    outs = []
+    for s in range(0, q.shape[1], step):
+        mask = attention_mask
+        if mask is not None and mask.shape[2] != 1:  # a mask broadcast over the queries stays whole
+            mask = mask[:, :, s : s + step]
+        outs.append(_gathered_chunk(q[:, s : s + step], k, v, block_indices[:, s : s + step],
+                                    positions[:, s : s + step], block_size, scale, mask))
+    return torch.cat(outs, dim=1)
+
+
+def _gathered_chunk(q, k, v, block_indices, positions, block_size: int, scale: float, attention_mask=None):
+    """gathered_sparse_attention on all of q at once."""
     batch, q_len, n_heads_q, head_dim = q.shape
     kv_len, n_heads_kv = k.shape[1], k.shape[2]
     group = n_heads_q // n_heads_kv
