@@ -5,7 +5,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_positive_int, check_qkv, default_scale
 from ..backend import use_triton
-from . import naive
+from . import chunked, naive
 
 __all__ = ["window_attention"]
 
@@ -35,6 +35,7 @@ def window_attention(
 
         out, lse = positional_attention_triton(q, k, v, scale=scale, stride=1, length=1, window=window,
                                                cu_seqlens=cu_seqlens, key_cu_seqlens=cu_seqlens)
-    else:
-        out, lse = naive.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    else:  # PyTorch: the dense reference for short sequences, query chunks of (window + chunk) keys otherwise
+        path = naive if chunked.prefers_dense(q, window, cu_seqlens) else chunked
+        out, lse = path.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
