@@ -7,7 +7,8 @@ Public ops (re-exported lazily by `sparsa`):
 
 Dispatch: `use_triton(q_t)` (CUDA tensor, or SPARSA_BACKEND=triton) -> fused Triton kernels
 (block_attention_kl: a row-chunked PyTorch implementation with O(chunk * T) memory); otherwise the
-materialised reference in naive.py. float64 inputs always use the reference.
+materialised reference in naive.py, in chunks of query rows with activation checkpointing for long sequences
+(row_chunks.py: attention_kl, group_attention_kl). float64 inputs always take the PyTorch path.
 
 Reductions: "mean" = sum of the per-row KLs / (number of valid rows x number of heads), where a row is
 valid when it sees at least one key (one complete block for block_attention_kl); fully masked rows
@@ -25,7 +26,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_floating, check_positive_int, check_tensor
 from ..backend import use_triton
-from . import naive
+from . import naive, row_chunks
 
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
@@ -259,7 +260,7 @@ def attention_kl(
         lse_t2, lse_s2 = (lse_p, lse_q) if direction == "forward" else (lse_q, lse_p)
         return loss, (lse_t2 * LN2).transpose(1, 2), (lse_s2 * LN2).transpose(1, 2)
     else:
-        kl, lse_t, lse_s = naive.attention_kl(
+        kl, lse_t, lse_s = row_chunks.attention_kl(
             q_t,
             k_t,
             q_s,
@@ -324,7 +325,7 @@ def group_attention_kl(
         from .triton_ops import LN2
 
         return loss, (lse_s2 * LN2).transpose(1, 2)
-    kl, lse_s = naive.group_attention_kl(
+    kl, lse_s = row_chunks.group_attention_kl(
         q_t, k_t, q_s, k_s, causal=causal, scale_t=scale_t, scale_s=scale_s, cu_seqlens=cu_seqlens
     )
     loss = _reduce(kl, reduction, n_valid)
