@@ -149,3 +149,46 @@ def test_compressed_attention_split_dkv(triton_backend, monkeypatch):
     vc = torch.randn(1, n_c, 1, dim, device=DEVICE)
     result, reference = run_both(q, kc, vc, length, stride)
     check(result, reference, torch.float32)
+
+
+@pytest.mark.parametrize("rows, cu", [(8, None), (5, [0, 40, 47, 100]), (64, None)])
+def test_compressed_attention_in_query_chunks_matches_reference(monkeypatch, rows, cu):
+    from sparsa.ops.compress import chunked
+
+    monkeypatch.setattr(chunked, "MIN_ROWS", rows)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # MIN_ROWS rows per chunk
+    length, stride = 8, 4
+    gen = torch.Generator().manual_seed(rows)
+    batch = 2 if cu is None else 1
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    n_keys = n_compressed(100, length, stride) if cu is None else int(compressed_cu_seqlens(cu, length, stride)[-1])
+    q = torch.randn(batch, 100, 6, 8, dtype=torch.float64, generator=gen) * 4
+    kc = torch.randn(batch, n_keys, 3, 8, dtype=torch.float64, generator=gen)
+    vc = torch.randn(batch, n_keys, 3, 5, dtype=torch.float64, generator=gen)
+    leaves = [x.clone().requires_grad_(True) for x in (q, kc, vc)]
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, kc, vc)]
+    kwargs = dict(length=length, stride=stride, scale=0.3, cu_seqlens=cu)
+    out, lse = naive.compressed_attention(*leaves, **kwargs, attend=chunked.chunked_positional_attention)
+    ref_out, ref_lse = naive.compressed_attention(*ref_leaves, **kwargs)
+    assert not torch.isnan(out).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # rows before the first window: no key
+    finite = torch.isfinite(ref_lse)
+    assert rel(out, ref_out) < 1e-13 and float((lse - ref_lse)[finite].detach().abs().max()) < 1e-12
+    dout = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(ref_out, ref_leaves, dout)):
+        assert not torch.isnan(g).any() and rel(g, r) < 1e-12
+
+
+def test_long_compressed_attention_takes_the_chunked_path(monkeypatch):
+    from sparsa.ops.compress import chunked
+
+    monkeypatch.setenv("SPARSA_BACKEND", "naive")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1000)
+    calls = []
+    real = chunked.chunked_positional_attention
+    monkeypatch.setattr(chunked, "chunked_positional_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    q = torch.randn(1, 64, 4, 8)
+    kc = torch.randn(1, n_compressed(64, 8, 4), 2, 8)
+    want, _ = naive.compressed_attention(q, kc, kc, length=8, stride=4, scale=8 ** -0.5)
+    assert rel(compressed_attention(q, kc, kc, length=8, stride=4), want) < 1e-6
+    assert calls == [(1, 64, 4, 8)]

@@ -71,20 +71,22 @@ def test_window_validation():
         window_attention(q, q[:, :, :1], q[:, :, :1], window=0)
 
 
-@pytest.mark.parametrize("window, chunk, cu", [(5, 8, None), (16, 16, None), (1, 4, None), (7, 10, [0, 37, 38, 90])])
-def test_chunked_cpu_path_matches_reference(monkeypatch, window, chunk, cu):
-    from sparsa.ops.window import chunked
+@pytest.mark.parametrize("window, rows, cu", [(5, 8, None), (16, 16, None), (1, 4, None), (7, 10, [0, 37, 38, 90]),
+                                           (200, 16, None)])
+def test_chunked_cpu_path_matches_reference(monkeypatch, window, rows, cu):
+    from sparsa.ops.compress import chunked
 
-    monkeypatch.setattr(chunked, "MIN_CHUNK", chunk)
-    monkeypatch.setattr(chunked, "CHUNK_WINDOWS", 1)
-    gen = torch.Generator().manual_seed(window * 100 + chunk)
+    monkeypatch.setattr(chunked, "MIN_ROWS", rows)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # MIN_ROWS rows per chunk
+    gen = torch.Generator().manual_seed(window * 100 + rows)
     q = torch.randn(2 if cu is None else 1, 90, 6, 8, dtype=torch.float64, generator=gen) * 4
     k = torch.randn(q.shape[0], 90, 2, 8, dtype=torch.float64, generator=gen)
     v = torch.randn(q.shape[0], 90, 2, 5, dtype=torch.float64, generator=gen)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out, lse = chunked.window_attention(*leaves, window=window, scale=0.3, cu_seqlens=cu)
+    out, lse = naive.window_attention(*leaves, window=window, scale=0.3, cu_seqlens=cu,
+                                      attend=chunked.chunked_positional_attention)
     ref_out, ref_lse = naive.window_attention(*ref_leaves, window=window, scale=0.3, cu_seqlens=cu)
     assert rel(out, ref_out) < 1e-13 and float((lse - ref_lse).detach().abs().max()) < 1e-12
     dout = torch.randn_like(out)
@@ -93,15 +95,14 @@ def test_chunked_cpu_path_matches_reference(monkeypatch, window, chunk, cu):
 
 
 def test_long_sequences_take_the_chunked_path(monkeypatch):
-    from sparsa.ops.window import chunked
+    from sparsa.ops.compress import chunked
 
     monkeypatch.setenv("SPARSA_BACKEND", "naive")
-    q = torch.zeros(1, 4096, 8, 16)
-    assert not chunked.prefers_dense(q, 64)  # 128M dense logits, 4096 > 2 x 256 queries per chunk
-    assert chunked.prefers_dense(q[:, :512], 64)  # 2M dense logits
-    assert chunked.prefers_dense(q, 4096)  # the window covers the sequence
+    q = torch.zeros(1, 2048, 8, 16)
+    assert not chunked.prefers_dense(q, 2048)  # 32M dense logits
+    assert chunked.prefers_dense(q[:, :512], 512)  # 2M
     calls = []
-    monkeypatch.setattr(chunked, "_doc_window_attention", lambda *a: calls.append(a[0].shape) or naive.window_attention(
-        *a[:3], window=a[3], scale=a[4]))
-    window_attention(q[:, :1024], q[:, :1024, :2], q[:, :1024, :2], window=64)
-    assert calls == [(1, 1024, 8, 16)]
+    real = chunked.chunked_positional_attention
+    monkeypatch.setattr(chunked, "chunked_positional_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    window_attention(q[:, :1100], q[:, :1100, :2], q[:, :1100, :2], window=64)
+    assert calls == [(1, 1100, 8, 16)]

@@ -11,7 +11,7 @@ import torch
 
 from .._checks import check_cu_seqlens, check_floating, check_positive_int, default_scale
 from ..backend import use_triton
-from . import naive
+from . import chunked, naive
 from .naive import compressed_cu_seqlens, n_compressed
 
 __all__ = ["compressed_attention", "mean_pool", "mlp_compress", "compressed_cu_seqlens", "n_compressed"]
@@ -95,6 +95,8 @@ def compressed_attention(
         out, lse = positional_attention_triton(q, kc, vc, scale=scale, stride=stride, length=length, window=0,
                                                cu_seqlens=cu_seqlens, key_cu_seqlens=key_cu)
     else:
+        # PyTorch: the reference in one piece for small problems, else in query chunks (checkpointed)
+        attend = naive.positional_attention if chunked.prefers_dense(q, kc.shape[1]) else chunked.chunked_positional_attention
         out, lse = naive.compressed_attention(q, kc, vc, length=length, stride=stride, scale=scale,
-                                              cu_seqlens=cu_seqlens)
+                                              cu_seqlens=cu_seqlens, attend=attend)
     return (out, lse) if return_lse else out

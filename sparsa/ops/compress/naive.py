@@ -111,16 +111,18 @@ def compressed_key_positions(n_keys: int, length: int, stride: int, device) -> t
     return torch.arange(n_keys, device=device) * stride + length - 1
 
 
-def compressed_attention(q, kc, vc, *, length: int, stride: int, scale: float, cu_seqlens=None):
-    """Returns (o, lse); differentiable in q, kc, vc."""
+def compressed_attention(q, kc, vc, *, length: int, stride: int, scale: float, cu_seqlens=None,
+                         attend=positional_attention):
+    """Returns (o, lse); differentiable in q, kc, vc. `attend`: positional_attention or a function with its
+    signature and values (chunked.chunked_positional_attention)."""
     if cu_seqlens is None:
         key_pos = compressed_key_positions(kc.shape[1], length, stride, q.device)
-        return positional_attention(q, kc, vc, key_pos, scale)
+        return attend(q, kc, vc, key_pos, scale)
     ccu = compressed_cu_seqlens(cu_seqlens, length, stride).tolist()
     outs, lses = [], []
     for (s, e), cs, ce in zip(doc_spans(cu_seqlens), ccu[:-1], ccu[1:]):
         key_pos = compressed_key_positions(ce - cs, length, stride, q.device)
-        o, lse = positional_attention(q[:, s:e], kc[:, cs:ce], vc[:, cs:ce], key_pos, scale)
+        o, lse = attend(q[:, s:e], kc[:, cs:ce], vc[:, cs:ce], key_pos, scale)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)

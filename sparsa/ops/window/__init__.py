@@ -5,7 +5,8 @@ import torch
 
 from .._checks import check_cu_seqlens, check_positive_int, check_qkv, default_scale
 from ..backend import use_triton
-from . import chunked, naive
+from ..compress import chunked
+from . import naive
 
 __all__ = ["window_attention"]
 
@@ -35,7 +36,7 @@ def window_attention(
 
         out, lse = positional_attention_triton(q, k, v, scale=scale, stride=1, length=1, window=window,
                                                cu_seqlens=cu_seqlens, key_cu_seqlens=cu_seqlens)
-    else:  # PyTorch: the dense reference for short sequences, query chunks of (window + chunk) keys otherwise
-        path = naive if chunked.prefers_dense(q, window, cu_seqlens) else chunked
-        out, lse = path.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    else:  # PyTorch: the dense reference in one piece for small problems, else in query chunks (checkpointed)
+        attend = naive.positional_attention if chunked.prefers_dense(q, q.shape[1]) else chunked.chunked_positional_attention
+        out, lse = naive.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens, attend=attend)
     return (out, lse) if return_lse else out

@@ -11,12 +11,13 @@ from .._checks import doc_spans
 from ..compress.naive import positional_attention
 
 
-def window_attention(q, k, v, *, window: int, scale: float, cu_seqlens=None):
-    """Returns (o, lse); differentiable in q, k, v."""
+def window_attention(q, k, v, *, window: int, scale: float, cu_seqlens=None, attend=positional_attention):
+    """Returns (o, lse); differentiable in q, k, v. `attend`: positional_attention or a function with its
+    signature and values (compress.chunked.chunked_positional_attention)."""
 
     def run(qs, ks, vs):
         key_pos = torch.arange(ks.shape[1], device=qs.device)
-        return positional_attention(qs, ks, vs, key_pos, scale, window=window)
+        return attend(qs, ks, vs, key_pos, scale, window=window)
 
     if cu_seqlens is None:
         return run(q, k, v)
