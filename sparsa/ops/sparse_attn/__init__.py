@@ -50,7 +50,8 @@ def sparse_attention(
     G, T, head dim and KV heads (q_tile for small problems at head dim <= 64) and, on CUDA from 2048 tokens,
     from the selection: q_tile when the tokens of a tile share most of their blocks (locality.py: a count every
     16 calls of a shape, no host synchronisation; SPARSA_LOCALITY_CHECK=0 turns it off). "q_tile" walks the union of a tile of
-    tokens' blocks (docs/kernels/sparse_attention.md).
+    tokens' blocks (docs/kernels/sparse_attention.md). Without Triton the op runs PyTorch: the dense reference
+    (naive.py) for short sequences, the memory-bounded blockwise.py path otherwise (blockwise.prefers_dense).
     """
     _, n_heads_kv = check_qkv(q, k, v)
     check_positive_int("block_size", block_size)
