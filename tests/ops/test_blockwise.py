@@ -74,6 +74,21 @@ def test_packed_documents_use_local_positions():
     check_against_reference(q, k, v, idx, 16, 0.35, cu_seqlens=cu)
 
 
+def test_blocks_past_a_packed_document_select_nothing():
+    cu = torch.tensor([0, 40, 100])
+    q, k, v, idx = make(1, 100, 4, 2, 8, 8, 16, 3, seed=8, max_block=3)
+    far = idx.clone()
+    far[:, 40:, :, 0] = 6  # block 6 of a 60-token document (4 blocks) holds no key: same as no selection
+    near = idx.clone()
+    near[:, 40:, :, 0] = -1
+    o_far, lse_far = blockwise.sparse_attention(q, k, v, far, block_size=16, scale=0.3, cu_seqlens=cu)
+    o_near, lse_near = blockwise.sparse_attention(q, k, v, near, block_size=16, scale=0.3, cu_seqlens=cu)
+    assert torch.equal(o_far, o_near) and torch.equal(lse_far, lse_near)
+    grads = [torch.autograd.grad(o.sum(), (q, k, v)) for o in (o_far, o_near)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_large_logits_stay_finite():
     q, k, v, idx = make(1, 96, 4, 1, 16, 16, 16, 4, seed=4, logit_scale=40.0)  # |q.k| up to several hundred
     check_against_reference(q, k, v, idx, 16, 1.0, tol=1e-10)

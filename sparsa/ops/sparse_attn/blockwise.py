@@ -82,10 +82,12 @@ def _block_rows(x: torch.Tensor, block_size: int, acc: torch.dtype) -> torch.Ten
 
 
 def _flat_rows(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """blocks [B, Hkv, C, K] (>= 0) -> rows [B * Hkv * C * K] of _block_rows' view."""
+    """blocks [B, Hkv, C, K] (>= 0) -> rows [B * Hkv * C * K] of _block_rows' view. A block past the document's
+    last (possible in packed documents) holds no key <= the token: its keys are masked, and it reads the last
+    block instead of another head's rows or past the end."""
     batch, n_heads_kv = blocks.shape[:2]
     base = torch.arange(batch * n_heads_kv, device=blocks.device).view(batch, n_heads_kv, 1, 1) * n_blocks
-    return (base + blocks).reshape(-1)
+    return (base + blocks.clamp(max=n_blocks - 1)).reshape(-1)
 
 
 def _gather(rows: torch.Tensor, flat: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
