@@ -7,6 +7,7 @@ from sparsa.config import ModelConfig, SparseConfig, preset
 from sparsa.eval.metrics import attention_diagnostics
 from sparsa.layers.attention import alignment_loss
 from sparsa.models import SparsaLM
+from tests.helpers import assert_same_step, loss_and_grads
 
 
 def tiny_model(seed=0, **kw):
@@ -77,15 +78,9 @@ def test_ssa_step_is_the_same_on_the_blockwise_cpu_path(monkeypatch, packed):
     for dense in (True, False):
         monkeypatch.setattr(blockwise, "prefers_dense", lambda *a, dense=dense, **k: dense)
         monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 5000)  # several chunks
-        model = tiny_model().double()
-        out = model(tokens, targets=tokens, mode="full", align=True, cu_seqlens=cu)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_dense, grads_dense), (loss_blockwise, grads_blockwise) = results
-    assert abs(float(loss_dense - loss_blockwise)) < 1e-12
-    assert grads_dense.keys() == grads_blockwise.keys() and len(grads_dense) > 0
-    for name, g in grads_dense.items():
-        assert (grads_blockwise[name] - g).abs().max() <= 1e-10 * (1 + g.abs().max()), name
+        results.append(loss_and_grads(tiny_model().double(), tokens, targets=tokens, mode="full", align=True,
+                                      cu_seqlens=cu))
+    assert_same_step(*results)
 
 
 def test_theorem1_identity_on_model_activations():

@@ -5,6 +5,7 @@ from sparsa.config import preset
 from sparsa.models import SparsaLM
 from sparsa.train import TrainConfig, train
 from sparsa.checkpoint import load_model
+from tests.helpers import assert_same_step, loss_and_grads
 
 
 def test_nsa_variant_forward_backward():
@@ -50,11 +51,5 @@ def test_nsa_step_is_the_same_on_the_chunked_cpu_paths(monkeypatch):
         monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # 24-row chunks: the window (128) spans several
         torch.manual_seed(0)
         model = SparsaLM(preset("tiny", variant="nsa")).double()
-        out = model(tokens, targets=tokens, mode="sparse", align=True)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert abs(float(loss_a - loss_b)) < 1e-12
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for name, g in grads_a.items():
-        assert (grads_b[name] - g).abs().max() <= 1e-10 * (1 + g.abs().max()), name
+        results.append(loss_and_grads(model, tokens, targets=tokens, mode="sparse", align=True))
+    assert_same_step(*results)

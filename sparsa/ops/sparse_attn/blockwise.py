@@ -59,8 +59,8 @@ def chunk_tokens(batch: int, n_heads_kv: int, group: int, n_keys: int, head_dim:
 
 
 def _chunk_keys(blocks: torch.Tensor, start: int, block_size: int):
-    """Key blocks of a chunk: (rows [B * Hkv * C * K] into the [B * Hkv * n_blocks, block * E] views of
-    _block_rows, valid [B, Hkv, C, n]), n = K * block_size.
+    """Key blocks of a chunk: (blocks [B, Hkv, C, K], -1 kept: _flat_rows makes them rows of _block_rows' view;
+    valid [B, Hkv, C, n]), n = K * block_size.
 
     blocks [B, C, Hkv, K] (deduplicated, -1 = none) for the tokens start .. start + C - 1 of one document,
     n_blocks = the document's blocks; a key is valid when its slot is and its position is at most the token's."""
@@ -69,7 +69,7 @@ def _chunk_keys(blocks: torch.Tensor, start: int, block_size: int):
     pos = (blocks[..., None] * block_size + offsets).flatten(-2)  # [B, C, Hkv, n]
     tokens = start + torch.arange(n_tok, device=blocks.device)
     valid = (blocks >= 0).repeat_interleave(block_size, dim=-1) & (pos <= tokens[None, :, None, None])
-    return blocks.clamp(min=0).permute(0, 2, 1, 3), valid.permute(0, 2, 1, 3)
+    return blocks.permute(0, 2, 1, 3), valid.permute(0, 2, 1, 3)
 
 
 def _block_rows(x: torch.Tensor, block_size: int, acc: torch.dtype) -> torch.Tensor:
@@ -82,12 +82,12 @@ def _block_rows(x: torch.Tensor, block_size: int, acc: torch.dtype) -> torch.Ten
 
 
 def _flat_rows(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """blocks [B, Hkv, C, K] (>= 0) -> rows [B * Hkv * C * K] of _block_rows' view. A block past the document's
-    last (possible in packed documents) holds no key <= the token: its keys are masked, and it reads the last
-    block instead of another head's rows or past the end."""
+    """blocks [B, Hkv, C, K] -> rows [B * Hkv * C * K] of _block_rows' view. A -1 slot, or a block past the
+    document's last (possible in packed documents), holds no valid key (masked by _chunk_keys): it reads block 0
+    or the last block of its own head instead of another head's rows or past the end."""
     batch, n_heads_kv = blocks.shape[:2]
     base = torch.arange(batch * n_heads_kv, device=blocks.device).view(batch, n_heads_kv, 1, 1) * n_blocks
-    return (base + blocks.clamp(max=n_blocks - 1)).reshape(-1)
+    return (base + blocks.clamp(0, n_blocks - 1)).reshape(-1)
 
 
 def _gather(rows: torch.Tensor, flat: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
