@@ -19,6 +19,8 @@ PROBES = [
     ["scripts/locality_bench.py", "--ns", "48", "--gs", "2", "--pools", "0,2", "--walk", "--tiles", "16x8", "--own-backward"],
     ["scripts/sa_host_overhead.py", "--sizes", "48", "--groups", "4", "--profile", "48,4", "--calls", "1"],
     ["scripts/pooled_bwd_kernels.py", "--sizes", "64", "--groups", "2", "--pool", "6", "--calls", "1"],
+    ["scripts/order_ab.py", "--shapes", "48,4", "--orders", "q_outer,auto", "--env", "SPARSA_ONE_TOKEN_TILES=0,auto",
+     "--rounds", "1"],
 ]
 
 
