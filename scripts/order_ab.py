@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import benchmarks.sparse_attention as sa  # noqa: E402
 from sparsa.checkpoint import write_json  # noqa: E402
-from sparsa.ops.sparse_attn import triton_ops  # noqa: E402
+from sparsa.ops.sparse_attn import LOOP_ORDERS  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -56,9 +56,9 @@ def main():
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes)
     orders = [None if o == "auto" else o for o in args.orders.split(",")]
-    unknown = [o for o in orders if o is not None and o not in triton_ops.LOOP_ORDERS]
+    unknown = [o for o in orders if o is not None and o not in LOOP_ORDERS]
     if unknown:
-        raise ValueError(f"--orders: unknown loop order(s) {unknown}; use {triton_ops.LOOP_ORDERS} or auto")
+        raise ValueError(f"--orders: unknown loop order(s) {unknown}; use {LOOP_ORDERS} or auto")
     settings = parse_env(args.env)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     rows = []
