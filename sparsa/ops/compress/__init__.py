@@ -96,7 +96,6 @@ def compressed_attention(
                                                cu_seqlens=cu_seqlens, key_cu_seqlens=key_cu)
     else:
         # PyTorch: the reference in one piece for small problems, else in query chunks (checkpointed)
-        attend = naive.positional_attention if chunked.prefers_dense(q, kc.shape[1]) else chunked.chunked_positional_attention
         out, lse = naive.compressed_attention(q, kc, vc, length=length, stride=stride, scale=scale,
-                                              cu_seqlens=cu_seqlens, attend=attend)
+                                              cu_seqlens=cu_seqlens, attend=chunked.attend_for(q, kc.shape[1]))
     return (out, lse) if return_lse else out

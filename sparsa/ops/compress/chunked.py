@@ -23,6 +23,12 @@ def prefers_dense(q: torch.Tensor, n_keys: int) -> bool:
     return q.shape[0] * q.shape[2] * q.shape[1] * n_keys <= CHUNK_ELEMENTS
 
 
+def attend_for(q: torch.Tensor, n_keys: int):
+    """The positional attention for q against n_keys keys: naive.positional_attention in one piece where
+    `prefers_dense`, else chunked_positional_attention (same signature and values)."""
+    return positional_attention if prefers_dense(q, n_keys) else chunked_positional_attention
+
+
 def chunk_rows(q: torch.Tensor, n_keys: int, window: int = 0) -> int:
     """Query rows per chunk: without a window the most whose logits against all n_keys keys fit CHUNK_ELEMENTS;
     with a window w at most w rows (a chunk of R rows sees R + w - 1 keys: the logits stay within 2x the useful
@@ -41,11 +47,16 @@ def chunked_positional_attention(q, k, v, key_pos: torch.Tensor, scale: float, w
     seqlen = q.shape[1]
     rows = chunk_rows(q, k.shape[1], window)
     grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    starts = list(range(0, seqlen, rows))
+    ends = [min(seqlen, s + rows) for s in starts]
+    n = len(starts)
+    # every chunk's key range in one search (one host read, not two per chunk): keys in (s - window, e - 1]
+    probes = torch.tensor([s - window for s in starts] + [e - 1 for e in ends], dtype=key_pos.dtype,
+                          device=key_pos.device)
+    bounds = torch.searchsorted(key_pos, probes, right=True).tolist()
+    los = bounds[:n] if window > 0 else [0] * n
     outs, lses = [], []
-    for s in range(0, seqlen, rows):
-        e = min(seqlen, s + rows)
-        lo = 0 if window <= 0 else int(torch.searchsorted(key_pos, s - window, right=True))
-        hi = int(torch.searchsorted(key_pos, e - 1, right=True))
+    for s, e, lo, hi in zip(starts, ends, los, bounds[n:]):
         args = (q[:, s:e], k[:, lo:hi], v[:, lo:hi], key_pos[lo:hi] - s, scale, window)
         o, lse = checkpoint(_chunk, *args, use_reentrant=False) if grads else _chunk(*args)
         outs.append(o)

@@ -119,15 +119,13 @@ def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3, 4).reshape(batch, n_tok, n_heads_kv * group, width)
 
 
-def _doc_forward(q, k, v, blocks, block_size: int, scale: float, acc: torch.dtype):
-    """One document: q [B, T, Hq, D], k / v [B, T, Hkv, *], blocks [B, T, Hkv, K] deduplicated.
-    Returns o [B, T, Hq, Dv] (acc dtype) and lse [B, T, Hq]."""
+def _doc_forward(q, k, v, blocks, block_size: int, scale: float, acc: torch.dtype, o, lse):
+    """One document: q [B, T, Hq, D], k / v [B, T, Hkv, *], blocks [B, T, Hkv, K] deduplicated; writes
+    o [B, T, Hq, Dv] and lse [B, T, Hq] (acc dtype: the caller's slices)."""
     batch, seqlen, n_heads_q, head_dim = q.shape
     n_heads_kv, v_dim = k.shape[2], v.shape[-1]
     kb, vb = _block_rows(k, block_size, acc), _block_rows(v, block_size, acc)
     n_blocks = kb.shape[0] // (batch * n_heads_kv)
-    o = new_output((batch, seqlen, n_heads_q, v_dim), acc, q.device)
-    lse = new_output((batch, seqlen, n_heads_q), acc, q.device)
     step = chunk_tokens(batch, n_heads_kv, n_heads_q // n_heads_kv, blocks.shape[-1] * block_size, head_dim, v_dim)
     for s in range(0, seqlen, step):
         e = min(seqlen, s + step)
@@ -137,16 +135,15 @@ def _doc_forward(q, k, v, blocks, block_size: int, scale: float, acc: torch.dtyp
         probs, lse_c = _chunk_probs(qg, _gather(kb, flat, chunk, head_dim), valid, scale)
         o[:, s:e] = _tokens_major(torch.matmul(probs, _gather(vb, flat, chunk, v_dim)))
         lse[:, s:e] = _tokens_major(lse_c[..., None])[..., 0]
-    return o, lse
 
 
-def _doc_backward(q, k, v, o, lse, do, blocks, block_size: int, scale: float, acc: torch.dtype):
-    """Gradients of one document (shapes as _doc_forward; o, lse, do of the document): dq, dk, dv in acc."""
+def _doc_backward(q, k, v, o, lse, do, blocks, block_size: int, scale: float, acc: torch.dtype, dq):
+    """Gradients of one document (shapes as _doc_forward; o, lse, do of the document): writes dq (acc dtype:
+    the caller's slice), returns dk, dv in acc."""
     batch, seqlen, n_heads_q, head_dim = q.shape
     n_heads_kv, v_dim = k.shape[2], v.shape[-1]
     kb, vb = _block_rows(k, block_size, acc), _block_rows(v, block_size, acc)
     n_blocks = kb.shape[0] // (batch * n_heads_kv)
-    dq = new_output((batch, seqlen, n_heads_q, head_dim), acc, q.device)
     dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
     step = chunk_tokens(batch, n_heads_kv, n_heads_q // n_heads_kv, blocks.shape[-1] * block_size, head_dim, v_dim)
     for s in range(0, seqlen, step):
@@ -164,7 +161,7 @@ def _doc_backward(q, k, v, o, lse, do, blocks, block_size: int, scale: float, ac
         # masked keys (padding slots point at block 0) have zero probability: they add exact zeros
         dkb.index_add_(0, flat, torch.matmul(dlogits.transpose(-1, -2), qg).reshape(flat.numel(), -1))
         dvb.index_add_(0, flat, torch.matmul(probs.transpose(-1, -2), dog).reshape(flat.numel(), -1))
-    return dq, _unblock(dkb, k.shape), _unblock(dvb, v.shape)
+    return _unblock(dkb, k.shape), _unblock(dvb, v.shape)
 
 
 def _unblock(xb: torch.Tensor, shape) -> torch.Tensor:
@@ -189,9 +186,8 @@ class _BlockwiseSparseAttention(torch.autograd.Function):
         o = new_output((*q.shape[:3], v.shape[-1]), acc, q.device)
         lse = new_output(q.shape[:3], acc, q.device)
         for s, e in _spans(cu_seqlens, q.shape[1]):
-            o[:, s:e], lse[:, s:e] = _doc_forward(q[:, s:e], k[:, s:e], v[:, s:e], blocks[:, s:e], block_size, scale, acc)
+            _doc_forward(q[:, s:e], k[:, s:e], v[:, s:e], blocks[:, s:e], block_size, scale, acc, o[:, s:e], lse[:, s:e])
         o = o.to(q.dtype)
-        lse = lse if acc == torch.float64 else lse.float()
         ctx.save_for_backward(q, k, v, blocks, o, lse)
         ctx.block_size, ctx.scale, ctx.cu_seqlens = block_size, scale, cu_seqlens
         ctx.mark_non_differentiable(lse)
@@ -205,9 +201,9 @@ class _BlockwiseSparseAttention(torch.autograd.Function):
         dk = new_output(k.shape, acc, q.device)
         dv = new_output(v.shape, acc, q.device)
         for s, e in _spans(ctx.cu_seqlens, q.shape[1]):
-            dq[:, s:e], dk[:, s:e], dv[:, s:e] = _doc_backward(
+            dk[:, s:e], dv[:, s:e] = _doc_backward(
                 q[:, s:e], k[:, s:e], v[:, s:e], o[:, s:e], lse[:, s:e], do[:, s:e], blocks[:, s:e], ctx.block_size,
-                ctx.scale, acc)
+                ctx.scale, acc, dq[:, s:e])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -37,6 +37,6 @@ def window_attention(
         out, lse = positional_attention_triton(q, k, v, scale=scale, stride=1, length=1, window=window,
                                                cu_seqlens=cu_seqlens, key_cu_seqlens=cu_seqlens)
     else:  # PyTorch: the dense reference in one piece for small problems, else in query chunks (checkpointed)
-        attend = naive.positional_attention if chunked.prefers_dense(q, q.shape[1]) else chunked.chunked_positional_attention
-        out, lse = naive.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens, attend=attend)
+        out, lse = naive.window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens,
+                                          attend=chunked.attend_for(q, q.shape[1]))
     return (out, lse) if return_lse else out
