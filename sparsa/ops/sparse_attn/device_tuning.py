@@ -12,6 +12,9 @@ benchmarks/results/h200_session22/, Hq = 32, head dim 128, block 64, top-16, bf1
   was 2.18 / 2.22 at G = 1 (8K / 64K) and 1.95 / 2.06 at G = 4, 0.79-0.86 of the H100's 2.55 / 2.69 and
   2.36 / 2.62; hence `waste_factor` 0.85 on locality.max_waste.
 
+Session 25 (benchmarks/results/h200_session25/) measured G = 16 with this row on the H200: forward+backward
+2.15 / 4.28 / 8.52 / 17.14 / 35.47 ms at 8K-128K, 8-14% below session 22's orders where the order changed.
+
 Other GPUs get the H100's choices (the GPU they were measured on); SPARSA_DEVICE_TUNING forces a table row.
 """
 
