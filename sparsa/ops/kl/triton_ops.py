@@ -29,6 +29,7 @@ import triton.language as tl
 from .._alloc import new_output, new_output_like
 from .._intmath import cdiv, next_pow2
 from .._launch import launcher_for
+from ... import _triton_interpreter  # noqa: F401  (interpreter patch: run-time loop bounds)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -235,7 +236,7 @@ def _kl_fwd_kernel(
     n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, tune_key, n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ONLY_P: tl.constexpr, SAME_SCALE: tl.constexpr,
-    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     tile, n_tiles, pid_bh = _tile_pids(n_bh, head_group)
     pid_m = n_tiles - 1 - tile  # heavy (late) causal tiles first
@@ -263,34 +264,16 @@ def _kl_fwd_kernel(
         m_q = tl.full([BM], float("-inf"), tl.float32)
         l_q = tl.zeros([BM], tl.float32)
         n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = n_full * 0 + 0
-            while n0 < n_full:
-                m_p, l_p, acc, m_q, l_q = _fwd_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
-                )
-                n0 += BN
-        else:
-            for n0 in range(0, n_full, BN):
-                m_p, l_p, acc, m_q, l_q = _fwd_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
-                )
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = hi * 0 + n_full
-            while n0 < hi:
-                m_p, l_p, acc, m_q, l_q = _fwd_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
-                )
-                n0 += BN
-        else:
-            for n0 in range(n_full, hi, BN):
-                m_p, l_p, acc, m_q, l_q = _fwd_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
-                )
+        for n0 in range(0, n_full, BN):
+            m_p, l_p, acc, m_q, l_q = _fwd_step(
+                qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
+            )
+        for n0 in range(n_full, hi, BN):
+            m_p, l_p, acc, m_q, l_q = _fwd_step(
+                qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, m_p, l_p, acc, m_q, l_q,
+                scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, ONLY_P, SAME_SCALE, PREC_P, PREC_Q,
+            )
         row_ok = offs_m < q_len
         lse_p, lse_q, kl = _fwd_finish(m_p, l_p, acc, m_q, l_q)
         lse_off = batch64 * slse_b + h.to(tl.int64) * slse_h + q_start + offs_m
@@ -347,7 +330,7 @@ def _kl_bwd_dq_kernel(
     n_q, n_k, n_heads, group_p, group_q, scale_p2, scale_q2, out_scale_p, out_scale_q, tune_key, n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
-    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     tile, n_tiles, pid_bh = _tile_pids(n_bh, head_group)
     pid_m = n_tiles - 1 - tile
@@ -382,34 +365,16 @@ def _kl_bwd_dq_kernel(
             dqp = tl.zeros([1, 1], tl.float32)  # unused: keep it out of the registers
         dqq = tl.zeros([BM, BDQ], tl.float32)
         n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = n_full * 0 + 0
-            while n0 < n_full:
-                dqp, dqq = _dq_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
-                )
-                n0 += BN
-        else:
-            for n0 in range(0, n_full, BN):
-                dqp, dqq = _dq_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
-                )
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = hi * 0 + n_full
-            while n0 < hi:
-                dqp, dqq = _dq_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
-                )
-                n0 += BN
-        else:
-            for n0 in range(n_full, hi, BN):
-                dqp, dqq = _dq_step(
-                    qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
-                    scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
-                )
+        for n0 in range(0, n_full, BN):
+            dqp, dqq = _dq_step(
+                qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, False, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
+        for n0 in range(n_full, hi, BN):
+            dqp, dqq = _dq_step(
+                qp, qq, KPb, KQb, skp_t, skq_t, n0, offs_m, k_len, off, lse_p, lse_q, kl, g, dqp, dqq,
+                scale_p2, scale_q2, DP, DQ, BDP, BDQ, BN, True, CAUSAL, NEED_P, NEED_Q, PREC_P, PREC_Q,
+            )
         if NEED_Q:
             base = DQQ + batch64 * sdqq_b + h64 * sdqq_h + q_start.to(tl.int64) * sdqq_t
             _store_rows(base, offs_m, sdqq_t, q_len, (dqq * out_scale_q).to(DQQ.dtype.element_ty), DQ, BDQ)
@@ -463,7 +428,7 @@ def _dk_head(
     skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     NEED_P: tl.constexpr, NEED_Q: tl.constexpr, PREC_P: tl.constexpr, PREC_Q: tl.constexpr,
-    BM: tl.constexpr, INTERPRET: tl.constexpr,
+    BM: tl.constexpr,
 ):
     """Adds query head h's contribution to the dK tile of its KV head."""
     off = k_len - q_len
@@ -478,34 +443,16 @@ def _dk_head(
     LSEQb = LSEQ + batch64 * slse_b + h64 * slse_h + q_start
     KLb = KL + batch64 * skl_b + h64 * skl_h + q_start.to(tl.int64) * skl_t
     Gb = GRAD + batch64 * sg_b + h64 * sg_h + q_start.to(tl.int64) * sg_t
-    if INTERPRET:
-        m0 = m_mid * 0 + m_lo
-        while m0 < m_mid:
-            dkp, dkq = _dk_step(
-                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
-                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, True, NEED_P, NEED_Q, PREC_P, PREC_Q,
-            )
-            m0 += BM
-    else:
-        for m0 in range(m_lo, m_mid, BM):
-            dkp, dkq = _dk_step(
-                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
-                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, True, NEED_P, NEED_Q, PREC_P, PREC_Q,
-            )
-    if INTERPRET:
-        m0 = q_len * 0 + m_mid
-        while m0 < q_len:
-            dkp, dkq = _dk_step(
-                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
-                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, False, NEED_P, NEED_Q, PREC_P, PREC_Q,
-            )
-            m0 += BM
-    else:
-        for m0 in range(m_mid, q_len, BM):
-            dkp, dkq = _dk_step(
-                kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
-                dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, False, NEED_P, NEED_Q, PREC_P, PREC_Q,
-            )
+    for m0 in range(m_lo, m_mid, BM):
+        dkp, dkq = _dk_step(
+            kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+            dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, True, NEED_P, NEED_Q, PREC_P, PREC_Q,
+        )
+    for m0 in range(m_mid, q_len, BM):
+        dkp, dkq = _dk_step(
+            kp, kq, QPb, QQb, sqp_t, sqq_t, m0, offs_n, q_len, off, LSEPb, LSEQb, KLb, Gb, skl_t, sg_t,
+            dkp, dkq, scale_p2, scale_q2, DP, DQ, BDP, BDQ, BM, False, NEED_P, NEED_Q, PREC_P, PREC_Q,
+        )
     return dkp, dkq
 
 
@@ -520,7 +467,7 @@ def _kl_bwd_dk_kernel(
     n_bh, head_group,
     DP: tl.constexpr, DQ: tl.constexpr, BDP: tl.constexpr, BDQ: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
-    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC_P: tl.constexpr, PREC_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_n, _, pid_bh = _tile_pids(n_bh, head_group)  # early key tiles carry the most causal work: first
     hk = pid_bh % n_kv_grid
@@ -536,26 +483,14 @@ def _kl_bwd_dk_kernel(
             dkp = tl.zeros([1, 1], tl.float32)  # unused: keep it out of the registers
         dkq = tl.zeros([BN, BDQ], tl.float32)
         m_lo, m_mid = _key_tile_ranges(n0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            gi = group_grid * 0
-            while gi < group_grid:
-                dkp, dkq = _dk_head(
-                    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
-                    k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
-                    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
-                    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
-                    DP, DQ, BDP, BDQ, NEED_P, NEED_Q, PREC_P, PREC_Q, BM, INTERPRET,
-                )
-                gi += 1
-        else:
-            for gi in range(group_grid):
-                dkp, dkq = _dk_head(
-                    QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
-                    k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
-                    sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
-                    skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
-                    DP, DQ, BDP, BDQ, NEED_P, NEED_Q, PREC_P, PREC_Q, BM, INTERPRET,
-                )
+        for gi in range(group_grid):
+            dkp, dkq = _dk_head(
+                QP, KP, QQ, KQ, KL, LSEP, LSEQ, GRAD, hk * group_grid + gi, batch64, q_start, q_len,
+                k_start, k_len, offs_n, m_lo, m_mid, dkp, dkq,
+                sqp_b, sqp_t, sqp_h, skp_b, skp_t, skp_h, sqq_b, sqq_t, sqq_h, skq_b, skq_t, skq_h,
+                skl_b, skl_t, skl_h, slse_b, slse_h, sg_b, sg_t, sg_h, group_p, group_q, scale_p2, scale_q2,
+                DP, DQ, BDP, BDQ, NEED_P, NEED_Q, PREC_P, PREC_Q, BM,
+            )
         hk64 = hk.to(tl.int64)
         if NEED_Q:
             base = DKQ + batch64 * sdkq_b + hk64 * sdkq_h + k_start.to(tl.int64) * sdkq_t
@@ -633,7 +568,7 @@ def _group_fwd_kernel(
     n_q, n_k, n_kv, scale_t2, scale_s2, tune_key,
     DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -658,38 +593,18 @@ def _group_fwd_kernel(
         m_s = tl.full([BM], float("-inf"), tl.float32)
         l_s = tl.zeros([BM], tl.float32)
         n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = n_full * 0 + 0
-            while n0 < n_full:
-                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
-                    DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
-                )
-                n0 += BN
-        else:
-            for n0 in range(0, n_full, BN):
-                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
-                    DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
-                )
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = hi * 0 + n_full
-            while n0 < hi:
-                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
-                    DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
-                )
-                n0 += BN
-        else:
-            for n0 in range(n_full, hi, BN):
-                acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
-                    DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
-                )
+        for n0 in range(0, n_full, BN):
+            acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+            )
+        for n0 in range(n_full, hi, BN):
+            acc_pb, acc_ent, mass, m_s, l_s = _group_fwd_step(
+                qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                acc_pb, acc_ent, mass, m_s, l_s, scale_t2, scale_s2,
+                DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+            )
         row_ok = offs_m < q_len
         has = l_s > 0.0
         lse_s = tl.where(has, m_s + tl.log2(tl.where(has, l_s, 1.0)), 0.0)
@@ -732,7 +647,7 @@ def _group_bwd_dq_kernel(
     n_q, n_k, n_kv, scale_t2, scale_s2, out_scale_s, tune_key,
     DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -757,34 +672,16 @@ def _group_bwd_dq_kernel(
         gr = tl.load(GRAD + batch64 * sg_b + g64 * sg_h + rows64 * sg_t, mask=row_ok, other=0.0).to(tl.float32)
         dqs = tl.zeros([BM, BDS], tl.float32)
         n_full, hi = _query_tile_ranges(m0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = n_full * 0 + 0
-            while n0 < n_full:
-                dqs = _group_dq_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
-                )
-                n0 += BN
-        else:
-            for n0 in range(0, n_full, BN):
-                dqs = _group_dq_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
-                )
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            n0 = hi * 0 + n_full
-            while n0 < hi:
-                dqs = _group_dq_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
-                )
-                n0 += BN
-        else:
-            for n0 in range(n_full, hi, BN):
-                dqs = _group_dq_step(
-                    qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
-                    lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
-                )
+        for n0 in range(0, n_full, BN):
+            dqs = _group_dq_step(
+                qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, CAUSAL, PREC_T, PREC_S,
+            )
+        for n0 in range(n_full, hi, BN):
+            dqs = _group_dq_step(
+                qs, QTb, LSETb, KTb, KSb, sqt_t, sqt_h, slt_h, skt_t, sks_t, n0, offs_m, q_len, k_len, off,
+                lse_s, gr, dqs, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, CAUSAL, PREC_T, PREC_S,
+            )
         base = DQS + batch64 * sdq_b + g64 * sdq_h + q_start.to(tl.int64) * sdq_t
         _store_rows(base, offs_m, sdq_t, q_len, (dqs * out_scale_s).to(DQS.dtype.element_ty), DS, BDS)
 
@@ -821,7 +718,7 @@ def _group_bwd_dk_kernel(
     n_q, n_k, n_kv, scale_t2, scale_s2, out_scale_s, tune_key,
     DT: tl.constexpr, DS: tl.constexpr, BDT: tl.constexpr, BDS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -845,34 +742,16 @@ def _group_bwd_dk_kernel(
         ks = _load_rows(KSb, offs_n, sks_t, k_len, DS, BDS, True)
         dks = tl.zeros([BN, BDS], tl.float32)
         m_lo, m_mid = _key_tile_ranges(n0, q_len, k_len, CAUSAL, BM, BN)
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            m0 = m_mid * 0 + m_lo
-            while m0 < m_mid:
-                dks = _group_dk_step(
-                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
-                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, PREC_T, PREC_S,
-                )
-                m0 += BM
-        else:
-            for m0 in range(m_lo, m_mid, BM):
-                dks = _group_dk_step(
-                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
-                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, PREC_T, PREC_S,
-                )
-        if INTERPRET:  # the interpreter cannot use tensors as range() bounds
-            m0 = q_len * 0 + m_mid
-            while m0 < q_len:
-                dks = _group_dk_step(
-                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
-                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
-                )
-                m0 += BM
-        else:
-            for m0 in range(m_mid, q_len, BM):
-                dks = _group_dk_step(
-                    kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
-                    dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
-                )
+        for m0 in range(m_lo, m_mid, BM):
+            dks = _group_dk_step(
+                kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, True, PREC_T, PREC_S,
+            )
+        for m0 in range(m_mid, q_len, BM):
+            dks = _group_dk_step(
+                kt, ks, QTb, LSETb, QSb, LSESb, Gb, sqt_t, sqt_h, slt_h, sqs_t, sg_t, m0, offs_n, q_len, off,
+                dks, scale_t2, scale_s2, DT, DS, BDT, BDS, GROUP, BM, BN, False, PREC_T, PREC_S,
+            )
         base = DKS + batch64 * sdk_b + g64 * sdk_h + k_start.to(tl.int64) * sdk_t
         _store_rows(base, offs_n, sdk_t, k_len, (dks * out_scale_s).to(DKS.dtype.element_ty), DS, BDS)
 
@@ -1043,7 +922,7 @@ def kl_forward(qp, kp, qq, kq, *, causal, scale_p, scale_q, cu_seqlens=None, max
         scale_p * LOG2E, scale_q * LOG2E, _tune_key(docs.max_q), n_bh, head_group,
     )
     consts = dict(DP=dp, DQ=dq, BDP=_pad_dim(dp), BDQ=_pad_dim(dq), CAUSAL=causal, VARLEN=docs.varlen, ONLY_P=only_p,
-                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq), INTERPRET=_INTERPRET)
+                  SAME_SCALE=scale_p == scale_q, PREC_P=_prec(qp), PREC_Q=_prec(qq))
     _launch("fwd", _kl_fwd_kernel, _FWD_CONFIGS, grid, args, consts)
     return kl, lse_p, lse_q
 
@@ -1069,7 +948,7 @@ def kl_backward(qp, kp, qq, kq, kl, lse_p, lse_q, grad, *, causal, scale_p, scal
     dummy_kq = dkq if need_q else kq
     key_bytes = _key_bytes(kp, kq, False)
     common = {"DP": dp, "DQ": dq, "BDP": _pad_dim(dp), "BDQ": _pad_dim(dq), "CAUSAL": causal, "VARLEN": docs.varlen,
-                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq), "INTERPRET": _INTERPRET}
+                  "PREC_P": _prec(qp), "PREC_Q": _prec(qq)}
     head_args = (*_strides3(qp), *_strides3(kp), *_strides3(qq), *_strides3(kq),
                  *_strides3(kl), lse_p.stride(0), lse_p.stride(1), *_grad_strides(grad))
     n_bh = docs.n_seq * n_heads
@@ -1125,7 +1004,7 @@ def group_forward(qt, kt, qs, ks, *, causal, scale_t, scale_s, cu_seqlens=None, 
         n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, _tune_key(docs.max_q),
     )
     consts = dict(DT=dt, DS=ds, BDT=_pad_dim(dt), BDS=_pad_dim(ds), GROUP=n_heads_q // n_kv, CAUSAL=causal,
-                  VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs), INTERPRET=_INTERPRET)
+                  VARLEN=docs.varlen, PREC_T=_prec(qt), PREC_S=_prec(qs))
     _launch("group_fwd", _group_fwd_kernel, _GROUP_FWD_CONFIGS, grid, args, consts)
     return kl, lse_s, lse_t
 
@@ -1142,7 +1021,7 @@ def group_backward(qt, kt, qs, ks, lse_t, lse_s, grad, *, causal, scale_t, scale
     dqs = new_output_like(qs)
     dks = new_output_like(ks)
     common = {"DT": dt, "DS": ds, "BDT": _pad_dim(dt), "BDS": _pad_dim(ds), "GROUP": n_heads_q // n_kv, "CAUSAL": causal,
-                  "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs), "INTERPRET": _INTERPRET}
+                  "VARLEN": docs.varlen, "PREC_T": _prec(qt), "PREC_S": _prec(qs)}
     args = (*_strides3(qt), *_strides3(kt), *_strides3(qs), *_strides3(ks),
             lse_t.stride(0), lse_t.stride(1), lse_s.stride(0), lse_s.stride(1), *_grad_strides(grad))
     scales = (n_q, n_k, n_kv, scale_t * LOG2E, scale_s * LOG2E, scale_s * grad_factor, _tune_key(docs.max_q))
