@@ -43,7 +43,8 @@ Q_TILE_MAX_HEAD_DIM = 64
 # G >= 16 below this many tokens takes KV-outer where its MAIN is the Gluon kernel (H100, session 16,
 # benchmarks/results/h100_session16/bench.log, forward ms G = 16 KV-outer vs query-outer: 8K 1.14 vs 1.18, 16K 2.30
 # vs 2.35, 32K 4.70 vs 4.60, 64K 9.59 vs 9.23). With the one-token tiles (session 24's sweep, one run) the
-# query-outer column took 2.23 at 16K against KV-outer's 2.30; gpu_check.sh --only g16_orders is the A/B to move this.
+# query-outer column took 2.23 at 16K against KV-outer's 2.30; gpu_check.sh --only g16_orders is the A/B to move this
+# (run on an H200 only, session 25: KV-outer 15-16% faster forward at 12K-24K there; not yet on an H100).
 GLUON_LARGE_GROUP_MAX_TOKENS = 32768
 
 
