@@ -67,10 +67,17 @@ def main():
         for rnd in range(args.rounds):
             for order in orders:
                 for name, value in settings:
+                    saved = os.environ.get(name) if name else None
                     if name:
                         os.environ[name] = value
-                    fwd = sa.time_sparse(q, k, v, idx, order, False)
-                    fb = None if args.no_backward else sa.time_sparse(q, k, v, idx, order, True)
+                    try:
+                        fwd = sa.time_sparse(q, k, v, idx, order, False)
+                        fb = None if args.no_backward else sa.time_sparse(q, k, v, idx, order, True)
+                    finally:  # the next variant (and every other order) sees the environment as it was
+                        if name and saved is None:
+                            os.environ.pop(name, None)
+                        elif name:
+                            os.environ[name] = saved
                     label = f"{order or 'auto'}" + (f" {name}={value}" if name else "")
                     fb_text = "" if fb is None else f" fwd+bwd {fb:8.3f}"
                     print(f"N={n:6d} G={group:2d} round {rnd} {label:40s} fwd {fwd:8.3f}{fb_text}", flush=True)
