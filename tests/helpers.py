@@ -2,12 +2,13 @@
 import torch
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in float64. Fails when x holds NaN or inf where ref is finite (an
-    element a kernel did not write, or an overflow)."""
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||x - ref|| / max(||ref||, floor) in float64. Fails when x holds NaN or inf where ref is finite (an
+    element a kernel did not write, or an overflow). `floor` keeps an exactly-zero reference (say dq of a
+    query with one key) from turning rounding noise into a huge relative error."""
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(x).all() or not torch.isfinite(ref).all(), "non-finite values in the output"
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+    return float((x - ref).norm() / ref.norm().clamp_min(max(floor, 1e-30)))
 
 
 def loss_and_grads(model, *args, **kwargs):
