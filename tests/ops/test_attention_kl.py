@@ -212,7 +212,11 @@ def _compare_attention_kl(
     val_tol=2e-5,
     grad_tol=2e-5,
     seed=0,
+    floor=0.0,
 ):
+    """attention_kl (Triton) vs the float64 reference: rows, LSEs and gradients by relative error. With
+    `floor` > 0 the rows' error is relative to at least floor * sqrt(rows), the LSEs' to sqrt(rows) and a
+    gradient's to floor * ||grad|| (a row over one key has KL = 0, zero gradients and an LSE equal to one logit)."""
     ins = [x.clone().requires_grad_() for x in inputs]
     kw = {
         "causal": causal,
@@ -233,11 +237,12 @@ def _compare_attention_kl(
         )
     ref.backward(grad.cpu().double())
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    assert rel_err(out, ref) < val_tol
-    assert rel_err(lse_t, ref_lse_t) < 1e-5 and rel_err(lse_s, ref_lse_s) < 1e-5
+    assert rel_err(out, ref, floor * ref.numel() ** 0.5) < val_tol
+    lse_floor = ref_lse_t.numel() ** 0.5 if floor else 0.0  # with a floor: errors of at least 1 nat per row
+    assert rel_err(lse_t, ref_lse_t, lse_floor) < 1e-5 and rel_err(lse_s, ref_lse_s, lse_floor) < 1e-5
     n_grads = 4 if teacher_grad else 2
     for x, r in zip(ins[4 - n_grads :], refs[4 - n_grads :]):
-        assert rel_err(x.grad, r.grad) < grad_tol
+        assert rel_err(x.grad, r.grad, floor * float(grad.double().norm())) < grad_tol
     if not teacher_grad:
         assert ins[0].grad is None and ins[1].grad is None
     return out, ref
