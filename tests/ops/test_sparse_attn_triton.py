@@ -733,10 +733,12 @@ def test_automatic_loop_order_rule():
     from sparsa.ops.sparse_attn.triton_ops import choose_loop_order
 
     assert choose_loop_order(16, 65536, 128, 2) == "q_outer"
-    # G = 16 below 32K tokens: KV-outer where its MAIN is the Gluon kernel (Hopper), query-outer elsewhere
+    # G = 16 below 20480 tokens: KV-outer where its MAIN is the Gluon kernel (Hopper), query-outer elsewhere
     assert choose_loop_order(16, 8192, 128, 2) == "q_outer"
     assert choose_loop_order(16, 8192, 128, 2, gluon_main=True) == "kv_outer"
     assert choose_loop_order(16, 32768, 128, 2, gluon_main=True) == "q_outer"
+    assert choose_loop_order(16, 16384, 128, 2, gluon_main=True) == "kv_outer"  # H100 session 26 crossover
+    assert choose_loop_order(16, 24576, 128, 2, gluon_main=True) == "q_outer"
     assert choose_loop_order(16, 1024, 128, 2, gluon_main=True) == "q_outer"  # few queries
     assert choose_loop_order(4, 1024, 128, 8) == "q_outer"
     assert choose_loop_order(3, 4096, 64, 3) == "q_tile"  # SmolLM2-135M at 4K tokens

@@ -42,16 +42,19 @@ Q_TILE_MAX_HEAD_DIM = 64
 
 # G >= 16 below this many tokens takes KV-outer where its MAIN is the Gluon kernel (H100, session 16,
 # benchmarks/results/h100_session16/bench.log, forward ms G = 16 KV-outer vs query-outer: 8K 1.14 vs 1.18, 16K 2.30
-# vs 2.35, 32K 4.70 vs 4.60, 64K 9.59 vs 9.23). With the one-token tiles (session 24's sweep, one run) the
-# query-outer column took 2.23 at 16K against KV-outer's 2.30; gpu_check.sh --only g16_orders is the A/B to move this
-# (run on an H200 only, session 25: KV-outer 15-16% faster forward at 12K-24K there; not yet on an H100).
-GLUON_LARGE_GROUP_MAX_TOKENS = 32768
+# vs 2.35, 32K 4.70 vs 4.60, 64K 9.59 vs 9.23). With the one-token tiles (session 26 on the H100,
+# benchmarks/results/h100_session26/g16_orders.log, two interleaved rounds, query-outer vs KV-outer, fwd / fwd+bwd
+# ms): 12K 1.68 / 4.02-4.04 vs 1.71 / 4.00; 16K 2.24-2.26 / 5.35 vs 2.30 / 5.33-5.34; 24K 3.39 / 7.99-8.02 vs 3.50 /
+# 8.06-8.07. Query-outer's forward wins from 12K, but after it the backward builds the pair index the KV-outer
+# forward would have left, so forward+backward crosses between 16K and 24K: KV-outer below 20480 tokens.
+# (The H200 takes KV-outer at every size: device_tuning.py.) gpu_check.sh --only g16_orders is the A/B.
+GLUON_LARGE_GROUP_MAX_TOKENS = 20480
 
 
 def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None,
                       gluon_main: bool = False, large_group_kv_outer: bool = False) -> str:
     """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
-    and for few queries (the KV-outer index build and reduction are fixed costs), except below 32K tokens where the
+    and for few queries (the KV-outer index build and reduction are fixed costs), except below 20480 tokens where the
     KV-outer MAIN is the Gluon kernel (`gluon_main`) and at every size where `large_group_kv_outer` (GPUs with
     faster memory, device_tuning.py); query-tile for small problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
     if group >= 16:
