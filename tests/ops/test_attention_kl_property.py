@@ -6,17 +6,11 @@ or not, direction, teacher gradients, |logit| up to 50, and fp32 or fp16 inputs.
 SPARSA_PROPERTY_EXAMPLES raises the number of examples (CI runs a few).
 """
 
-import os
-
 import pytest
 import torch
 
+from tests.ops.property import draw_cu_seqlens, hypothesis, settings, st
 from tests.ops.test_attention_kl import DEVICE, _compare_attention_kl, make_inputs, needs_triton
-
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-EXAMPLES = int(os.environ.get("SPARSA_PROPERTY_EXAMPLES", "6"))
 
 
 def _divisors(n: int) -> list:
@@ -28,10 +22,9 @@ def problems(draw):
     """(inputs, causal, cu_seqlens or None, scale_t, scale_s, dtype)."""
     packed = draw(st.booleans())
     if packed:
-        lens = draw(st.lists(st.integers(1, 30), min_size=1, max_size=3))
-        batch, n_q = 1, sum(lens)
+        cu = draw_cu_seqlens(draw, 30).to(DEVICE)
+        batch, n_q = 1, int(cu[-1])
         n_k = n_q
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     else:
         batch, n_q, n_k, cu = draw(st.integers(1, 2)), draw(st.integers(1, 56)), draw(st.integers(1, 56)), None
     heads = draw(st.integers(1, 4))
@@ -49,7 +42,7 @@ def problems(draw):
 
 
 @needs_triton
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, print_blob=True)
+@settings
 @hypothesis.given(problems(), st.sampled_from(["forward", "reverse"]), st.booleans(), st.integers(0, 1000))
 def test_attention_kl_matches_the_reference_on_drawn_problems(problem, direction, teacher_grad, seed):
     inputs, causal, cu, scale_t, scale_s, dtype = problem

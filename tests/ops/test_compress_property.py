@@ -14,12 +14,9 @@ import torch
 
 from sparsa.ops.compress import compressed_cu_seqlens, n_compressed
 from tests.helpers import rel_err
+from tests.ops.property import draw_cu_seqlens, hypothesis, settings, st
 from tests.ops.test_compress import DEVICE, TOL, run_both
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-EXAMPLES = int(os.environ.get("SPARSA_PROPERTY_EXAMPLES", "6"))
 TRITON_OK = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -28,9 +25,8 @@ def problems(draw):
     stride = draw(st.sampled_from([4, 8]))
     length = stride * draw(st.integers(1, 2))
     if draw(st.booleans()):
-        lens = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
-        batch, seqlen = 1, sum(lens)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        cu = draw_cu_seqlens(draw, 40)
+        batch, seqlen = 1, int(cu[-1])
         n_c = int(compressed_cu_seqlens(cu, length, stride)[-1])
     else:
         batch, seqlen, cu = draw(st.integers(1, 2)), draw(st.integers(1, 90)), None
@@ -44,7 +40,7 @@ def problems(draw):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, print_blob=True)
+@settings
 @hypothesis.given(problems())
 def test_compressed_attention_matches_the_reference_on_drawn_problems(problem):
     p = problem

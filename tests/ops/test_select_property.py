@@ -14,12 +14,9 @@ import torch
 
 import sparsa
 from sparsa.ops.select import naive
+from tests.ops.property import hypothesis, settings, st
 from tests.ops.test_select_triton import DEVICE, check_selection, reference_scores
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-EXAMPLES = int(os.environ.get("SPARSA_PROPERTY_EXAMPLES", "6"))
 TRITON_OK = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -44,7 +41,7 @@ def problems(draw):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, print_blob=True)
+@settings
 @hypothesis.given(problems())
 def test_selection_matches_the_reference_on_drawn_problems(problem):
     p = problem

@@ -7,17 +7,10 @@ keys after the query). Every loop order must match outputs, LSE and the gradient
 SPARSA_PROPERTY_EXAMPLES raises the number of examples (CI runs a few; a bug hunt runs hundreds).
 """
 
-import os
-
-import pytest
 import torch
 
+from tests.ops.property import draw_cu_seqlens, hypothesis, settings, st
 from tests.ops.test_sparse_attn_triton import _triton_backend, pytestmark, DEVICE, check, make_inputs  # noqa: F401
-
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-EXAMPLES = int(os.environ.get("SPARSA_PROPERTY_EXAMPLES", "6"))
 
 
 @st.composite
@@ -26,9 +19,8 @@ def problems(draw):
     block_size = draw(st.sampled_from([16, 32]))
     packed = draw(st.booleans())
     if packed:
-        lens = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
-        seqlen, batch = sum(lens), 1
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        cu = draw_cu_seqlens(draw, 40)
+        seqlen, batch = int(cu[-1]), 1
     else:
         seqlen, batch, cu = draw(st.integers(1, 72)), draw(st.integers(1, 2)), None
     hkv = draw(st.integers(1, 2))
@@ -52,7 +44,7 @@ def problems(draw):
     return seqlen, batch, cu, hkv, group, dim, dim_v, block_size, idx, seed
 
 
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=False, print_blob=True)
+@settings
 @hypothesis.given(problems(), st.sampled_from([torch.float32, torch.float16]))
 def test_every_order_matches_the_reference_on_drawn_problems(problem, dtype):
     seqlen, batch, cu, hkv, group, dim, dim_v, block_size, idx, seed = problem
