@@ -28,7 +28,8 @@ def run_both(q, kc, vc, length, stride, cu=None, scale=None):
                                                   scale=scale or q.shape[-1] ** -0.5,
                                                   cu_seqlens=None if cu is None else cu.cpu())
     # materialize: with no compressed key at all the reference's graph does not reach kc / vc (zero gradients)
-    ref_grads = torch.autograd.grad(ref_out, ref_leaves, dout.double().cpu(), allow_unused=True, materialize_grads=True)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, dout.double().cpu(), allow_unused=True,
+                                    materialize_grads=True)
     return (out, lse, grads), (ref_out, ref_lse, ref_grads)
 
 

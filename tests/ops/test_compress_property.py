@@ -7,17 +7,13 @@ norm: a query that sees one compressed key has dq = 0 exactly. SPARSA_PROPERTY_E
 examples (CI runs a few).
 """
 
-import os
-
 import pytest
 import torch
 
 from sparsa.ops.compress import compressed_cu_seqlens, n_compressed
 from tests.helpers import rel_err
-from tests.ops.property import draw_cu_seqlens, hypothesis, settings, st
+from tests.ops.property import draw_cu_seqlens, hypothesis, needs_triton, settings, st
 from tests.ops.test_compress import DEVICE, TOL, run_both
-
-TRITON_OK = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @st.composite
@@ -39,7 +35,7 @@ def problems(draw):
     )
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@needs_triton
 @settings
 @hypothesis.given(problems())
 def test_compressed_attention_matches_the_reference_on_drawn_problems(problem):

@@ -7,17 +7,13 @@ the reference's selected score mass and equal it wherever the k-th and (k+1)-th 
 (test_select_triton.check_selection). SPARSA_PROPERTY_EXAMPLES raises the number of examples (CI runs a few).
 """
 
-import os
-
 import pytest
 import torch
 
 import sparsa
 from sparsa.ops.select import naive
-from tests.ops.property import hypothesis, settings, st
+from tests.ops.property import hypothesis, needs_triton, settings, st
 from tests.ops.test_select_triton import DEVICE, check_selection, reference_scores
-
-TRITON_OK = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @st.composite
@@ -40,7 +36,7 @@ def problems(draw):
     )
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1")
+@needs_triton
 @settings
 @hypothesis.given(problems())
 def test_selection_matches_the_reference_on_drawn_problems(problem):

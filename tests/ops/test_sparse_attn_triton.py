@@ -363,8 +363,8 @@ def test_query_outer_order_on_one_token_tiles(dtype, tma, monkeypatch):
 
 
 def test_one_token_tile_rule(monkeypatch):
-    """one_token_tile: automatic only at G = 16 from 2048 tokens (with gradients up to 64K) where the list forward uses TMA (so never for CPU
-    tensors without SPARSA_Q_TILE_TMA=1), head dims and blocks up to 128; 1 forces it at G = 16, 32, ... (not at
+    """one_token_tile: automatic only at G = 16 from 2048 tokens (with gradients up to 64K) where the list forward
+    uses TMA (so never for CPU tensors without SPARSA_Q_TILE_TMA=1), head dims and blocks up to 128; 1 forces it at G = 16, 32, ... (not at
     G = 8 or 24); 0 never; other values are a ValueError naming the variable."""
     from sparsa.ops.sparse_attn import q_tile as qt_mod
 

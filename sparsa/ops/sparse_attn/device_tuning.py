@@ -7,7 +7,8 @@ benchmarks/results/h200_session22/, Hq = 32, head dim 128, block 64, top-16, bf1
 
 - at G = 16 the KV-outer forward took 0.94 / 1.87 / 3.76 / 7.66 / 15.44 ms at 8K / 16K / 32K / 64K / 128K
   against the query-outer's 1.18 / 2.32 / 4.64 / 9.26 / 18.82 (on the H100, session 17: 1.15 / 2.34 / 4.78 /
-  9.77 / 19.61 against 1.17 / 2.31 / 4.60 / 9.15 / 18.89, so there the query-outer order stays from 32K, from 20480 tokens since session 26's A/B);
+  9.77 / 19.61 against 1.17 / 2.31 / 4.60 / 9.15 / 18.89, so there the query-outer order stays from 32K; from
+  20480 tokens since session 26's H100 A/B);
 - the query-tile forward's crossover waste against KV-outer (pooled selections, P = 20 and 40, linear between)
   was 2.18 / 2.22 at G = 1 (8K / 64K) and 1.95 / 2.06 at G = 4, 0.79-0.86 of the H100's 2.55 / 2.69 and
   2.36 / 2.62; hence `waste_factor` 0.85 on locality.max_waste.
