@@ -21,6 +21,8 @@ PROBES = [
     ["scripts/pooled_bwd_kernels.py", "--sizes", "64", "--groups", "2", "--pool", "6", "--calls", "1"],
     ["scripts/order_ab.py", "--shapes", "48,4", "--orders", "q_outer,auto", "--env", "SPARSA_ONE_TOKEN_TILES=0,auto",
      "--rounds", "1"],
+    ["scripts/one_token_bwd_probe.py", "--sizes", "48", "--group", "4", "--rounds", "1", "--calls", "1",
+     "--state-calls", "1"],
 ]
 
 
