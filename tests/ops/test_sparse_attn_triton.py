@@ -363,15 +363,15 @@ def test_query_outer_order_on_one_token_tiles(dtype, tma, monkeypatch):
 
 
 def test_one_token_tile_rule(monkeypatch):
-    """one_token_tile: automatic only at G = 16 from 2048 tokens (with gradients up to 64K) where the list forward
+    """one_token_tile: automatic only at G = 16 from 2048 tokens (up to 128K and more) where the list forward
     uses TMA (so never for CPU tensors without SPARSA_Q_TILE_TMA=1), head dims and blocks up to 128; 1 forces it at G = 16, 32, ... (not at
     G = 8 or 24); 0 never; other values are a ValueError naming the variable."""
     from sparsa.ops.sparse_attn import q_tile as qt_mod
 
-    def tile(n, group, dim=128, block=64, needs_grad=False):
+    def tile(n, group, dim=128, block=64):
         q = torch.empty(n, group, dim)
         kv = torch.empty(n, 1, dim)
-        return qt_mod.one_token_tile(q, kv, kv, block, needs_grad)
+        return qt_mod.one_token_tile(q, kv, kv, block)
 
     monkeypatch.delenv("SPARSA_ONE_TOKEN_TILES", raising=False)
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "0")
@@ -380,13 +380,9 @@ def test_one_token_tile_rule(monkeypatch):
     assert tile(4096, 16) == (16, 1, 2)
     assert tile(1024, 16) is None and tile(4096, 8) is None and tile(4096, 32) is None
     assert tile(4096, 16, dim=256) is None and tile(4096, 16, block=256) is None
-    # with gradients only up to ONE_TOKEN_GRAD_MAX_TOKENS (the H100's 128K forward+backward was slower with them)
-    big = qt_mod.ONE_TOKEN_GRAD_MAX_TOKENS
-    assert tile(big, 16, needs_grad=True) == (16, 1, 2) and tile(big + 1, 16, needs_grad=True) is None
-    assert tile(big + 1, 16) == (16, 1, 2)
+    assert tile(131072, 16) == (16, 1, 2)
     monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "1")
     assert tile(64, 16, dim=256) == (16, 1, 2) and tile(64, 32) == (32, 1, 4)
-    assert tile(big + 1, 16, needs_grad=True) == (16, 1, 2)
     assert tile(64, 8) is None and tile(64, 24) is None
     monkeypatch.setenv("SPARSA_ONE_TOKEN_TILES", "0")
     assert tile(4096, 16) is None

@@ -45,11 +45,11 @@ LIST_STAGES = None
 # 8-16% faster on the H100, session 21); SPARSA_Q_TILE_TMA=0 / 1 forces it off / on
 # one_token_tile's automatic use from this many tokens (the smallest measured size was 8K)
 ONE_TOKEN_MIN_TOKENS = 2048
-# ... and, when gradients are needed, up to this many: on the H100 (session 26, benchmarks/results/h100_session26/,
-# G = 16, 128K, five interleaved rounds) forward+backward took 44.34-45.53 ms with the tiles against 43.44-43.82
-# without in every round (forward alone 18.87-19.005 against 18.67-20.09); at 32K and 64K (session 24, one round)
-# 10.52 / 21.41 with them against 10.61 / 21.44. Sizes between 64K and 128K were not measured.
-ONE_TOKEN_GRAD_MAX_TOKENS = 65536
+# (with gradients too at every size: session 26's limit of 64K for forward+backward, from single-sample medians at
+# 128K, was dropped in session 27, when the H100 profile showed the same backward kernel times after either forward
+# and medians over 7+ calls had forward+backward 0.3 ms faster on average with the tiles at 96K and 128K (6 of 8
+# interleaved rounds);
+# benchmarks/results/h100_session27/)
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
@@ -305,12 +305,12 @@ def q_tile_forward(q, k, v, idx, meta, block_size: int, scale: float, tile: tupl
     return o, lse
 
 
-def one_token_tile(q, k, v, block_size: int, needs_grad: bool = False) -> tuple[int, int, int] | None:
+def one_token_tile(q, k, v, block_size: int) -> tuple[int, int, int] | None:
     """The query-outer order's forward as the union-list kernel on one-token tiles (rows = the token's G heads,
     waste 1: the query-outer order's work, with TMA loads and Triton's pipelining), as (rows, tokens, warps), or
     None for the query-outer kernel. SPARSA_ONE_TOKEN_TILES=auto (default): at G = 16 where the list forward
     loads K / V by TMA, from ONE_TOKEN_MIN_TOKENS tokens (fewer: one launch instead of two), at head dims and
-    blocks up to 128, and with `needs_grad` only up to ONE_TOKEN_GRAD_MAX_TOKENS tokens: on the H200 (session 22,
+    blocks up to 128: on the H200 (session 22,
     random selections, Hq = 32, D = 128, block 64, top-16, bf16) 16 rows x 2 warps x 3 stages took 1.10 / 2.21 /
     8.95 ms at 8K / 16K / 64K against the query-outer kernel's 1.18 / 2.32 / 9.20; on the H100 (session 24) 1.11 /
     4.52 / 9.19 at 8K / 32K / 64K against 1.18 / 4.63 / 9.23; 1: wherever G is a power of two >= 16; 0: never."""
@@ -321,7 +321,6 @@ def one_token_tile(q, k, v, block_size: int, needs_grad: bool = False) -> tuple[
     if choice == "auto" and not (
         group == 16 and q.shape[0] >= ONE_TOKEN_MIN_TOKENS and max(q.shape[2], v.shape[2]) <= 128
         and block_size <= 128 and list_tma(k, v)
-        and not (needs_grad and q.shape[0] > ONE_TOKEN_GRAD_MAX_TOKENS)
     ):
         return None
     return group, 1, 2 if group == 16 else 4
