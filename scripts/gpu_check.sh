@@ -147,8 +147,8 @@ step one_token 400 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/t
 # forward+backward), then 128K G = 16 with and without the one-token tiles (session 24's sweep: its backward 29 ms
 # against session 17's 25.5)
 step g16_orders 300 bash -c "$PY scripts/order_ab.py --shapes '12288,16;16384,16;24576,16' --orders q_outer,kv_outer --out $LOGS/g16_orders.json; $PY scripts/order_ab.py --shapes '131072,16' --orders q_outer --env SPARSA_ONE_TOKEN_TILES=0,auto --out $LOGS/g16_128k.json"
-# why forward+backward is slower after the one-token forward at 128K G = 16 (session 26): kernel times, allocator
-# counters and clock at 96K and 128K, then 128K with expandable allocator segments
+# forward+backward after the one-token forward at 96K / 128K G = 16 (session 27: same backward kernel times after
+# either forward): kernel times, allocator counters and clock, then 128K with expandable allocator segments
 step one_token_probe 400 bash -c "$PY scripts/one_token_bwd_probe.py; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $PY scripts/one_token_bwd_probe.py --sizes 131072"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3

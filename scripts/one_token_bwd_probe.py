@@ -1,4 +1,4 @@
-"""Why is forward+backward slower after the one-token q_tile forward at 128K, G = 16? (GPU probe)
+"""Forward+backward at G = 16 after each query-outer forward (one-token tiles off / on): where the time goes (GPU).
 
     PYTHONPATH=. python3 scripts/one_token_bwd_probe.py [--sizes 98304,131072] [--rounds 2] [--calls 3] [--group 16]
 
@@ -8,6 +8,8 @@ caching allocator (device mallocs / frees, allocation retries during the timed c
 size and setting, rounds interleaved: do_bench median of forward+backward, the allocator's counter deltas over
 those calls, SM clock / power / temperature under load, and a per-kernel GPU time table (torch.profiler).
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, random selections, bf16).
+Session 27 (H100, benchmarks/results/h100_session27/one_token_probe.log): the same backward kernel times after
+either forward, no allocator activity; session 26's forward+backward gap at 128K was single-sample spread.
 """
 import argparse
 import os
