@@ -310,10 +310,10 @@ def one_token_tile(q, k, v, block_size: int) -> tuple[int, int, int] | None:
     waste 1: the query-outer order's work, with TMA loads and Triton's pipelining), as (rows, tokens, warps), or
     None for the query-outer kernel. SPARSA_ONE_TOKEN_TILES=auto (default): at G = 16 where the list forward
     loads K / V by TMA, from ONE_TOKEN_MIN_TOKENS tokens (fewer: one launch instead of two), at head dims and
-    blocks up to 128: on the H200 (session 22,
-    random selections, Hq = 32, D = 128, block 64, top-16, bf16) 16 rows x 2 warps x 3 stages took 1.10 / 2.21 /
-    8.95 ms at 8K / 16K / 64K against the query-outer kernel's 1.18 / 2.32 / 9.20; on the H100 (session 24) 1.11 /
-    4.52 / 9.19 at 8K / 32K / 64K against 1.18 / 4.63 / 9.23; 1: wherever G is a power of two >= 16; 0: never."""
+    blocks up to 128: on the H200 (session 22, random selections, Hq = 32, D = 128, block 64, top-16, bf16) 16 rows
+    x 2 warps x 3 stages took 1.10 / 2.21 / 8.95 ms at 8K / 16K / 64K against the query-outer kernel's 1.18 / 2.32 /
+    9.20; on the H100 (session 24) 1.11 / 4.52 / 9.19 at 8K / 32K / 64K against 1.18 / 4.63 / 9.23, and (session 27)
+    forward+backward 0.3 ms faster on average at 96K / 128K; 1: wherever G is a power of two >= 16; 0: never."""
     choice = env_choice("SPARSA_ONE_TOKEN_TILES", ("auto", "0", "1"), "auto")
     group = q.shape[1] // k.shape[1]
     if choice == "0" or group < 16 or group != _pow2(group) or not UNION_LIST:
