@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sparsa
+import sparsa  # noqa: E402
+from benchmarks.timing import median_ms  # noqa: E402
 
 H, D = 32, 128
 NAIVE_MAX = 8192
@@ -48,9 +49,8 @@ def naive_attention_kl(q_t, k_t, q_s, k_s, scale):
 
 
 def bench(fn, grad_to_none=None):
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    """Median ms of fn over a do_bench window of max(100 ms, about 7 calls) (benchmarks/timing.py)."""
+    return median_ms(fn, warmup=25, rep=100, grad_to_none=grad_to_none)
 
 
 def peak_extra(fn, returned_bytes=0):

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import sparsa
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import sparsa  # noqa: E402
+from benchmarks.timing import median_ms  # noqa: E402
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
@@ -40,21 +43,9 @@ from sparsa.ops.sparse_attn.triton_ops import _esize, _head_slices
 HQ, D, BS, TOPK = 32, 128, 64, 16
 
 
-# do_bench repeats a call rep / (its estimated ms) times, so at rep = 60 a 45 ms call (128K forward+backward) was
-# one sample: the window grows with the call so that every median is over about MIN_SAMPLES calls or more.
-MIN_SAMPLES = 7
-
-
 def bench(fn, grad_to_none=None):
-    """Median ms of fn over a do_bench window of max(60 ms, MIN_SAMPLES calls)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    rep = max(60.0, MIN_SAMPLES * start.elapsed_time(end))
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    """Median ms of fn over a do_bench window of max(60 ms, about 7 calls) (benchmarks/timing.py)."""
+    return median_ms(fn, warmup=10, rep=60, grad_to_none=grad_to_none)
 
 
 def matmul_rate():

@@ -31,6 +31,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.timing import median_ms  # noqa: E402
 from sparsa import select_blocks, sparse_attention  # noqa: E402
 from sparsa.layers.nsa import NSABranches  # noqa: E402
 from sparsa.ops.compress import compressed_attention, mean_pool  # noqa: E402
@@ -53,7 +54,8 @@ def has_sparse_kernel() -> bool:
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    """Median ms of fn over a do_bench window of max(40 ms, about 7 calls) (benchmarks/timing.py)."""
+    return median_ms(fn, warmup=10, rep=40)
 
 
 def guarded(fn, what):
