@@ -45,11 +45,9 @@ LIST_STAGES = None
 # 8-16% faster on the H100, session 21); SPARSA_Q_TILE_TMA=0 / 1 forces it off / on
 # one_token_tile's automatic use from this many tokens (the smallest measured size was 8K)
 ONE_TOKEN_MIN_TOKENS = 2048
-# (with gradients too at every size: session 26's limit of 64K for forward+backward, from single-sample medians at
-# 128K, was dropped in session 27, when the H100 profile showed the same backward kernel times after either forward
-# and medians over 7+ calls had forward+backward 0.3 ms faster on average with the tiles at 96K and 128K (6 of 8
-# interleaved rounds);
-# benchmarks/results/h100_session27/)
+# With gradients too, at every size: session 26 limited them to 64K tokens from single-sample medians at 128K;
+# session 27 (H100, benchmarks/results/h100_session27/) found the same backward kernel times after either forward
+# and forward+backward 0.3 ms faster on average with the tiles at 96K / 128K (medians over 7+ calls, 6 of 8 rounds).
 # in the kernels, 2**62 is a global block id larger than any real one: "this row has no block left"
 
 
