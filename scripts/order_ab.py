@@ -6,6 +6,7 @@
 The issue-3 benchmark's inputs (benchmarks/sparse_attention.py `make`: Hq = 32, D = 128, block 64, top-16,
 random selections, bf16), no dense SDPA: for moving a crossover (triton_ops.choose_loop_order) on measured data.
 Each variant is an (order, env setting) pair; every round times every variant once per shape, so drift is shared.
+Last, a table per shape and variant: medians over the rounds, their ranges, and how often each variant was fastest.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -85,8 +87,41 @@ def main():
                                  "value": value, "fwd": fwd, "fwdbwd": fb})
         del q, k, v, idx
         torch.cuda.empty_cache()
+    print(summary(rows), flush=True)
     if args.out:
         write_json(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
+
+
+def summary(rows: list[dict]) -> str:
+    """Per shape and variant: the median over rounds of fwd and fwd+bwd ms, their range, and the rounds in which the
+    variant was the fastest (ties count for each), as a markdown table."""
+    lines = ["| N | G | variant | rounds | fwd median (min-max) | fastest fwd | fwd+bwd median (min-max) | fastest fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|"]
+    shapes = sorted({(r["N"], r["G"]) for r in rows})
+    for n, group in shapes:
+        mine = [r for r in rows if (r["N"], r["G"]) == (n, group)]
+        variants = list(dict.fromkeys(_variant(r) for r in mine))
+        best = {}  # (round, key) -> fastest time of that round
+        for r in mine:
+            for key in ("fwd", "fwdbwd"):
+                if r[key] is not None:
+                    best[r["round"], key] = min(best.get((r["round"], key), float("inf")), r[key])
+        for variant in variants:
+            runs = [r for r in mine if _variant(r) == variant]
+            cells = []
+            for key in ("fwd", "fwdbwd"):
+                times = [r[key] for r in runs if r[key] is not None]
+                if not times:
+                    cells += ["-", "-"]
+                    continue
+                wins = sum(r[key] == best[r["round"], key] for r in runs if r[key] is not None)
+                cells += [f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})", f"{wins}/{len(times)}"]
+            lines.append(f"| {n} | {group} | {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _variant(row: dict) -> str:
+    return row["order"] + (f" {row['env']}={row['value']}" if row["env"] else "")
 
 
 if __name__ == "__main__":

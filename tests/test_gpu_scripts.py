@@ -105,3 +105,27 @@ def test_benchmark_names_the_order_the_default_took(max_waste, order):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 0K | 4 |")]
     assert len(rows) == 1 and f"({order}, waste" in rows[0], out.stdout[-2000:]
+
+
+def test_order_ab_summary_gives_medians_ranges_and_wins():
+    """scripts/order_ab.py's closing table: per shape and variant the median over rounds, the range, and the rounds in
+    which that variant was fastest (fwd+bwd missing under --no-backward)."""
+    import importlib.util
+    import sys as _sys
+
+    _sys.path.insert(0, ROOT)
+    spec = importlib.util.spec_from_file_location("order_ab", os.path.join(ROOT, "scripts", "order_ab.py"))
+    order_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(order_ab)
+
+    def row(rnd, order, value, fwd, fb):
+        return {"N": 64, "G": 4, "round": rnd, "order": order, "env": "X", "value": value, "fwd": fwd, "fwdbwd": fb}
+
+    rows = [row(0, "q_outer", "0", 1.0, 3.0), row(0, "q_outer", "1", 2.0, 2.5),
+            row(1, "q_outer", "0", 1.5, 2.0), row(1, "q_outer", "1", 1.2, 2.2),
+            row(2, "q_outer", "0", 0.9, 4.0), row(2, "q_outer", "1", 1.1, 3.9)]
+    table = order_ab.summary(rows).splitlines()
+    assert table[2] == "| 64 | 4 | q_outer X=0 | 3 | 1.000 (0.900-1.500) | 2/3 | 3.000 (2.000-4.000) | 1/3 |"
+    assert table[3] == "| 64 | 4 | q_outer X=1 | 3 | 1.200 (1.100-2.000) | 1/3 | 2.500 (2.200-3.900) | 2/3 |"
+    no_bwd = order_ab.summary([{**r, "fwdbwd": None} for r in rows]).splitlines()
+    assert no_bwd[2].endswith("| 2/3 | - | - |")
