@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from unittest import mock
@@ -28,7 +27,9 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sparsa  # noqa: E402
+from benchmarks.issue_targets import check_targets, format_targets  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
+from sparsa.checkpoint import write_json  # noqa: E402
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
@@ -247,6 +248,8 @@ def main():
     ap.add_argument("--q-tile", action="store_true", help="also time the q_tile forward (slow on random selections)")
     ap.add_argument("--pool", type=int, default=0, help="pooled selections from P blocks per 64-token tile (0: random)")
     args = ap.parse_args()
+    if args.out and os.path.isdir(args.out):  # found before any timing, not when the first row is written
+        raise ValueError(f"--out: {args.out} is a directory; give the JSON file to write")
     ns = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536, 131072]
     gs = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
     if args.ns:
@@ -305,9 +308,8 @@ def main():
             if n <= 8192:
                 row["reference_fwd"] = time_reference(q, k, v, idx)
             rows.append(row)
-            if args.out:  # written after every row: a run cut short keeps what it measured
-                with open(args.out, "w") as f:
-                    json.dump({"info": info, "rows": rows}, f, indent=1)
+            if args.out:  # written (atomically) after every row: a run cut short keeps what it measured
+                write_json(args.out, {"info": info, "rows": rows})
             print(
                 f"  G={group:2d} index {row['index']:.3f} | fwd q_outer {row['fwd_q_outer']:.3f} kv_outer {row['fwd_kv_outer']:.3f}"
                 f"{' q_tile %.3f' % row['fwd_q_tile'] if 'fwd_q_tile' in row else ''}"
@@ -317,9 +319,10 @@ def main():
             )
             del q, k, v, idx
             torch.cuda.empty_cache()
+    # issue 3's targets (anchors for random selections on the H100; benchmarks/issue_targets.py)
+    targets = [] if args.pool else check_targets([r for r in rows if "N" in r], rate)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+        write_json(args.out, {"info": info, "rows": rows, "issue_targets": targets})
     print(
         f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s, "
         f"memory {mem_rate:.0f} GB/s; floor = KV-outer traffic model at that memory rate"
@@ -337,6 +340,8 @@ def main():
             f" {r['dense_fwd'] / r['fwd']:.1f}x | {r['dense_fwdbwd'] / r['fwdbwd']:.1f}x |"
             f" {r['floor_fwd_ms']:.2f} / {r['floor_fwdbwd_ms']:.2f} |"
         )
+    if targets:
+        print("\n" + format_targets(targets, info["gpu"]))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,11 @@ def test_order_ab_summary_gives_medians_ranges_and_wins():
     assert table[3] == "| 64 | 4 | q_outer X=1 | 3 | 1.200 (1.100-2.000) | 1/3 | 2.500 (2.200-3.900) | 2/3 |"
     no_bwd = order_ab.summary([{**r, "fwdbwd": None} for r in rows]).splitlines()
     assert no_bwd[2].endswith("| 2/3 | - | - |")
+
+
+def test_sparse_attention_benchmark_rejects_a_directory_as_out(tmp_path):
+    """--out names the JSON file; a directory is a ValueError before anything is timed (no GPU needed)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sparse_attention.py"), "--out",
+                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "ValueError: --out" in out.stderr, out.stderr[-2000:]
