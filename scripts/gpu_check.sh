@@ -51,7 +51,7 @@ step serve_check 300 "$PY" scripts/gpu_serve.py
 step gpu_pytest 600 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_attention_kl.py tests/ops/test_kl_gluon.py tests/ops/test_launch.py tests/ops/test_sparse_attn_triton.py -k gpu
 # the sparse-attention GPU pytest cases alone (bf16, every loop order), without the StreamKL ones
 step sa_pytest 170 env SPARSA_POISON_OUTPUTS=1 "$PY" -m pytest -q tests/ops/test_sparse_attn_triton.py -k gpu
-step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}"
+step bench_sparse_attn 600 "$PY" benchmarks/sparse_attention.py "${SA_ARGS[@]}" --out "$LOGS/bench_sparse_attn.json"
 step bench_attention_kl 600 "$PY" benchmarks/attention_kl.py --out "$LOGS" "${KL_ARGS[@]}"
 # the Gluon StreamKL forward (default on Hopper from gluon_fwd.GLUON_MIN_KEYS keys): its checks and config A/B,
 # then the API forward with each config and the automatic choice at every size
@@ -154,6 +154,6 @@ step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --g
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
 step sa_host_overhead 240 "$PY" scripts/sa_host_overhead.py --sizes 4096,8192,16384 --groups 1,4,8 --profile 8192,4
-for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 25 "$f"; }; done
+for f in "$LOGS"/bench_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -n 40 "$f"; }; done
 echo "== summary ($(cat "$LOGS/env.txt"))"
 cat "$SUMMARY"
