@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import sparsa  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
+from sparsa.checkpoint import write_json, write_text  # noqa: E402
 
 H, D = 32, 128
 NAIVE_MAX = 8192
@@ -318,13 +319,12 @@ def main():
     except Exception as exc:  # noqa: BLE001 - metadata only
         print(f"could not read the autotuner caches: {exc!r}")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_kl.json"), "w") as fh:
-        json.dump({"meta": meta, "results": results, "extras": extras}, fh, indent=1)
+    write_json(os.path.join(args.out, "attention_kl.json"), {"meta": meta, "results": results, "extras": extras},
+               indent=1)
     text = "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n" + table(results) + "\n"
     if extras:
         text += "\nExtras:\n" + "\n".join("- " + json.dumps(e) for e in extras) + "\n"
-    with open(os.path.join(args.out, "attention_kl.md"), "w") as fh:
-        fh.write(text)
+    write_text(os.path.join(args.out, "attention_kl.md"), text)
     print(text)
 
 

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from sparsa.checkpoint import write_json
 from sparsa.config import ModelConfig, SparseConfig
 from sparsa.models.llama import SparsaLM
 from sparsa.serve import Engine
@@ -325,8 +326,7 @@ def main():
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = hit_rate_study(args.hit_rate, args.hit_context, args.hit_new_tokens, device, args.threads)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "hit_rate_study": rows}, f, indent=2, default=float)
+            write_json(args.json, {"args": vars(args), "hit_rate_study": rows}, default=float)
         return
     args.layers = args.layers or (2 if args.quick else 4)
     args.batches = args.batches or ([1, 8] if args.quick else [1, 4, 16, 32, 64])
@@ -370,9 +370,8 @@ def main():
         md += "\n".join(f"| {r['context']} | {r['mode']} | {r['largest_batch']} | {r['limited_by']} |" for r in capacity)
     print(md)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "full_depth_capacity": capacity, "table": md}, f,
-                      indent=2, default=float)
+        write_json(args.json, {"args": vars(args), "results": results, "full_depth_capacity": capacity, "table": md},
+                   default=float)
 
 
 if __name__ == "__main__":

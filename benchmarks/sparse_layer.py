@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.timing import median_ms  # noqa: E402
+from sparsa.checkpoint import write_json, write_text  # noqa: E402
 from sparsa import select_blocks, sparse_attention  # noqa: E402
 from sparsa.layers.nsa import NSABranches  # noqa: E402
 from sparsa.ops.compress import compressed_attention, mean_pool  # noqa: E402
@@ -345,11 +345,9 @@ def main():
             text += ["", "Correctness checks (bf16 on this GPU vs float64 references):", ""]
             text += [f"- {k}: {v}" for k, v in checks.items()]
         if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(text) + "\n")
+            write_text(args.out, "\n".join(text) + "\n")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(info=info, checks=checks, tuning=tuning, dense_ms=dense_ms, rows=rows), f, indent=1)
+            write_json(args.json, dict(info=info, checks=checks, tuning=tuning, dense_ms=dense_ms, rows=rows), indent=1)
 
     for n in [int(s) for s in args.seqlens.split(",")]:
         if time.time() - start > args.budget_s:

@@ -38,10 +38,19 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, *, indent: int = 2, default=None) -> None:
+    """json.dump(data) to path, atomically (`default` as in json.dump: how to write other objects)."""
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=indent, default=default)
+    atomic_write(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    """text to path, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
     atomic_write(path, write)
 
 
