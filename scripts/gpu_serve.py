@@ -9,7 +9,6 @@ Every check prints PASS / FAIL and the script keeps going after a failure; exit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 
 os.environ.setdefault("SPARSA_BACKEND", "auto")
 
+from sparsa.checkpoint import write_json  # noqa: E402
 from sparsa.config import ModelConfig, SparseConfig  # noqa: E402
 from sparsa.models.llama import SparsaLM  # noqa: E402
 from sparsa.serve import Engine  # noqa: E402
@@ -293,8 +293,7 @@ def main():
         fn()
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f, indent=2, default=str)
+        write_json(args.out, RESULTS, default=str)
     print(f"{len(RESULTS) - len(FAILED)} passed, {len(FAILED)} failed: {FAILED}")
     return 1 if FAILED else 0
 

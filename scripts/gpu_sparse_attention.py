@@ -14,7 +14,6 @@ sampled rows against an fp64 per-row reference.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ import traceback
 import torch
 
 import sparsa
+from sparsa.checkpoint import write_json
 from sparsa.ops.sparse_attn import backward as bwd_mod
 from sparsa.ops.sparse_attn import kv_outer as kv_mod
 from sparsa.ops.sparse_attn import naive
@@ -306,8 +306,7 @@ def main():
     for r in FAILURES:
         print("  FAILED:", r)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f, indent=1)
+        write_json(args.out, RESULTS, indent=1)
     return 1 if FAILURES else 0
 
 

@@ -38,7 +38,7 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def write_json(path: Path, data: dict, *, indent: int = 2, default=None) -> None:
+def write_json(path: Path, data: dict | list, *, indent: int = 2, default=None) -> None:
     """json.dump(data) to path, atomically (`default` as in json.dump: how to write other objects)."""
     def write(tmp):
         with open(tmp, "w") as f:
