@@ -17,7 +17,7 @@ import os
 import torch
 
 from benchmarks.sparse_attention import bench, sparse_calls
-from scripts.sa_kernel_times import gpu_state, kernel_times
+from scripts.sa_kernel_times import gpu_state, kernel_times, print_top_kernels
 
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
@@ -58,8 +58,7 @@ def main():
             total = sum(per.values())
             print(f"\nN={n} one-token tiles {tiles}: do_bench {ms:.3f} ms, kernels {total:.3f} ms, gap "
                   f"{ms - total:.3f} ms; SM clock MHz, power W, temperature C under load: {state}", flush=True)
-            for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
-                print(f"  {t:8.3f}  {key}", flush=True)
+            print_top_kernels(per)
         os.environ.pop("SPARSA_ONE_TOKEN_TILES", None)
         del fwd_bwd
         torch.cuda.empty_cache()

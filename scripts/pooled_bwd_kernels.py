@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmarks.sparse_attention as sa  # noqa: E402
-from scripts.sa_kernel_times import kernel_times  # noqa: E402
+from scripts.sa_kernel_times import kernel_times, print_top_kernels  # noqa: E402
 
 BACKWARDS = ("kv_outer", "hybrid", "q_tile")
 
@@ -33,8 +33,7 @@ def probe(n, group, pool, calls, backwards=BACKWARDS):
         total = sum(per.values())
         print(f"\nN={n} G={group} pool={pool} backward={backward}: fwd {fwd_ms:.3f} ms, fwd+bwd do_bench {ms:.3f} ms, "
               f"kernels {total:.3f} ms", flush=True)
-        for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {t:8.3f}  {key}", flush=True)
+        print_top_kernels(per)
     os.environ.pop("SPARSA_Q_TILE_BACKWARD", None)
 
 

@@ -55,6 +55,12 @@ def kernel_times(fn, calls):
     return dict(per)
 
 
+def print_top_kernels(per: dict, top: int = 12) -> None:
+    """The `top` kernels of kernel_times' {name: ms per call}, slowest first."""
+    for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t:8.3f}  {key}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="65536")
@@ -75,8 +81,7 @@ def main():
                     print(f"\nN={n} G={group} index={name} {label}: do_bench {ms:.3f} ms, kernels {total:.3f} ms, "
                           f"gap {ms - total:.3f} ms; SM clock MHz, power W, temperature C under load: {state}",
                           flush=True)
-                    for key, t in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
-                        print(f"  {t:8.3f}  {key}", flush=True)
+                    print_top_kernels(per, 14)
             os.environ.pop("SPARSA_PAIR_INDEX", None)
             torch.cuda.empty_cache()
 
