@@ -4,8 +4,8 @@ before it costs GPU time.
 
     python3 scripts/gpu_script_dry_run.py scripts/kv_variants.py --sizes 64 --groups 1,4 --bwd "k;32x4"
 
-Works for kv_variants.py, kv_local_ab.py, sa_kernel_times.py, sa_host_overhead.py, index_ab.py, kernel_ab.py, order_ab.py, one_token_bwd_probe.py and
-pooled_bwd_kernels.py
+Works for kv_variants.py, kv_local_ab.py, sa_kernel_times.py, sa_host_overhead.py, index_ab.py, kernel_ab.py, order_ab.py, one_token_bwd_probe.py,
+pooled_bwd_kernels.py and gather_floor.py
 (tests/test_gpu_scripts.py).
 """
 import os
@@ -38,6 +38,7 @@ def make(n, group, seed=0, pool=0):
 b.make = make
 b.bench = lambda fn, grad_to_none=None: (fn(), 1.0)[1]
 b.time_dense = lambda n: (1.0, 1.0)
+b.memory_rate = lambda: 1000.0
 torch.cuda.get_device_name = lambda *a: "cpu (dry run)"
 torch.cuda.synchronize = lambda *a: None
 torch.cuda.empty_cache = lambda *a: None

@@ -23,6 +23,7 @@ PROBES = [
      "--rounds", "1"],
     ["scripts/one_token_bwd_probe.py", "--sizes", "48", "--group", "4", "--rounds", "1", "--calls", "1",
      "--state-calls", "1"],
+    ["scripts/gather_floor.py", "--ns", "48", "--gs", "2,8"],
 ]
 
 
