@@ -60,15 +60,16 @@ def _gather_kernel(k_ptr, v_ptr, idx_ptr, out_ptr, n_tokens, HKV: tl.constexpr, 
 @triton.jit
 def _gather_tma_kernel(k_desc, v_desc, idx_ptr, out_ptr, HKV: tl.constexpr, TOPK_: tl.constexpr,
                        BLOCK: tl.constexpr, DIM: tl.constexpr, STAGES: tl.constexpr):
-    """As _gather_kernel with K and V loaded as [BLOCK, DIM] TMA boxes of [N, HKV * DIM] (a -1 slot loads block 0)."""
+    """As _gather_kernel with K and V loaded as [BLOCK, DIM] TMA boxes of [N, HKV * DIM] (a -1 slot loads block 0, weighted 0)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     acc = tl.zeros([BLOCK, DIM], tl.float32)
     for s in tl.range(0, TOPK_, num_stages=STAGES):
         blk = tl.load(idx_ptr + (t.to(tl.int64) * HKV + h) * TOPK_ + s)
         row = (tl.maximum(blk, 0) * BLOCK).to(tl.int32)
-        acc += k_desc.load([row, (h * DIM).to(tl.int32)]).to(tl.float32)
-        acc += v_desc.load([row, (h * DIM).to(tl.int32)]).to(tl.float32)
+        used = (blk >= 0).to(tl.float32)  # a -1 slot's load of block 0 is not counted
+        acc += k_desc.load([row, (h * DIM).to(tl.int32)]).to(tl.float32) * used
+        acc += v_desc.load([row, (h * DIM).to(tl.int32)]).to(tl.float32) * used
     tl.store(out_ptr + t * HKV + h, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 

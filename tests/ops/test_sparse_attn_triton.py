@@ -362,6 +362,49 @@ def test_query_outer_order_on_one_token_tiles(dtype, tma, monkeypatch):
     assert tiles and all(t == (16, 1, 2) for t in tiles)
 
 
+@pytest.mark.parametrize("dtype, group", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 3)])
+def test_query_outer_kernel_with_tma_loads(dtype, group, monkeypatch):
+    """SPARSA_Q_OUTER_TMA=1: the query-outer kernel loads K / V blocks by TMA (no tile unions, the one-token tiles
+    never run), its backward the KV-outer one; against the float64 reference on packed documents (a document
+    shorter than a block, blocks cut by a document end, a last block whose TMA box runs past N), repeated and
+    padded (-1) slots, large logits, and every token choosing only block 0 and its own block."""
+    from sparsa.ops.sparse_attn import q_outer as qo_mod
+    from sparsa.ops.sparse_attn import triton_ops
+
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "1")
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")  # TMA in the interpreter
+    monkeypatch.setattr(triton_ops, "q_tile_forward", None)  # the one-token tiles must not run
+    calls = []
+    real = qo_mod.q_outer_forward
+    monkeypatch.setattr(triton_ops, "q_outer_forward", lambda *a, **kw: calls.append(kw.get("tma")) or real(*a, **kw))
+    cu = torch.tensor([0, 21, 25, 64], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = make_inputs(1, 64, 2 if group == 3 else 1, group, 32, dtype, logit=40.0, seed=97)
+    check_packed_and_degenerate(q, k, v, do, 97, 8, cu, "q_outer")
+    assert calls and all(calls)
+
+
+def test_query_outer_tma_rule(monkeypatch):
+    """q_outer_tma: 0 never; 1 wherever list_tma allows TMA; auto only with Q_OUTER_TMA_AUTO, head dims and blocks
+    up to 128; a bad value is a ValueError naming the variable."""
+    from sparsa.ops.sparse_attn import q_tile as qt_mod
+
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
+    q, kv = torch.zeros(64, 16, 32), torch.zeros(64, 1, 32)
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "1")
+    assert qt_mod.q_outer_tma(q, kv, kv, 16)
+    assert not qt_mod.q_outer_tma(q, torch.zeros(64, 1, 24), torch.zeros(64, 1, 24), 16)  # no TMA box of width 24
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "0")
+    assert not qt_mod.q_outer_tma(q, kv, kv, 16)
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "auto")
+    monkeypatch.setattr(qt_mod, "Q_OUTER_TMA_AUTO", True)
+    assert qt_mod.q_outer_tma(q, kv, kv, 16) and not qt_mod.q_outer_tma(q, kv, kv, 256)
+    monkeypatch.setattr(qt_mod, "Q_OUTER_TMA_AUTO", False)
+    assert not qt_mod.q_outer_tma(q, kv, kv, 16)
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "yes")
+    with pytest.raises(ValueError, match="SPARSA_Q_OUTER_TMA"):
+        qt_mod.q_outer_tma(q, kv, kv, 16)
+
+
 def test_one_token_tile_rule(monkeypatch):
     """one_token_tile: automatic only at G = 16 from 2048 tokens (up to 128K and more) where the list forward
     uses TMA (so never for CPU tensors without SPARSA_Q_TILE_TMA=1), head dims and blocks up to 128; 1 forces it at G = 16, 32, ... (not at
@@ -923,6 +966,23 @@ def test_gpu_bf16_one_token_tiles(monkeypatch):
     idx = random_selection(1, 4096, 2, 16, 64, generator=torch.Generator().manual_seed(99), device=DEVICE)
     check(q, k, v, do, idx, 64, orders=("q_outer",), tol=2e-2)
     assert tiles == [(16, 1, 2)]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("group", [4, 16])
+def test_gpu_bf16_query_outer_tma(group, monkeypatch):
+    """The query-outer kernel with K / V by TMA (SPARSA_Q_OUTER_TMA=1; Hopper) in bf16 with large logits and a
+    sequence that ends inside a block, against the float64 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9+")
+    from sparsa.ops.sparse_attn import triton_ops
+
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "1")
+    monkeypatch.setattr(triton_ops, "q_tile_forward", None)  # the one-token tiles must not run
+    n, hkv = 4000, 32 // group
+    q, k, v, do = make_inputs(1, n, hkv, group, 128, torch.bfloat16, logit=40.0, seed=100 + group)
+    idx = random_selection(1, n, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device=DEVICE)
+    check(q, k, v, do, idx, 64, orders=("q_outer",), tol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -84,6 +84,9 @@ def _q_outer_fwd_kernel(
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     BRANCHLESS: tl.constexpr,
+    KD=None,
+    VD=None,
+    TMA: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -105,7 +108,14 @@ def _q_outer_fwd_kernel(
         b = tl.load(idx_row + s).to(tl.int64)
         use = (b >= 0) & (b * BS <= tloc) & (b != prev)
         kpos = doc0 + b * BS + offs_n
-        if BRANCHLESS:  # masked loads move no data; lets the compiler pipeline the block loads
+        if TMA:  # the block's BLOCK_N rows as TMA boxes of [N, Hkv * D] (a skipped slot loads rows of block 0;
+            # rows past N read as 0; every loaded row is finite, and the masked ones get probability 0)
+            row = (doc0 + tl.maximum(b, 0) * BS).to(tl.int32)
+            smask = (offs_n < BS) & (kpos <= t) & use
+            k_blk = KD.load([row, (h * D).to(tl.int32)])
+            v_blk = VD.load([row, (h * DV).to(tl.int32)])
+            m_i, l_i, acc = attend_loaded(q, k_blk, v_blk, smask[None, :], m_i, l_i, acc, qk_scale, PRECISION)
+        elif BRANCHLESS:  # masked loads move no data; lets the compiler pipeline the block loads
             kmask = (offs_n < BS) & (kpos <= t) & use
             m_i, l_i, acc = attend_block(
                 q, K, V, kpos, kmask, h, Hkv, kmask[None, :], m_i, l_i, acc, qk_scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION
@@ -129,6 +139,9 @@ def precision_for(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# (num_warps, num_stages) of the kernel with TMA loads (the one-token tiles' 2 warps x 3 stages at G = 16 are the
+# measured reference); an A/B knob (scripts/q_outer_tma_ab.py)
+TMA_CONFIG = (2, 3)
 # (BRANCHLESS, num_warps, num_stages) forced by the tuning benchmark; None = the default below
 Q_OUTER_OVERRIDE: tuple[bool, int, int] | None = None
 
@@ -143,8 +156,17 @@ def q_outer_config(block_d: int) -> tuple[bool, int, int]:
     return (True, 8, 2) if block_d > 128 else (True, 4, 3)
 
 
-def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
-    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 -> o [N, Hq, Dv], lse [N, Hq] fp32."""
+def row_descriptor(x, block_n: int):
+    """TMA descriptor of x [N, Hkv, D] viewed as [N, Hkv * D], boxes of [block_n, D] (one KV head's block)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, heads, width = x.shape
+    return TensorDescriptor.from_tensor(x.view(n, heads * width), [block_n, width])
+
+
+def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float, tma: bool = False):
+    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 -> o [N, Hq, Dv], lse [N, Hq] fp32.
+    tma: K and V blocks by TMA (q_tile.list_tma's conditions: head dims that are their own block widths)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
@@ -152,6 +174,11 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
     lse = new_output((n_tokens, n_heads_q), torch.float32, q.device)
     block_d, block_dv = _pow2(head_dim), _pow2(head_dim_v)
     branchless, warps, stages = q_outer_config(max(block_d, block_dv))
+    if tma:
+        warps, stages = TMA_CONFIG
+        kd, vd = (row_descriptor(x, _pow2(block_size)) for x in (k, v))
+    else:
+        kd = vd = None
     _q_outer_fwd_kernel[(n_tokens, n_heads_kv)](
         q,
         k,
@@ -174,6 +201,9 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float):
         BLOCK_DV=block_dv,
         PRECISION=precision_for(q.dtype),
         BRANCHLESS=branchless,
+        KD=kd,
+        VD=vd,
+        TMA=tma,
         num_warps=warps,
         num_stages=stages,
     )

@@ -31,6 +31,7 @@ from .._alloc import new_output
 from .._env import env_choice
 from .kv_outer import reduce_config
 from .q_outer import LOG2E, _pow2, attend_block, attend_loaded, precision_for, store_rows
+from .q_outer import row_descriptor as _row_descriptor
 
 # rows (tokens x G heads) of one program at head dim 128 (scaled like the reductions for other head dims)
 TILE_ROWS = 64
@@ -43,6 +44,8 @@ LIST_WARPS = None
 LIST_STAGES = None
 # K and V of the union-list forward by TMA (`list_tma`): on by default on Hopper and later GPUs (8K-64K forwards
 # 8-16% faster on the H100, session 21); SPARSA_Q_TILE_TMA=0 / 1 forces it off / on
+# q_outer_tma's automatic use (the query-outer kernel with K / V by TMA instead of the one-token tiles)
+Q_OUTER_TMA_AUTO = False
 # one_token_tile's automatic use from this many tokens (the smallest measured size was 8K)
 ONE_TOKEN_MIN_TOKENS = 2048
 # With gradients too, at every size: session 26 limited them to 64K tokens from single-sample medians at 128K;
@@ -324,6 +327,19 @@ def one_token_tile(q, k, v, block_size: int) -> tuple[int, int, int] | None:
     return group, 1, 2 if group == 16 else 4
 
 
+def q_outer_tma(q, k, v, block_size: int) -> bool:
+    """Whether the query-outer order's forward runs its own kernel with K / V by TMA (no tile unions: one counted
+    loop over the token's slots), ahead of one_token_tile. SPARSA_Q_OUTER_TMA=auto (default): where
+    Q_OUTER_TMA_AUTO is on, at head dims and blocks up to 128 where list_tma allows TMA; 1: wherever list_tma
+    allows it; 0: never."""
+    choice = env_choice("SPARSA_Q_OUTER_TMA", ("auto", "0", "1"), "auto")
+    if choice == "0":
+        return False
+    if choice == "auto" and not (Q_OUTER_TMA_AUTO and max(q.shape[2], v.shape[2]) <= 128 and block_size <= 128):
+        return False
+    return list_tma(k, v)
+
+
 def list_tma(k, v) -> bool:
     """Whether the union-list forward loads k [N, Hkv, D] and v [N, Hkv, Dv] by TMA: by default on CUDA devices
     of compute capability 9 or more for 16-bit inputs whose rows are at most 256 bytes (what the GPU tests and
@@ -344,14 +360,6 @@ def list_tma(k, v) -> bool:
         and x.shape[1] * x.shape[2] * x.element_size() % 16 == 0
         for x in (k, v)
     )
-
-
-def _row_descriptor(x, block_n: int):
-    """TMA descriptor of x [N, Hkv, D] viewed as [N, Hkv * D], boxes of [block_n, D] (one KV head's block)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    n, heads, width = x.shape
-    return TensorDescriptor.from_tensor(x.view(n, heads * width), [block_n, width])
 
 
 def tile_union(idx, meta, block_size: int, tokens: int):

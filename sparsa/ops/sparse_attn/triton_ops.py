@@ -123,7 +123,9 @@ class _SparseAttention(torch.autograd.Function):
         group = n_heads_q // n_heads_kv
         topk = idx.shape[-1]
         indices = None
-        if loop_order == "q_outer" and (tile := q_tile_kernels.one_token_tile(q, k, v, block_size)) is not None:
+        if loop_order == "q_outer" and q_tile_kernels.q_outer_tma(q, k, v, block_size):
+            o, lse = q_outer_forward(q, k, v, idx, meta, block_size, scale, tma=True)
+        elif loop_order == "q_outer" and (tile := q_tile_kernels.one_token_tile(q, k, v, block_size)) is not None:
             o, lse = q_tile_forward(q, k, v, idx, meta, block_size, scale, tile=tile)  # the same work, pipelined
         elif loop_order == "q_outer":
             o, lse = q_outer_forward(q, k, v, idx, meta, block_size, scale)
