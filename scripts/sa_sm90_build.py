@@ -45,7 +45,7 @@ ALIGNED_INTS = {"Hq", "N", "BS"}  # multiples of 16 in the benchmark's setup (Tr
 
 
 def arg_type(name: str) -> str:
-    if name in ("KD", "VD"):  # q_tile's TMA descriptors of K / V viewed as [N, Hkv * D], one block per box
+    if name in ("KD", "VD"):  # TMA descriptors of K / V viewed as [N, Hkv * D], one block per box (q_tile, q_outer)
         return f"tensordesc<bf16[{BS}, {D}]>"
     for kind, names in POINTER_TYPES.items():
         if name in names:
@@ -110,7 +110,9 @@ def kernels(group: int):
     yield "dq_reduce", bwd._dq_reduce_kernel, dq, rwarps, 3, None
     branchless, qwarps, qstages = qo.q_outer_config(D)
     qo_const = dict(common, TOPK=TOPK, BLOCK_G=qo._pow2(group), BLOCK_N=BS, BRANCHLESS=branchless)
-    yield "q_outer", qo._q_outer_fwd_kernel, qo_const, qwarps, qstages, None
+    yield "q_outer", qo._q_outer_fwd_kernel, dict(qo_const, TMA=False), qwarps, qstages, None
+    twarps_qo, tstages_qo = qo.TMA_CONFIG
+    yield "q_outer tma", qo._q_outer_fwd_kernel, dict(qo_const, TMA=True), twarps_qo, tstages_qo, None
     rows, tokens, twarps = qt.tile_config(group, D)
     tile = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
     yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None

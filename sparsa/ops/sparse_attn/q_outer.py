@@ -84,9 +84,9 @@ def _q_outer_fwd_kernel(
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     BRANCHLESS: tl.constexpr,
-    KD=None,
-    VD=None,
-    TMA: tl.constexpr = False,
+    KD,
+    VD,
+    TMA: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -178,7 +178,7 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float, tma: bool
         warps, stages = TMA_CONFIG
         kd, vd = (row_descriptor(x, _pow2(block_size)) for x in (k, v))
     else:
-        kd = vd = None
+        kd, vd = k, v  # unused without TMA (as the query-tile list kernel passes them)
     _q_outer_fwd_kernel[(n_tokens, n_heads_kv)](
         q,
         k,
