@@ -5,7 +5,7 @@ before it costs GPU time.
     python3 scripts/gpu_script_dry_run.py scripts/kv_variants.py --sizes 64 --groups 1,4 --bwd "k;32x4"
 
 Works for kv_variants.py, kv_local_ab.py, sa_kernel_times.py, sa_host_overhead.py, index_ab.py, kernel_ab.py, order_ab.py, one_token_bwd_probe.py,
-pooled_bwd_kernels.py and gather_floor.py
+pooled_bwd_kernels.py, gather_floor.py and q_outer_tma_ab.py
 (tests/test_gpu_scripts.py).
 """
 import os

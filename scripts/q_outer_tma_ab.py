@@ -9,29 +9,16 @@ variant's output is compared with the one-token tiles' (relative norm) before ti
 rounds per variant.
 """
 import argparse
-import os
 import statistics
 
 import torch
 
 import benchmarks.sparse_attention as sa
+from scripts.kl_dispatch_sweep import with_env
 from sparsa.ops.sparse_attn import q_outer as qo
 
 VARIANTS_ENV = {"one_token": {"SPARSA_Q_OUTER_TMA": "0", "SPARSA_ONE_TOKEN_TILES": "auto"},
                 "q_outer_ptr": {"SPARSA_Q_OUTER_TMA": "0", "SPARSA_ONE_TOKEN_TILES": "0"}}
-
-
-def with_env(env, fn):
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        return fn()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def main():
