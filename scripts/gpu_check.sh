@@ -5,7 +5,7 @@
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
-# one_token_probe gather_floor q_outer_tma sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
+# one_token_probe gather_floor q_outer_tma q_outer_tma_orders sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
 # kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
@@ -33,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma q_outer_tma_orders " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -154,6 +154,9 @@ step one_token_probe 400 bash -c "$PY scripts/one_token_bwd_probe.py; PYTORCH_CU
 step gather_floor 300 "$PY" scripts/gather_floor.py --out "$LOGS/gather_floor.json"
 # the query-outer kernel with K / V by TMA: its bf16 GPU tests, then the A/B against the one-token tiles at G = 16
 step q_outer_tma 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer_tma or one_token or matches_reference)' && $PY scripts/q_outer_tma_ab.py --backward"
+# with the TMA query-outer kernel on by default (session 29): its GPU tests, G = 16's order crossover (query-outer vs
+# KV-outer, forward and forward+backward) and the query-tile waste threshold at G = 16 against it
+step q_outer_tma_orders 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer or one_token or matches_reference)'; $PY scripts/order_ab.py --shapes '8192,16;12288,16;16384,16;24576,16' --orders q_outer,kv_outer --out $LOGS/q_outer_tma_orders.json; $PY scripts/locality_bench.py --ns 8192,65536 --gs 16 --pools 26,30,34,40,46,0 --no-backward"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

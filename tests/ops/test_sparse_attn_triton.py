@@ -384,8 +384,8 @@ def test_query_outer_kernel_with_tma_loads(dtype, group, monkeypatch):
 
 
 def test_query_outer_tma_rule(monkeypatch):
-    """q_outer_tma: 0 never; 1 wherever list_tma allows TMA; auto only with Q_OUTER_TMA_AUTO, head dims and blocks
-    up to 128; a bad value is a ValueError naming the variable."""
+    """q_outer_tma: 0 never; 1 wherever list_tma allows TMA; auto only with Q_OUTER_TMA_AUTO (on by default), G in
+    Q_OUTER_TMA_GROUPS (8 to 16), head dims and blocks up to 128; a bad value is a ValueError naming the variable."""
     from sparsa.ops.sparse_attn import q_tile as qt_mod
 
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
@@ -396,8 +396,11 @@ def test_query_outer_tma_rule(monkeypatch):
     monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "0")
     assert not qt_mod.q_outer_tma(q, kv, kv, 16)
     monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "auto")
-    monkeypatch.setattr(qt_mod, "Q_OUTER_TMA_AUTO", True)
+    assert qt_mod.Q_OUTER_TMA_AUTO and qt_mod.Q_OUTER_TMA_GROUPS == (8, 16)
     assert qt_mod.q_outer_tma(q, kv, kv, 16) and not qt_mod.q_outer_tma(q, kv, kv, 256)
+    for heads, expected in ((4, False), (8, True), (12, True), (32, False)):  # G measured: 8 and 16
+        assert qt_mod.q_outer_tma(torch.zeros(64, heads, 32), kv, kv, 16) == expected, heads
+    assert not qt_mod.q_outer_tma(torch.zeros(64, 16, 256), torch.zeros(64, 1, 256), torch.zeros(64, 1, 256), 16)
     monkeypatch.setattr(qt_mod, "Q_OUTER_TMA_AUTO", False)
     assert not qt_mod.q_outer_tma(q, kv, kv, 16)
     monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "yes")

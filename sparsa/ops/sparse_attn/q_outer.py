@@ -139,9 +139,12 @@ def precision_for(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# (num_warps, num_stages) of the kernel with TMA loads (the one-token tiles' 2 warps x 3 stages at G = 16 are the
-# measured reference); an A/B knob (scripts/q_outer_tma_ab.py)
-TMA_CONFIG = (2, 3)
+# (num_warps, num_stages) of the kernel with TMA loads. H100, session 29 (benchmarks/results/h100_session29/
+# q_outer_tma_configs.txt, forward medians of 3 rounds, random selections, Hq = 32, D = 128, block 64, top-16): 1 warp
+# x 2 stages was the fastest of 14 configurations everywhere measured: G = 16 8K 0.911-0.916 ms (2x3 1.016, 4x2
+# 0.984, one-token tiles 1.10), 16K 1.925, 64K 8.31, 128K 17.30 (2x3 17.49-17.72); G = 8 8K 1.74, 64K 16.06 (2x3 1.93
+# / 16.33). An A/B knob (scripts/q_outer_tma_ab.py)
+TMA_CONFIG = (1, 2)
 # (BRANCHLESS, num_warps, num_stages) forced by the tuning benchmark; None = the default below
 Q_OUTER_OVERRIDE: tuple[bool, int, int] | None = None
 

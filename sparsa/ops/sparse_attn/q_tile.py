@@ -44,8 +44,11 @@ LIST_WARPS = None
 LIST_STAGES = None
 # K and V of the union-list forward by TMA (`list_tma`): on by default on Hopper and later GPUs (8K-64K forwards
 # 8-16% faster on the H100, session 21); SPARSA_Q_TILE_TMA=0 / 1 forces it off / on
-# q_outer_tma's automatic use (the query-outer kernel with K / V by TMA instead of the one-token tiles)
-Q_OUTER_TMA_AUTO = False
+# q_outer_tma's automatic use (the query-outer kernel with K / V by TMA instead of the one-token tiles) and the group
+# sizes it covers: measured on the H100 at G = 8 and 16 (session 29, q_outer.TMA_CONFIG), faster than the one-token
+# tiles and the pointer kernel at every size (8K-128K)
+Q_OUTER_TMA_AUTO = True
+Q_OUTER_TMA_GROUPS = (8, 16)
 # one_token_tile's automatic use from this many tokens (the smallest measured size was 8K)
 ONE_TOKEN_MIN_TOKENS = 2048
 # With gradients too, at every size: session 26 limited them to 64K tokens from single-sample medians at 128K;
@@ -330,12 +333,16 @@ def one_token_tile(q, k, v, block_size: int) -> tuple[int, int, int] | None:
 def q_outer_tma(q, k, v, block_size: int) -> bool:
     """Whether the query-outer order's forward runs its own kernel with K / V by TMA (no tile unions: one counted
     loop over the token's slots), ahead of one_token_tile. SPARSA_Q_OUTER_TMA=auto (default): where
-    Q_OUTER_TMA_AUTO is on, at head dims and blocks up to 128 where list_tma allows TMA; 1: wherever list_tma
-    allows it; 0: never."""
+    Q_OUTER_TMA_AUTO is on, for G from Q_OUTER_TMA_GROUPS[0] to [1] at head dims and blocks up to 128 where list_tma
+    allows TMA; 1: wherever list_tma allows it; 0: never."""
     choice = env_choice("SPARSA_Q_OUTER_TMA", ("auto", "0", "1"), "auto")
     if choice == "0":
         return False
-    if choice == "auto" and not (Q_OUTER_TMA_AUTO and max(q.shape[2], v.shape[2]) <= 128 and block_size <= 128):
+    group = q.shape[1] // k.shape[1]
+    low, high = Q_OUTER_TMA_GROUPS
+    if choice == "auto" and not (
+        Q_OUTER_TMA_AUTO and low <= group <= high and max(q.shape[2], v.shape[2]) <= 128 and block_size <= 128
+    ):
         return False
     return list_tma(k, v)
 
