@@ -154,10 +154,10 @@ step one_token_probe 400 bash -c "$PY scripts/one_token_bwd_probe.py; PYTORCH_CU
 step gather_floor 300 "$PY" scripts/gather_floor.py --out "$LOGS/gather_floor.json"
 # the query-outer kernel with K / V by TMA: its bf16 GPU tests, then the A/B against the one-token tiles at G = 16
 step q_outer_tma 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer_tma or one_token or matches_reference)' && $PY scripts/q_outer_tma_ab.py --backward"
-# with the TMA query-outer kernel on by default (session 29): its GPU tests, G = 16's order crossover (query-outer vs
-# KV-outer, forward and forward+backward), the query-tile waste threshold at G = 16 against it, and the issue's
-# benchmark at G = 16 with the query-outer order forced (8K-128K, dense SDPA in the same run)
-step q_outer_tma_orders 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer or one_token or matches_reference)'; $PY scripts/order_ab.py --shapes '8192,16;12288,16;16384,16;24576,16' --orders q_outer,kv_outer --out $LOGS/q_outer_tma_orders.json; $PY scripts/locality_bench.py --ns 8192,65536 --gs 16 --pools 26,30,34,40,46,0 --no-backward; SPARSA_LOOP_ORDER=q_outer $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/g16_q_outer.json"
+# with the TMA query-outer kernel on by default (session 29): its GPU tests, G = 16's orders (query-outer, KV-outer
+# and the automatic one, forward and forward+backward), the issue's benchmark at G = 16 (8K-128K, dense SDPA in the
+# same run), then the query-tile waste threshold at G = 16 against the TMA query-outer kernel
+step q_outer_tma_orders 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer_tma or matches_reference)'; $PY scripts/order_ab.py --shapes '8192,16;16384,16' --orders q_outer,kv_outer,auto --out $LOGS/q_outer_tma_orders.json; $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/g16_sweep.json; $PY scripts/locality_bench.py --ns 8192,65536 --gs 16 --pools 30,40,0 --no-backward"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

@@ -664,6 +664,27 @@ def test_automatic_order_threshold_follows_tma(tma, expected, monkeypatch):
     assert taken == ["q_tile" if expected else "kv_outer"]
 
 
+@pytest.mark.parametrize("q_outer_tma, expected", [("1", "q_outer"), ("0", "q_tile")])
+def test_automatic_order_threshold_against_the_tma_query_outer_kernel(q_outer_tma, expected, monkeypatch):
+    """At G = 16 where the automatic order is query-outer, a waste of 2.0 keeps the TMA query-outer kernel
+    (threshold 1.9) but takes q_tile against the other query-outer forwards (threshold 2.4)."""
+    from sparsa.ops.sparse_attn import locality, triton_ops
+
+    monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(locality, "MIN_TOKENS", 64)
+    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: 2.0)
+    monkeypatch.delenv("SPARSA_LOCALITY_CHECK", raising=False)
+    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
+    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", q_outer_tma)
+    taken = []
+    monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: taken.append(a[-1]) or (a[0], a[0][..., 0]))
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "q_outer")
+    q, k, v, _ = make_inputs(1, 128, 1, 16, 16, torch.float32, seed=94)
+    idx = random_selection(1, 128, 1, 4, 16, generator=torch.Generator().manual_seed(94), device=DEVICE)
+    triton_ops.sparse_attention_triton(q, k, v, idx, block_size=16, scale=0.25)
+    assert taken == [expected]
+
+
 def test_locality_check_applies_only_where_measured(monkeypatch):
     """check_applies: from MIN_TOKENS tokens, head dims up to 128, blocks of up to 128 keys, on DEVICES, and
     not with SPARSA_LOCALITY_CHECK=0."""
@@ -787,6 +808,11 @@ def test_automatic_loop_order_rule():
     assert choose_loop_order(16, 32768, 128, 2, gluon_main=True) == "q_outer"
     assert choose_loop_order(16, 16384, 128, 2, gluon_main=True) == "kv_outer"  # H100 session 26 crossover
     assert choose_loop_order(16, 24576, 128, 2, gluon_main=True) == "q_outer"
+    # ... unless the query-outer forward is the TMA kernel (session 29): query-outer at every size
+    for n in (2048, 8192, 16384, 32768):
+        assert choose_loop_order(16, n, 128, 2, gluon_main=True, q_outer_tma=True) == "q_outer"
+    assert choose_loop_order(16, 8192, 128, 2, True, large_group_kv_outer=True, q_outer_tma=True) == "kv_outer"
+    assert choose_loop_order(8, 8192, 128, 4, gluon_main=True, q_outer_tma=True) == "kv_outer"
     assert choose_loop_order(16, 1024, 128, 2, gluon_main=True) == "q_outer"  # few queries
     assert choose_loop_order(4, 1024, 128, 8) == "q_outer"
     assert choose_loop_order(3, 4096, 64, 3) == "q_tile"  # SmolLM2-135M at 4K tokens
@@ -818,8 +844,12 @@ def test_device_tuning_table(monkeypatch):
     # the H200's measured crossovers (G = 1: 2.18 / 2.22, G = 4: 1.95 / 2.06) sit above its thresholds
     assert locality.max_waste(1, factor=h200.waste_factor) == pytest.approx(2.04)
     assert locality.max_waste(4, factor=h200.waste_factor) == pytest.approx(1.87)
-    # 8K G = 16 random selections (waste 2.36) take q_tile on the H100, not on the H200 (where KV-outer won)
+    # 8K G = 16 random selections (waste 2.36) take q_tile on the H100 against the one-token tiles / KV-outer, not
+    # on the H200 (where KV-outer won), and not against the TMA query-outer kernel (its threshold 1.9)
     assert locality.max_waste(16) > 2.36 > locality.max_waste(16, factor=h200.waste_factor)
+    assert locality.max_waste(16, q_outer_tma=True) == pytest.approx(1.9)
+    assert locality.max_waste(16, tma=False, q_outer_tma=True) == pytest.approx(1.9)
+    assert locality.max_waste(4, q_outer_tma=True) == locality.max_waste(4)  # no other group measured
     monkeypatch.setenv("SPARSA_DEVICE_TUNING", "h100")
     assert dt.device_tuning(torch.device("cuda", 0)) == dt.TUNINGS["h100"]
     monkeypatch.setenv("SPARSA_DEVICE_TUNING", "h200")
@@ -842,7 +872,7 @@ def test_device_tuning_reaches_the_automatic_order(monkeypatch):
     q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, seed=97)
     idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(97), device=DEVICE)
     sparsa.sparse_attention(q, k, v, idx, block_size=8)
-    assert seen[-1][-1] is True and factors == [0.85]
+    assert seen[-1][-2] is True and factors == [0.85]  # (..., large_group_kv_outer, q_outer_tma)
 
 
 def test_automatic_choice_sees_the_call_shape(monkeypatch):
@@ -856,7 +886,7 @@ def test_automatic_choice_sees_the_call_shape(monkeypatch):
     q, k, v, _ = make_inputs(2, 24, 2, 3, 16, torch.float32, dim_v=32, seed=96)
     idx = random_selection(2, 24, 2, 3, 8, generator=torch.Generator().manual_seed(96), device=DEVICE)
     sparsa.sparse_attention(q, k, v, idx, block_size=8)
-    assert seen == [(3, 48, 32, 2, False, False)]
+    assert seen == [(3, 48, 32, 2, False, False, False)]
 
 
 def test_local_block_table_definition():

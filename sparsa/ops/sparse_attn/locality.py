@@ -41,6 +41,12 @@ from .q_outer import _pow2
 MAX_WASTE = 2.1
 MAX_WASTE_BY_GROUP = {1: 2.4, 2: 2.1, 4: 2.2, 8: 2.2, 16: 2.4}
 NO_TMA_FACTOR = 0.88
+# ... and this one (per group size) where the other order is the query-outer kernel with K / V by TMA (session 29,
+# q_tile.q_outer_tma). H100: that kernel's forward (random selections) took 0.916 ms at 8K and 8.31 at 64K, G = 16;
+# session 21's query-tile times on pooled selections at G = 16 (benchmarks/results/h100_session21/tma_threshold.log,
+# waste 1.63-2.07: 0.755-0.942 ms at 8K; 1.70-2.27: 6.09-8.04 at 64K) cross those at a waste of about 2.01 (8K) and
+# 2.35 (64K); 95% of the lower one
+Q_OUTER_TMA_MAX_WASTE = {16: 1.9}
 # sampled (tile, KV head) programs per check, at most, and slot compares per check (default_sample_programs)
 SAMPLE_PROGRAMS = 2048
 SAMPLE_COMPARES = 1 << 27
@@ -208,15 +214,19 @@ def check_applies(q: torch.Tensor, head_dim: int, block_size: int) -> bool:
     return check_enabled()
 
 
-def max_waste(group: int, tma: bool = True, factor: float = 1.0) -> float:
+def max_waste(group: int, tma: bool = True, factor: float = 1.0, q_outer_tma: bool = False) -> float:
     """The waste below which the automatic order takes q_tile at G query heads per KV head, whose forward loads
-    K and V by TMA or not (see above), times the device's `factor` (device_tuning.py: 0.85 on the H200)."""
+    K and V by TMA or not (see above), times the device's `factor` (device_tuning.py: 0.85 on the H200);
+    q_outer_tma: the order it replaces is the query-outer kernel with K / V by TMA (Q_OUTER_TMA_MAX_WASTE)."""
+    if q_outer_tma and group in Q_OUTER_TMA_MAX_WASTE:
+        return Q_OUTER_TMA_MAX_WASTE[group] * factor
     return MAX_WASTE_BY_GROUP.get(group, MAX_WASTE) * (1.0 if tma else NO_TMA_FACTOR) * factor
 
 
-def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int, tma: bool = True, factor: float = 1.0) -> bool:
+def prefers_q_tile(idx: torch.Tensor, meta, tokens: int, group: int, tma: bool = True, factor: float = 1.0,
+                   q_outer_tma: bool = False) -> bool:
     """Whether the query-tile order's waste on this shape's selections idx [N, Hkv, K] (tiles of `tokens`
-    tokens; MONITOR's latest measurement) is under max_waste(group, tma, factor). False until a measurement has
-    completed."""
+    tokens; MONITOR's latest measurement) is under max_waste(group, tma, factor, q_outer_tma). False until a
+    measurement has completed."""
     waste = MONITOR.waste(idx, meta, tokens)
-    return waste is not None and waste < max_waste(group, tma, factor)
+    return waste is not None and waste < max_waste(group, tma, factor, q_outer_tma)

@@ -48,17 +48,21 @@ Q_TILE_MAX_HEAD_DIM = 64
 # 8.06-8.07. Query-outer's forward wins from 12K, but after it the backward builds the pair index the KV-outer
 # forward would have left, so forward+backward crosses between 16K and 24K: KV-outer below 20480 tokens.
 # (The H200 takes KV-outer at every size: device_tuning.py.) gpu_check.sh --only g16_orders is the A/B.
+# Where the query-outer forward is the kernel with K / V by TMA (session 29, q_tile.q_outer_tma) this bound does not
+# apply: on the H100 its forward took 1.015 ms at 8K and 2.04 at 16K (1 warp x 2 stages: 0.916 / 1.925) against
+# KV-outer's 1.129 / 2.308 in the same run (benchmarks/results/h100_session29/bench_tma_g16.log).
 GLUON_LARGE_GROUP_MAX_TOKENS = 20480
 
 
 def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int | None = None,
-                      gluon_main: bool = False, large_group_kv_outer: bool = False) -> str:
+                      gluon_main: bool = False, large_group_kv_outer: bool = False, q_outer_tma: bool = False) -> str:
     """Measured on the H100 (docs/kernels/sparse_attention.md): query-outer wins for large groups
     and for few queries (the KV-outer index build and reduction are fixed costs), except below 20480 tokens where the
-    KV-outer MAIN is the Gluon kernel (`gluon_main`) and at every size where `large_group_kv_outer` (GPUs with
-    faster memory, device_tuning.py); query-tile for small problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
+    KV-outer MAIN is the Gluon kernel (`gluon_main`) and the query-outer forward is not the TMA kernel
+    (`q_outer_tma`), and at every size where `large_group_kv_outer` (GPUs with faster memory, device_tuning.py);
+    query-tile for small problems at head dim <= 64 (Q_TILE_MAX_TOKEN_HEADS)."""
     if group >= 16:
-        gluon_sizes = gluon_main and n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS
+        gluon_sizes = gluon_main and n_tokens < GLUON_LARGE_GROUP_MAX_TOKENS and not q_outer_tma
         if n_tokens < 2048 or not (large_group_kv_outer or gluon_sizes):
             return "q_outer"
     if n_tokens < 2048:  # few queries: not measured yet, index + reduction fixed costs dominate
@@ -80,7 +84,9 @@ def automatic_loop_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     group = n_heads_q // n_heads_kv
     gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(q, k, v, block_size, False)
     large_group_kv_outer = device_tuning(q.device).large_group_kv_outer
-    return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main, large_group_kv_outer)
+    q_outer_tma = q_tile_kernels.q_outer_tma(q, k, v, block_size)
+    return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main, large_group_kv_outer,
+                             q_outer_tma)
 
 
 def forced_loop_order() -> str | None:
@@ -201,7 +207,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
             tokens = tile_config(group, head_dim_max)[1]
             tma = q_tile_kernels.UNION_LIST and q_tile_kernels.list_tma(kf, vf)  # its forward's K / V loads
             factor = device_tuning(qf.device).waste_factor
-            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma, factor=factor):
+            qo_tma = loop_order == "q_outer" and q_tile_kernels.q_outer_tma(qf, kf, vf, block_size)
+            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma, factor=factor, q_outer_tma=qo_tma):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
