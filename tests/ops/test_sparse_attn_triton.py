@@ -644,23 +644,32 @@ def test_locality_threshold_per_group(monkeypatch):
     assert not locality.prefers_q_tile(None, None, 16, 1)
 
 
-@pytest.mark.parametrize("tma, expected", [("1", True), ("0", False)])
-def test_automatic_order_threshold_follows_tma(tma, expected, monkeypatch):
-    """The automatic order compares the waste against max_waste(G, tma) with tma as the q_tile forward would
-    load K / V: at G = 2 a waste of 2.0 is under 2.1 (TMA) and over 2.1 x 0.88 (without)."""
+def order_taken(monkeypatch, waste: float, automatic: str, group: int, seed: int, **env: str) -> list[str]:
+    """The loop order sparse_attention_triton runs (kernels stubbed) when the automatic order is `automatic` and
+    the locality monitor's latest waste is `waste`, on 128 tokens x G heads of one or two KV heads, env set."""
     from sparsa.ops.sparse_attn import locality, triton_ops
 
     monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(locality, "MIN_TOKENS", 64)
-    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: 2.0)
+    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: waste)
     monkeypatch.delenv("SPARSA_LOCALITY_CHECK", raising=False)
-    monkeypatch.setenv("SPARSA_Q_TILE_TMA", tma)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     taken = []
     monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: taken.append(a[-1]) or (a[0], a[0][..., 0]))
-    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")
-    q, k, v, _ = make_inputs(1, 128, 2, 2, 16, torch.float32, seed=95)
-    idx = random_selection(1, 128, 2, 4, 16, generator=torch.Generator().manual_seed(95), device=DEVICE)
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: automatic)
+    hkv = 2 if group < 16 else 1
+    q, k, v, _ = make_inputs(1, 128, hkv, group, 16, torch.float32, seed=seed)
+    idx = random_selection(1, 128, hkv, 4, 16, generator=torch.Generator().manual_seed(seed), device=DEVICE)
     triton_ops.sparse_attention_triton(q, k, v, idx, block_size=16, scale=0.25)
+    return taken
+
+
+@pytest.mark.parametrize("tma, expected", [("1", True), ("0", False)])
+def test_automatic_order_threshold_follows_tma(tma, expected, monkeypatch):
+    """The automatic order compares the waste against max_waste(G, tma) with tma as the q_tile forward would
+    load K / V: at G = 2 a waste of 2.0 is under 2.1 (TMA) and over 2.1 x 0.88 (without)."""
+    taken = order_taken(monkeypatch, 2.0, "kv_outer", 2, 95, SPARSA_Q_TILE_TMA=tma)
     assert taken == ["q_tile" if expected else "kv_outer"]
 
 
@@ -668,20 +677,7 @@ def test_automatic_order_threshold_follows_tma(tma, expected, monkeypatch):
 def test_automatic_order_threshold_against_the_tma_query_outer_kernel(q_outer_tma, expected, monkeypatch):
     """At G = 16 where the automatic order is query-outer, a waste of 2.0 keeps the TMA query-outer kernel
     (threshold 1.9) but takes q_tile against the other query-outer forwards (threshold 2.4)."""
-    from sparsa.ops.sparse_attn import locality, triton_ops
-
-    monkeypatch.setattr(locality, "DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(locality, "MIN_TOKENS", 64)
-    monkeypatch.setattr(locality.MONITOR, "waste", lambda idx, meta, tokens: 2.0)
-    monkeypatch.delenv("SPARSA_LOCALITY_CHECK", raising=False)
-    monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")
-    monkeypatch.setenv("SPARSA_Q_OUTER_TMA", q_outer_tma)
-    taken = []
-    monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: taken.append(a[-1]) or (a[0], a[0][..., 0]))
-    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "q_outer")
-    q, k, v, _ = make_inputs(1, 128, 1, 16, 16, torch.float32, seed=94)
-    idx = random_selection(1, 128, 1, 4, 16, generator=torch.Generator().manual_seed(94), device=DEVICE)
-    triton_ops.sparse_attention_triton(q, k, v, idx, block_size=16, scale=0.25)
+    taken = order_taken(monkeypatch, 2.0, "q_outer", 16, 94, SPARSA_Q_TILE_TMA="1", SPARSA_Q_OUTER_TMA=q_outer_tma)
     assert taken == [expected]
 
 
