@@ -4,6 +4,9 @@ query tiles (the default at G = 16) and the query-outer kernel without TMA, inte
     PYTHONPATH=. python3 scripts/q_outer_tma_ab.py [--shapes '8192,16;16384,16;65536,16'] [--configs 2x3,4x3,2x4]
         [--rounds 3] [--backward]
 
+A config WxS[n]: W warps, S stages, with q_outer.TMA_SKIP_PADDING on; a trailing 'n': off (padded slots loaded and
+masked, the default).
+
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, random selections, bf16); each
 variant's output is compared with the one-token tiles' (relative norm) before timing. Ends with the median over
 rounds per variant.
@@ -24,14 +27,15 @@ VARIANTS_ENV = {"one_token": {"SPARSA_Q_OUTER_TMA": "0", "SPARSA_ONE_TOKEN_TILES
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8192,16;16384,16;65536,16")
-    ap.add_argument("--configs", default="2x3,4x3,2x4", help="warps x stages of the TMA kernel")
+    ap.add_argument("--configs", default="1x2,1x2n", help="warps x stages of the TMA kernel ('n': no padding skip)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backward", action="store_true", help="also forward+backward")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     variants = dict(VARIANTS_ENV)
     for cfg in args.configs.split(","):
-        variants[f"tma_{cfg}"] = {"SPARSA_Q_OUTER_TMA": "1", "config": tuple(int(x) for x in cfg.split("x"))}
+        variants[f"tma_{cfg}"] = {"SPARSA_Q_OUTER_TMA": "1", "config": tuple(int(x) for x in cfg.rstrip("n").split("x")),
+                                  "skip": not cfg.endswith("n")}
     times = {}
     for shape in args.shapes.split(";"):
         n, group = (int(x) for x in shape.split(","))
@@ -41,9 +45,9 @@ def main():
         for rnd in range(args.rounds):
             for name, env in variants.items():
                 env = dict(env)
-                config = env.pop("config", None)
-                saved = qo.TMA_CONFIG
-                qo.TMA_CONFIG = config or saved
+                config, skip = env.pop("config", None), env.pop("skip", True)
+                saved, saved_skip = qo.TMA_CONFIG, qo.TMA_SKIP_PADDING
+                qo.TMA_CONFIG, qo.TMA_SKIP_PADDING = config or saved, skip
                 try:
                     def fwd():
                         return sa.sparsa.sparse_attention(q, k, v, idx, block_size=sa.BS, loop_order="q_outer")
@@ -54,7 +58,7 @@ def main():
                     f_ms = with_env(env, lambda: sa.time_sparse(q, k, v, idx, "q_outer", False))
                     b_ms = with_env(env, lambda: sa.time_sparse(q, k, v, idx, "q_outer", True)) if args.backward else None
                 finally:
-                    qo.TMA_CONFIG = saved
+                    qo.TMA_CONFIG, qo.TMA_SKIP_PADDING = saved, saved_skip
                 times.setdefault((n, group, name), []).append((f_ms, b_ms))
                 extra = f" fwd+bwd {b_ms:.3f}" if b_ms is not None else ""
                 print(f"round {rnd} N={n} G={group} {name:>12}: fwd {f_ms:.3f} ms{extra}", flush=True)

@@ -109,10 +109,13 @@ def kernels(group: int):
     dq = dict(TOPK=TOPK, G=group, D=D, BLOCK_R=rows, TOKENS=tokens, BLOCK_D=D, SLOTS=kv.reduce_slots(TOPK, rows, D))
     yield "dq_reduce", bwd._dq_reduce_kernel, dq, rwarps, 3, None
     branchless, qwarps, qstages = qo.q_outer_config(D)
-    qo_const = dict(common, TOPK=TOPK, BLOCK_G=qo._pow2(group), BLOCK_N=BS, BRANCHLESS=branchless)
-    yield "q_outer", qo._q_outer_fwd_kernel, dict(qo_const, TMA=False), qwarps, qstages, None
+    qo_const = dict(common, TOPK=TOPK, BLOCK_G=qo._pow2(group), BLOCK_N=BS, BRANCHLESS=branchless,
+                    BLOCK_K=qo.next_pow2(TOPK))
+    yield "q_outer", qo._q_outer_fwd_kernel, dict(qo_const, TMA=False, SKIP_PADDING=False), qwarps, qstages, None
     twarps_qo, tstages_qo = qo.TMA_CONFIG
-    yield "q_outer tma", qo._q_outer_fwd_kernel, dict(qo_const, TMA=True), twarps_qo, tstages_qo, None
+    for skip in (True, False):
+        yield (f"q_outer tma{'' if skip else ' no-skip'}", qo._q_outer_fwd_kernel, dict(qo_const, TMA=True, SKIP_PADDING=skip),
+               twarps_qo, tstages_qo, None)
     rows, tokens, twarps = qt.tile_config(group, D)
     tile = dict(common, TOPK=TOPK, BLOCK_R=rows, TOKENS=tokens, BLOCK_N=BS, BLOCK_K=TOPK)
     yield "q_tile", qt._q_tile_fwd_kernel, tile, twarps, 3, None

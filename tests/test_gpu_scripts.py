@@ -24,7 +24,7 @@ PROBES = [
     ["scripts/one_token_bwd_probe.py", "--sizes", "48", "--group", "4", "--rounds", "1", "--calls", "1",
      "--state-calls", "1"],
     ["scripts/gather_floor.py", "--ns", "48", "--gs", "2,8"],
-    ["scripts/q_outer_tma_ab.py", "--shapes", "48,4", "--configs", "2x3", "--rounds", "1", "--backward"],
+    ["scripts/q_outer_tma_ab.py", "--shapes", "48,4", "--configs", "2x3,1x2n", "--rounds", "1", "--backward"],
 ]
 
 

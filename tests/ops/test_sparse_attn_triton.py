@@ -363,18 +363,21 @@ def test_query_outer_order_on_one_token_tiles(dtype, tma, monkeypatch):
     assert tiles and all(t == (16, 1, 2) for t in tiles)
 
 
-@pytest.mark.parametrize("dtype, group", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 3)])
-def test_query_outer_kernel_with_tma_loads(dtype, group, monkeypatch):
+@pytest.mark.parametrize("dtype, group, skip", [(torch.float32, 16, True), (torch.float32, 16, False),
+                                               (torch.float16, 16, True), (torch.float32, 3, False)])
+def test_query_outer_kernel_with_tma_loads(dtype, group, skip, monkeypatch):
     """SPARSA_Q_OUTER_TMA=1: the query-outer kernel loads K / V blocks by TMA (no tile unions, the one-token tiles
     never run), its backward the KV-outer one; against the float64 reference on packed documents (a document
     shorter than a block, blocks cut by a document end, a last block whose TMA box runs past N), repeated and
-    padded (-1) slots, large logits, and every token choosing only block 0 and its own block."""
+    padded (-1) slots, large logits, and every token choosing only block 0 and its own block; with and without
+    the loop starting past the leading padding (TMA_SKIP_PADDING)."""
     from sparsa.ops.sparse_attn import q_outer as qo_mod
     from sparsa.ops.sparse_attn import triton_ops
 
     monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "1")
     monkeypatch.setenv("SPARSA_Q_TILE_TMA", "1")  # TMA in the interpreter
     monkeypatch.setattr(triton_ops, "q_tile_forward", None)  # the one-token tiles must not run
+    monkeypatch.setattr(qo_mod, "TMA_SKIP_PADDING", skip)
     calls = []
     real = qo_mod.q_outer_forward
     monkeypatch.setattr(triton_ops, "q_outer_forward", lambda *a, **kw: calls.append(kw.get("tma")) or real(*a, **kw))
@@ -1000,15 +1003,17 @@ def test_gpu_bf16_one_token_tiles(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("group", [4, 16])
-def test_gpu_bf16_query_outer_tma(group, monkeypatch):
+@pytest.mark.parametrize("group, skip", [(4, False), (16, False), (16, True)])
+def test_gpu_bf16_query_outer_tma(group, skip, monkeypatch):
     """The query-outer kernel with K / V by TMA (SPARSA_Q_OUTER_TMA=1; Hopper) in bf16 with large logits and a
-    sequence that ends inside a block, against the float64 reference."""
+    sequence that ends inside a block, against the float64 reference; with and without TMA_SKIP_PADDING."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9+")
+    from sparsa.ops.sparse_attn import q_outer as qo_mod
     from sparsa.ops.sparse_attn import triton_ops
 
     monkeypatch.setenv("SPARSA_Q_OUTER_TMA", "1")
+    monkeypatch.setattr(qo_mod, "TMA_SKIP_PADDING", skip)
     monkeypatch.setattr(triton_ops, "q_tile_forward", None)  # the one-token tiles must not run
     n, hkv = 4000, 32 // group
     q, k, v, do = make_inputs(1, n, hkv, group, 128, torch.bfloat16, logit=40.0, seed=100 + group)

@@ -87,6 +87,8 @@ def _q_outer_fwd_kernel(
     KD,
     VD,
     TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SKIP_PADDING: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -104,7 +106,12 @@ def _q_outer_fwd_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     prev = tl.full([], -1, dtype=tl.int64)
     idx_row = IDX + (t * Hkv + h) * TOPK
-    for s in range(TOPK):
+    first = 0
+    if SKIP_PADDING:  # rows are sorted (the caller's contract), so the -1 padding leads: start past it
+        offs_k = tl.arange(0, BLOCK_K)
+        slots = tl.load(idx_row + offs_k, mask=offs_k < TOPK, other=0)
+        first = tl.sum((slots < 0).to(tl.int32), 0)
+    for s in range(first, TOPK):
         b = tl.load(idx_row + s).to(tl.int64)
         use = (b >= 0) & (b * BS <= tloc) & (b != prev)
         kpos = doc0 + b * BS + offs_n
@@ -145,6 +152,11 @@ def precision_for(dtype: torch.dtype) -> str:
 # 0.984, one-token tiles 1.10), 16K 1.925, 64K 8.31, 128K 17.30 (2x3 17.49-17.72); G = 8 8K 1.74, 64K 16.06 (2x3 1.93
 # / 16.33). An A/B knob (scripts/q_outer_tma_ab.py)
 TMA_CONFIG = (1, 2)
+# the TMA kernel starts each row's loop past its leading -1 padding (sorted rows) instead of loading block 0 for it
+# and masking it (at 8K about 6% of the benchmark's slots are padding). Off until timed on a GPU: its sm_90 build
+# (G = 16, 1 warp x 2 stages) spills 24 bytes where the kernel without it spills none. An A/B knob
+# (q_outer_tma_ab.py's configs without a trailing 'n' run with it on)
+TMA_SKIP_PADDING = False
 # (BRANCHLESS, num_warps, num_stages) forced by the tuning benchmark; None = the default below
 Q_OUTER_OVERRIDE: tuple[bool, int, int] | None = None
 
@@ -168,8 +180,10 @@ def row_descriptor(x, block_n: int):
 
 
 def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float, tma: bool = False):
-    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32 -> o [N, Hq, Dv], lse [N, Hq] fp32.
-    tma: K and V blocks by TMA (q_tile.list_tma's conditions: head dims that are their own block widths)."""
+    """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32, each row sorted ascending (-1 padding
+    first; sparse_attention_triton sorts them) -> o [N, Hq, Dv], lse [N, Hq] fp32. tma: K and V blocks by TMA
+    (q_tile.list_tma's conditions: head dims that are their own block widths), and the loop starts past the
+    padding."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
@@ -207,6 +221,8 @@ def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float, tma: bool
         KD=kd,
         VD=vd,
         TMA=tma,
+        BLOCK_K=next_pow2(idx.shape[-1]),
+        SKIP_PADDING=tma and TMA_SKIP_PADDING,
         num_warps=warps,
         num_stages=stages,
     )
