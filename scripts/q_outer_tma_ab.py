@@ -4,8 +4,8 @@ query tiles (the default at G = 16) and the query-outer kernel without TMA, inte
     PYTHONPATH=. python3 scripts/q_outer_tma_ab.py [--shapes '8192,16;16384,16;65536,16'] [--configs 2x3,4x3,2x4]
         [--rounds 3] [--backward]
 
-A config WxS[n]: W warps, S stages, with q_outer.TMA_SKIP_PADDING on; a trailing 'n': off (padded slots loaded and
-masked, the default).
+A config WxS[n]: W warps, S stages, with q_outer.TMA_SKIP_PADDING on (the default); a trailing 'n': off (padded
+slots loaded and masked).
 
 Setup as benchmarks/sparse_attention.py (Hq = 32, D = 128, block 64, top-16, random selections, bf16); each
 variant's output is compared with the one-token tiles' (relative norm) before timing. Ends with the median over

@@ -90,7 +90,7 @@ exec(open("scripts/gpu_script_dry_run.py").read().split("script = sys.argv[1]")[
 import benchmarks.sparse_attention as b
 from sparsa.ops.sparse_attn import locality
 locality.DEVICES, locality.MIN_TOKENS = ("cpu",), 64
-locality.max_waste = lambda group, tma=True, factor=1.0: max_waste
+locality.max_waste = lambda group, tma=True, factor=1.0, q_outer_tma=False: max_waste
 b.matmul_rate = b.memory_rate = b.time_reference = lambda *a: 1.0
 sys.argv = ["benchmarks/sparse_attention.py", "--ns", "128", "--gs", "4", "--pool", "1"]
 b.main()

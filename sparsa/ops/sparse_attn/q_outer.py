@@ -153,10 +153,11 @@ def precision_for(dtype: torch.dtype) -> str:
 # / 16.33). An A/B knob (scripts/q_outer_tma_ab.py)
 TMA_CONFIG = (1, 2)
 # the TMA kernel starts each row's loop past its leading -1 padding (sorted rows) instead of loading block 0 for it
-# and masking it (at 8K about 6% of the benchmark's slots are padding). Off until timed on a GPU: its sm_90 build
-# (G = 16, 1 warp x 2 stages) spills 24 bytes where the kernel without it spills none. An A/B knob
-# (q_outer_tma_ab.py's configs without a trailing 'n' run with it on)
-TMA_SKIP_PADDING = False
+# and masking it (at 8K about 6% of the benchmark's slots are padding). H100, session 29
+# (benchmarks/results/h100_session29/q_outer_skip.log, G = 16, forward medians of 3 rounds, on / off): 8K 0.890 /
+# 0.915 ms, 16K 1.878 / 1.902, 64K 8.179 / 8.169; its sm_90 build spills 24 bytes at 1 warp (none without it). An
+# A/B knob (q_outer_tma_ab.py: a config with a trailing 'n' runs with it off)
+TMA_SKIP_PADDING = True
 # (BRANCHLESS, num_warps, num_stages) forced by the tuning benchmark; None = the default below
 Q_OUTER_OVERRIDE: tuple[bool, int, int] | None = None
 
