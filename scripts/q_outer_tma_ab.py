@@ -1,7 +1,7 @@
 """A/B of the query-outer forward with K / V by TMA (SPARSA_Q_OUTER_TMA=1, per (warps, stages)) against the one-token
-query tiles (the default at G = 16) and the query-outer kernel without TMA, interleaved rounds (GPU).
+query tiles (the default at G = 16 before session 29) and the query-outer kernel without TMA, interleaved rounds (GPU).
 
-    PYTHONPATH=. python3 scripts/q_outer_tma_ab.py [--shapes '8192,16;16384,16;65536,16'] [--configs 2x3,4x3,2x4]
+    PYTHONPATH=. python3 scripts/q_outer_tma_ab.py [--shapes '8192,16;16384,16;65536,16'] [--configs 1x2,1x2n]
         [--rounds 3] [--backward]
 
 A config WxS[n]: W warps, S stages, with q_outer.TMA_SKIP_PADDING on (the default); a trailing 'n': off (padded

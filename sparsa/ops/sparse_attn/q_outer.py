@@ -183,8 +183,8 @@ def row_descriptor(x, block_n: int):
 def q_outer_forward(q, k, v, idx, meta, block_size: int, scale: float, tma: bool = False):
     """q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], idx [N, Hkv, K] int32, each row sorted ascending (-1 padding
     first; sparse_attention_triton sorts them) -> o [N, Hq, Dv], lse [N, Hq] fp32. tma: K and V blocks by TMA
-    (q_tile.list_tma's conditions: head dims that are their own block widths), and the loop starts past the
-    padding."""
+    (q_tile.list_tma's conditions: head dims that are their own block widths), and with TMA_SKIP_PADDING each row's
+    loop starts past its padding."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv, head_dim_v = k.shape[1], v.shape[2]
     group = n_heads_q // n_heads_kv
