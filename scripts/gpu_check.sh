@@ -5,7 +5,7 @@
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
-# one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders h200_g16 sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
+# one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
 # kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
@@ -33,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders h200_g16 " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -158,15 +158,13 @@ step q_outer_tma 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops
 # and the automatic one, forward and forward+backward), the issue's benchmark at G = 16 (8K-128K, dense SDPA in the
 # same run), then the query-tile waste threshold at G = 16 against the TMA query-outer kernel
 step q_outer_tma_orders 560 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and (query_outer_tma or matches_reference)'; $PY scripts/order_ab.py --shapes '8192,16;16384,16' --orders q_outer,kv_outer,auto --out $LOGS/q_outer_tma_orders.json; $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/g16_sweep.json; $PY scripts/locality_bench.py --ns 8192,65536 --gs 16 --pools 30,40,0 --no-backward"
-# the TMA query-outer kernel starting past each row's leading padding (q_outer.TMA_SKIP_PADDING, opt-in): its bf16
-# GPU tests, then the A/B with it on (1x2) and off (1x2n)
+# the TMA query-outer kernel starting past each row's leading padding (q_outer.TMA_SKIP_PADDING, on by default since
+# session 29): its bf16 GPU tests, then the A/B with it on (1x2) and off (1x2n)
 step q_outer_skip 300 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_sparse_attn_triton.py -k 'gpu and query_outer_tma' && $PY scripts/q_outer_tma_ab.py --shapes '8192,16;16384,16;65536,16' --configs 1x2,1x2n --rounds 3"
-# G = 16's orders on any GPU with the TMA query-outer kernel (for the H200's rule, device_tuning.large_group_kv_outer,
-# measured before that kernel existed): query-outer vs KV-outer, forward and forward+backward, 8K-128K
-step g16_tma_orders 400 "$PY" scripts/order_ab.py --shapes "8192,16;16384,16;32768,16;65536,16;131072,16" --orders q_outer,kv_outer --out "$LOGS/g16_tma_orders.json"
-# the same two A/Bs plus the issue's benchmark at G = 16 (the automatic order), in one call: on an H200 this settles
-# whether its G = 16 rule (KV-outer at every size) still holds against the TMA query-outer kernel
-step h200_g16 560 bash -c "$PY scripts/order_ab.py --shapes '8192,16;16384,16;32768,16;65536,16;131072,16' --orders q_outer,kv_outer --out $LOGS/h200_g16_orders.json; $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/h200_g16_bench.json"
+# G = 16's orders on any GPU with the TMA query-outer kernel (query-outer vs KV-outer, forward and
+# forward+backward, 8K-128K), then the issue's benchmark at G = 16 (the automatic order): on an H200 this settles
+# whether its G = 16 rule (device_tuning.large_group_kv_outer, measured before that kernel existed) still holds
+step g16_tma_orders 560 bash -c "$PY scripts/order_ab.py --shapes '8192,16;16384,16;32768,16;65536,16;131072,16' --orders q_outer,kv_outer --out $LOGS/g16_tma_orders.json; $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/g16_bench.json"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

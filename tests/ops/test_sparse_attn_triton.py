@@ -519,7 +519,7 @@ def test_automatic_order_takes_q_tile_on_shared_blocks(monkeypatch):
     monkeypatch.setattr(locality, "MONITOR", locality.LocalityMonitor())
     monkeypatch.setenv("SPARSA_LOCALITY_CHECK", "1")
     monkeypatch.setattr(qt_mod, "TILE_ROWS", 4)  # 16-token tiles at head dim 16, G = 2
-    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: "kv_outer")  # the size rule's choice at 64K
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a, **kw: "kv_outer")  # the size rule's choice at 64K
     calls = []
     real = triton_ops.q_tile_forward
     monkeypatch.setattr(triton_ops, "q_tile_forward", lambda *a: calls.append(1) or real(*a))
@@ -660,7 +660,7 @@ def order_taken(monkeypatch, waste: float, automatic: str, group: int, seed: int
         monkeypatch.setenv(name, value)
     taken = []
     monkeypatch.setattr(triton_ops._SparseAttention, "apply", lambda *a: taken.append(a[-1]) or (a[0], a[0][..., 0]))
-    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a: automatic)
+    monkeypatch.setattr(triton_ops, "automatic_loop_order", lambda *a, **kw: automatic)
     hkv = 2 if group < 16 else 1
     q, k, v, _ = make_inputs(1, 128, hkv, group, 16, torch.float32, seed=seed)
     idx = random_selection(1, 128, hkv, 4, 16, generator=torch.Generator().manual_seed(seed), device=DEVICE)

@@ -76,15 +76,18 @@ def choose_loop_order(group: int, n_tokens: int, head_dim: int, n_heads_kv: int 
     return "kv_outer"
 
 
-def automatic_loop_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str:
+def automatic_loop_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+                         q_outer_tma: bool | None = None) -> str:
     """choose_loop_order for q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (whether the KV-outer MAIN would be the
-    Gluon kernel and the device's tuning included)."""
+    Gluon kernel and the device's tuning included); q_outer_tma: q_tile.q_outer_tma's answer for these tensors when
+    the caller has it (None: asked here)."""
     n_tokens, n_heads_q, head_dim = q.shape
     n_heads_kv = k.shape[1]
     group = n_heads_q // n_heads_kv
     gluon_main = kv_gluon.enabled(group, n_tokens) and kv_gluon.eligible(q, k, v, block_size, False)
     large_group_kv_outer = device_tuning(q.device).large_group_kv_outer
-    q_outer_tma = q_tile_kernels.q_outer_tma(q, k, v, block_size)
+    if q_outer_tma is None:
+        q_outer_tma = q_tile_kernels.q_outer_tma(q, k, v, block_size)
     return choose_loop_order(group, n_tokens, max(head_dim, v.shape[2]), n_heads_kv, gluon_main, large_group_kv_outer,
                              q_outer_tma)
 
@@ -199,7 +202,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
     if loop_order is None:
         loop_order = forced_loop_order()
     if loop_order is None:
-        loop_order = automatic_loop_order(qf, kf, vf, block_size)
+        qo_tma = q_tile_kernels.q_outer_tma(qf, kf, vf, block_size)  # the order's rule and the waste threshold's
+        loop_order = automatic_loop_order(qf, kf, vf, block_size, q_outer_tma=qo_tma)
         head_dim_max = max(head_dim, head_dim_v)
         if loop_order != "q_tile" and locality.check_applies(qf, head_dim_max, block_size):
             # adjacent tokens sharing their blocks (as select_blocks' selections do) favour the query-tile order
@@ -207,8 +211,8 @@ def sparse_attention_triton(q, k, v, block_indices, *, block_size, scale, cu_seq
             tokens = tile_config(group, head_dim_max)[1]
             tma = q_tile_kernels.UNION_LIST and q_tile_kernels.list_tma(kf, vf)  # its forward's K / V loads
             factor = device_tuning(qf.device).waste_factor
-            qo_tma = loop_order == "q_outer" and q_tile_kernels.q_outer_tma(qf, kf, vf, block_size)
-            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma, factor=factor, q_outer_tma=qo_tma):
+            against_qo_tma = loop_order == "q_outer" and qo_tma
+            if locality.prefers_q_tile(idx, meta, tokens, group, tma=tma, factor=factor, q_outer_tma=against_qo_tma):
                 loop_order = "q_tile"
     if loop_order != "kv_outer":
         # q_outer drops a slot that repeats the previous one and q_tile merges sorted rows: sorting each row
