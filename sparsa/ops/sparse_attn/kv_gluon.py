@@ -439,6 +439,10 @@ def _sm_count(device_index: int) -> int:
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     """Runs MAIN over the work list `work` [W, 3] (items of pairs_per_item(G) pairs) into op / lsep."""
+    from . import kv_gluon_ws
+
+    if kv_gluon_ws.enabled():  # SPARSA_KV_GLUON_WS=1: the warp-specialised experiment, same items and outputs
+        return kv_gluon_ws.launch_main(q, k, v, op, lsep, work, index, meta, scale_log2)
     group = q.shape[1] // k.shape[1]
     per_sm = programs_per_sm()
     n_items = work.shape[0]
@@ -459,22 +463,28 @@ def compile_offline(group: int = 4, d: int = 128, tma_store: bool | None = None,
                     pipeline: bool | None = None):
     """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory.
     tma_store / i32 / pipeline: the TMA_STORE / OFFSETS_I32 / PIPELINE variant (None: what a launch at this G runs)."""
+    fn = _kv_main_gluon_pipe_kernel if (uses_pipeline(group) if pipeline is None else pipeline) else _kv_main_gluon_kernel
+    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True),
+                 TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32)
+    return compile_main_offline(fn, const, d)
+
+
+def compile_main_offline(fn, const: dict, d: int, options: dict | None = None):
+    """A MAIN kernel `fn` (this module's arguments: Q, the K / V / partial descriptors, OP, LSEP, WORK, TOKS,
+    BLKSTART, BLKLEN, qk_scale, int32 scalars) compiled for sm_90 in bf16 at head dim d with the constexprs `const`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn = _kv_main_gluon_pipe_kernel if (uses_pipeline(group) if pipeline is None else pipeline) else _kv_main_gluon_kernel
     names = fn.arg_names
-    sample = torch.zeros(256, 2, d, dtype=torch.bfloat16)
-    desc = mangle_type(_kv_descriptor(sample))
+    desc = mangle_type(_kv_descriptor(torch.zeros(256, 2, d, dtype=torch.bfloat16)))
     op_desc = mangle_type(_partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
-    const = dict(G=group, PAIRS=pairs_per_item(group), Q_LAYOUT=_smem_layout(ROWS, d, True),
-                 TMA_ST=TMA_STORE if tma_store is None else tma_store, I32=OFFSETS_I32 if i32 is None else i32)
     types = {"Q": "*bf16", "OP": "*bf16", "LSEP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "op_desc": op_desc}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in names}
     aligned = [i for i, name in enumerate(names) if name in ("Q", "OP", "LSEP", "Hq")]
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 1, **(options or {})})
