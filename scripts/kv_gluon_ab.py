@@ -59,6 +59,8 @@ def measure(n, group, fwd, fwd_bwd, name, ref):
 
 
 def main():
+    # the two-programs-per-SM kernels these variants configure, not the warp-specialised one (kv_gluon_ws.py)
+    os.environ.setdefault("SPARSA_KV_GLUON_WS", "0")
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="8192,65536")
     p.add_argument("--groups", default="1,4,16")

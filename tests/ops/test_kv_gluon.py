@@ -148,6 +148,7 @@ def test_gpu_gluon_main_matches_triton_main(monkeypatch, group, d, flags):
     for name in ("TMA_STORE", "OFFSETS_I32", "PIPELINE"):
         monkeypatch.setattr(kv_gluon, name, name in flags)
     monkeypatch.setattr(kv_gluon, "PIPELINE_MIN_GROUP", 1)  # the PIPELINE loop at G = 1 too
+    monkeypatch.setenv("SPARSA_KV_GLUON_WS", "0")  # these kernels, not the warp-specialised one (test_kv_gluon_ws.py)
     monkeypatch.setenv("SPARSA_BACKEND", "triton")
     monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
     hkv = max(1, 32 // group)

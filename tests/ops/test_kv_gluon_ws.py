@@ -1,4 +1,4 @@
-"""The warp-specialised KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon_ws.py; opt-in, SPARSA_KV_GLUON_WS=1).
+"""The warp-specialised KV-outer MAIN (sparsa/ops/sparse_attn/kv_gluon_ws.py; default for G >= 2, SPARSA_KV_GLUON_WS).
 
 Without a GPU: the switch, and its sm_90 build (Triton's bundled ptxas: no spills, the stages within an SM's shared
 memory, the partitions' registers within the register file, one Q K^T and one P V per compute warpgroup, TMA and
@@ -25,14 +25,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-def test_switch_is_off_unless_asked(monkeypatch):
+def test_switch_comes_from_the_environment(monkeypatch):
+    """Unset: on from G = 2 (measured faster there), off at G = 1 (not measured); 1 / 0 force it on / off."""
     monkeypatch.delenv("SPARSA_KV_GLUON_WS", raising=False)
-    assert not kv_gluon_ws.enabled()
+    assert kv_gluon_ws.DEFAULT_MIN_GROUP == 2
+    assert not kv_gluon_ws.enabled(1)
+    assert kv_gluon_ws.enabled(2) == kv_gluon_ws.enabled(16) == kv_gluon.HAVE_GLUON
     monkeypatch.setenv("SPARSA_KV_GLUON_WS", "1")
-    assert kv_gluon_ws.enabled() == kv_gluon.HAVE_GLUON
+    assert kv_gluon_ws.enabled(1) == kv_gluon.HAVE_GLUON
+    monkeypatch.setenv("SPARSA_KV_GLUON_WS", "0")
+    assert not kv_gluon_ws.enabled(8)
     monkeypatch.setenv("SPARSA_KV_GLUON_WS", "yes please")
     with pytest.raises(ValueError, match="SPARSA_KV_GLUON_WS"):
-        kv_gluon_ws.enabled()
+        kv_gluon_ws.enabled(4)
 
 
 @pytest.mark.skipif(not kv_gluon.HAVE_GLUON, reason="this Triton has no Gluon")

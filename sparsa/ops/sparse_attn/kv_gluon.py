@@ -441,7 +441,7 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     """Runs MAIN over the work list `work` [W, 3] (items of pairs_per_item(G) pairs) into op / lsep."""
     from . import kv_gluon_ws
 
-    if kv_gluon_ws.enabled():  # SPARSA_KV_GLUON_WS=1: the warp-specialised experiment, same items and outputs
+    if kv_gluon_ws.enabled(q.shape[1] // k.shape[1]):  # the warp-specialised schedule: same items and outputs
         return kv_gluon_ws.launch_main(q, k, v, op, lsep, work, index, meta, scale_log2)
     group = q.shape[1] // k.shape[1]
     per_sm = programs_per_sm()
