@@ -165,7 +165,7 @@ step q_outer_skip 300 bash -c "SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/op
 # forward+backward, 8K-128K), then the issue's benchmark at G = 16 (the automatic order): on an H200 this settles
 # whether its G = 16 rule (device_tuning.large_group_kv_outer, measured before that kernel existed) still holds
 step g16_tma_orders 560 bash -c "$PY scripts/order_ab.py --shapes '8192,16;16384,16;32768,16;65536,16;131072,16' --orders q_outer,kv_outer --out $LOGS/g16_tma_orders.json; $PY benchmarks/sparse_attention.py --gs 16 --out $LOGS/g16_bench.json"
-# the warp-specialised KV-outer MAIN (kv_gluon_ws.py, SPARSA_KV_GLUON_WS=1, not yet run on a GPU): its GPU tests
+# the warp-specialised KV-outer MAIN (kv_gluon_ws.py, the default for G >= 2 since session 31): its GPU tests
 # (equal to the default Gluon MAIN, against float64), then the KV-outer forward with it off / on, interleaved
 step kv_ws 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q -x tests/ops/test_kv_gluon_ws.py -k gpu && $PY scripts/order_ab.py --shapes '8192,2;8192,4;8192,8;16384,8;65536,4;65536,8' --orders kv_outer --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 3 --out $LOGS/kv_ws.json"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8

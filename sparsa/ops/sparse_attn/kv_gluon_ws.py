@@ -7,8 +7,9 @@ items: one program per SM, a loader partition (the kernel's 4 warps) and NWG com
 specialisation).
 - Shared memory: a ring of STAGES stages (gathered query rows, key block, value block: 48 KB at D = 128). Item j of
   the program (work-list entry pid + j * P, as in kv_gluon) goes to stage j % STAGES and warpgroup j % NWG.
-- Loader (the default partition, 4 warps, 56 registers): waits for the stage to be empty, gathers the item's query rows by cp.async (the stage's
-  barrier waits for them: cp.async.mbarrier.arrive), then K and V by TMA on the same barrier. Its work entries and
+- Loader (the default partition, 4 warps, 56 registers): waits for the stage to be empty, gathers the item's query
+  rows by cp.async (the stage's barrier waits for them: cp.async.mbarrier.arrive), then K and V by TMA on the same
+  barrier. Its work entries and
   item tokens are loaded one and two items ahead, so their latency is not on its chain.
 - Compute warpgroup: waits for its item's stage, Q K^T, softmax, P V (kv_gluon._softmax_pv), then the partials
   through the stage's query buffer (read by then) by one TMA copy (masked row stores for short items), and
