@@ -21,6 +21,8 @@ of shared memory at D = 128; compute warpgroups at 152 registers (setmaxnreg), t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._env import env_flag
@@ -87,9 +89,10 @@ if kv_gluon.HAVE_GLUON:
 
     @gluon.jit
     def _ws_loader(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
-                   NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr):
+                   NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
+                   PROBE: gl.constexpr):
         """Loader: item j's query rows (cp.async), keys and values (TMA) into stage j % STAGES once it is
-        empty, all arriving on the stage's `ready` barrier."""
+        empty, all arriving on the stage's `ready` barrier (PROBE: `probe_bits`)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         gather: gl.constexpr = row_gather_layout(D, gl.num_warps())
         grows: gl.constexpr = gl.SliceLayout(1, gather)
@@ -104,21 +107,27 @@ if kv_gluon.HAVE_GLUON:
             s = j % STAGES_
             mbarrier.wait(empty.index(s), ((j // STAGES_) & 1) ^ 1)  # the first round passes at once
             bar = ready.index(s)
-            rows = tok * Hq + hd * G + g  # masked rows point at token 0: a valid address, never stored
-            async_copy.async_copy_global_to_shared(q_s.index(s), Q + (rows[:, None] * D + offs_d[None, :]))
-            # before the expect's arrival: the phase cannot complete until these rows have landed
-            async_copy.mbarrier_arrive(bar)
-            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar, k_s.index(s))
-            tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar, v_s.index(s))
+            if (PROBE & 1) == 0:
+                rows = tok * Hq + hd * G + g  # masked rows point at token 0: a valid address, never stored
+                async_copy.async_copy_global_to_shared(q_s.index(s), Q + (rows[:, None] * D + offs_d[None, :]))
+                # before the expect's arrival: the phase cannot complete until these rows have landed
+                async_copy.mbarrier_arrive(bar)
+            if ((PROBE & 2) == 0) | (j < STAGES_):
+                mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar,
+                                                k_s.index(s))
+                tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar,
+                                                v_s.index(s))
+            else:
+                mbarrier.arrive(bar, count=1)
             hd, kst, tok = hd1, kst1, tok1
             start1, end1, grp1 = start2, end2, grp2
 
     @gluon.jit
     def _ws_compute(WG: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr, q_s, k_s, v_s, ready, empty,
                     op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG,
-                    G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr):
-        """Compute warpgroup WG: the program's items WG, WG + NWG, ..."""
+                    G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, PROBE: gl.constexpr):
+        """Compute warpgroup WG: the program's items WG, WG + NWG, ... (PROBE: `probe_bits`)"""
         D: gl.constexpr = k_s.shape[2]
         BN: gl.constexpr = k_s.shape[1]
         WARPS: gl.constexpr = gl.num_warps()
@@ -138,7 +147,10 @@ if kv_gluon.HAVE_GLUON:
                                gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
             acc, m, l = _softmax_pv(sc, v_s.index(s), start, end, kst, blen, tok, first, qk_scale, G, PAIRS)
             gl.thread_barrier()  # every warp is past both MMAs: the query buffer may take the partials
-            _epilogue(acc, m, l, q_s.index(s), op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
+            if (PROBE & 4) == 0:
+                _epilogue(acc, m, l, q_s.index(s), op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
+            elif qk_scale < 0.0:  # never true: keeps the math that feeds the stores
+                _epilogue(acc, m, l, q_s.index(s), op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
             tma.store_wait(0)  # the partial copy has read the stage
             gl.thread_barrier()
             mbarrier.arrive(empty.index(s), count=1)
@@ -148,7 +160,7 @@ if kv_gluon.HAVE_GLUON:
     def _kv_main_gluon_ws_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                  n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
                                  I32: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr,
-                                 COMPUTE_REGS_: gl.constexpr):
+                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0):
         """MAIN over the items pid, pid + P, ... of the work list (one program per SM): the default partition (the
         kernel's 4 warps) loads, the NWG workers compute."""
         D: gl.constexpr = k_desc.block_type.shape[1]
@@ -171,22 +183,31 @@ if kv_gluon.HAVE_GLUON:
         gl.warp_specialize(
             [
                 (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid,
-                              nprog, Hq, NBG, h0, G, PAIRS, I32, STAGES_)),
+                              nprog, Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
                 (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32)),
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
                 (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32)),
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
                 (_ws_compute, (2, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32)),
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
             ],
             [4, 4, 4],
             [COMPUTE_REGS_, COMPUTE_REGS_, COMPUTE_REGS_],
         )
 
 
-def _consts(group: int, d: int, bf16: bool, i32: bool) -> dict:
+def probe_bits() -> int:
+    """SPARSA_KV_WS_PROBE (timing probes only: the outputs are wrong with any bit set): 1 skips the query-row
+    gathers, 2 loads K / V only into each stage's first item, 4 skips the partial stores (scripts/kv_ws_probe.py)."""
+    raw = os.environ.get("SPARSA_KV_WS_PROBE", "0")
+    if not raw.isdigit() or int(raw) > 7:
+        raise ValueError(f"SPARSA_KV_WS_PROBE must be an integer 0-7 (bits 1, 2, 4), got {raw!r}")
+    return int(raw)
+
+
+def _consts(group: int, d: int, bf16: bool, i32: bool, probe: int = 0) -> dict:
     return dict(G=group, PAIRS=kv_gluon.pairs_per_item(group), Q_LAYOUT=kv_gluon._smem_layout(kv_gluon.ROWS, d, bf16),
-                I32=i32, NWG_=NWG, STAGES_=STAGES, COMPUTE_REGS_=COMPUTE_REGS)
+                I32=i32, NWG_=NWG, STAGES_=STAGES, COMPUTE_REGS_=COMPUTE_REGS, PROBE=probe)
 
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
@@ -198,7 +219,7 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     i32 = kv_gluon.OFFSETS_I32 and q.numel() < 2**31
     args = (q, kv_gluon._kv_descriptor(k), kv_gluon._kv_descriptor(v), kv_gluon._partial_descriptor(op), op, lsep,
             work, index.toks, meta.blk_start, meta.blk_len, scale_log2, n_items, q.shape[1], meta.n_blocks, index.h0)
-    consts = _consts(q.shape[1] // k.shape[1], q.shape[2], q.dtype == torch.bfloat16, i32)
+    consts = _consts(q.shape[1] // k.shape[1], q.shape[2], q.dtype == torch.bfloat16, i32, probe_bits())
     launcher = launcher_for("gluon:_kv_main_gluon_ws_kernel", _kv_main_gluon_ws_kernel)
     launcher(_kv_main_gluon_ws_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
