@@ -88,3 +88,45 @@ def test_gpu_ws_main_matches_gluon_main(monkeypatch, group, d, n):
     assert rel_err(o1.float(), o0.float()) < 1e-6 and rel_err(l1, l0) < 1e-6
     ref, _ = naive.sparse_attention(q.double(), k.double(), v.double(), idx, block_size=64, scale=d**-0.5)
     assert rel_err(o1.double(), ref) < 2e-2
+
+
+def test_schedule_comes_from_the_environment(monkeypatch):
+    """SPARSA_KV_WS_CONFIG (A/B runs): "NxS" / "NxSo"; unset, the module's NWG, STAGES, OUT_BUF; bad values rejected."""
+    monkeypatch.delenv("SPARSA_KV_WS_CONFIG", raising=False)
+    assert kv_gluon_ws.schedule() == (kv_gluon_ws.NWG, kv_gluon_ws.STAGES, kv_gluon_ws.OUT_BUF)
+    monkeypatch.setenv("SPARSA_KV_WS_CONFIG", "2x4o")
+    assert kv_gluon_ws.schedule() == (2, 4, True)
+    monkeypatch.setenv("SPARSA_KV_WS_CONFIG", "3x3")
+    assert kv_gluon_ws.schedule() == (3, 3, False)
+    for bad in ("4x4", "3x", "3x9", "2x4p", "x4"):
+        monkeypatch.setenv("SPARSA_KV_WS_CONFIG", bad)
+        with pytest.raises(ValueError, match="SPARSA_KV_WS_CONFIG"):
+            kv_gluon_ws.schedule()
+    monkeypatch.setenv("SPARSA_KV_WS_PROBE", "8")
+    with pytest.raises(ValueError, match="SPARSA_KV_WS_PROBE"):
+        kv_gluon_ws.probe_bits()
+
+
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("config", ["2x4", "2x4o", "3x3o"])
+@pytest.mark.parametrize("group, d, n", [(4, 128, 2048), (5, 64, 2000), (16, 128, 192)])
+def test_gpu_ws_schedules_match_gluon_main(monkeypatch, config, group, d, n):
+    """The other schedules (two compute warpgroups; a partial buffer per warpgroup): equal to the default Gluon
+    MAIN, bf16, outputs poisoned."""
+    monkeypatch.setenv("SPARSA_BACKEND", "triton")
+    monkeypatch.setenv("SPARSA_KV_GLUON", "1")
+    monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
+    hkv = max(1, 32 // group)
+    gen = torch.Generator().manual_seed(7 * group + n)
+    q = torch.randn(1, n, hkv * group, d, generator=gen).to("cuda", torch.bfloat16)
+    k = torch.randn(1, n, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    v = torch.randn(1, n, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    idx = random_selection(1, n, hkv, 16, 64, generator=torch.Generator().manual_seed(group), device="cuda")
+    monkeypatch.setenv("SPARSA_KV_GLUON_WS", "0")
+    o0, l0 = sparsa.sparse_attention(q, k, v, idx, block_size=64, loop_order="kv_outer", return_lse=True)
+    monkeypatch.setenv("SPARSA_KV_GLUON_WS", "1")
+    monkeypatch.setenv("SPARSA_KV_WS_CONFIG", config)
+    o1, l1 = sparsa.sparse_attention(q, k, v, idx, block_size=64, loop_order="kv_outer", return_lse=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(o1).all() and torch.isfinite(l1).all()
+    assert rel_err(o1.float(), o0.float()) < 1e-6 and rel_err(l1, l0) < 1e-6

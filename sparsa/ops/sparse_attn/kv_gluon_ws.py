@@ -31,6 +31,7 @@ from . import kv_gluon
 
 NWG = 3  # compute warpgroups per program (the kernel's partition list has three)
 STAGES = 4  # shared-memory stages (48 KB each at D = 128: 192 KB)
+OUT_BUF = False  # partials through the stage's query buffer (True: one buffer per compute warpgroup; `schedule`)
 COMPUTE_REGS = 152  # registers per thread of a compute warpgroup (3 x 128 x 152 plus the loader's 4 warps <= 64K)
 
 
@@ -124,10 +125,13 @@ if kv_gluon.HAVE_GLUON:
             start1, end1, grp1 = start2, end2, grp2
 
     @gluon.jit
-    def _ws_compute(WG: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr, q_s, k_s, v_s, ready, empty,
+    def _ws_compute(WG: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr, q_s, k_s, v_s, o_s, ready, empty,
                     op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG,
-                    G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, PROBE: gl.constexpr):
-        """Compute warpgroup WG: the program's items WG, WG + NWG, ... (PROBE: `probe_bits`)"""
+                    G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, PROBE: gl.constexpr,
+                    OUT_BUF: gl.constexpr):
+        """Compute warpgroup WG: the program's items WG, WG + NWG, ... (PROBE: `probe_bits`). OUT_BUF: the partials go
+        through the warpgroup's own buffer o_s[WG] and the stage is released as soon as both MMAs are done; else
+        through the stage's query buffer, released once the partial copy has read it."""
         D: gl.constexpr = k_s.shape[2]
         BN: gl.constexpr = k_s.shape[1]
         WARPS: gl.constexpr = gl.num_warps()
@@ -146,21 +150,28 @@ if kv_gluon.HAVE_GLUON:
             sc = warpgroup_mma(q_s.index(s), k_s.index(s).permute((1, 0)),
                                gl.zeros([_ROWS, BN], gl.float32, layout=mma_s), use_acc=False)
             acc, m, l = _softmax_pv(sc, v_s.index(s), start, end, kst, blen, tok, first, qk_scale, G, PAIRS)
-            gl.thread_barrier()  # every warp is past both MMAs: the query buffer may take the partials
+            gl.thread_barrier()  # every warp is past both MMAs: the stage's operands are read
+            if OUT_BUF:
+                mbarrier.arrive(empty.index(s), count=1)
+                buf = o_s.index(WG)  # _epilogue waits for this buffer's previous copy first
+            else:
+                buf = q_s.index(s)
             if (PROBE & 4) == 0:
-                _epilogue(acc, m, l, q_s.index(s), op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
+                _epilogue(acc, m, l, buf, op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
             elif qk_scale < 0.0:  # never true: keeps the math that feeds the stores
-                _epilogue(acc, m, l, q_s.index(s), op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
-            tma.store_wait(0)  # the partial copy has read the stage
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(s), count=1)
+                _epilogue(acc, m, l, buf, op_desc, OP, LSEP, start, end, G, PAIRS, gather, True)
+            if not OUT_BUF:
+                tma.store_wait(0)  # the partial copy has read the stage
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(s), count=1)
             start, end, kst, blen, tok, first = start1, end1, kst1, blen1, tok1, first1
+        tma.store_wait(0)
 
     @gluon.jit
     def _kv_main_gluon_ws_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                  n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
                                  I32: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr,
-                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0):
+                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0, OUT_BUF: gl.constexpr = False):
         """MAIN over the items pid, pid + P, ... of the work list (one program per SM): the default partition (the
         kernel's 4 warps) loads, the NWG workers compute."""
         D: gl.constexpr = k_desc.block_type.shape[1]
@@ -169,6 +180,10 @@ if kv_gluon.HAVE_GLUON:
         q_s = gl.allocate_shared_memory(dtype, [STAGES_, _ROWS, D], Q_LAYOUT)
         k_s = gl.allocate_shared_memory(dtype, [STAGES_, BN, D], k_desc.layout)
         v_s = gl.allocate_shared_memory(dtype, [STAGES_, BN, D], v_desc.layout)
+        if OUT_BUF:
+            o_s = gl.allocate_shared_memory(dtype, [NWG_, _ROWS, D], Q_LAYOUT)
+        else:
+            o_s = q_s  # unused
         ready = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES_, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES_):
@@ -179,21 +194,36 @@ if kv_gluon.HAVE_GLUON:
         n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
         # the default partition (the kernel's 4 warps) loads; the compute warpgroups are workers, so that each gets
         # COMPUTE_REGS registers (the default partition's count is what the workers leave)
-        gl.static_assert(NWG_ == 3, "three compute warpgroups (the partition list below)")
-        gl.warp_specialize(
-            [
-                (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid,
-                              nprog, Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
-                (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
-                (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
-                (_ws_compute, (2, NWG_, STAGES_, q_s, k_s, v_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE)),
-            ],
-            [4, 4, 4],
-            [COMPUTE_REGS_, COMPUTE_REGS_, COMPUTE_REGS_],
-        )
+        gl.static_assert((NWG_ == 2) | (NWG_ == 3), "two or three compute warpgroups (the partition lists below)")
+        # (the partition lists are written out: a jit function cannot live in a variable)
+        if NWG_ == 3:
+            gl.warp_specialize(
+                [
+                    (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
+                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
+                    (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                    (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                    (_ws_compute, (2, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                ],
+                [4, 4, 4],
+                [COMPUTE_REGS_, COMPUTE_REGS_, COMPUTE_REGS_],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
+                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
+                    (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                    (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                ],
+                [4, 4],
+                [COMPUTE_REGS_, COMPUTE_REGS_],
+            )
 
 
 def probe_bits() -> int:
@@ -205,9 +235,28 @@ def probe_bits() -> int:
     return int(raw)
 
 
-def _consts(group: int, d: int, bf16: bool, i32: bool, probe: int = 0) -> dict:
+# registers per compute thread by compute warpgroups: what leaves the loader's 4 warps 56-64 of the SM's 64K
+REGS_FOR = {2: 224, 3: COMPUTE_REGS}
+
+
+def schedule() -> tuple[int, int, bool]:
+    """(compute warpgroups, stages, OUT_BUF): SPARSA_KV_WS_CONFIG = "NxS" or "NxSo" (o: a partial buffer per
+    warpgroup, the stage released after the MMAs) for A/B runs; unset, (NWG, STAGES, OUT_BUF)."""
+    raw = os.environ.get("SPARSA_KV_WS_CONFIG", "")
+    if not raw:
+        return NWG, STAGES, OUT_BUF
+    n, _, rest = raw.partition("x")
+    out_buf = rest.endswith("o")
+    stages = rest[:-1] if out_buf else rest
+    if n not in ("2", "3") or not stages.isdigit() or not 2 <= int(stages) <= 6:
+        raise ValueError(f"SPARSA_KV_WS_CONFIG must look like 3x4 or 2x4o (2-3 warpgroups, 2-6 stages), got {raw!r}")
+    return int(n), int(stages), out_buf
+
+
+def _consts(group: int, d: int, bf16: bool, i32: bool, probe: int = 0, sched: tuple | None = None) -> dict:
+    nwg, stages, out_buf = sched or schedule()
     return dict(G=group, PAIRS=kv_gluon.pairs_per_item(group), Q_LAYOUT=kv_gluon._smem_layout(kv_gluon.ROWS, d, bf16),
-                I32=i32, NWG_=NWG, STAGES_=STAGES, COMPUTE_REGS_=COMPUTE_REGS, PROBE=probe)
+                I32=i32, NWG_=nwg, STAGES_=stages, COMPUTE_REGS_=REGS_FOR[nwg], PROBE=probe, OUT_BUF=out_buf)
 
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
@@ -224,6 +273,7 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
     launcher(_kv_main_gluon_ws_kernel, lambda meta_: grid, args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128):
-    """The kernel compiled for sm_90 without a GPU (bf16, int32 offsets): its registers and shared memory."""
-    return kv_gluon.compile_main_offline(_kv_main_gluon_ws_kernel, _consts(group, d, True, True), d)
+def compile_offline(group: int = 4, d: int = 128, sched: tuple | None = None):
+    """The kernel compiled for sm_90 without a GPU (bf16, int32 offsets): its registers and shared memory. sched:
+    (compute warpgroups, stages, OUT_BUF) (None: `schedule`)."""
+    return kv_gluon.compile_main_offline(_kv_main_gluon_ws_kernel, _consts(group, d, True, True, 0, sched), d)
