@@ -170,7 +170,7 @@ step g16_tma_orders 560 bash -c "$PY scripts/order_ab.py --shapes '8192,16;16384
 step kv_ws 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q -x tests/ops/test_kv_gluon_ws.py -k gpu && $PY scripts/order_ab.py --shapes '8192,2;8192,4;8192,8;16384,8;65536,4;65536,8' --orders kv_outer --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 3 --out $LOGS/kv_ws.json"
 # where the warp-specialised MAIN's time goes: its kernel time with the query gathers, K / V reloads or partial
 # stores removed (SPARSA_KV_WS_PROBE; timing only)
-step kv_ws_probe 300 "$PY" scripts/kv_ws_probe.py --sizes 8192,65536 --groups 8,2
+step kv_ws_probe 300 "$PY" scripts/kv_ws_probe.py --sizes 8192,65536 --groups 8 --probes 0,1,2,4,6,7
 # the warp-specialised MAIN at G = 1 (off by default there: untimed until session 32), KV-outer forward off / on
 step kv_ws_g1 200 "$PY" scripts/order_ab.py --shapes '8192,1;16384,1' --orders kv_outer --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 2 --out "$LOGS/kv_ws_g1.json"
 # the warp-specialised MAIN's other schedules (SPARSA_KV_WS_CONFIG: two compute warpgroups; a partial buffer per
