@@ -175,7 +175,7 @@ step kv_ws_probe 300 "$PY" scripts/kv_ws_probe.py --sizes 8192,65536 --groups 8 
 step kv_ws_g1 200 "$PY" scripts/order_ab.py --shapes '8192,1;16384,1' --orders kv_outer --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 2 --out "$LOGS/kv_ws_g1.json"
 # the warp-specialised MAIN's other schedules (SPARSA_KV_WS_CONFIG: two compute warpgroups; a partial buffer per
 # warpgroup, the stage released after the MMAs): their GPU tests, then the KV-outer forward with each, interleaved
-step kv_ws_sched 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_kv_gluon_ws.py -k 'gpu and schedules' && $PY scripts/order_ab.py --shapes '8192,8;8192,2;65536,8' --orders kv_outer --env SPARSA_KV_WS_CONFIG=3x4,3x3o,2x4,2x4o --no-backward --rounds 2 --out $LOGS/kv_ws_sched.json"
+step kv_ws_sched 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_kv_gluon_ws.py -k 'gpu and schedules' && $PY scripts/order_ab.py --shapes '8192,8;8192,2;65536,8' --orders kv_outer --env SPARSA_KV_WS_CONFIG=3x4,3x4d,3x3o,3x3od,2x4od --no-backward --rounds 2 --out $LOGS/kv_ws_sched.json"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4

@@ -32,6 +32,7 @@ from . import kv_gluon
 NWG = 3  # compute warpgroups per program (the kernel's partition list has three)
 STAGES = 4  # shared-memory stages (48 KB each at D = 128: 192 KB)
 OUT_BUF = False  # partials through the stage's query buffer (True: one buffer per compute warpgroup; `schedule`)
+DEEP = False  # the loader's metadata loads one item ahead of use (True: two; `schedule`)
 COMPUTE_REGS = 152  # registers per thread of a compute warpgroup (3 x 128 x 152 plus the loader's 4 warps <= 64K)
 
 
@@ -91,36 +92,79 @@ if kv_gluon.HAVE_GLUON:
     @gluon.jit
     def _ws_loader(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
                    NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
-                   PROBE: gl.constexpr):
+                   PROBE: gl.constexpr, DEEP: gl.constexpr):
         """Loader: item j's query rows (cp.async), keys and values (TMA) into stage j % STAGES once it is
-        empty, all arriving on the stage's `ready` barrier (PROBE: `probe_bits`)."""
+        empty, all arriving on the stage's `ready` barrier (PROBE: `probe_bits`). Its metadata loads (work entry,
+        then the item's tokens and block) are issued one item ahead of use (DEEP: two, `_ws_loader_deep`)."""
+        if DEEP:
+            _ws_loader_deep(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
+                            Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)
+        else:
+            _ws_loader_one(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
+                           Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)
+
+    @gluon.jit
+    def _issue_item(j, hd, kst, tok, Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, Hq, G: gl.constexpr,
+                    STAGES_: gl.constexpr, PROBE: gl.constexpr):
+        """Waits for stage j % STAGES to be empty, then starts item j's loads into it (rows by cp.async, K and V by
+        TMA, all on the stage's `ready` barrier)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         gather: gl.constexpr = row_gather_layout(D, gl.num_warps())
-        grows: gl.constexpr = gl.SliceLayout(1, gather)
-        g = gl.arange(0, _ROWS, layout=grows) % G
+        g = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gather)) % G
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+        s = j % STAGES_
+        mbarrier.wait(empty.index(s), ((j // STAGES_) & 1) ^ 1)  # the first round passes at once
+        bar = ready.index(s)
+        if (PROBE & 1) == 0:
+            rows = tok * Hq + hd * G + g  # masked rows point at token 0: a valid address, never stored
+            async_copy.async_copy_global_to_shared(q_s.index(s), Q + (rows[:, None] * D + offs_d[None, :]))
+            # before the expect's arrival: the phase cannot complete until these rows have landed
+            async_copy.mbarrier_arrive(bar)
+        if ((PROBE & 2) == 0) | (j < STAGES_):
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar, k_s.index(s))
+            tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar, v_s.index(s))
+        else:
+            mbarrier.arrive(bar, count=1)
+
+    @gluon.jit
+    def _ws_loader_deep(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
+                        NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
+                        PROBE: gl.constexpr):
+        """The loader with every metadata load issued two items before its use: iteration j loads item j + 4's
+        work entry and item j + 2's tokens and block, and issues item j's copies, so no load's latency is exposed
+        unless it exceeds two items' time."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        grows: gl.constexpr = gl.SliceLayout(1, row_gather_layout(D, gl.num_warps()))
+        s0, e0, g0 = _work(WORK, 0, n_mine, pid, nprog)
+        s1, e1, g1 = _work(WORK, 1, n_mine, pid, nprog)
+        s2, e2, g2 = _work(WORK, 2, n_mine, pid, nprog)
+        s3, e3, g3 = _work(WORK, 3, n_mine, pid, nprog)
+        hd0, kst0, tok0 = _gather_meta(TOKS, BLKSTART, s0, e0, g0, NBG, h0, G, PAIRS, grows, I32)
+        hd1, kst1, tok1 = _gather_meta(TOKS, BLKSTART, s1, e1, g1, NBG, h0, G, PAIRS, grows, I32)
+        for j in range(n_mine):
+            hd2, kst2, tok2 = _gather_meta(TOKS, BLKSTART, s2, e2, g2, NBG, h0, G, PAIRS, grows, I32)
+            s4, e4, g4 = _work(WORK, j + 4, n_mine, pid, nprog)
+            _issue_item(j, hd0, kst0, tok0, Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, Hq, G, STAGES_, PROBE)
+            hd0, kst0, tok0 = hd1, kst1, tok1
+            hd1, kst1, tok1 = hd2, kst2, tok2
+            s2, e2, g2 = s3, e3, g3
+            s3, e3, g3 = s4, e4, g4
+
+    @gluon.jit
+    def _ws_loader_one(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
+                       NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
+                       PROBE: gl.constexpr):
+        """The loader with its metadata loads one item ahead (session 31's schedule)."""
+        D: gl.constexpr = k_desc.block_type.shape[1]
+        grows: gl.constexpr = gl.SliceLayout(1, row_gather_layout(D, gl.num_warps()))
         start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
         hd, kst, tok = _gather_meta(TOKS, BLKSTART, start, end, grp, NBG, h0, G, PAIRS, grows, I32)
         start1, end1, grp1 = _work(WORK, 1, n_mine, pid, nprog)
         for j in range(n_mine):
             hd1, kst1, tok1 = _gather_meta(TOKS, BLKSTART, start1, end1, grp1, NBG, h0, G, PAIRS, grows, I32)
             start2, end2, grp2 = _work(WORK, j + 2, n_mine, pid, nprog)
-            s = j % STAGES_
-            mbarrier.wait(empty.index(s), ((j // STAGES_) & 1) ^ 1)  # the first round passes at once
-            bar = ready.index(s)
-            if (PROBE & 1) == 0:
-                rows = tok * Hq + hd * G + g  # masked rows point at token 0: a valid address, never stored
-                async_copy.async_copy_global_to_shared(q_s.index(s), Q + (rows[:, None] * D + offs_d[None, :]))
-                # before the expect's arrival: the phase cannot complete until these rows have landed
-                async_copy.mbarrier_arrive(bar)
-            if ((PROBE & 2) == 0) | (j < STAGES_):
-                mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar,
-                                                k_s.index(s))
-                tma.async_copy_global_to_shared(v_desc, [kst.to(gl.int32), (hd * D).to(gl.int32)], bar,
-                                                v_s.index(s))
-            else:
-                mbarrier.arrive(bar, count=1)
+            _issue_item(j, hd, kst, tok, Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, Hq, G, STAGES_, PROBE)
             hd, kst, tok = hd1, kst1, tok1
             start1, end1, grp1 = start2, end2, grp2
 
@@ -171,7 +215,8 @@ if kv_gluon.HAVE_GLUON:
     def _kv_main_gluon_ws_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                  n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
                                  I32: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr,
-                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0, OUT_BUF: gl.constexpr = False):
+                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0, OUT_BUF: gl.constexpr = False,
+                                 DEEP: gl.constexpr = False):
         """MAIN over the items pid, pid + P, ... of the work list (one program per SM): the default partition (the
         kernel's 4 warps) loads, the NWG workers compute."""
         D: gl.constexpr = k_desc.block_type.shape[1]
@@ -200,7 +245,7 @@ if kv_gluon.HAVE_GLUON:
             gl.warp_specialize(
                 [
                     (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
+                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE, DEEP)),
                     (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
                                    BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
                     (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
@@ -215,7 +260,7 @@ if kv_gluon.HAVE_GLUON:
             gl.warp_specialize(
                 [
                     (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
+                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE, DEEP)),
                     (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
                                    BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
                     (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
@@ -239,24 +284,27 @@ def probe_bits() -> int:
 REGS_FOR = {2: 224, 3: COMPUTE_REGS}
 
 
-def schedule() -> tuple[int, int, bool]:
-    """(compute warpgroups, stages, OUT_BUF): SPARSA_KV_WS_CONFIG = "NxS" or "NxSo" (o: a partial buffer per
-    warpgroup, the stage released after the MMAs) for A/B runs; unset, (NWG, STAGES, OUT_BUF)."""
+def schedule() -> tuple[int, int, bool, bool]:
+    """(compute warpgroups, stages, OUT_BUF, DEEP): SPARSA_KV_WS_CONFIG = "NxS" plus optional letters (o: a partial
+    buffer per warpgroup, the stage released after the MMAs; d: the loader's metadata two items ahead) for A/B runs;
+    unset, the module's (NWG, STAGES, OUT_BUF, DEEP)."""
     raw = os.environ.get("SPARSA_KV_WS_CONFIG", "")
     if not raw:
-        return NWG, STAGES, OUT_BUF
+        return NWG, STAGES, OUT_BUF, DEEP
     n, _, rest = raw.partition("x")
-    out_buf = rest.endswith("o")
-    stages = rest[:-1] if out_buf else rest
-    if n not in ("2", "3") or not stages.isdigit() or not 2 <= int(stages) <= 6:
-        raise ValueError(f"SPARSA_KV_WS_CONFIG must look like 3x4 or 2x4o (2-3 warpgroups, 2-6 stages), got {raw!r}")
-    return int(n), int(stages), out_buf
+    stages = rest.rstrip("od")
+    flags = rest[len(stages):]
+    if (n not in ("2", "3") or not stages.isdigit() or not 2 <= int(stages) <= 6 or len(set(flags)) != len(flags)):
+        raise ValueError(f"SPARSA_KV_WS_CONFIG must look like 3x4, 2x4o or 3x4d (2-3 warpgroups, 2-6 stages, "
+                         f"letters o / d), got {raw!r}")
+    return int(n), int(stages), "o" in flags, "d" in flags
 
 
 def _consts(group: int, d: int, bf16: bool, i32: bool, probe: int = 0, sched: tuple | None = None) -> dict:
-    nwg, stages, out_buf = sched or schedule()
+    nwg, stages, out_buf, deep = sched or schedule()
     return dict(G=group, PAIRS=kv_gluon.pairs_per_item(group), Q_LAYOUT=kv_gluon._smem_layout(kv_gluon.ROWS, d, bf16),
-                I32=i32, NWG_=nwg, STAGES_=stages, COMPUTE_REGS_=REGS_FOR[nwg], PROBE=probe, OUT_BUF=out_buf)
+                I32=i32, NWG_=nwg, STAGES_=stages, COMPUTE_REGS_=REGS_FOR[nwg], PROBE=probe, OUT_BUF=out_buf,
+                DEEP=deep)
 
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
@@ -275,5 +323,5 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
 
 def compile_offline(group: int = 4, d: int = 128, sched: tuple | None = None):
     """The kernel compiled for sm_90 without a GPU (bf16, int32 offsets): its registers and shared memory. sched:
-    (compute warpgroups, stages, OUT_BUF) (None: `schedule`)."""
+    (compute warpgroups, stages, OUT_BUF, DEEP) (None: `schedule`)."""
     return kv_gluon.compile_main_offline(_kv_main_gluon_ws_kernel, _consts(group, d, True, True, 0, sched), d)
