@@ -49,7 +49,8 @@ def kernels_per_call(fn) -> int:
 
 
 def calls_at(n: int, group: int, order: str):
-    fwd, fwd_bwd, _ = b.sparse_calls(n, group, order)
+    """order "auto": the automatic choice (loop_order=None)."""
+    fwd, fwd_bwd, _ = b.sparse_calls(n, group, None if order == "auto" else order)
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
@@ -57,8 +58,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="4096,8192,16384")
     p.add_argument("--groups", default="1,4,8")
-    p.add_argument("--orders", default="kv_outer,q_outer")
+    p.add_argument("--orders", default="kv_outer,q_outer", help="loop orders, auto for the automatic one")
     p.add_argument("--profile", default="8192,4", help="N,G of the cProfile run ('none': skip)")
+    p.add_argument("--profile-call", default="kv_outer,fwd+bwd", help="ORDER,CALL of the cProfile run (auto: the "
+                   "automatic order; fwd or fwd+bwd)")
     p.add_argument("--calls", type=int, default=30, help="host-timed calls per shape (and cProfile calls / 1.5)")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -76,7 +79,8 @@ def main():
                     print(json.dumps(row), flush=True)
     if args.profile != "none":
         n, group = (int(x) for x in args.profile.split(","))
-        fn = calls_at(n, group, "kv_outer")["fwd+bwd"]
+        order, what = args.profile_call.split(",")
+        fn = calls_at(n, group, order)[what]
         fn()
         torch.cuda.synchronize()
         prof = cProfile.Profile()
@@ -87,7 +91,7 @@ def main():
         torch.cuda.synchronize()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-        print(f"\ncProfile, {max(1, args.calls * 2 // 3)} kv_outer fwd+bwd calls at N={n} G={group} (host time, internal):")
+        print(f"\ncProfile, {max(1, args.calls * 2 // 3)} {order} {what} calls at N={n} G={group} (host time, internal):")
         print(out.getvalue()[-6000:])
     print("\n| N | G | order | call | do_bench ms | host ms per call | host / do_bench | GPU kernels |")
     print("|---|---|---|---|---|---|---|---|")
