@@ -25,6 +25,7 @@ PROBES = [
      "--state-calls", "1"],
     ["scripts/gather_floor.py", "--ns", "48", "--gs", "2,8"],
     ["scripts/q_outer_tma_ab.py", "--shapes", "48,4", "--configs", "2x3,1x2n", "--rounds", "1", "--backward"],
+    ["scripts/kv_ws_probe.py", "--kernel", "bwd", "--sizes", "48", "--groups", "4", "--rounds", "1", "--calls", "1"],
 ]
 
 

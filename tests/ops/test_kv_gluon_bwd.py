@@ -56,6 +56,18 @@ def test_switch_comes_from_the_environment(monkeypatch):
         kv_gluon_bwd.enabled()
 
 
+def test_timing_probe_comes_from_the_environment(monkeypatch):
+    """SPARSA_KV_BWD_PROBE (scripts/kv_ws_probe.py --kernel bwd): 0 unless set; only its bits 1 and 4."""
+    monkeypatch.delenv("SPARSA_KV_BWD_PROBE", raising=False)
+    assert kv_gluon_bwd.probe_bits() == 0
+    monkeypatch.setenv("SPARSA_KV_BWD_PROBE", "5")
+    assert kv_gluon_bwd.probe_bits() == 5
+    for bad in ("2", "8", "x"):
+        monkeypatch.setenv("SPARSA_KV_BWD_PROBE", bad)
+        with pytest.raises(ValueError, match="SPARSA_KV_BWD_PROBE"):
+            kv_gluon_bwd.probe_bits()
+
+
 def test_item_sizes_are_whole_tiles():
     """Below 32K tokens 64 tiles, or 512 pairs where that is more (G = 16); from 32K on 256 tiles; capped by the
     backward's MAX_PAIRS_PER_ITEM (2048 pairs) in whole tiles."""

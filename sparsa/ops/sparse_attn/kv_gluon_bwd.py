@@ -17,6 +17,8 @@ measured faster than the Triton dK/dV at every G and N on the H100, session 16).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._env import env_flag
@@ -220,10 +222,11 @@ if HAVE_GLUON:
     def _kv_bwd_gluon_kernel(Q, DO, LSE, DELTA, k_desc, v_desc, dk_desc, dv_desc, dqp_desc, DQP, DK, DVv, DKP, DVP,
                              WORK, TOKS, BLKSTART, BLKLEN, scale, qk_scale, Hq, Hkv, NBG, h0, G: gl.constexpr,
                              PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                             WRITE_DQ: gl.constexpr):
+                             WRITE_DQ: gl.constexpr, PROBE: gl.constexpr = 0):
         """dK/dV and (WRITE_DQ) the dQ partials of work item program_id (one warpgroup). Iteration t starts tile
         t + 1's gathers and loads tile t + 2's tokens, then computes tile t: only the item's first tile waits on a
-        load."""
+        load. PROBE (timing only, `probe_bits`): 1 gathers only the first tile's rows, 4 computes the dQ partials
+        without storing them."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         WARPS: gl.constexpr = gl.num_warps()
@@ -265,8 +268,11 @@ if HAVE_GLUON:
             for t in range(n_tiles):
                 tma.store_wait(0)  # tile t - 1's dQ copy has read its stage
                 gl.thread_barrier()  # and every thread's masked dQ stores have (stage (t + 1) % 2)
-                _issue_rows(t + 1, start, end, tok_g1, tok_v1, h, Q, DO, LSE, DELTA, q_s, do_s, ld_s, Hq, G, PAIRS,
-                            gather, vec)
+                if (PROBE & 1) == 0:
+                    _issue_rows(t + 1, start, end, tok_g1, tok_v1, h, Q, DO, LSE, DELTA, q_s, do_s, ld_s, Hq, G,
+                                PAIRS, gather, vec)
+                else:
+                    async_copy.commit_group()  # an empty group: the waits below count the same
                 tok_g2, tok_v2, first2 = _tile_tokens(TOKS, start, end, t + 2, G, PAIRS, grows, vec)
                 async_copy.wait_group(1)  # tile t's group (only tile t + 1's may be pending)
                 fence_async_shared()
@@ -276,7 +282,12 @@ if HAVE_GLUON:
                 dk, dv = _tile_grads(s, q_s, do_s, ld_s, ds_s, k_s, v_s, dk, dv, TOKS, p0, end, kst, blen, first,
                                      qk_scale, G, PAIRS, WRITE_DQ)
                 if WRITE_DQ:
-                    _store_dq(_tile_dq(ds_s, k_s), q_s.index(s), dqp_desc, DQP, p0, end, scale, G, PAIRS, gather)
+                    if (PROBE & 4) == 0:
+                        _store_dq(_tile_dq(ds_s, k_s), q_s.index(s), dqp_desc, DQP, p0, end, scale, G, PAIRS, gather)
+                    else:
+                        dq = _tile_dq(ds_s, k_s)
+                        if scale < 0.0:  # never true: keeps the dQ MMA
+                            _store_dq(dq, q_s.index(s), dqp_desc, DQP, p0, end, scale, G, PAIRS, gather)
                 first = first1
                 tok_g1, tok_v1, first1 = tok_g2, tok_v2, first2
             async_copy.wait_group(0)
@@ -289,6 +300,15 @@ if HAVE_GLUON:
 
 def _ds_layout():
     return kv_gluon._smem_layout(BLOCK, ROWS, True)
+
+
+def probe_bits() -> int:
+    """SPARSA_KV_BWD_PROBE (timing probes only: the gradients are wrong with any bit set): 1 gathers only each
+    item's first tile of query / dO rows, 4 skips the dQ partial stores (their MMA kept); scripts/kv_bwd_probe.py."""
+    raw = os.environ.get("SPARSA_KV_BWD_PROBE", "0")
+    if raw not in ("0", "1", "4", "5"):
+        raise ValueError(f"SPARSA_KV_BWD_PROBE must be 0, 1, 4 or 5, got {raw!r}")
+    return int(raw)
 
 
 def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, meta, scale: float, write_dq: bool = True):
@@ -305,14 +325,15 @@ def launch_dkdv(q, k, v, do, lse, delta, dqp, dk, dv, dkp, dvp, work, index, met
             dk, dv, dkp, dvp, work, index.toks, meta.blk_start, meta.blk_len, scale, scale * LOG2E, q.shape[1],
             k.shape[1], meta.n_blocks, index.h0)
     consts = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, q.shape[2], True),
-                  DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq)
+                  DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq, PROBE=probe_bits())
     kernel = _kv_bwd_gluon_kernel
     launcher = launcher_for("gluon:" + kernel.fn.__name__, kernel)
     launcher(kernel, lambda meta_: (work.shape[0],), args, consts, {"num_warps": 4})
 
 
-def compile_offline(group: int = 4, d: int = 128, write_dq: bool = True):
-    """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory."""
+def compile_offline(group: int = 4, d: int = 128, write_dq: bool = True, probe: int = 0):
+    """The kernel compiled for sm_90 without a GPU (bf16): tests and scripts read its registers and shared memory
+    (probe: the PROBE bits of a timing probe)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -323,7 +344,7 @@ def compile_offline(group: int = 4, d: int = 128, write_dq: bool = True):
     desc = mangle_type(kv_gluon._kv_descriptor(torch.zeros(256, 2, d, dtype=torch.bfloat16)))
     dqp_desc = mangle_type(kv_gluon._partial_descriptor(torch.zeros(256, d, dtype=torch.bfloat16)))
     const = dict(G=group, PAIRS=pairs_per_tile(group), Q_LAYOUT=kv_gluon._smem_layout(ROWS, d, True),
-                 DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq)
+                 DS_LAYOUT=_ds_layout(), WRITE_DQ=write_dq, PROBE=probe)
     types = {"Q": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQP": "*bf16", "DK": "*bf16",
              "DVv": "*bf16", "DKP": "*fp32", "DVP": "*fp32", "WORK": "*i64", "TOKS": "*i32", "BLKSTART": "*i64",
              "BLKLEN": "*i32", "scale": "fp32", "qk_scale": "fp32", "k_desc": desc, "v_desc": desc, "dk_desc": desc,
