@@ -5,7 +5,7 @@
 # kl_dispatch
 # bench_sparse_layer bench_decode; opt-in probes, run only when named: sa_probe index_ab kv_variants
 # sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest
-# one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders kv_ws kv_ws_probe kv_ws_g1 kv_ws_sched kv_bwd_probe sa_auto_host sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
+# one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders kv_ws kv_ws_probe kv_ws_g1 kv_ws_sched kv_bwd_probe sa_auto_host ws_auto_ab sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab
 # kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders
 # Logs go to $OUT (the device tool's output folder) or benchmarks/results/logs.
 set -u
@@ -33,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $name " ]]; then return; fi
-  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders kv_ws kv_ws_probe kv_ws_g1 kv_ws_sched kv_bwd_probe sa_auto_host " =~ " $name " ]]; then return; fi
+  if [ ${#ONLY[@]} -eq 0 ] && [[ " sa_probe index_ab kv_variants sa_local_check kv_local_ab sa_keys_check kv_bwd_keys sa_kernel_times sa_real_check sa_real_bench sa_pytest sa_optin_check sa_host_overhead reduce_variants main_flags lean_ab bwd_g24 sa_gluon_pytest sa_gluon_check kv_gluon_ab kv_overlap_pytest kv_overlap_check kv_overlap_ab gluon_flags_ab gluon_pipe_ab gluon_bwd_ab gluon_g1_sweep kv_split_pytest kv_split_ab locality_pytest locality_auto locality_mid locality_list bench_pooled list_stages_ab locality_threshold tma_threshold thresholds_random random_8k_slim pooled_bwd_kernels small_tiles hybrid_bwd one_token g16_orders one_token_probe gather_floor q_outer_tma q_outer_tma_orders q_outer_skip g16_tma_orders kv_ws kv_ws_probe kv_ws_g1 kv_ws_sched kv_bwd_probe sa_auto_host ws_auto_ab " =~ " $name " ]]; then return; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -182,6 +182,10 @@ step kv_bwd_probe 300 "$PY" scripts/kv_ws_probe.py --kernel bwd --sizes 8192,655
 # the automatic order's host cost at 8K (session 32: its forward 0.09-0.13 ms slower than the same kernels forced at
 # G = 2-8): host time per call of both, and cProfile of the automatic forward
 step sa_auto_host 120 "$PY" scripts/sa_host_overhead.py --sizes 8192 --groups 2,8 --orders auto,kv_outer --profile 8192,8 --profile-call auto,fwd
+# session 32's 8K gap (automatic order 0.09-0.13 ms slower than forced KV-outer at G = 2-8, only where the
+# warp-specialised MAIN runs; equal in session 30 without it): both orders with it off / on, then the automatic order
+# with the locality check off / on
+step ws_auto_ab 300 bash -c "$PY scripts/order_ab.py --shapes '8192,2;8192,8;16384,8' --orders kv_outer,auto --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 2 --out $LOGS/ws_auto_ab.json; $PY scripts/order_ab.py --shapes '8192,2;8192,8' --orders auto --env SPARSA_LOCALITY_CHECK=0,1 --no-backward --rounds 2 --out $LOGS/ws_auto_locality.json"
 step locality_list 540 "$PY" scripts/locality_bench.py --ns 8192,16384,65536 --gs 4,16,1 --pools 20,40,0 --tiles 128x8
 step sa_kernel_times 200 "$PY" scripts/sa_kernel_times.py --sizes 65536 --groups 1,4 --calls 3
 # host enqueue time per call against do_bench (is a shape launch-bound?), kernels per call, cProfile at 8K G = 4
