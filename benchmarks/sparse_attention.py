@@ -194,6 +194,17 @@ def time_reference(q, k, v, idx):
     return ms
 
 
+def auto_gaps(rows: list[dict], tolerance: float = 0.05) -> list[dict]:
+    """Rows whose automatic forward took more than (1 + tolerance) x the same order forced (fwd_<order>): the choice
+    was right but its call costs more than the kernels it runs (session 32: 8K G = 2-8, 8-11%)."""
+    gaps = []
+    for r in rows:
+        forced = r.get(f"fwd_{r.get('auto')}")
+        if forced and r["fwd"] > (1 + tolerance) * forced:
+            gaps.append({"N": r["N"], "G": r["G"], "order": r["auto"], "auto_ms": r["fwd"], "forced_ms": forced})
+    return gaps
+
+
 def tune(rows):
     """Kernel variants at 64K (and a profile of one KV-outer forward+backward at G = 4)."""
     from sparsa.ops.sparse_attn import q_outer as q_mod
@@ -321,8 +332,6 @@ def main():
             torch.cuda.empty_cache()
     # issue 3's targets (anchors for random selections on the H100; benchmarks/issue_targets.py)
     targets = [] if args.pool else check_targets([r for r in rows if "N" in r], rate)
-    if args.out:
-        write_json(args.out, {"info": info, "rows": rows, "issue_targets": targets})
     print(
         f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16 matmul {rate:.0f} TFLOP/s, "
         f"memory {mem_rate:.0f} GB/s; floor = KV-outer traffic model at that memory rate"
@@ -340,6 +349,12 @@ def main():
             f" {r['dense_fwd'] / r['fwd']:.1f}x | {r['dense_fwdbwd'] / r['fwdbwd']:.1f}x |"
             f" {r['floor_fwd_ms']:.2f} / {r['floor_fwdbwd_ms']:.2f} |"
         )
+    gaps = auto_gaps([r for r in rows if "N" in r])
+    if gaps:
+        print("\nautomatic forward slower than the same order forced by more than 5%: " + ", ".join(
+            f"{g['N'] // 1024}K G={g['G']} {g['order']} {g['auto_ms']:.3f} vs {g['forced_ms']:.3f} ms" for g in gaps))
+    if args.out:
+        write_json(args.out, {"info": info, "rows": rows, "issue_targets": targets, "auto_gaps": gaps})
     if targets:
         print("\n" + format_targets(targets, info["gpu"]))
 

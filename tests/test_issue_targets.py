@@ -55,3 +55,17 @@ def test_cli_reads_a_benchmark_json_and_rejects_others(tmp_path):
     other.write_text('{"rows": []}')
     bad = subprocess.run([sys.executable, script, str(other)], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "bf16_matmul_tflops" in bad.stderr
+
+
+def test_auto_gaps_flag_the_session32_8k_rows():
+    """benchmarks/sparse_attention.auto_gaps on session 32's sweep: the automatic forward over 5% slower than the same
+    order forced at 8K G = 2, 4 and 8 only (1.278 vs 1.150, 1.153 vs 1.066, 1.167 vs 1.052 ms)."""
+    from benchmarks.sparse_attention import auto_gaps
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "h100_session32", "bench_sparse_attn.json")) as f:
+        rows = json.load(f)["rows"]
+    gaps = auto_gaps(rows)
+    assert [(g["N"], g["G"], g["order"]) for g in gaps] == [(8192, 2, "kv_outer"), (8192, 4, "kv_outer"),
+                                                            (8192, 8, "kv_outer")]
+    assert all(g["auto_ms"] > 1.05 * g["forced_ms"] for g in gaps)
+    assert auto_gaps([row(8192, 4, 1.0, 3.0) | {"auto": "kv_outer", "fwd_kv_outer": 0.96}]) == []  # within 5%
