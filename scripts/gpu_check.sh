@@ -173,9 +173,9 @@ step kv_ws 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q -x tests/op
 step kv_ws_probe 300 "$PY" scripts/kv_ws_probe.py --sizes 8192,65536 --groups 8 --probes 0,1,2,4,6,7
 # the warp-specialised MAIN at G = 1 (off by default there: untimed until session 32), KV-outer forward off / on
 step kv_ws_g1 200 "$PY" scripts/order_ab.py --shapes '8192,1;16384,1' --orders kv_outer --env SPARSA_KV_GLUON_WS=0,1 --no-backward --rounds 2 --out "$LOGS/kv_ws_g1.json"
-# the warp-specialised MAIN's other schedules (SPARSA_KV_WS_CONFIG: two compute warpgroups; a partial buffer per
-# warpgroup, the stage released after the MMAs): their GPU tests, then the KV-outer forward with each, interleaved
-step kv_ws_sched 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_kv_gluon_ws.py -k 'gpu and schedules' && $PY scripts/order_ab.py --shapes '8192,8;8192,2;65536,8' --orders kv_outer --env SPARSA_KV_WS_CONFIG=3x4,3x4d,3x3o,3x3od,2x4od --no-backward --rounds 2 --out $LOGS/kv_ws_sched.json"
+# the warp-specialised MAIN's other schedules (SPARSA_KV_WS_CONFIG: 3 stages; a partial buffer per warpgroup, the
+# stage released after the MMAs): their GPU tests, then the KV-outer forward with each, interleaved
+step kv_ws_sched 420 bash -c "env SPARSA_POISON_OUTPUTS=1 $PY -m pytest -q tests/ops/test_kv_gluon_ws.py -k 'gpu and schedules' && $PY scripts/order_ab.py --shapes '8192,8;8192,2;65536,8' --orders kv_outer --env SPARSA_KV_WS_CONFIG=3x4,3x3,3x3o --no-backward --rounds 2 --out $LOGS/kv_ws_sched.json"
 # where the Gluon dK/dV kernel's time goes (SPARSA_KV_BWD_PROBE: only the first tile's rows gathered; no dQ partial
 # stores), forward+backward at 8K and 64K, G = 8
 step kv_bwd_probe 300 "$PY" scripts/kv_ws_probe.py --kernel bwd --sizes 8192,65536 --groups 8

@@ -9,8 +9,7 @@ specialisation).
   the program (work-list entry pid + j * P, as in kv_gluon) goes to stage j % STAGES and warpgroup j % NWG.
 - Loader (the default partition, 4 warps, 56 registers): waits for the stage to be empty, gathers the item's query
   rows by cp.async (the stage's barrier waits for them: cp.async.mbarrier.arrive), then K and V by TMA on the same
-  barrier. Its work entries and
-  item tokens are loaded one and two items ahead, so their latency is not on its chain.
+  barrier. Its work entries and item tokens are loaded two and one items ahead of use.
 - Compute warpgroup: waits for its item's stage, Q K^T, softmax, P V (kv_gluon._softmax_pv), then the partials
   through the stage's query buffer (read by then) by one TMA copy (masked row stores for short items), and
   releases the stage once that copy has read it. Its item's block and tokens are loaded one item ahead.
@@ -32,7 +31,6 @@ from . import kv_gluon
 NWG = 3  # compute warpgroups per program (the kernel's partition list has three)
 STAGES = 4  # shared-memory stages (48 KB each at D = 128: 192 KB)
 OUT_BUF = False  # partials through the stage's query buffer (True: one buffer per compute warpgroup; `schedule`)
-DEEP = False  # the loader's metadata loads one item ahead of use (True: two; `schedule`)
 COMPUTE_REGS = 152  # registers per thread of a compute warpgroup (3 x 128 x 152 plus the loader's 4 warps <= 64K)
 
 
@@ -90,20 +88,6 @@ if kv_gluon.HAVE_GLUON:
         return hd, kst, tok
 
     @gluon.jit
-    def _ws_loader(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
-                   NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
-                   PROBE: gl.constexpr, DEEP: gl.constexpr):
-        """Loader: item j's query rows (cp.async), keys and values (TMA) into stage j % STAGES once it is
-        empty, all arriving on the stage's `ready` barrier (PROBE: `probe_bits`). Its metadata loads (work entry,
-        then the item's tokens and block) are issued one item ahead of use (DEEP: two, `_ws_loader_deep`)."""
-        if DEEP:
-            _ws_loader_deep(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                            Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)
-        else:
-            _ws_loader_one(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                           Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)
-
-    @gluon.jit
     def _issue_item(j, hd, kst, tok, Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, Hq, G: gl.constexpr,
                     STAGES_: gl.constexpr, PROBE: gl.constexpr):
         """Waits for stage j % STAGES to be empty, then starts item j's loads into it (rows by cp.async, K and V by
@@ -128,34 +112,13 @@ if kv_gluon.HAVE_GLUON:
             mbarrier.arrive(bar, count=1)
 
     @gluon.jit
-    def _ws_loader_deep(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
-                        NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
-                        PROBE: gl.constexpr):
-        """The loader with every metadata load issued two items before its use: iteration j loads item j + 4's
-        work entry and item j + 2's tokens and block, and issues item j's copies, so no load's latency is exposed
-        unless it exceeds two items' time."""
-        D: gl.constexpr = k_desc.block_type.shape[1]
-        grows: gl.constexpr = gl.SliceLayout(1, row_gather_layout(D, gl.num_warps()))
-        s0, e0, g0 = _work(WORK, 0, n_mine, pid, nprog)
-        s1, e1, g1 = _work(WORK, 1, n_mine, pid, nprog)
-        s2, e2, g2 = _work(WORK, 2, n_mine, pid, nprog)
-        s3, e3, g3 = _work(WORK, 3, n_mine, pid, nprog)
-        hd0, kst0, tok0 = _gather_meta(TOKS, BLKSTART, s0, e0, g0, NBG, h0, G, PAIRS, grows, I32)
-        hd1, kst1, tok1 = _gather_meta(TOKS, BLKSTART, s1, e1, g1, NBG, h0, G, PAIRS, grows, I32)
-        for j in range(n_mine):
-            hd2, kst2, tok2 = _gather_meta(TOKS, BLKSTART, s2, e2, g2, NBG, h0, G, PAIRS, grows, I32)
-            s4, e4, g4 = _work(WORK, j + 4, n_mine, pid, nprog)
-            _issue_item(j, hd0, kst0, tok0, Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, Hq, G, STAGES_, PROBE)
-            hd0, kst0, tok0 = hd1, kst1, tok1
-            hd1, kst1, tok1 = hd2, kst2, tok2
-            s2, e2, g2 = s3, e3, g3
-            s3, e3, g3 = s4, e4, g4
-
-    @gluon.jit
-    def _ws_loader_one(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
-                       NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
-                       PROBE: gl.constexpr):
-        """The loader with its metadata loads one item ahead (session 31's schedule)."""
+    def _ws_loader(Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog, Hq,
+                   NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, I32: gl.constexpr, STAGES_: gl.constexpr,
+                   PROBE: gl.constexpr):
+        """Loader: item j's query rows (cp.async), keys and values (TMA) into stage j % STAGES once it is empty, all
+        arriving on the stage's `ready` barrier (PROBE: `probe_bits`). Each iteration loads the work entry two items
+        ahead and the tokens and block one item ahead (session 32: loading both one item further ahead was 3-7%
+        slower)."""
         D: gl.constexpr = k_desc.block_type.shape[1]
         grows: gl.constexpr = gl.SliceLayout(1, row_gather_layout(D, gl.num_warps()))
         start, end, grp = _work(WORK, 0, n_mine, pid, nprog)
@@ -209,14 +172,14 @@ if kv_gluon.HAVE_GLUON:
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index(s), count=1)
             start, end, kst, blen, tok, first = start1, end1, kst1, blen1, tok1, first1
-        tma.store_wait(0)
+        if OUT_BUF:
+            tma.store_wait(0)  # the last partial copy has read the warpgroup's buffer
 
     @gluon.jit
     def _kv_main_gluon_ws_kernel(Q, k_desc, v_desc, op_desc, OP, LSEP, WORK, TOKS, BLKSTART, BLKLEN, qk_scale,
                                  n_items, Hq, NBG, h0, G: gl.constexpr, PAIRS: gl.constexpr, Q_LAYOUT: gl.constexpr,
                                  I32: gl.constexpr, NWG_: gl.constexpr, STAGES_: gl.constexpr,
-                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0, OUT_BUF: gl.constexpr = False,
-                                 DEEP: gl.constexpr = False):
+                                 COMPUTE_REGS_: gl.constexpr, PROBE: gl.constexpr = 0, OUT_BUF: gl.constexpr = False):
         """MAIN over the items pid, pid + P, ... of the work list (one program per SM): the default partition (the
         kernel's 4 warps) loads, the NWG workers compute."""
         D: gl.constexpr = k_desc.block_type.shape[1]
@@ -239,36 +202,21 @@ if kv_gluon.HAVE_GLUON:
         n_mine = gl.cdiv(n_items - pid, nprog)  # >= 1: the host launches at most n_items programs
         # the default partition (the kernel's 4 warps) loads; the compute warpgroups are workers, so that each gets
         # COMPUTE_REGS registers (the default partition's count is what the workers leave)
-        gl.static_assert((NWG_ == 2) | (NWG_ == 3), "two or three compute warpgroups (the partition lists below)")
-        # (the partition lists are written out: a jit function cannot live in a variable)
-        if NWG_ == 3:
-            gl.warp_specialize(
-                [
-                    (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE, DEEP)),
-                    (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
-                    (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
-                    (_ws_compute, (2, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
-                ],
-                [4, 4, 4],
-                [COMPUTE_REGS_, COMPUTE_REGS_, COMPUTE_REGS_],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid, nprog,
-                                  Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE, DEEP)),
-                    (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
-                    (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
-                                   BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
-                ],
-                [4, 4],
-                [COMPUTE_REGS_, COMPUTE_REGS_],
-            )
+        gl.static_assert(NWG_ == 3, "three compute warpgroups (the partition list below)")
+        gl.warp_specialize(
+            [
+                (_ws_loader, (Q, k_desc, v_desc, q_s, k_s, v_s, ready, empty, WORK, TOKS, BLKSTART, n_mine, pid,
+                              nprog, Hq, NBG, h0, G, PAIRS, I32, STAGES_, PROBE)),
+                (_ws_compute, (0, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                (_ws_compute, (1, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+                (_ws_compute, (2, NWG_, STAGES_, q_s, k_s, v_s, o_s, ready, empty, op_desc, OP, LSEP, WORK, TOKS,
+                               BLKSTART, BLKLEN, qk_scale, n_mine, pid, nprog, NBG, G, PAIRS, I32, PROBE, OUT_BUF)),
+            ],
+            [4, 4, 4],
+            [COMPUTE_REGS_, COMPUTE_REGS_, COMPUTE_REGS_],
+        )
 
 
 def probe_bits() -> int:
@@ -280,31 +228,25 @@ def probe_bits() -> int:
     return int(raw)
 
 
-# registers per compute thread by compute warpgroups: what leaves the loader's 4 warps 56-64 of the SM's 64K
-REGS_FOR = {2: 224, 3: COMPUTE_REGS}
-
-
-def schedule() -> tuple[int, int, bool, bool]:
-    """(compute warpgroups, stages, OUT_BUF, DEEP): SPARSA_KV_WS_CONFIG = "NxS" plus optional letters (o: a partial
-    buffer per warpgroup, the stage released after the MMAs; d: the loader's metadata two items ahead) for A/B runs;
-    unset, the module's (NWG, STAGES, OUT_BUF, DEEP)."""
+def schedule() -> tuple[int, bool]:
+    """(stages, OUT_BUF): SPARSA_KV_WS_CONFIG = "3xS" or "3xSo" (S stages, o: a partial buffer per compute warpgroup,
+    the stage released right after the MMAs) for A/B runs; unset, the module's (STAGES, OUT_BUF). Session 32 also
+    measured two compute warpgroups (12-17% slower) and metadata loads one item further ahead (3-7% slower): removed."""
     raw = os.environ.get("SPARSA_KV_WS_CONFIG", "")
     if not raw:
-        return NWG, STAGES, OUT_BUF, DEEP
-    n, _, rest = raw.partition("x")
-    stages = rest.rstrip("od")
-    flags = rest[len(stages):]
-    if (n not in ("2", "3") or not stages.isdigit() or not 2 <= int(stages) <= 6 or len(set(flags)) != len(flags)):
-        raise ValueError(f"SPARSA_KV_WS_CONFIG must look like 3x4, 2x4o or 3x4d (2-3 warpgroups, 2-6 stages, "
-                         f"letters o / d), got {raw!r}")
-    return int(n), int(stages), "o" in flags, "d" in flags
+        return STAGES, OUT_BUF
+    prefix, _, rest = raw.partition("x")
+    stages = rest.removesuffix("o")
+    if prefix != str(NWG) or not stages.isdigit() or not 2 <= int(stages) <= 6:
+        raise ValueError(f"SPARSA_KV_WS_CONFIG must look like 3x4 or 3x3o (3 compute warpgroups, 2-6 stages, o: a "
+                         f"partial buffer per warpgroup), got {raw!r}")
+    return int(stages), rest.endswith("o")
 
 
 def _consts(group: int, d: int, bf16: bool, i32: bool, probe: int = 0, sched: tuple | None = None) -> dict:
-    nwg, stages, out_buf, deep = sched or schedule()
+    stages, out_buf = sched or schedule()
     return dict(G=group, PAIRS=kv_gluon.pairs_per_item(group), Q_LAYOUT=kv_gluon._smem_layout(kv_gluon.ROWS, d, bf16),
-                I32=i32, NWG_=nwg, STAGES_=stages, COMPUTE_REGS_=REGS_FOR[nwg], PROBE=probe, OUT_BUF=out_buf,
-                DEEP=deep)
+                I32=i32, NWG_=NWG, STAGES_=stages, COMPUTE_REGS_=COMPUTE_REGS, PROBE=probe, OUT_BUF=out_buf)
 
 
 def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
@@ -323,5 +265,5 @@ def launch_main(q, k, v, op, lsep, work, index, meta, scale_log2: float):
 
 def compile_offline(group: int = 4, d: int = 128, sched: tuple | None = None):
     """The kernel compiled for sm_90 without a GPU (bf16, int32 offsets): its registers and shared memory. sched:
-    (compute warpgroups, stages, OUT_BUF, DEEP) (None: `schedule`)."""
+    (stages, OUT_BUF) (None: `schedule`)."""
     return kv_gluon.compile_main_offline(_kv_main_gluon_ws_kernel, _consts(group, d, True, True, 0, sched), d)
